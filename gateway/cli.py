@@ -1,0 +1,110 @@
+"""The ``talkgate`` command: serve, demo, token."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import click
+
+from . import __version__, tokens
+from .config import Config
+from .errors import ConfigError
+from .server import configure_logging, run
+
+log = logging.getLogger("talkgate.cli")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(__version__, prog_name="talkgate")
+def main() -> None:
+    """talkgate: chat, voice, video and speech bots for customer conversations."""
+
+
+def _default(name: str) -> object:
+    return Config.__dataclass_fields__[name].default
+
+
+#: (option, Config field, type, help) for every limit the CLI exposes.
+_LIMITS: list[tuple[str, str, type, str]] = [
+    ("--history-limit", "history_limit", int, "Chat messages kept per conversation."),
+    ("--max-message-bytes", "max_message_bytes", int, "Largest client message parsed; larger get too_large."),
+    ("--rate", "rate_per_second", float, "Messages per second per connection (sustained)."),
+    ("--burst", "rate_burst", int, "Messages a connection may send at once before --rate applies."),
+    ("--join-timeout", "join_timeout", float, "Seconds a connection may stay without joining."),
+]
+
+
+def _envvar(option: str) -> str:
+    return "TALKGATE_" + option.removeprefix("--").replace("-", "_").upper()
+
+
+def _server_options(f: click.decorators.FC) -> click.decorators.FC:
+    """Options shared by serve and demo; each also reads TALKGATE_<NAME>."""
+    options = [
+        click.option("--host", envvar="TALKGATE_HOST", default="127.0.0.1", show_envvar=True, help="Address to bind."),
+        click.option(
+            "--secret", envvar="TALKGATE_SECRET", default="", show_envvar=True, show_default=False,
+            help="HS256 secret for join tokens (32+ bytes).",
+        ),
+        *(
+            click.option(opt, field, envvar=_envvar(opt), type=kind, default=_default(field), show_envvar=True, help=h)
+            for opt, field, kind, h in _LIMITS
+        ),
+        click.option("--log-level", envvar="TALKGATE_LOG_LEVEL", default="INFO", show_envvar=True),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _serve(log_level: str, **settings: Any) -> None:
+    configure_logging(log_level.upper())
+    try:
+        config = Config(**settings)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    try:
+        run(config)
+    except OSError as exc:  # e.g. the port is taken
+        log.error("cannot serve on %s:%s: %s", config.host, config.port, exc)
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--port", envvar="TALKGATE_PORT", default=8080, show_envvar=True, help="Port; 0 picks a free one.")
+@click.option("--dev", envvar="TALKGATE_DEV", is_flag=True, show_envvar=True, help="INSECURE: allow joins without tokens.")
+@_server_options
+def serve(**settings: Any) -> None:
+    """Run the gateway. The first log line is the URL it listens on."""
+    _serve(**settings)
+
+
+@main.command()
+@click.option("--port", envvar="TALKGATE_PORT", default=0, show_envvar=True, help="Port; 0 picks a free one.")
+@_server_options
+def demo(**settings: Any) -> None:
+    """Run a self-contained demo (dev mode on localhost); open the printed URL."""
+    _serve(dev=True, **settings)
+
+
+@main.command()
+@click.option("--identity", required=True, help="The participant's stable id (JWT sub).")
+@click.option("--role", type=click.Choice(["customer", "agent"]), required=True)
+@click.option("--room", default=None, help="Conversation id; required for customers.")
+@click.option("--name", default=None, help="Display name (defaults to the identity).")
+@click.option("--ttl", default=3600, type=click.IntRange(min=1), help="Seconds the token stays valid.")
+@click.option("--secret", envvar="TALKGATE_SECRET", required=True, show_envvar=True, help="The server's secret.")
+@click.option("--url", default=None, help="Print a page URL with the token instead, e.g. http://127.0.0.1:8080")
+def token(identity: str, role: str, room: str | None, name: str | None, ttl: int, secret: str, url: str | None) -> None:
+    """Print a join token (what an app's backend would mint for its users)."""
+    try:
+        jwt = tokens.issue(secret, identity=identity, role=role, room=room, name=name, ttl=ttl)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if url:
+        page = "/agent" if role == "agent" else "/"
+        click.echo(f"{url.rstrip('/')}{page}?token={jwt}")
+    else:
+        click.echo(jwt)

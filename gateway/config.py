@@ -1,0 +1,57 @@
+"""Server configuration: one frozen dataclass, filled by the CLI or by tests."""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+
+from .errors import ConfigError
+
+
+MIN_SECRET_BYTES = 32
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Config:
+    host: str = "127.0.0.1"
+    #: 0 picks a free port; the server logs the URL it got.
+    port: int = 8080
+    #: HS256 secret for join tokens. Required unless ``dev``.
+    secret: str = ""
+    #: Insecure development mode: joins may name room/identity/role themselves.
+    dev: bool = False
+    #: Chat messages kept per conversation and sent in ``joined``.
+    history_limit: int = 100
+    max_chat_chars: int = 4096
+    #: Frames larger than this are answered with ``too_large`` before parsing.
+    max_message_bytes: int = 64 * 1024
+    #: Token bucket per connection: sustained messages per second and burst.
+    rate_per_second: float = 20.0
+    rate_burst: int = 60
+    #: A socket that has not joined after this many seconds is closed.
+    join_timeout: float = 10.0
+    #: Messages waiting to be written to one client; a client that falls this
+    #: far behind is disconnected (it can reconnect and get the history).
+    outbox_limit: int = 512
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be 0..65535, not {self.port}")
+        if not self.secret and not self.dev:
+            raise ConfigError("a token secret is required: pass --secret or set TALKGATE_SECRET (or use --dev)")
+        if self.secret and len(self.secret.encode()) < MIN_SECRET_BYTES:
+            # RFC 7518 3.2: an HS256 key must be at least as long as the hash.
+            raise ConfigError(f"the token secret must be at least {MIN_SECRET_BYTES} bytes")
+        for name in ("history_limit", "max_chat_chars", "max_message_bytes", "rate_burst", "outbox_limit"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive")
+        if self.rate_per_second <= 0 or self.join_timeout <= 0:
+            raise ConfigError("rate_per_second and join_timeout must be positive")
+
+    @property
+    def token_secret(self) -> str:
+        """The secret in force: dev mode without one gets a random per-process secret."""
+        return self.secret or _DEV_SECRET
+
+
+_DEV_SECRET = secrets.token_urlsafe(32)

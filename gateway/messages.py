@@ -1,0 +1,147 @@
+"""The client protocol's message types (docs/protocol.md is the prose version).
+
+Client → gateway messages are msgspec structs tagged by ``type``: one decoder
+validates shape and types in C and names the offending field in its error.
+Gateway → client messages are plain dicts built by the helpers at the bottom and
+encoded once per fan-out, not once per recipient.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import msgspec
+
+
+class Role(enum.StrEnum):
+    CUSTOMER = "customer"
+    AGENT = "agent"
+    SYSTEM = "system"
+
+
+class _Msg(msgspec.Struct, tag_field="type", forbid_unknown_fields=False):
+    """Base of client messages; unknown fields are ignored for forward compatibility."""
+
+
+class Join(_Msg, tag="join"):
+    token: str | None = None
+    # Only honoured by a server started with --dev, and only without a token.
+    room: str | None = None
+    identity: str | None = None
+    role: str | None = None
+    name: str | None = None
+
+
+class Chat(_Msg, tag="chat"):
+    text: str
+
+
+class Escalate(_Msg, tag="escalate"):
+    reason: str | None = None
+
+
+class Accept(_Msg, tag="accept"):
+    conversation: str
+
+
+class Leave(_Msg, tag="leave"):
+    pass
+
+
+class Ping(_Msg, tag="ping"):
+    pass
+
+
+ClientMessage = Join | Chat | Escalate | Accept | Leave | Ping
+
+#: Client message class -> its ``type`` name (metrics labels, docs).
+TAGS: dict[type, str] = {t: str(t.__struct_config__.tag) for t in (Join, Chat, Escalate, Accept, Leave, Ping)}
+CLIENT_TYPES: tuple[str, ...] = tuple(TAGS.values())
+
+_decoder: msgspec.json.Decoder[ClientMessage] = msgspec.json.Decoder(ClientMessage)
+_encoder = msgspec.json.Encoder()
+
+
+def decode(data: bytes | str) -> ClientMessage:
+    """Parse one frame; raises ``msgspec.DecodeError`` / ``ValidationError``."""
+    return _decoder.decode(data)
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    """Encode a gateway → client message to UTF-8 JSON bytes (sent as a text frame)."""
+    return _encoder.encode(message)
+
+
+class Participant(msgspec.Struct, frozen=True):
+    """Who is in a conversation, as every other participant sees them."""
+
+    identity: str
+    role: str
+    name: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"identity": self.identity, "role": self.role, "name": self.name}
+
+
+SYSTEM = Participant(identity="system", role=Role.SYSTEM.value, name="talkgate")
+
+
+class ChatMessage(msgspec.Struct, frozen=True):
+    id: str
+    sender: Participant
+    text: str
+    ts: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "type": "chat",
+            "id": self.id,
+            "from": self.sender.as_dict(),
+            "text": self.text,
+            "ts": self.ts,
+        }
+
+
+class QueueEntry(msgspec.Struct, frozen=True):
+    conversation: str
+    customer: Participant
+    since: int
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "conversation": self.conversation,
+            "customer": self.customer.as_dict(),
+            "since": self.since,
+            "reason": self.reason,
+        }
+
+
+def error(code: str, message: str) -> dict[str, Any]:
+    return {"type": "error", "code": code, "message": message}
+
+
+def joined(
+    conversation: str | None,
+    me: Participant,
+    participants: list[Participant],
+    history: list[ChatMessage],
+) -> dict[str, Any]:
+    return {
+        "type": "joined",
+        "conversation": conversation,
+        "identity": me.identity,
+        "role": me.role,
+        "name": me.name,
+        "participants": [p.as_dict() for p in participants],
+        "history": [m.as_dict() for m in history],
+    }
+
+
+def participant_event(kind: str, conversation: str, who: Participant) -> dict[str, Any]:
+    return {"type": f"participant.{kind}", "conversation": conversation, **who.as_dict()}
+
+
+def queue(entries: list[QueueEntry]) -> dict[str, Any]:
+    return {"type": "queue", "waiting": [e.as_dict() for e in entries]}

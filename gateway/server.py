@@ -1,0 +1,122 @@
+"""The gateway server: websockets (HTTP + signaling) on one port, run on uvloop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from types import TracebackType
+
+import uvloop
+from websockets.asyncio.server import Server, ServerConnection, serve
+
+from . import __version__
+from .broker import Broker
+from .config import Config
+from .http import WS_PATH, Routes
+from .metrics import Metrics
+from .session import Session
+from .store import InMemoryStore, Store
+
+log = logging.getLogger("talkgate.server")
+
+#: Frames over ``max_message_bytes`` get a ``too_large`` error and the connection
+#: lives on; only frames over this multiple of it make websockets close (1009).
+TRANSPORT_LIMIT_FACTOR = 16
+
+
+class GatewayServer:
+    """One gateway process's server. ``async with GatewayServer(config) as s:`` serves on ``s.url``."""
+
+    def __init__(self, config: Config, store: Store | None = None) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.store = store if store is not None else InMemoryStore(config.history_limit)
+        self.broker = Broker(config, self.store, self.metrics)
+        self.routes = Routes(self.health, self.render_metrics)
+        self._server: Server | None = None
+        self.port = config.port
+
+    async def start(self) -> None:
+        self._server = await serve(
+            self._handle,
+            self.config.host,
+            self.config.port,
+            process_request=self.routes,
+            server_header=f"talkgate/{__version__}",
+            # Signaling messages are small; per-connection zlib state costs more than it saves.
+            compression=None,
+            max_size=self.config.max_message_bytes * TRANSPORT_LIMIT_FACTOR,
+            ping_interval=20,
+            ping_timeout=20,
+            close_timeout=5,
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        host = self.config.host if ":" not in self.config.host else f"[{self.config.host}]"
+        return f"http://{host}:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return self.url.replace("http://", "ws://", 1) + WS_PATH
+
+    async def close(self) -> None:
+        """Stop accepting, close every connection (1001 going away), wait for their handlers."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def __aenter__(self) -> GatewayServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        await Session(ws, self.broker, self.config, self.metrics).run()
+
+    async def health(self) -> dict[str, object]:
+        return {
+            "status": "ok",
+            "conversations": await self.store.conversation_count(),
+            "sessions": len(self.broker.sessions),
+            "version": __version__,
+        }
+
+    async def render_metrics(self) -> bytes:
+        self.metrics.conversations.set(await self.store.conversation_count())
+        self.metrics.queue_length.set(len(await self.store.waiting()))
+        return self.metrics.render()
+
+
+def configure_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # websockets logs its own "server listening" line; ours, with the URL, must come first.
+    logging.getLogger("websockets").setLevel(logging.WARNING)
+
+
+async def serve_until_signalled(config: Config) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with GatewayServer(config) as server:
+        log.info("talkgate listening on %s", server.url)
+        if config.dev:
+            log.warning(
+                "INSECURE --dev mode: clients may join any room as anyone without a token. "
+                "Never expose this server to a network."
+            )
+            log.info("customer page: %s/   agent console: %s/agent", server.url, server.url)
+        await stop.wait()
+        log.info("shutting down")
+
+
+def run(config: Config) -> None:
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(serve_until_signalled(config))

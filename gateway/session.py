@@ -1,0 +1,178 @@
+"""One client connection: the thin I/O layer around ``SignalingProtocol``.
+
+A session reads frames, lets the protocol object parse them, hands messages to
+the broker and reports errors. Outgoing messages go through a bounded outbox
+drained by the session's own writer task, so a fan-out never waits for a slow
+client; a client that falls ``outbox_limit`` messages behind is disconnected
+(it can reconnect and get the history) instead of growing memory. The session
+owns its writer task and its join timer and ends both before it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import MutableMapping
+from typing import Any
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from . import messages
+from .broker import CLOSE_FORBIDDEN, CLOSE_JOIN_TIMEOUT, CLOSE_TOO_SLOW, CLOSE_UNAUTHORIZED, Broker
+from .config import Config
+from .errors import Forbidden, InternalError, ProtocolError, Unauthorized
+from .messages import Participant
+from .metrics import Metrics
+from .protocol import SignalingProtocol, State
+
+logger = logging.getLogger("talkgate.session")
+
+
+class SessionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """Prefixes every line with the session's conversation and identity."""
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+        session: Session = self.extra["session"]  # type: ignore[index]
+        who = session.participant.identity if session.participant else "-"
+        return f"[{session.conversation or '-'} {who} {session.remote}] {msg}", kwargs
+
+
+class Session:
+    def __init__(self, ws: ServerConnection, broker: Broker, config: Config, metrics: Metrics) -> None:
+        self.ws = ws
+        self.broker = broker
+        self.config = config
+        self.metrics = metrics
+        self.remote = _remote(ws)
+        loop = asyncio.get_running_loop()
+        self.protocol = SignalingProtocol(
+            max_message_bytes=config.max_message_bytes,
+            rate=config.rate_per_second,
+            burst=config.rate_burst,
+            now=loop.time(),
+        )
+        #: Set by the broker on join; None before, and after a customer leaves.
+        self.participant: Participant | None = None
+        #: The conversation this connection is in (agents: None while in the lobby).
+        self.conversation: str | None = None
+        #: Encoded messages waiting for the writer task; bounded by config.outbox_limit.
+        self._outbox: collections.deque[bytes] = collections.deque()
+        self._wake = asyncio.Event()
+        #: Close code and reason once closing has been decided; nothing is queued after.
+        self._closing: tuple[int, str] | None = None
+        self._join_timer: asyncio.TimerHandle | None = None
+        self.log = SessionLog(logger, {"session": self})
+
+    # -- Peer interface (used by the broker) ------------------------------------------
+
+    def deliver(self, data: bytes, mtype: str) -> None:
+        if self._closing is not None:
+            return
+        if len(self._outbox) >= self.config.outbox_limit:
+            self.metrics.slow_consumers.inc()
+            self.log.warning("dropping a client that stopped reading (%d messages queued)", len(self._outbox))
+            self._outbox.clear()
+            self.close(CLOSE_TOO_SLOW, "not reading messages fast enough")
+            return
+        self._outbox.append(data)
+        self._wake.set()
+        self.metrics.sent(mtype)
+
+    def close(self, code: int, reason: str) -> None:
+        if self._closing is None:
+            self._closing = (code, reason)
+            self.protocol.close()
+            self._wake.set()
+
+    def send_error(self, exc: ProtocolError) -> None:
+        self.metrics.error_by_code[exc.code.value].inc()
+        self.deliver(messages.encode(messages.error(exc.code.value, exc.message)), "error")
+
+    # -- I/O --------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self.metrics.connections.inc()
+        self._arm_join_timer()
+        writer = asyncio.create_task(self._write_loop(), name=f"talkgate-writer-{self.remote}")
+        try:
+            await self._read_loop()
+        finally:
+            if self._join_timer is not None:
+                self._join_timer.cancel()
+            self.protocol.close()
+            try:
+                await self.broker.disconnect(self)
+            finally:
+                writer.cancel()
+                await asyncio.gather(writer, return_exceptions=True)
+                self.metrics.connections.dec()
+
+    async def _read_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        handle_by_type = self.metrics.handle_by_type
+        in_by_type = self.metrics.in_by_type
+        while True:
+            try:
+                data = await self.ws.recv(decode=False)
+            except ConnectionClosed:
+                return
+            event = self.protocol.receive(data, loop.time())
+            if event is None:
+                continue
+            if isinstance(event, ProtocolError):
+                self.send_error(event)
+                continue
+            mtype = messages.TAGS[type(event)]
+            in_by_type[mtype].inc()
+            started = time.perf_counter()
+            try:
+                await self.broker.handle(self, event)
+            except ProtocolError as exc:
+                self.send_error(exc)
+                if isinstance(event, messages.Join) and isinstance(exc, Unauthorized | Forbidden):
+                    self.log.info("join refused: %s", exc.message)
+                    self.close(CLOSE_FORBIDDEN if isinstance(exc, Forbidden) else CLOSE_UNAUTHORIZED, "join refused")
+            except Exception:
+                self.log.exception("failed to handle a %s message", mtype)
+                self.send_error(InternalError("the gateway failed to handle that message; it has been logged"))
+            handle_by_type[mtype].observe(time.perf_counter() - started)
+            if self.protocol.state is State.AWAITING_JOIN:
+                self._arm_join_timer()
+            elif self._join_timer is not None:
+                self._join_timer.cancel()
+                self._join_timer = None
+
+    async def _write_loop(self) -> None:
+        outbox = self._outbox
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while outbox:
+                    await self.ws.send(outbox.popleft(), text=True)
+                if self._closing is not None:
+                    await self.ws.close(*self._closing)
+                    return
+        except ConnectionClosed:
+            return
+
+    def _arm_join_timer(self) -> None:
+        if self._join_timer is None:
+            self._join_timer = asyncio.get_running_loop().call_later(self.config.join_timeout, self._join_expired)
+
+    def _join_expired(self) -> None:
+        self._join_timer = None
+        if self.protocol.state is State.AWAITING_JOIN:
+            self.send_error(Unauthorized(f"no join within {self.config.join_timeout:g} s"))
+            self.close(CLOSE_JOIN_TIMEOUT, "join timeout")
+
+
+def _remote(ws: ServerConnection) -> str:
+    try:
+        host, port = ws.remote_address[:2]
+    except (TypeError, ValueError):
+        return "?"
+    return f"{host}:{port}"

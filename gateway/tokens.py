@@ -1,0 +1,104 @@
+"""Join tokens: HS256 JWTs signed with the server secret.
+
+Claims: ``sub`` (identity), ``role`` (customer|agent), ``room`` (required for
+customers, optional for agents), ``name`` (display name), ``exp``. A token is
+the only thing a customer needs to enter its room, so verification is strict:
+one algorithm (no ``none``, no algorithm confusion), ``exp`` required, ``nbf``
+honoured, and error messages that never echo the token or the secret.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import jwt
+
+from .errors import Unauthorized
+from .messages import Role
+
+ALGORITHM = "HS256"
+#: Clock skew tolerated between the token issuer and this gateway.
+LEEWAY_SECONDS = 5
+MAX_FIELD_CHARS = 128
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What a verified token allows: who, in which role, in which room."""
+
+    identity: str
+    role: Role
+    room: str | None
+    name: str
+
+
+def issue(
+    secret: str,
+    *,
+    identity: str,
+    role: str,
+    room: str | None = None,
+    name: str | None = None,
+    ttl: int = 3600,
+    now: float | None = None,
+) -> str:
+    """Mint a join token (used by ``talkgate token`` and by apps' backends)."""
+    if role not in (Role.CUSTOMER, Role.AGENT):
+        raise ValueError(f"role must be customer or agent, not {role!r}")
+    if role == Role.CUSTOMER and not room:
+        raise ValueError("a customer token needs a room")
+    if ttl <= 0:
+        raise ValueError("ttl must be positive")
+    issued = int(time.time() if now is None else now)
+    claims: dict[str, object] = {
+        "sub": identity,
+        "role": role,
+        "name": name or identity,
+        "iat": issued,
+        "exp": issued + ttl,
+    }
+    if room:
+        claims["room"] = room
+    return jwt.encode(claims, secret, algorithm=ALGORITHM)
+
+
+def verify(secret: str, token: str) -> Grant:
+    """Check a token's signature, lifetime and claims; raise ``Unauthorized``."""
+    try:
+        claims = jwt.decode(
+            token,
+            secret,
+            algorithms=[ALGORITHM],
+            options={"require": ["exp", "sub", "role"]},
+            leeway=LEEWAY_SECONDS,
+        )
+    except jwt.ExpiredSignatureError:
+        raise Unauthorized("token expired") from None
+    except jwt.ImmatureSignatureError:
+        raise Unauthorized("token not yet valid") from None
+    except jwt.MissingRequiredClaimError as exc:
+        raise Unauthorized(f"token is missing the {exc.claim!r} claim") from None
+    except jwt.InvalidSignatureError:
+        raise Unauthorized("token signature is invalid") from None
+    except jwt.InvalidAlgorithmError:
+        raise Unauthorized(f"token must be signed with {ALGORITHM}") from None
+    except jwt.InvalidTokenError:
+        raise Unauthorized("token is malformed") from None
+    identity, role, room, name = (
+        claims.get("sub"),
+        claims.get("role"),
+        claims.get("room"),
+        claims.get("name"),
+    )
+    if not isinstance(identity, str) or not 0 < len(identity) <= MAX_FIELD_CHARS:
+        raise Unauthorized("token 'sub' must be a non-empty string")
+    if role not in (Role.CUSTOMER, Role.AGENT):
+        raise Unauthorized("token 'role' must be customer or agent")
+    if room is not None and (not isinstance(room, str) or not 0 < len(room) <= MAX_FIELD_CHARS):
+        raise Unauthorized("token 'room' must be a non-empty string")
+    if role == Role.CUSTOMER and room is None:
+        raise Unauthorized("a customer token must name a room")
+    if name is not None and not isinstance(name, str):
+        raise Unauthorized("token 'name' must be a string")
+    return Grant(identity=identity, role=Role(role), room=room, name=(name or identity)[:MAX_FIELD_CHARS])

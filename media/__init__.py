@@ -1,0 +1,1 @@
+"""Audio and video frame handling (the voice pipeline lands here)."""

@@ -1,0 +1,73 @@
+"""Fixtures: a real gateway on a free loopback port, and real websocket clients."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from gateway import tokens
+from gateway.config import Config
+from gateway.server import GatewayServer
+from tests.client import Client
+
+SECRET = "test-secret-0123456789abcdef-0123456789"
+
+
+def make_token(identity: str, role: str = "customer", room: str | None = None, **kwargs: Any) -> str:
+    return tokens.issue(SECRET, identity=identity, role=role, room=room, **kwargs)
+
+
+@pytest.fixture
+def config() -> Config:
+    return Config(host="127.0.0.1", port=0, secret=SECRET)
+
+
+@pytest.fixture
+async def server(config: Config) -> AsyncIterator[GatewayServer]:
+    async with GatewayServer(config) as srv:
+        yield srv
+
+
+@pytest.fixture
+async def dev_server(config: Config) -> AsyncIterator[GatewayServer]:
+    async with GatewayServer(dataclasses.replace(config, dev=True)) as srv:
+        yield srv
+
+
+Connect = Callable[..., Awaitable[Client]]
+
+
+@pytest.fixture
+async def connect(server: GatewayServer) -> AsyncIterator[Connect]:
+    """Open clients to the server; all are closed at teardown."""
+    clients: list[Client] = []
+
+    async def open_client(url: str | None = None) -> Client:
+        client = await Client.open(url or server.ws_url)
+        clients.append(client)
+        return client
+
+    yield open_client
+    for client in clients:
+        await client.close()
+
+
+Join = Callable[..., Awaitable[tuple[Client, dict[str, Any]]]]
+
+
+@pytest.fixture
+def join(connect: Connect) -> Join:
+    """Connect and join with a fresh token; returns (client, joined message)."""
+
+    async def do_join(identity: str, role: str = "customer", room: str | None = None, **kwargs: Any) -> tuple[Client, dict[str, Any]]:
+        client = await connect()
+        await client.send({"type": "join", "token": make_token(identity, role, room, **kwargs)})
+        joined = await client.expect("joined", identity=identity, role=role)
+        if role == "agent":
+            await client.expect("queue")
+        return client, joined
+
+    return do_join
