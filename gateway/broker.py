@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import Protocol
+from typing import Any, Protocol
 
 from . import messages, tokens
 from .config import Config
@@ -203,7 +203,9 @@ class Broker:
         if not await self.store.enqueue(QueueEntry(conversation, me, now_ms(), reason)):
             peer.deliver(messages.encode(queued), "queued")  # already waiting: acknowledge again
             return
-        await self.post(conversation, messages.SYSTEM, f"{me.name} asked to talk to a person. An agent will join shortly.")
+        await self.post(
+            conversation, messages.SYSTEM, f"{me.name} asked to talk to a person. An agent will join shortly."
+        )
         self.broadcast(conversation, queued)
         await self.publish_queue()
 
@@ -275,7 +277,7 @@ class Broker:
 
     # -- fan-out ----------------------------------------------------------------------
 
-    def broadcast(self, conversation: str, message: dict[str, object], *, skip: Peer | None = None) -> None:
+    def broadcast(self, conversation: str, message: dict[str, Any], *, skip: Peer | None = None) -> None:
         """Encode once and deliver to every local participant of the conversation."""
         room = self._rooms.get(conversation)
         if not room:

@@ -45,7 +45,11 @@ def _server_options(f: click.decorators.FC) -> click.decorators.FC:
     options = [
         click.option("--host", envvar="TALKGATE_HOST", default="127.0.0.1", show_envvar=True, help="Address to bind."),
         click.option(
-            "--secret", envvar="TALKGATE_SECRET", default="", show_envvar=True, show_default=False,
+            "--secret",
+            envvar="TALKGATE_SECRET",
+            default="",
+            show_envvar=True,
+            show_default=False,
             help="HS256 secret for join tokens (32+ bytes).",
         ),
         *(
@@ -74,7 +78,9 @@ def _serve(log_level: str, **settings: Any) -> None:
 
 @main.command()
 @click.option("--port", envvar="TALKGATE_PORT", default=8080, show_envvar=True, help="Port; 0 picks a free one.")
-@click.option("--dev", envvar="TALKGATE_DEV", is_flag=True, show_envvar=True, help="INSECURE: allow joins without tokens.")
+@click.option(
+    "--dev", envvar="TALKGATE_DEV", is_flag=True, show_envvar=True, help="INSECURE: allow joins without tokens."
+)
 @_server_options
 def serve(**settings: Any) -> None:
     """Run the gateway. The first log line is the URL it listens on."""

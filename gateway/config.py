@@ -7,7 +7,6 @@ import secrets
 
 from .errors import ConfigError
 
-
 MIN_SECRET_BYTES = 32
 
 

@@ -24,6 +24,11 @@ from websockets.http11 import Request, Response
 
 STATIC_DIR = Path(__file__).parent / "static"
 WS_PATH = "/ws"
+#: The pages load nothing from elsewhere and may not be framed by other sites.
+CSP = (
+    "default-src 'self'; img-src 'self' data:; media-src 'self' blob:; "
+    "connect-src 'self' ws: wss:; frame-ancestors 'self'"
+)
 #: Page routes -> file in static/.
 PAGES = {"/": "customer.html", "/agent": "agent.html"}
 
@@ -98,5 +103,5 @@ class Routes:
         extra = [("ETag", asset.etag), ("Cache-Control", "no-cache")]
         if name in PAGES.values():
             # The pages embed nothing from elsewhere; forbid framing by other sites.
-            extra.append(("Content-Security-Policy", "default-src 'self'; img-src 'self' data:; media-src 'self' blob:; connect-src 'self' ws: wss:; frame-ancestors 'self'"))
+            extra.append(("Content-Security-Policy", CSP))
         return response(http.HTTPStatus.OK, asset.body, asset.content_type, extra)

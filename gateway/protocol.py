@@ -29,7 +29,7 @@ class State(enum.Enum):
 class TokenBucket:
     """Allow ``rate`` events per second on average, ``burst`` at once."""
 
-    __slots__ = ("rate", "burst", "tokens", "updated")
+    __slots__ = ("burst", "rate", "tokens", "updated")
 
     def __init__(self, rate: float, burst: int, now: float) -> None:
         self.rate = rate

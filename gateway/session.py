@@ -35,7 +35,8 @@ class SessionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
     """Prefixes every line with the session's conversation and identity."""
 
     def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
-        session: Session = self.extra["session"]  # type: ignore[index]
+        session = self.extra["session"]  # type: ignore[index]
+        assert isinstance(session, Session)
         who = session.participant.identity if session.participant else "-"
         return f"[{session.conversation or '-'} {who} {session.remote}] {msg}", kwargs
 

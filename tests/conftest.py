@@ -62,7 +62,9 @@ Join = Callable[..., Awaitable[tuple[Client, dict[str, Any]]]]
 def join(connect: Connect) -> Join:
     """Connect and join with a fresh token; returns (client, joined message)."""
 
-    async def do_join(identity: str, role: str = "customer", room: str | None = None, **kwargs: Any) -> tuple[Client, dict[str, Any]]:
+    async def do_join(
+        identity: str, role: str = "customer", room: str | None = None, **kwargs: Any
+    ) -> tuple[Client, dict[str, Any]]:
         client = await connect()
         await client.send({"type": "join", "token": make_token(identity, role, room, **kwargs)})
         joined = await client.expect("joined", identity=identity, role=role)

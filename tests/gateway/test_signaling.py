@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncIterator
+from typing import Any
 
 import jwt
 import pytest
@@ -103,7 +103,7 @@ async def test_escalate_queue_accept_flow(join: Join) -> None:
     await agent1.send({"type": "accept", "conversation": "r1"})
     joined = await agent1.expect("joined", conversation="r1")
     assert {p["identity"] for p in joined["participants"]} == {"u1", "a1"}
-    assert [m["text"] for m in joined["history"]][0] == "I need help with my bill"
+    assert joined["history"][0]["text"] == "I need help with my bill"
     assert joined["history"][-1] == system
     await ann.expect("participant.joined", identity="a1", name="Bob")
     assert (await agent1.expect("queue"))["waiting"] == []
@@ -176,7 +176,10 @@ async def test_conversation_is_removed_with_its_last_participant(join: Join, ser
     await ann.send({"type": "leave"})
     await ann.expect("left")
     assert (await server.health()) | {"version": None} == {
-        "status": "ok", "conversations": 0, "sessions": 0, "version": None
+        "status": "ok",
+        "conversations": 0,
+        "sessions": 0,
+        "version": None,
     }
     # A new conversation under the same id starts empty.
     _, joined = await join("u1", room="r1")
@@ -233,7 +236,7 @@ async def test_agent_reload_keeps_the_conversation(join: Join) -> None:
 # -- tokens -------------------------------------------------------------------------------
 
 
-async def _refused(client: Client, message: dict[str, object], code: str) -> dict[str, object]:
+async def _refused(client: Client, message: dict[str, Any], code: str) -> dict[str, Any]:
     await client.send(message)
     error = await client.error(code)
     assert SECRET not in error["message"]
@@ -263,7 +266,7 @@ async def test_wrong_signature_is_refused(connect: Connect) -> None:
 
 
 async def test_unsigned_token_is_refused(connect: Connect) -> None:
-    unsigned = jwt.encode({"sub": "u1", "role": "agent", "exp": time.time() + 60}, None, algorithm="none")
+    unsigned = jwt.encode({"sub": "u1", "role": "agent", "exp": time.time() + 60}, "", algorithm="none")
     await _refused(await connect(), {"type": "join", "token": unsigned}, "unauthorized")
 
 
@@ -294,12 +297,12 @@ async def test_join_timeout_closes_a_silent_connection(connect: Connect, config:
 
 
 @pytest.fixture
-async def pair(join: Join) -> AsyncIterator[tuple[Client, Client]]:
+async def pair(join: Join) -> tuple[Client, Client]:
     """A customer and an agent in one conversation, introductions consumed."""
     ann, _ = await join("u1", room="r1")
     bob, _ = await join("a1", role="agent", room="r1")
     await ann.expect("participant.joined")
-    yield ann, bob
+    return ann, bob
 
 
 async def _still_fine(ann: Client, bob: Client) -> None:

@@ -1,0 +1,112 @@
+"""Real headless Chromium (Debian's /usr/bin/chromium) driven by Playwright, against a gateway subprocess."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Generator, Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
+
+CHROMIUM = os.environ.get("TALKGATE_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+SECRET = "browser-secret-0123456789abcdef-0123456789"
+
+
+class Gateway:
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", *args, "--port", "0"],
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "TALKGATE_SECRET": SECRET},
+        )
+        assert self.proc.stderr is not None
+        first = self.proc.stderr.readline()
+        match = re.search(r"listening on (http://\S+)", first)
+        assert match, first
+        self.url = match.group(1)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.communicate(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def gateway() -> Iterator[Gateway]:
+    gw = Gateway("serve")
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture(scope="module")
+def dev_gateway() -> Iterator[Gateway]:
+    gw = Gateway("demo")
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (the README's test command does)")
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.when == "call":
+        item.stash[_FAILED] = report.failed
+    return report
+
+
+_FAILED = pytest.StashKey[bool]()
+
+NewPage = Callable[..., Page]
+
+
+@pytest.fixture
+def new_page(browser: Browser, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[NewPage]:
+    """Pages in separate browser contexts (like two people); screenshots of each on failure."""
+    contexts: list[tuple[str, BrowserContext, Page]] = []
+
+    def open_page(name: str, url: str, **context_options: object) -> Page:
+        context = browser.new_context(**context_options)  # type: ignore[arg-type]
+        page = context.new_page()
+        page.set_default_timeout(10_000)
+        console: list[str] = []
+        page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
+        page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
+        page.console_log = console  # type: ignore[attr-defined]
+        page.goto(url)
+        contexts.append((name, context, page))
+        return page
+
+    yield open_page
+    if request.node.stash.get(_FAILED, False):
+        for name, _, page in contexts:
+            path = tmp_path / f"{name}.png"
+            page.screenshot(path=str(path), full_page=True)
+            print(f"screenshot of {name}: {path}")
+            print("\n".join(page.console_log))  # type: ignore[attr-defined]
+    for _, context, _ in contexts:
+        context.close()

@@ -1,0 +1,110 @@
+"""The customer page and the agent console in real headless Chromium."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from playwright.sync_api import Page, expect
+
+from gateway import tokens
+from tests.browser.conftest import SECRET, Gateway, NewPage
+
+pytestmark = pytest.mark.browser
+
+
+def token_url(gw: Gateway, identity: str, role: str, room: str | None = None, name: str | None = None) -> str:
+    token = tokens.issue(SECRET, identity=identity, role=role, room=room, name=name)
+    return f"{gw.url}{'/agent' if role == 'agent' else '/'}?token={token}"
+
+
+def send(page: Page, text: str) -> None:
+    page.fill("#chat-input", text)
+    page.click("#send")
+
+
+def test_customer_escalates_and_agent_takes_over(gateway: Gateway, new_page: NewPage) -> None:
+    agent = new_page("agent", token_url(gateway, "a1", "agent", name="Sam Lee"))
+    expect(agent.locator("#status")).to_have_text("Available")
+    expect(agent.locator("#queue-empty")).to_be_visible()
+
+    customer = new_page("customer", token_url(gateway, "u1", "customer", room="r-browser", name="Ann Smith"))
+    expect(customer.locator("#status")).to_have_text("Online")
+    send(customer, "My internet keeps dropping")
+    expect(customer.locator(".msg.own .msg-bubble")).to_have_text(["My internet keeps dropping"])
+    expect(customer.locator("#chat-input")).to_have_value("")
+
+    customer.click("#escalate")
+    expect(customer.locator("#escalate")).to_have_text("Waiting for an agent…")
+    expect(customer.locator("#escalate")).to_be_disabled()
+
+    item = agent.locator(".queue-item", has_text="Ann Smith")
+    expect(item).to_be_visible()
+    expect(item).to_contain_text("customer request")
+    expect(agent.locator("#queue-count")).to_have_text("1")
+    item.locator("button.accept").click()
+
+    # The agent sees the history, including what the customer typed before escalating.
+    expect(agent.locator("#customer-name")).to_have_text("Ann Smith")
+    expect(agent.locator("#messages .msg.other .msg-bubble").first).to_have_text("My internet keeps dropping")
+    expect(agent.locator("#queue-count")).to_have_text("0")
+    expect(customer.locator("#escalate")).to_have_text("An agent is here")
+    expect(customer.locator(".msg.system", has_text="Sam Lee joined")).to_be_visible()
+
+    send(agent, "Hi Ann, I'm Sam. Let's look at your router.")
+    expect(customer.locator(".msg.other.role-agent .msg-bubble")).to_have_text(
+        ["Hi Ann, I'm Sam. Let's look at your router."]
+    )
+    expect(customer.locator(".msg.other .msg-author")).to_have_text(["Sam Lee"])
+    send(customer, "Thank you!")
+    expect(agent.locator(".msg.other .msg-bubble")).to_have_text(["My internet keeps dropping", "Thank you!"])
+
+    agent.click("#leave")
+    expect(agent.locator("#no-conversation")).to_be_visible()
+    expect(customer.locator(".msg.system", has_text="Sam Lee left")).to_be_visible()
+    expect(customer.locator("#escalate")).to_be_enabled()
+
+
+def test_chat_text_is_shown_as_text_not_html(gateway: Gateway, new_page: NewPage) -> None:
+    customer = new_page("customer", token_url(gateway, "u2", "customer", room="r-xss"))
+    expect(customer.locator("#status")).to_have_text("Online")
+    send(customer, "<img src=x onerror=alert(1)> <b>bold</b>")
+    expect(customer.locator(".msg.own .msg-bubble")).to_have_text("<img src=x onerror=alert(1)> <b>bold</b>")
+    assert customer.locator(".msg-bubble img, .msg-bubble b").count() == 0
+
+
+def test_bad_token_shows_a_clear_message(gateway: Gateway, new_page: NewPage) -> None:
+    customer = new_page("customer", f"{gateway.url}/?token=expired-or-forged")
+    expect(customer.locator("#banner")).to_contain_text("invalid or has expired")
+    expect(customer.locator("#status")).to_have_text(re.compile("Not connected|Disconnected"))
+    expect(customer.locator("#chat-input")).to_be_disabled()
+
+
+def test_reload_resumes_the_conversation(gateway: Gateway, new_page: NewPage) -> None:
+    agent = new_page("agent", token_url(gateway, "a3", "agent", room="r-reload", name="Kim"))
+    customer = new_page("customer", token_url(gateway, "u3", "customer", room="r-reload"))
+    expect(customer.locator("#status")).to_have_text("You're chatting with an agent")
+    send(customer, "before the reload")
+    expect(agent.locator(".msg.other .msg-bubble")).to_have_text(["before the reload"])
+    customer.reload()
+    expect(customer.locator(".msg.own .msg-bubble")).to_have_text(["before the reload"])
+    send(customer, "after the reload")
+    expect(agent.locator(".msg.other .msg-bubble")).to_have_text(["before the reload", "after the reload"])
+
+
+def test_demo_mode_needs_no_tokens(dev_gateway: Gateway, new_page: NewPage) -> None:
+    agent = new_page("agent", f"{dev_gateway.url}/agent")
+    agent.fill("#agent-name", "Dee Demo")
+    agent.click("#signin-form button")
+    expect(agent.locator("#me-name")).to_have_text("Dee Demo")
+
+    customer = new_page("customer", dev_gateway.url + "/", viewport={"width": 390, "height": 844})
+    expect(customer.locator("#status")).to_have_text("Online")
+    box = customer.locator("#widget").bounding_box()
+    assert box is not None and box["width"] == 390  # the widget fills a phone screen
+    send(customer, "Is anybody there?")
+    customer.click("#escalate")
+    agent.locator(".queue-item button.accept").click()
+    expect(agent.locator("#messages .msg.other .msg-bubble")).to_have_text(["Is anybody there?"])
+    send(agent, "Yes, Dee here.")
+    expect(customer.locator(".msg.role-agent .msg-bubble")).to_have_text(["Yes, Dee here."])
