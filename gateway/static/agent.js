@@ -52,6 +52,7 @@ function renderQueue() {
 }
 
 function renderConversation() {
+  if (client && client.status === "open") setStatus(conversation ? "In a conversation" : "Available", "open");
   $("no-conversation").hidden = Boolean(conversation);
   $("conversation").hidden = !conversation;
   const customer = participants.find((p) => p.role === "customer");
@@ -73,7 +74,6 @@ function start(options) {
 
   client.on("joined", (msg) => {
     me = msg.identity;
-    setStatus("Available", "open");
     showBanner("");
     $("me-name").textContent = msg.name;
     $("me-avatar").textContent = initials(msg.name);

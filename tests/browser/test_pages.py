@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -11,6 +12,7 @@ from gateway import tokens
 from tests.browser.conftest import SECRET, Gateway, NewPage
 
 pytestmark = pytest.mark.browser
+VIEWPORT = {"width": 1100, "height": 680}
 
 
 def token_url(gw: Gateway, identity: str, role: str, room: str | None = None, name: str | None = None) -> str:
@@ -24,11 +26,13 @@ def send(page: Page, text: str) -> None:
 
 
 def test_customer_escalates_and_agent_takes_over(gateway: Gateway, new_page: NewPage) -> None:
-    agent = new_page("agent", token_url(gateway, "a1", "agent", name="Sam Lee"))
+    agent = new_page("agent", token_url(gateway, "a1", "agent", name="Sam Lee"), viewport=VIEWPORT)
     expect(agent.locator("#status")).to_have_text("Available")
     expect(agent.locator("#queue-empty")).to_be_visible()
 
-    customer = new_page("customer", token_url(gateway, "u1", "customer", room="r-browser", name="Ann Smith"))
+    customer = new_page(
+        "customer", token_url(gateway, "u1", "customer", room="r-browser", name="Ann Smith"), viewport=VIEWPORT
+    )
     expect(customer.locator("#status")).to_have_text("Online")
     send(customer, "My internet keeps dropping")
     expect(customer.locator(".msg.own .msg-bubble")).to_have_text(["My internet keeps dropping"])
@@ -46,6 +50,7 @@ def test_customer_escalates_and_agent_takes_over(gateway: Gateway, new_page: New
 
     # The agent sees the history, including what the customer typed before escalating.
     expect(agent.locator("#customer-name")).to_have_text("Ann Smith")
+    expect(agent.locator("#status")).to_have_text("In a conversation")
     expect(agent.locator("#messages .msg.other .msg-bubble").first).to_have_text("My internet keeps dropping")
     expect(agent.locator("#queue-count")).to_have_text("0")
     expect(customer.locator("#escalate")).to_have_text("An agent is here")
@@ -58,9 +63,13 @@ def test_customer_escalates_and_agent_takes_over(gateway: Gateway, new_page: New
     expect(customer.locator(".msg.other .msg-author")).to_have_text(["Sam Lee"])
     send(customer, "Thank you!")
     expect(agent.locator(".msg.other .msg-bubble")).to_have_text(["My internet keeps dropping", "Thank you!"])
+    if folder := os.environ.get("TALKGATE_SCREENSHOTS"):  # how docs/img is made
+        customer.screenshot(path=f"{folder}/customer.png")
+        agent.screenshot(path=f"{folder}/agent.png")
 
     agent.click("#leave")
     expect(agent.locator("#no-conversation")).to_be_visible()
+    expect(agent.locator("#status")).to_have_text("Available")
     expect(customer.locator(".msg.system", has_text="Sam Lee left")).to_be_visible()
     expect(customer.locator("#escalate")).to_be_enabled()
 

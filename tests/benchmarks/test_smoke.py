@@ -1,0 +1,39 @@
+"""Each benchmark runs briefly in the suite so it never rots (figures are not asserted: CI is noisy)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).parents[2] / "benchmarks"
+
+
+def test_signaling_benchmark_runs_and_reports_every_figure() -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "signaling.py"),
+            "--joins",
+            "20",
+            "--concurrency",
+            "5",
+            "--fanout",
+            "5",
+            "--messages",
+            "10",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    result = json.loads(out)
+    assert result["join_latency"]["joins"] == 20
+    assert result["join_latency"]["join_to_joined"]["median_ms"] > 0
+    assert result["join_rate"]["joins_per_s"] > 0
+    fanout = result["fanout"]
+    assert fanout["deliveries"] == 5 * 10  # every chat reached every participant, sender included
+    assert fanout["delivery"]["p95_ms"] >= fanout["delivery"]["median_ms"] > 0
