@@ -36,9 +36,15 @@ def start(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Pop
 
 
 def stop(proc: subprocess.Popen[str]) -> str:
+    """SIGTERM, then the rest of the log.
+
+    Read through the same buffered file as start()'s readline(): communicate()
+    reads the raw descriptor and would lose lines that readline() had buffered.
+    """
+    assert proc.stderr is not None
     proc.send_signal(signal.SIGTERM)
-    _, rest = proc.communicate(timeout=10)
-    assert proc.returncode == 0, rest
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=10) == 0, rest
     return rest
 
 
