@@ -1,29 +1,17 @@
 // Agent console: the live queue, accept, and the conversation's chat.
 // Token from ?token=...; on a --dev server without a token it asks for a name.
-import { connect, el, initials, renderMessage, renderNotice, randomId } from "/static/talkgate.js";
+import { connect, el, initials, pageChrome, renderMessage, renderNotice, randomId } from "/static/talkgate.js";
 
 const $ = (id) => document.getElementById(id);
 const messages = $("messages");
 const queueList = $("queue-list");
-const statusLine = $("status");
-const banner = $("banner");
+const ui = pageChrome({ status: $("status"), banner: $("banner"), composer: $("composer"), input: $("chat-input") });
 
 let client = null;
 let me = null;
 let conversation = null;
 let participants = [];
 let waiting = [];
-
-function setStatus(text, state) {
-  statusLine.textContent = text;
-  statusLine.dataset.status = state;
-}
-
-function showBanner(text, kind = "error") {
-  banner.textContent = text;
-  banner.className = `banner ${kind}`;
-  banner.hidden = !text;
-}
 
 function waitedFor(since) {
   const seconds = Math.max(0, Math.floor((Date.now() - since) / 1000));
@@ -52,7 +40,7 @@ function renderQueue() {
 }
 
 function renderConversation() {
-  if (client && client.status === "open") setStatus(conversation ? "In a conversation" : "Available", "open");
+  if (client && client.status === "open") ui.status(conversation ? "In a conversation" : "Available", "open");
   $("no-conversation").hidden = Boolean(conversation);
   $("conversation").hidden = !conversation;
   const customer = participants.find((p) => p.role === "customer");
@@ -64,17 +52,17 @@ function start(options) {
   client = connect("/ws", options);
   window.talkgate = client;
 
-  client.on("status", ({ status, inMs, code }) => {
-    if (status === "reconnecting") setStatus(`Reconnecting${inMs ? ` in ${Math.ceil(inMs / 1000)}s` : ""}…`, "reconnecting");
-    if (status === "closed") {
-      setStatus("Offline", "closed");
-      if (code === 4409) showBanner("The console was opened in another tab; this one is offline.", "info");
+  client.on("status", (event) => {
+    ui.connection(event);
+    if (event.status === "closed") {
+      ui.status("Offline", "closed");
+      if (event.code === 4409) ui.banner("The console was opened in another tab; this one is offline.", "info");
     }
   });
 
   client.on("joined", (msg) => {
     me = msg.identity;
-    showBanner("");
+    ui.banner("");
     $("me-name").textContent = msg.name;
     $("me-avatar").textContent = initials(msg.name);
     conversation = msg.conversation;
@@ -112,24 +100,17 @@ function start(options) {
 
   client.on("error", (err) => {
     if (err.code === "unauthorized" || err.code === "forbidden") {
-      setStatus("Offline", "closed");
-      showBanner("Your sign-in link is invalid or has expired. Open the console again from your admin tools.");
+      ui.status("Offline", "closed");
+      ui.banner("Your sign-in link is invalid or has expired. Open the console again from your admin tools.");
     } else if (err.code === "conflict" && err.message.includes("accepted")) {
-      showBanner("Another agent already took that customer.", "info");
-      setTimeout(() => showBanner(""), 4000);
+      ui.banner("Another agent already took that customer.", "info", 4000);
     } else {
-      showBanner(err.message, "info");
-      setTimeout(() => showBanner(""), 4000);
+      ui.banner(err.message, "info", 4000);
     }
   });
 }
 
-$("composer").addEventListener("submit", (event) => {
-  event.preventDefault();
-  const input = $("chat-input");
-  const text = input.value.trim();
-  if (text && client.send({ type: "chat", text })) input.value = "";
-});
+ui.bindComposer(() => client);
 $("leave").addEventListener("click", () => client.leave());
 setInterval(() => {
   for (const node of queueList.querySelectorAll(".waited")) node.textContent = waitedFor(Number(node.dataset.since));
@@ -145,7 +126,7 @@ if (token) {
   } else {
     $("signin").hidden = false;
     $("console").hidden = true;
-    setStatus("Signed out", "closed");
+    ui.status("Signed out", "closed");
     $("signin-form").addEventListener("submit", (event) => {
       event.preventDefault();
       const name = $("agent-name").value.trim();

@@ -161,6 +161,37 @@ export function renderNotice(list, text) {
   list.scrollTop = list.scrollHeight;
 }
 
+// The bundled pages' shared chrome: a status line, a banner that can dismiss
+// itself (a newer banner cancels the older one's timer), and a chat composer.
+export function pageChrome({ status, banner, composer, input }) {
+  let timer = null;
+  const chrome = {
+    status(text, state) {
+      status.textContent = text;
+      status.dataset.status = state;
+    },
+    connection({ status: state, inMs }) {
+      if (state === "reconnecting") chrome.status(`Reconnecting${inMs ? ` in ${Math.ceil(inMs / 1000)}s` : ""}…`, "reconnecting");
+    },
+    banner(text, kind = "error", dismissAfterMs = 0) {
+      clearTimeout(timer);
+      banner.textContent = text;
+      banner.className = `banner ${kind}`;
+      banner.hidden = !text;
+      if (text && dismissAfterMs) timer = setTimeout(() => chrome.banner(""), dismissAfterMs);
+    },
+    // Sends the input's text as chat through `getClient()` on submit; keeps the text if offline.
+    bindComposer(getClient) {
+      composer.addEventListener("submit", (event) => {
+        event.preventDefault();
+        const text = input.value.trim();
+        if (text && getClient()?.send({ type: "chat", text })) input.value = "";
+      });
+    },
+  };
+  return chrome;
+}
+
 export function randomId(prefix) {
   const bytes = crypto.getRandomValues(new Uint8Array(6));
   return prefix + Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
