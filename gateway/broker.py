@@ -12,7 +12,12 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Protocol
+
+from aiortc import RTCIceServer
+
+from media.ice import parse_networks
 
 from . import messages, tokens
 from .config import Config
@@ -20,6 +25,8 @@ from .errors import BadRequest, Conflict, Forbidden, NotFound, TooLarge, Unautho
 from .messages import ChatMessage, Participant, QueueEntry, Role
 from .metrics import Metrics
 from .protocol import SignalingProtocol
+from .routing import Router
+from .rtc import MediaPeer, RtcSettings
 from .store import Store
 
 log = logging.getLogger("talkgate.broker")
@@ -34,6 +41,19 @@ CLOSE_TOO_SLOW = 1013
 _PONG = messages.encode({"type": "pong"})
 MAX_FIELD_CHARS = tokens.MAX_FIELD_CHARS
 MAX_REASON_CHARS = 200
+#: Unanswered upgrade requests kept per conversation (the oldest goes first).
+MAX_PENDING_UPGRADES = 16
+NO_MEDIA = {"audio": False, "video": False}
+
+
+@dataclass(eq=False)
+class UpgradeRequest:
+    id: str
+    conversation: str
+    media: str
+    sender: Participant
+    #: Identities it was sent to that have not replied yet.
+    waiting: set[str]
 
 
 class Peer(Protocol):
@@ -42,6 +62,8 @@ class Peer(Protocol):
     protocol: SignalingProtocol
     participant: Participant | None
     conversation: str | None
+    #: The participant's peer connection with the gateway, once it has offered.
+    media: MediaPeer | None
 
     def deliver(self, data: bytes, mtype: str) -> None:
         """Queue an encoded message for the client without waiting."""
@@ -66,6 +88,18 @@ class Broker:
         #: peers that have joined and are still connected (evicted ones until they close)
         self.sessions: set[Peer] = set()
         metrics.sessions.set_function(lambda: len(self.sessions))
+        ice = config.ice_servers()
+        self.ice_servers_json = ice
+        self.rtc = RtcSettings(
+            ice_servers=tuple(RTCIceServer(**server) for server in ice),
+            allowed_networks=parse_networks(config.rtc_allowed_networks),
+        )
+        self.router = Router(self._media_changed)
+        metrics.peer_connections.set_function(lambda: len(self.router))
+        #: conversation -> identity -> the last ``media`` state announced (only senders)
+        self._media: dict[str, dict[str, dict[str, bool]]] = {}
+        #: upgrade id -> request; per conversation at most MAX_PENDING_UPGRADES
+        self._upgrades: dict[str, UpgradeRequest] = {}
 
     # -- dispatch ---------------------------------------------------------------------
 
@@ -83,6 +117,19 @@ class Broker:
                 await self.accept(peer, msg)
             case messages.Leave():
                 await self.leave(peer)
+            case messages.Offer():
+                await self.offer(peer, msg)
+            case messages.Answer():
+                await _media(peer).accept_answer(msg.sdp)
+            case messages.Candidate():
+                await _media(peer).add_candidate(msg.candidate, msg.sdpMid, msg.sdpMLineIndex)
+            case messages.Hangup():
+                _media(peer)
+                await self.close_media(peer)
+            case messages.Upgrade():
+                await self.upgrade(peer, msg)
+            case messages.UpgradeReply():
+                await self.upgrade_reply(peer, msg)
 
     # -- join -------------------------------------------------------------------------
 
@@ -138,7 +185,7 @@ class Broker:
         target = room if room is not None else inherited
         queue_changed = False
         if target is None:
-            peer.deliver(messages.encode(messages.joined(None, me, [], [])), "joined")
+            peer.deliver(self._joined(None, me, [], []), "joined")
         elif target == inherited:
             await self._send_joined(peer, target)
         else:
@@ -151,9 +198,16 @@ class Broker:
 
     def _evict(self, old: Peer) -> None:
         """Detach a connection replaced by a newer one with the same identity."""
+        if old.media is not None:
+            # Its session closes the peer connection when it ends; the new
+            # connection negotiates its own.
+            self.router.detach(old.media)
+            self._announce_media(old.media.conversation, old.media.identity, NO_MEDIA)
         old.conversation = None
         old.deliver(
-            messages.encode(messages.error("conflict", "replaced by a newer connection with the same identity")),
+            messages.encode(
+                messages.error("conflict", "replaced by a newer connection with the same identity", "join")
+            ),
             "error",
         )
         self.metrics.error_by_code["conflict"].inc()
@@ -171,7 +225,15 @@ class Broker:
     async def _send_joined(self, peer: Peer, conversation: str) -> None:
         participants = await self.store.participants(conversation) or []
         history = await self.store.history(conversation)
-        peer.deliver(messages.encode(messages.joined(conversation, _me(peer), participants, history)), "joined")
+        peer.deliver(self._joined(conversation, _me(peer), participants, history), "joined")
+
+    def _joined(
+        self, conversation: str | None, me: Participant, participants: list[Participant], history: list[ChatMessage]
+    ) -> bytes:
+        media = [{"identity": identity, **state} for identity, state in self._media.get(conversation or "", {}).items()]
+        return messages.encode(
+            messages.joined(conversation, me, participants, history, ice_servers=self.ice_servers_json, media=media)
+        )
 
     # -- chat and queue ---------------------------------------------------------------
 
@@ -252,6 +314,7 @@ class Broker:
     async def disconnect(self, peer: Peer) -> None:
         """The connection is gone: leave whatever it was part of (unless it was replaced)."""
         self.sessions.discard(peer)
+        await self.close_media(peer)
         me = peer.participant
         if me is None:
             return
@@ -263,6 +326,7 @@ class Broker:
     async def _exit(self, peer: Peer) -> None:
         me = _me(peer)
         conversation = _conversation(peer)
+        await self.close_media(peer)
         peer.conversation = None
         room = self._rooms.get(conversation)
         if room is not None and room.get(me.identity) is peer:
@@ -270,10 +334,99 @@ class Broker:
             if not room:
                 del self._rooms[conversation]
         result = await self.store.remove_participant(conversation, me.identity)
-        if result.left and not result.conversation_removed:
+        if result.conversation_removed:
+            self._media.pop(conversation, None)
+            for request in [u for u in self._upgrades.values() if u.conversation == conversation]:
+                del self._upgrades[request.id]
+        elif result.left:
             self.broadcast(conversation, messages.participant_event("left", conversation, me))
         if result.queue_changed:
             await self.publish_queue()
+
+    # -- media ------------------------------------------------------------------------
+
+    async def offer(self, peer: Peer, msg: messages.Offer) -> None:
+        conversation = _conversation(peer)
+        if peer.media is None:
+            peer.media = MediaPeer(
+                conversation=conversation,
+                participant=_me(peer),
+                settings=self.rtc,
+                send=lambda message: peer.deliver(messages.encode(message), str(message["type"])),
+                router=self.router,
+            )
+            self.router.attach(peer.media)
+        if not await peer.media.accept_offer(msg.sdp):
+            self.metrics.offer_collisions.inc()
+            raise Conflict("offer collision: answer the gateway's pending offer, then offer again")
+
+    async def close_media(self, peer: Peer) -> None:
+        """End the participant's peer connection (hang-up, leave, disconnect)."""
+        media = peer.media
+        if media is None:
+            return
+        peer.media = None
+        self.router.detach(media)
+        self._announce_media(media.conversation, media.identity, NO_MEDIA)
+        await media.close()
+
+    def _media_changed(self, media: MediaPeer) -> None:
+        self._announce_media(media.conversation, media.identity, media.media_state())
+
+    def _announce_media(self, conversation: str, identity: str, state: dict[str, bool]) -> None:
+        """Tell everyone in the conversation what a participant now sends, when it changed."""
+        known = self._media.setdefault(conversation, {})
+        if known.get(identity, NO_MEDIA) == state:
+            if not known:
+                del self._media[conversation]
+            return
+        if state == NO_MEDIA:
+            del known[identity]
+            if not known:
+                del self._media[conversation]
+        else:
+            known[identity] = state
+        self.broadcast(conversation, {"type": "media", "identity": identity, **state})
+
+    async def upgrade(self, peer: Peer, msg: messages.Upgrade) -> None:
+        me = _me(peer)
+        conversation = _conversation(peer)
+        others = [p.identity for p in await self.store.participants(conversation) or [] if p.identity != me.identity]
+        if not others:
+            raise NotFound("nobody else is in this conversation to ask")
+        pending = [u for u in self._upgrades.values() if u.conversation == conversation]
+        if len(pending) >= MAX_PENDING_UPGRADES:
+            del self._upgrades[pending[0].id]
+        request = UpgradeRequest(uuid.uuid4().hex[:16], conversation, msg.media, me, set(others))
+        self._upgrades[request.id] = request
+        # Everyone gets it, the sender included: the echo carries the id to match replies.
+        self.broadcast(
+            conversation, {"type": "upgrade.request", "id": request.id, "media": msg.media, "from": me.as_dict()}
+        )
+
+    async def upgrade_reply(self, peer: Peer, msg: messages.UpgradeReply) -> None:
+        me = _me(peer)
+        request = self._upgrades.get(msg.id)
+        if request is None or request.conversation != peer.conversation:
+            raise NotFound("no such upgrade request in this conversation")
+        if me.identity not in request.waiting:
+            if me.identity == request.sender.identity:
+                raise Forbidden("you cannot answer your own upgrade request")
+            raise Conflict("you have already answered this upgrade request")
+        request.waiting.discard(me.identity)
+        if not request.waiting:
+            del self._upgrades[request.id]
+        self.broadcast(
+            request.conversation,
+            {
+                "type": "upgrade.reply",
+                "id": request.id,
+                "media": request.media,
+                "accept": msg.accept,
+                "from": me.as_dict(),
+            },
+            skip=peer,
+        )
 
     # -- fan-out ----------------------------------------------------------------------
 
@@ -293,6 +446,12 @@ def _me(peer: Peer) -> Participant:
     if peer.participant is None:  # pragma: no cover - the protocol state machine prevents it
         raise Unauthorized("join first")
     return peer.participant
+
+
+def _media(peer: Peer) -> MediaPeer:
+    if peer.media is None:
+        raise BadRequest("there is no call yet: send an offer first")
+    return peer.media
 
 
 def _conversation(peer: Peer) -> str:

@@ -56,6 +56,42 @@ def _server_options(f: click.decorators.FC) -> click.decorators.FC:
             click.option(opt, field, envvar=_envvar(opt), type=kind, default=_default(field), show_envvar=True, help=h)
             for opt, field, kind, h in _LIMITS
         ),
+        click.option(
+            "--stun",
+            "stun_urls",
+            envvar="TALKGATE_STUN",
+            multiple=True,
+            show_envvar=True,
+            help="STUN server URL (repeatable; env: space-separated), e.g. stun:stun.example.com:3478.",
+        ),
+        click.option(
+            "--turn",
+            "turn_urls",
+            envvar="TALKGATE_TURN",
+            multiple=True,
+            show_envvar=True,
+            help="TURN server URL (repeatable), e.g. turn:turn.example.com:3478?transport=udp.",
+        ),
+        click.option("--turn-username", envvar="TALKGATE_TURN_USERNAME", default="", show_envvar=True),
+        click.option(
+            "--turn-password", envvar="TALKGATE_TURN_PASSWORD", default="", show_envvar=True, show_default=False
+        ),
+        click.option(
+            "--rtc-address",
+            "rtc_addresses",
+            envvar="TALKGATE_RTC_ADDRESS",
+            multiple=True,
+            show_envvar=True,
+            help="Local address to advertise for WebRTC media (repeatable; default: every interface).",
+        ),
+        click.option(
+            "--rtc-allow-network",
+            "rtc_allowed_networks",
+            envvar="TALKGATE_RTC_ALLOW_NETWORK",
+            multiple=True,
+            show_envvar=True,
+            help="Network (CIDR) that client ICE candidates may point into (repeatable; default: any).",
+        ),
         click.option("--log-level", envvar="TALKGATE_LOG_LEVEL", default="INFO", show_envvar=True),
     ]
     for option in reversed(options):
@@ -65,6 +101,7 @@ def _server_options(f: click.decorators.FC) -> click.decorators.FC:
 
 def _serve(log_level: str, **settings: Any) -> None:
     configure_logging(log_level.upper())
+    settings["rtc_addresses"] = settings["rtc_addresses"] or None  # none given: every interface
     try:
         config = Config(**settings)
     except ConfigError as exc:

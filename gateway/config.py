@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import secrets
+from typing import Any
 
 from .errors import ConfigError
 
@@ -32,6 +34,15 @@ class Config:
     #: Messages waiting to be written to one client; a client that falls this
     #: far behind is disconnected (it can reconnect and get the history).
     outbox_limit: int = 512
+    #: STUN/TURN servers: sent to clients in ``joined`` and used by the gateway itself.
+    stun_urls: tuple[str, ...] = ()
+    turn_urls: tuple[str, ...] = ()
+    turn_username: str = ""
+    turn_password: str = ""
+    #: Local addresses the gateway's WebRTC advertises (None: every interface but loopback).
+    rtc_addresses: tuple[str, ...] | None = None
+    #: Networks that remote ICE candidates may point into (empty: anywhere).
+    rtc_allowed_networks: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -46,6 +57,32 @@ class Config:
                 raise ConfigError(f"{name} must be positive")
         if self.rate_per_second <= 0 or self.join_timeout <= 0:
             raise ConfigError("rate_per_second and join_timeout must be positive")
+        for url in self.stun_urls:
+            if not url.startswith(("stun:", "stuns:")):
+                raise ConfigError(f"a STUN URL starts with stun: or stuns:, not {url!r}")
+        for url in self.turn_urls:
+            if not url.startswith(("turn:", "turns:")):
+                raise ConfigError(f"a TURN URL starts with turn: or turns:, not {url!r}")
+        if self.turn_urls and not (self.turn_username and self.turn_password):
+            raise ConfigError("TURN needs --turn-username and --turn-password")
+        try:
+            for address in self.rtc_addresses or ():
+                ipaddress.ip_address(address)
+            for network in self.rtc_allowed_networks:
+                ipaddress.ip_network(network, strict=False)
+        except ValueError as exc:
+            raise ConfigError(f"bad RTC address or network: {exc}") from None
+
+    def ice_servers(self) -> list[dict[str, Any]]:
+        """The ICE servers as browsers' RTCConfiguration.iceServers wants them."""
+        servers: list[dict[str, Any]] = []
+        if self.stun_urls:
+            servers.append({"urls": list(self.stun_urls)})
+        if self.turn_urls:
+            servers.append(
+                {"urls": list(self.turn_urls), "username": self.turn_username, "credential": self.turn_password}
+            )
+        return servers
 
     @property
     def token_secret(self) -> str:

@@ -9,7 +9,7 @@ encoded once per fan-out, not once per recipient.
 from __future__ import annotations
 
 import enum
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -53,10 +53,45 @@ class Ping(_Msg, tag="ping"):
     pass
 
 
-ClientMessage = Join | Chat | Escalate | Accept | Leave | Ping
+class Offer(_Msg, tag="offer"):
+    sdp: str
+
+
+class Answer(_Msg, tag="answer"):
+    sdp: str
+
+
+class Candidate(_Msg, tag="candidate"):
+    candidate: str
+    sdpMid: str | None = None
+    sdpMLineIndex: int | None = None
+
+
+MediaKind = Literal["audio", "video"]
+
+
+class Upgrade(_Msg, tag="upgrade"):
+    media: MediaKind
+
+
+class UpgradeReply(_Msg, tag="upgrade.reply"):
+    id: str
+    accept: bool
+
+
+class Hangup(_Msg, tag="hangup"):
+    pass
+
+
+ClientMessage = (
+    Join | Chat | Escalate | Accept | Leave | Ping | Offer | Answer | Candidate | Upgrade | UpgradeReply | Hangup
+)
 
 #: Client message class -> its ``type`` name (metrics labels, docs).
-TAGS: dict[type, str] = {t: str(t.__struct_config__.tag) for t in (Join, Chat, Escalate, Accept, Leave, Ping)}
+TAGS: dict[type, str] = {
+    t: str(t.__struct_config__.tag)
+    for t in (Join, Chat, Escalate, Accept, Leave, Ping, Offer, Answer, Candidate, Upgrade, UpgradeReply, Hangup)
+}
 CLIENT_TYPES: tuple[str, ...] = tuple(TAGS.values())
 
 _decoder: msgspec.json.Decoder[ClientMessage] = msgspec.json.Decoder(ClientMessage)
@@ -118,8 +153,9 @@ class QueueEntry(msgspec.Struct, frozen=True):
         }
 
 
-def error(code: str, message: str) -> dict[str, Any]:
-    return {"type": "error", "code": code, "message": message}
+def error(code: str, message: str, request: str | None = None) -> dict[str, Any]:
+    """``request`` names the type of the client message that failed (None: unparsable)."""
+    return {"type": "error", "code": code, "message": message, "request": request}
 
 
 def joined(
@@ -127,6 +163,9 @@ def joined(
     me: Participant,
     participants: list[Participant],
     history: list[ChatMessage],
+    *,
+    ice_servers: list[dict[str, Any]],
+    media: list[dict[str, Any]],
 ) -> dict[str, Any]:
     return {
         "type": "joined",
@@ -136,6 +175,8 @@ def joined(
         "name": me.name,
         "participants": [p.as_dict() for p in participants],
         "history": [m.as_dict() for m in history],
+        "ice_servers": ice_servers,
+        "media": media,
     }
 
 

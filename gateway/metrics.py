@@ -30,6 +30,12 @@ class Metrics:
             buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25),
             registry=r,
         )
+        self.peer_connections = Gauge("talkgate_peer_connections", "Live WebRTC peer connections.", registry=r)
+        self.offer_collisions = Counter(
+            "talkgate_offer_collisions",
+            "Client offers ignored because the gateway's own offer was pending.",
+            registry=r,
+        )
         self.slow_consumers = Counter(
             "talkgate_slow_consumer_disconnects", "Clients dropped for not reading their messages.", registry=r
         )

@@ -10,6 +10,8 @@ from types import TracebackType
 import uvloop
 from websockets.asyncio.server import Server, ServerConnection, serve
 
+from media import ice
+
 from . import __version__
 from .broker import Broker
 from .config import Config
@@ -38,6 +40,7 @@ class GatewayServer:
         self.port = config.port
 
     async def start(self) -> None:
+        ice.use_host_addresses(self.config.rtc_addresses)
         self._server = await serve(
             self._handle,
             self.config.host,
@@ -85,6 +88,7 @@ class GatewayServer:
             "status": "ok",
             "conversations": await self.store.conversation_count(),
             "sessions": len(self.broker.sessions),
+            "peer_connections": len(self.broker.router),
             "version": __version__,
         }
 

@@ -27,6 +27,7 @@ from .errors import Forbidden, InternalError, ProtocolError, Unauthorized
 from .messages import Participant
 from .metrics import Metrics
 from .protocol import SignalingProtocol, State
+from .rtc import MediaPeer
 
 logger = logging.getLogger("talkgate.session")
 
@@ -59,6 +60,8 @@ class Session:
         self.participant: Participant | None = None
         #: The conversation this connection is in (agents: None while in the lobby).
         self.conversation: str | None = None
+        #: This participant's peer connection with the gateway, from its first offer.
+        self.media: MediaPeer | None = None
         #: Encoded messages waiting for the writer task; bounded by config.outbox_limit.
         self._outbox: collections.deque[bytes] = collections.deque()
         self._wake = asyncio.Event()
@@ -88,9 +91,9 @@ class Session:
             self.protocol.close()
             self._wake.set()
 
-    def send_error(self, exc: ProtocolError) -> None:
+    def send_error(self, exc: ProtocolError, request: str | None = None) -> None:
         self.metrics.error_by_code[exc.code.value].inc()
-        self.deliver(messages.encode(messages.error(exc.code.value, exc.message)), "error")
+        self.deliver(messages.encode(messages.error(exc.code.value, exc.message, request)), "error")
 
     # -- I/O --------------------------------------------------------------------------
 
@@ -132,13 +135,13 @@ class Session:
             try:
                 await self.broker.handle(self, event)
             except ProtocolError as exc:
-                self.send_error(exc)
+                self.send_error(exc, mtype)
                 if isinstance(event, messages.Join) and isinstance(exc, Unauthorized | Forbidden):
                     self.log.info("join refused: %s", exc.message)
                     self.close(CLOSE_FORBIDDEN if isinstance(exc, Forbidden) else CLOSE_UNAUTHORIZED, "join refused")
             except Exception:
                 self.log.exception("failed to handle a %s message", mtype)
-                self.send_error(InternalError("the gateway failed to handle that message; it has been logged"))
+                self.send_error(InternalError("the gateway failed to handle that message; it has been logged"), mtype)
             handle_by_type[mtype].observe(time.perf_counter() - started)
             if self.protocol.state is State.AWAITING_JOIN:
                 self._arm_join_timer()

@@ -11,6 +11,7 @@ import pytest
 from gateway import tokens
 from gateway.config import Config
 from gateway.server import GatewayServer
+from media import ice
 from tests.client import Client
 
 SECRET = "test-secret-0123456789abcdef-0123456789"
@@ -20,9 +21,19 @@ def make_token(identity: str, role: str = "customer", room: str | None = None, *
     return tokens.issue(SECRET, identity=identity, role=role, room=room, **kwargs)
 
 
+#: WebRTC in tests stays on loopback: advertise 127.0.0.1, accept only loopback candidates.
+RTC_LOOPBACK = {"rtc_addresses": ("127.0.0.1",), "rtc_allowed_networks": ("127.0.0.0/8",)}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _loopback_ice() -> None:
+    """The aiortc clients in this process advertise loopback only, like the gateway."""
+    ice.use_host_addresses(["127.0.0.1"])
+
+
 @pytest.fixture
 def config() -> Config:
-    return Config(host="127.0.0.1", port=0, secret=SECRET)
+    return Config(host="127.0.0.1", port=0, secret=SECRET, **RTC_LOOPBACK)  # type: ignore[arg-type]
 
 
 @pytest.fixture

@@ -28,7 +28,13 @@ async def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dic
 async def test_healthz_counts_conversations_and_sessions(server: GatewayServer, join: Join) -> None:
     status, headers, body = await get(server.url + "/healthz")
     assert status == 200 and headers["Content-Type"] == "application/json"
-    assert json.loads(body) | {"version": None} == {"status": "ok", "conversations": 0, "sessions": 0, "version": None}
+    assert json.loads(body) | {"version": None} == {
+        "status": "ok",
+        "conversations": 0,
+        "sessions": 0,
+        "peer_connections": 0,
+        "version": None,
+    }
     await join("u1", room="r1")
     await join("u2", room="r2")
     await join("a1", role="agent")

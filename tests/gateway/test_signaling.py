@@ -179,6 +179,7 @@ async def test_conversation_is_removed_with_its_last_participant(join: Join, ser
         "status": "ok",
         "conversations": 0,
         "sessions": 0,
+        "peer_connections": 0,
         "version": None,
     }
     # A new conversation under the same id starts empty.

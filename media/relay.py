@@ -1,0 +1,122 @@
+"""Fan-out of one received track to many outputs, with bounded, drop-oldest queues.
+
+``Relay`` reads its source track in one task (one reader per source, as aiortc's
+``MediaRelay`` does) and pushes each frame into every subscribed ``OutputTrack``.
+
+``OutputTrack`` is what the gateway gives an ``RTCRtpSender``: a track that lives as
+long as the transceiver and whose *source* can be switched or removed at any time.
+That matters because aiortc's sender loop ends for good when its track raises
+``MediaStreamError``; a persistent output that simply waits while it has no source
+lets routing change (an agent leaves, another joins) without renegotiation.
+
+Queues are bounded: a slow consumer loses its oldest frames, never memory, and
+never delays the reader or the other outputs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Callable
+from typing import Any, TypeAlias
+
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from av.frame import Frame
+from av.packet import Packet
+
+log = logging.getLogger("talkgate.media.relay")
+
+#: Frames an output may hold before dropping the oldest: 200 ms of 20 ms audio
+#: frames; a single frame of video (only the latest picture matters).
+QUEUE_FRAMES = {"audio": 10, "video": 1}
+
+#: What a track's recv() yields: decoded frames, or encoded packets for pass-through.
+MediaFrame: TypeAlias = "Frame | Packet[Any]"
+
+
+class OutputTrack(MediaStreamTrack):
+    """A sender's track: frames from whichever relay it is attached to, if any."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self._frames: collections.deque[MediaFrame] = collections.deque(maxlen=QUEUE_FRAMES[kind])
+        self._ready = asyncio.Event()
+        #: The relay currently feeding this output (None: silent, the sender idles).
+        self.relay: Relay | None = None
+        #: Frames dropped because the consumer was slower than the source.
+        self.dropped = 0
+
+    def push(self, frame: MediaFrame) -> None:
+        if len(self._frames) == self._frames.maxlen:
+            self.dropped += 1
+        self._frames.append(frame)
+        self._ready.set()
+
+    def clear(self) -> None:
+        self._frames.clear()
+
+    async def recv(self) -> MediaFrame:
+        while not self._frames:
+            if self.readyState != "live":
+                raise MediaStreamError
+            self._ready.clear()
+            await self._ready.wait()
+        return self._frames.popleft()
+
+    def stop(self) -> None:
+        if self.relay is not None:
+            self.relay.unsubscribe(self)
+        super().stop()
+        self._ready.set()  # wake a pending recv() so it raises
+
+
+class Relay:
+    """Reads one source track and copies each frame to its subscribed outputs."""
+
+    def __init__(self, source: MediaStreamTrack, *, on_ended: Callable[[Relay], None] | None = None) -> None:
+        self.source = source
+        self.kind: str = source.kind
+        self.outputs: set[OutputTrack] = set()
+        self.frames = 0
+        self._on_ended = on_ended
+        self._task = asyncio.create_task(self._run(), name=f"talkgate-relay-{self.kind}-{source.id}")
+
+    def subscribe(self, output: OutputTrack) -> None:
+        if output.relay is not None and output.relay is not self:
+            output.relay.unsubscribe(output)
+        output.relay = self
+        self.outputs.add(output)
+
+    def unsubscribe(self, output: OutputTrack) -> None:
+        if output.relay is self:
+            output.relay = None
+            output.clear()
+        self.outputs.discard(output)
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                frame = await self.source.recv()
+                self.frames += 1
+                for output in self.outputs:
+                    output.push(frame)
+        except MediaStreamError:
+            # The source ended by itself (the remote stopped sending or closed).
+            for output in list(self.outputs):
+                self.unsubscribe(output)
+            if self._on_ended is not None:
+                self._on_ended(self)
+
+    def stop(self) -> None:
+        """Stop reading now; outputs are detached (they idle until attached elsewhere)."""
+        self._on_ended = None
+        for output in list(self.outputs):
+            self.unsubscribe(output)
+        self._task.cancel()
+
+    async def close(self) -> None:
+        """``stop()`` and wait for the reader task to end."""
+        self.stop()
+        await asyncio.gather(self._task, return_exceptions=True)
