@@ -23,11 +23,12 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCRtpTransceiver, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCIceServer, RTCRtpTransceiver, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
 from aiortc.sdp import SessionDescription, candidate_from_sdp
 
 from media.ice import Network, candidate_allowed, filter_sdp_candidates
+from media.peerconnection import StablePeerConnection
 from media.relay import OutputTrack, Relay
 
 from .errors import BadRequest
@@ -90,7 +91,7 @@ class MediaPeer:
         #: Delivers a message to this participant's client (the session's outbox).
         self._send = send
         self.router = router
-        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=list(settings.ice_servers)))
+        self.pc = StablePeerConnection(RTCConfiguration(iceServers=list(settings.ice_servers)))
         self.pc.on("track", self._on_track)
         self.pc.on("connectionstatechange", self._on_connection_state)
         self.state = Negotiation.STABLE

@@ -1,6 +1,7 @@
 // Agent console: the live queue, accept, and the conversation's chat.
 // Token from ?token=...; on a --dev server without a token it asks for a name.
 import { connect, el, initials, pageChrome, renderMessage, renderNotice, randomId } from "/static/talkgate.js";
+import { mountCall } from "/static/call.js";
 
 const $ = (id) => document.getElementById(id);
 const messages = $("messages");
@@ -51,6 +52,7 @@ function renderConversation() {
 function start(options) {
   client = connect("/ws", options);
   window.talkgate = client;
+  mountCall(client, { notify: (text) => ui.banner(text, "info", 5000) });
 
   client.on("status", (event) => {
     ui.connection(event);

@@ -1,6 +1,7 @@
 // Customer page: a support chat widget. Token from ?token=...; on a --dev
 // server without a token it joins a fresh conversation as a random guest.
 import { connect, pageChrome, renderMessage, renderNotice, randomId } from "/static/talkgate.js";
+import { mountCall } from "/static/call.js";
 
 const $ = (id) => document.getElementById(id);
 const messages = $("messages");
@@ -25,6 +26,7 @@ function devIdentity() {
 
 const client = connect("/ws", token ? { token } : { join: devIdentity() });
 window.talkgate = client; // for debugging and for tests
+mountCall(client, { notify: (text) => ui.banner(text, "info", 5000) });
 let me = null;
 let agentPresent = false;
 let waiting = false;

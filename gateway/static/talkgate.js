@@ -4,12 +4,20 @@
 //   const tg = connect("/ws", { token });            // or { join: {room, identity, role, name} } on a --dev server
 //   tg.on("joined", (m) => ...); tg.on("chat", (m) => ...); tg.on("error", (m) => ...);
 //   tg.chat("hello"); tg.escalate(); tg.accept("r1"); tg.leave();
+//   await tg.startVoice(); await tg.startVideo(); tg.upgrade("video"); tg.replyUpgrade(id, true);
+//   tg.mute("audio", true); tg.hangUp(); tg.on("track", ({ track, kind }) => ...);
 //
 // Every server message is emitted as an event named after its "type" (the
 // message is the listener's argument). "status" events report the connection:
 // "connecting", "open", "reconnecting", "closed". After a dropped connection the
 // client reconnects with backoff and joins again; the gateway treats that as a
 // reload (same identity replaces the old session) and sends the history again.
+//
+// Media: the gateway terminates WebRTC, so the client has one RTCPeerConnection
+// with the gateway whatever the number of participants. Negotiation follows the
+// perfect-negotiation pattern with the browser as the *polite* side: when the
+// gateway's offer collides with ours, ours is rolled back, theirs answered, and
+// the browser offers again by itself.
 
 const KEEPALIVE_MS = 25000;
 const BACKOFF_MS = [500, 1000, 2000, 4000, 8000];
@@ -26,7 +34,141 @@ export class TalkgateClient {
     this._listeners = new Map();
     this._attempt = 0;
     this._closedByUser = false;
+    this.pc = null;
+    this.local = { audio: null, video: null }; // our MediaStreamTracks
+    this.muted = { audio: false, video: false };
+    this.remoteTracks = new Set();
+    this._makingOffer = false;
+    this.on("offer", (m) => this._onOffer(m.sdp));
+    this.on("answer", (m) => this._onAnswer(m.sdp));
     this._open();
+  }
+
+  // -- media ----------------------------------------------------------------
+
+  _resumeMedia() {
+    const resume = this._rejoinMedia;
+    this._rejoinMedia = null;
+    if (!resume) return;
+    const pc = this._ensurePc();
+    for (const track of [resume.audio, resume.video]) {
+      if (track && track.readyState === "live") pc.addTrack(track);
+    }
+  }
+
+  get inCall() { return Boolean(this.local.audio || this.local.video || this.pc); }
+
+  async startVoice() { return this._startLocal("audio", { audio: { echoCancellation: true, noiseSuppression: true } }); }
+  async startVideo() { return this._startLocal("video", { video: { width: { ideal: 640 }, height: { ideal: 480 } } }); }
+
+  upgrade(media) { this.send({ type: "upgrade", media }); }
+  replyUpgrade(id, accept) { this.send({ type: "upgrade.reply", id, accept }); }
+
+  mute(kind, muted) {
+    this.muted[kind] = muted;
+    if (this.local[kind]) this.local[kind].enabled = !muted;
+    this._emit("mute", { kind, muted });
+  }
+
+  stopVideo() {
+    const track = this.local.video;
+    if (!track) return;
+    track.stop();
+    this.local.video = null;
+    const sender = this.pc && this.pc.getSenders().find((s) => s.track === track);
+    if (sender) sender.replaceTrack(null);
+    this._emit("localtrack", { kind: "video", track: null });
+  }
+
+  hangUp() {
+    for (const kind of ["audio", "video"]) {
+      if (this.local[kind]) this.local[kind].stop();
+      this.local[kind] = null;
+    }
+    if (this.pc) {
+      this.pc.close();
+      this.pc = null;
+      this.send({ type: "hangup" });
+    }
+    this.remoteTracks.clear();
+    this._emit("call", { state: "idle" });
+  }
+
+  async _startLocal(kind, constraints) {
+    if (this.local[kind]) return this.local[kind];
+    const stream = await navigator.mediaDevices.getUserMedia(constraints);
+    const track = stream.getTracks()[0];
+    track.enabled = !this.muted[kind];
+    this.local[kind] = track;
+    const pc = this._ensurePc();
+    // Reuse a transceiver the gateway already offered for this kind, if any.
+    const free = pc.getTransceivers().find((t) => t.receiver.track.kind === kind && !t.sender.track && !t.stopped);
+    if (free) {
+      await free.sender.replaceTrack(track);
+      free.direction = "sendrecv";
+    } else {
+      pc.addTrack(track, stream);
+    }
+    this._emit("localtrack", { kind, track });
+    return track;
+  }
+
+  _ensurePc() {
+    if (this.pc) return this.pc;
+    const iceServers = (this.joined && this.joined.ice_servers) || [];
+    const pc = new RTCPeerConnection({ iceServers, bundlePolicy: "max-bundle" });
+    this.pc = pc;
+    this._emit("call", { state: "connecting" });
+    pc.onnegotiationneeded = () => this._offer(pc);
+    pc.ontrack = (event) => {
+      this.remoteTracks.add(event.track);
+      event.track.addEventListener("ended", () => this.remoteTracks.delete(event.track));
+      this._emit("track", { track: event.track, kind: event.track.kind, streams: event.streams });
+    };
+    pc.onconnectionstatechange = () => {
+      if (this.pc !== pc) return;
+      const state = pc.connectionState;
+      if (state === "connected") this._emit("call", { state: "connected" });
+      if (state === "failed") this._emit("call", { state: "failed" });
+    };
+    return pc;
+  }
+
+  async _offer(pc) {
+    try {
+      this._makingOffer = true;
+      await pc.setLocalDescription();
+      await iceGatheringDone(pc);
+      if (this.pc === pc && pc.signalingState === "have-local-offer") {
+        this.send({ type: "offer", sdp: pc.localDescription.sdp });
+      }
+    } catch (err) {
+      console.error("talkgate: offer failed", err);
+    } finally {
+      this._makingOffer = false;
+    }
+  }
+
+  async _onOffer(sdp) {
+    // Polite peer: a colliding offer of ours is rolled back by setRemoteDescription.
+    const pc = this._ensurePc();
+    try {
+      await pc.setRemoteDescription({ type: "offer", sdp });
+      await pc.setLocalDescription();
+      await iceGatheringDone(pc);
+      this.send({ type: "answer", sdp: pc.localDescription.sdp });
+    } catch (err) {
+      console.error("talkgate: cannot answer the gateway's offer", err);
+    }
+  }
+
+  async _onAnswer(sdp) {
+    if (!this.pc || this.pc.signalingState !== "have-local-offer") return; // a stale answer
+    try {
+      await this.pc.setRemoteDescription({ type: "answer", sdp });
+    } catch (err) {
+      console.error("talkgate: cannot apply the gateway's answer", err);
+    }
   }
 
   on(type, listener) {
@@ -82,6 +224,7 @@ export class TalkgateClient {
         this._attempt = 0;
         this.joined = message;
         this._setStatus("open");
+        this._resumeMedia();
       }
       this._emit(message.type, message);
     };
@@ -89,8 +232,15 @@ export class TalkgateClient {
       clearInterval(this._keepalive);
       if (this.ws !== ws) return;
       if (this._closedByUser || FINAL_CLOSE_CODES.has(event.code)) {
+        this.hangUp();
         this._setStatus("closed", { code: event.code, reason: event.reason });
         return;
+      }
+      // The gateway closed our peer connection with the session: renegotiate after rejoining.
+      if (this.pc) {
+        this.pc.close();
+        this.pc = null;
+        this._rejoinMedia = { ...this.local };
       }
       const delay = BACKOFF_MS[Math.min(this._attempt, BACKOFF_MS.length - 1)];
       this._attempt += 1;
@@ -98,6 +248,22 @@ export class TalkgateClient {
       this._retryTimer = setTimeout(() => this._open(), delay);
     };
   }
+}
+
+// The gateway does not trickle and the client sends complete descriptions: wait
+// for ICE gathering (bounded, so a slow STUN server cannot stall a call).
+function iceGatheringDone(pc, timeoutMs = 2000) {
+  if (pc.iceGatheringState === "complete") return Promise.resolve();
+  return new Promise((resolve) => {
+    const done = () => {
+      if (pc.iceGatheringState !== "complete") return;
+      pc.removeEventListener("icegatheringstatechange", done);
+      clearTimeout(timer);
+      resolve();
+    };
+    const timer = setTimeout(() => { pc.removeEventListener("icegatheringstatechange", done); resolve(); }, timeoutMs);
+    pc.addEventListener("icegatheringstatechange", done);
+  });
 }
 
 export function connect(url, options) {

@@ -7,9 +7,11 @@ import re
 import signal
 import subprocess
 import sys
+import wave
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
 
@@ -22,14 +24,33 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
     "--disable-quic",
+    # Calls: fake camera and microphone, no permission prompts, loopback ICE, autoplay.
+    "--use-fake-ui-for-media-stream",
+    "--use-fake-device-for-media-stream",
+    "--allow-loopback-in-peer-connection",
+    "--autoplay-policy=no-user-gesture-required",
 ]
+MIC_HZ = 440
 SECRET = "browser-secret-0123456789abcdef-0123456789"
+RTC_LOOPBACK_ARGS = ["--rtc-address", "127.0.0.1", "--rtc-allow-network", "127.0.0.0/8"]
+
+
+def write_tone_wav(path: Path, hz: float = MIC_HZ, seconds: float = 4.0, rate: int = 48_000) -> Path:
+    """The fake microphone's sound (Chromium loops the file)."""
+    t = np.arange(int(seconds * rate)) / rate
+    samples = (9000 * np.sin(2 * np.pi * hz * t)).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(samples.tobytes())
+    return path
 
 
 class Gateway:
     def __init__(self, *args: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", *args, "--port", "0"],
+            [sys.executable, "-m", "gateway", *args, "--port", "0", *RTC_LOOPBACK_ARGS],
             stderr=subprocess.PIPE,
             text=True,
             env={**os.environ, "TALKGATE_SECRET": SECRET},
@@ -60,11 +81,13 @@ def dev_gateway() -> Iterator[Gateway]:
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (the README's test command does)")
+    wav = write_tone_wav(tmp_path_factory.mktemp("media") / "mic.wav")
+    args = [*CHROMIUM_ARGS, f"--use-file-for-fake-audio-capture={wav}"]
     with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=args, headless=True)
         yield b
         b.close()
 
