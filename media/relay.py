@@ -89,10 +89,12 @@ class Relay:
         output.relay = self
         self.outputs.add(output)
 
-    def unsubscribe(self, output: OutputTrack) -> None:
+    def unsubscribe(self, output: OutputTrack, *, drop_queued: bool = True) -> None:
+        """Detach an output; by default what it had queued from this source goes too."""
         if output.relay is self:
             output.relay = None
-            output.clear()
+            if drop_queued:
+                output.clear()
         self.outputs.discard(output)
 
     async def _run(self) -> None:
@@ -103,9 +105,10 @@ class Relay:
                 for output in self.outputs:
                     output.push(frame)
         except MediaStreamError:
-            # The source ended by itself (the remote stopped sending or closed).
+            # The source ended by itself (the remote stopped sending or closed);
+            # frames already relayed are still delivered.
             for output in list(self.outputs):
-                self.unsubscribe(output)
+                self.unsubscribe(output, drop_queued=False)
             if self._on_ended is not None:
                 self._on_ended(self)
 
