@@ -44,9 +44,21 @@ class Gateway:
     url: str
 
     @classmethod
-    def start(cls, rate: float, burst: int) -> Gateway:
+    def start(cls, rate: float, burst: int, extra: list[str] | None = None) -> Gateway:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--port", "0", "--rate", str(rate), "--burst", str(burst)],
+            [
+                sys.executable,
+                "-m",
+                "gateway",
+                "serve",
+                "--port",
+                "0",
+                "--rate",
+                str(rate),
+                "--burst",
+                str(burst),
+                *(extra or []),
+            ],
             stderr=subprocess.PIPE,
             text=True,
             env={**os.environ, "TALKGATE_SECRET": SECRET, "TALKGATE_LOG_LEVEL": "INFO"},  # INFO: the URL line

@@ -10,7 +10,7 @@ from types import TracebackType
 import uvloop
 from websockets.asyncio.server import Server, ServerConnection, serve
 
-from media import ice
+from media import audiolevel, ice
 
 from . import __version__
 from .broker import Broker
@@ -41,6 +41,7 @@ class GatewayServer:
 
     async def start(self) -> None:
         ice.use_host_addresses(self.config.rtc_addresses)
+        audiolevel.install()
         self._server = await serve(
             self._handle,
             self.config.host,

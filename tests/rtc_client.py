@@ -92,6 +92,9 @@ class RtcClient:
         self.received: list[Received] = []
         self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._answer: asyncio.Future[str] | None = None
+        #: perf_counter() when the last offer was sent and its answer applied.
+        self.offer_sent_at = 0.0
+        self.answered_at = 0.0
         self._tasks: list[asyncio.Task[None]] = []
         self.pc.on("track", self._on_track)
         self._tasks.append(asyncio.create_task(self._pump()))
@@ -132,7 +135,9 @@ class RtcClient:
         self._answer = asyncio.get_running_loop().create_future()
         await self.pc.setLocalDescription(await self.pc.createOffer())
         await self.client.send({"type": "offer", "sdp": self.pc.localDescription.sdp})
+        self.offer_sent_at = time.perf_counter()
         sdp = await asyncio.wait_for(self._answer, TIMEOUT)
+        self.answered_at = time.perf_counter()
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp, "answer"))
 
     async def wait_for(self, mtype: str, timeout: float = TIMEOUT, **fields: Any) -> dict[str, Any]:

@@ -118,6 +118,8 @@ export class TalkgateClient {
     const iceServers = (this.joined && this.joined.ice_servers) || [];
     const pc = new RTCPeerConnection({ iceServers, bundlePolicy: "max-bundle" });
     this.pc = pc;
+    // performance.now() of creation, first offer sent and "connected", for measurements.
+    this.callTimings = { created: performance.now(), offerSent: null, connected: null };
     this._emit("call", { state: "connecting" });
     pc.onnegotiationneeded = () => this._offer(pc);
     pc.ontrack = (event) => {
@@ -128,7 +130,10 @@ export class TalkgateClient {
     pc.onconnectionstatechange = () => {
       if (this.pc !== pc) return;
       const state = pc.connectionState;
-      if (state === "connected") this._emit("call", { state: "connected" });
+      if (state === "connected") {
+        this.callTimings.connected = this.callTimings.connected || performance.now();
+        this._emit("call", { state: "connected" });
+      }
       if (state === "failed") this._emit("call", { state: "failed" });
     };
     return pc;
@@ -141,6 +146,7 @@ export class TalkgateClient {
       await iceGatheringDone(pc);
       if (this.pc === pc && pc.signalingState === "have-local-offer") {
         this.send({ type: "offer", sdp: pc.localDescription.sdp });
+        this.callTimings.offerSent = this.callTimings.offerSent || performance.now();
       }
     } catch (err) {
       console.error("talkgate: offer failed", err);

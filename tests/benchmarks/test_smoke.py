@@ -37,3 +37,30 @@ def test_signaling_benchmark_runs_and_reports_every_figure() -> None:
     fanout = result["fanout"]
     assert fanout["deliveries"] == 5 * 10  # every chat reached every participant, sender included
     assert fanout["delivery"]["p95_ms"] >= fanout["delivery"]["median_ms"] > 0
+
+
+def test_calls_benchmark_runs_and_reports_every_figure() -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "calls.py"),
+            "--setups",
+            "2",
+            "--browser-setups",
+            "1",
+            "--calls",
+            "1",
+            "--seconds",
+            "1",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=True,
+    ).stdout
+    result = json.loads(out)
+    assert result["setup_aiortc"]["offer_to_connected"]["median_ms"] > 0
+    assert result["setup_chromium"]["offer_to_connected"]["median_ms"] > 0
+    relay = result["relay_cpu"]
+    assert relay["frames_received_per_s"] > 0.5 * relay["frames_expected_per_s"]  # audio really flowed
