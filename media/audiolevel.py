@@ -24,7 +24,7 @@ original = aiortc.rtp.compute_audio_level_dbov
 
 def compute_audio_level_dbov(frame: AudioFrame) -> int:
     """The same computation as aiortc's (whole first plane read as int16), vectorised."""
-    samples = np.frombuffer(frame.planes[0], dtype=np.int16).astype(np.int64)
+    samples = np.frombuffer(memoryview(frame.planes[0]), dtype=np.int16).astype(np.int64)
     # Integer sum of squares: exact, and no BLAS (np.dot on floats would wake
     # OpenBLAS's spinning worker threads for a 2,000-element vector).
     energy = int(np.square(samples).sum())
