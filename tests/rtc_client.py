@@ -156,6 +156,19 @@ class RtcClient:
                         return received
                 await asyncio.sleep(0.05)
 
+    async def hears_tone(self, hz: float, timeout: float = 5.0) -> Received:
+        """Wait until some remote audio track's recent sound is dominated by ``hz``."""
+        async with asyncio.timeout(timeout):
+            while True:
+                for received in self.received:
+                    if (
+                        received.kind == "audio"
+                        and len(received.samples) >= 25
+                        and abs(received.dominant_hz() - hz) < 30
+                    ):
+                        return received
+                await asyncio.sleep(0.05)
+
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
 
+from gateway.config import Config
 from gateway.server import GatewayServer
 from tests.client import Client
 from tests.conftest import make_token
@@ -235,3 +237,40 @@ async def test_leaving_closes_the_peer_connection_and_its_tasks(party: Party, se
     await asyncio.sleep(0.5)  # aiortc finishes its own transport tasks
     assert len(asyncio.all_tasks()) <= before + 1, [t.get_name() for t in asyncio.all_tasks()]
     assert (await server.health())["peer_connections"] == 0
+
+
+async def test_a_replaced_connection_loses_its_peer_connection(party: Party, server: GatewayServer) -> None:
+    customer = await party("u1")
+    agent = await party("a1", "agent")
+    await start_audio(customer, 440)
+    await start_audio(agent, 880)
+    await agent.hears("audio")
+    assert len(server.broker.router) == 2
+    reloaded = await party("u1")  # the customer reloads the page
+    assert (await agent.wait_for("media", identity="u1", audio=False))["video"] is False
+    assert len(server.broker.router) == 1
+    await start_audio(reloaded, 660)
+    await agent.hears_tone(660)  # the agent now hears the new connection
+    assert len(server.broker.router) == 2
+
+
+async def test_ice_servers_reach_clients_in_joined(connect: Callable[..., Awaitable[Client]], config: Config) -> None:
+    settings = dataclasses.replace(
+        config,
+        stun_urls=("stun:stun.example.test:3478",),
+        turn_urls=("turn:turn.example.test:3478?transport=udp",),
+        turn_username="u",
+        turn_password="p",
+    )
+    async with GatewayServer(settings) as srv:
+        client = await connect(srv.ws_url)
+        await client.send({"type": "join", "token": make_token("u1", "customer", "r1")})
+        joined = await client.expect("joined")
+        assert joined["ice_servers"] == [
+            {"urls": ["stun:stun.example.test:3478"]},
+            {"urls": ["turn:turn.example.test:3478?transport=udp"], "username": "u", "credential": "p"},
+        ]
+        assert [s.urls for s in srv.broker.rtc.ice_servers] == [
+            ["stun:stun.example.test:3478"],
+            ["turn:turn.example.test:3478?transport=udp"],
+        ]
