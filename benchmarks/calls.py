@@ -32,13 +32,12 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # the repository's tests/ helpers
 
-from benchmarks.signaling import SECRET, Gateway, pct
+from benchmarks.signaling import SECRET, pct, start_gateway
 from gateway import tokens
 from media import ice
 from tests.client import Client
+from tests.gateway_process import RTC_LOOPBACK_ARGS, GatewayProcess
 from tests.rtc_client import RtcClient, ToneTrack
-
-LOOPBACK = ["--rtc-address", "127.0.0.1", "--rtc-allow-network", "127.0.0.0/8"]
 
 
 def ms(values: list[float]) -> dict[str, float]:
@@ -94,14 +93,14 @@ def setup_chromium(http_url: str, n: int) -> dict[str, Any]:
     return {"setups": n, "offer_to_connected": ms(to_connected), "start_to_connected": ms(start_to_connected)}
 
 
-async def relay_cpu(gw: Gateway, calls: int, seconds: float) -> dict[str, Any]:
+async def relay_cpu(gw: GatewayProcess, calls: int, seconds: float) -> dict[str, Any]:
     cpu0 = gw.cpu_seconds()
     await asyncio.sleep(seconds)
     idle = (gw.cpu_seconds() - cpu0) / seconds
     parties: list[RtcClient] = []
     for i in range(calls):
         for identity, role, hz in ((f"c{i}", "customer", 440), (f"a{i}", "agent", 880)):
-            rtc = await join(gw.url, identity, role, f"cpu-{i}")
+            rtc = await join(gw.ws_url, identity, role, f"cpu-{i}")
             rtc.pc.addTrack(ToneTrack(hz))
             await rtc.negotiate()
             parties.append(rtc)
@@ -128,13 +127,12 @@ async def relay_cpu(gw: Gateway, calls: int, seconds: float) -> dict[str, Any]:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     ice.use_host_addresses(["127.0.0.1"])
-    gw = Gateway.start(rate=10_000, burst=10_000, extra=LOOPBACK)
+    gw = start_gateway(rate=10_000, burst=10_000, extra=RTC_LOOPBACK_ARGS)
     try:
         result: dict[str, Any] = {"benchmark": "calls"}
-        result["setup_aiortc"] = await setup_aiortc(gw.url, args.setups)
+        result["setup_aiortc"] = await setup_aiortc(gw.ws_url, args.setups)
         if args.browser_setups:
-            http_url = gw.url.replace("ws://", "http://").removesuffix("/ws")
-            result["setup_chromium"] = await asyncio.to_thread(setup_chromium, http_url, args.browser_setups)
+            result["setup_chromium"] = await asyncio.to_thread(setup_chromium, gw.url, args.browser_setups)
         result["relay_cpu"] = await relay_cpu(gw, args.calls, args.seconds)
         return result
     finally:

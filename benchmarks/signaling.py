@@ -19,69 +19,36 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import re
-import signal
 import statistics
-import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import uvloop
 from websockets.asyncio.client import ClientConnection, connect
 
+sys.path.insert(0, str(Path(__file__).parents[1]))  # the repository's tests/ helpers
+
 from gateway import tokens
+from tests.gateway_process import GatewayProcess
 
 SECRET = "bench-secret-0123456789abcdef-0123456789"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-@dataclass
-class Gateway:
-    proc: subprocess.Popen[str]
-    url: str
-
-    @classmethod
-    def start(cls, rate: float, burst: int, extra: list[str] | None = None) -> Gateway:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gateway",
-                "serve",
-                "--port",
-                "0",
-                "--rate",
-                str(rate),
-                "--burst",
-                str(burst),
-                *(extra or []),
-            ],
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "TALKGATE_SECRET": SECRET, "TALKGATE_LOG_LEVEL": "INFO"},  # INFO: the URL line
-        )
-        assert proc.stderr is not None
-        line = proc.stderr.readline()
-        match = re.search(r"listening on http://(\S+)", line)
-        if not match:
-            proc.kill()
-            raise SystemExit(f"gateway did not start: {line!r}")
-        return cls(proc, "ws://" + match.group(1) + "/ws")
-
-    def cpu_seconds(self) -> float:
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+def start_gateway(rate: float, burst: int, extra: list[str] | None = None) -> GatewayProcess:
+    """talkgate serve on a free port; INFO logging, because its first line names the URL."""
+    return GatewayProcess(
+        "serve",
+        "--port",
+        "0",
+        "--rate",
+        str(rate),
+        "--burst",
+        str(burst),
+        *(extra or []),
+        env={"TALKGATE_SECRET": SECRET, "TALKGATE_LOG_LEVEL": "INFO"},
+    )
 
 
 def pct(values: list[float], q: float) -> float:
@@ -108,23 +75,23 @@ async def join(url: str, identity: str, room: str, role: str = "customer") -> tu
             return ws, t1 - t0, time.perf_counter() - t1
 
 
-async def join_latency(gw: Gateway, n: int) -> dict[str, Any]:
+async def join_latency(gw: GatewayProcess, n: int) -> dict[str, Any]:
     opens, joins = [], []
     for i in range(n):
-        ws, opened, joined = await join(gw.url, f"lat-{i}", f"lat-room-{i}")
+        ws, opened, joined = await join(gw.ws_url, f"lat-{i}", f"lat-room-{i}")
         opens.append(opened)
         joins.append(joined)
         await ws.close()
     return {"joins": n, "open": summary_ms(opens), "join_to_joined": summary_ms(joins)}
 
 
-async def join_rate(gw: Gateway, n: int, concurrency: int) -> dict[str, Any]:
+async def join_rate(gw: GatewayProcess, n: int, concurrency: int) -> dict[str, Any]:
     semaphore = asyncio.Semaphore(concurrency)
     sockets: list[ClientConnection] = []
 
     async def one(i: int) -> None:
         async with semaphore:
-            ws, _, _ = await join(gw.url, f"rate-{i}", f"rate-room-{i}")
+            ws, _, _ = await join(gw.ws_url, f"rate-{i}", f"rate-room-{i}")
             sockets.append(ws)
 
     cpu0, t0 = gw.cpu_seconds(), time.perf_counter()
@@ -140,9 +107,9 @@ async def join_rate(gw: Gateway, n: int, concurrency: int) -> dict[str, Any]:
     }
 
 
-async def fanout(gw: Gateway, participants: int, messages: int) -> dict[str, Any]:
+async def fanout(gw: GatewayProcess, participants: int, messages: int) -> dict[str, Any]:
     room = "fanout-room"
-    clients = [(await join(gw.url, f"fan-{i}", room))[0] for i in range(participants)]
+    clients = [(await join(gw.ws_url, f"fan-{i}", room))[0] for i in range(participants)]
     # Drain the participant.joined announcements before measuring.
     await asyncio.sleep(0.5)
     for ws in clients:
@@ -191,7 +158,7 @@ async def fanout(gw: Gateway, participants: int, messages: int) -> dict[str, Any
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     # Rate limiting is per connection and this benchmark's sender is one connection.
-    gw = Gateway.start(rate=100_000, burst=100_000)
+    gw = start_gateway(rate=100_000, burst=100_000)
     try:
         return {
             "benchmark": "signaling",

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
-import signal
-import subprocess
-import sys
 import wave
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
@@ -14,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
+
+from tests.gateway_process import RTC_LOOPBACK_ARGS, GatewayProcess
 
 CHROMIUM = os.environ.get("TALKGATE_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -32,7 +30,6 @@ CHROMIUM_ARGS = [
 ]
 MIC_HZ = 440
 SECRET = "browser-secret-0123456789abcdef-0123456789"
-RTC_LOOPBACK_ARGS = ["--rtc-address", "127.0.0.1", "--rtc-allow-network", "127.0.0.0/8"]
 
 
 def write_tone_wav(path: Path, hz: float = MIC_HZ, seconds: float = 4.0, rate: int = 48_000) -> Path:
@@ -47,35 +44,21 @@ def write_tone_wav(path: Path, hz: float = MIC_HZ, seconds: float = 4.0, rate: i
     return path
 
 
-class Gateway:
-    def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", *args, "--port", "0", *RTC_LOOPBACK_ARGS],
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "TALKGATE_SECRET": SECRET},
-        )
-        assert self.proc.stderr is not None
-        first = self.proc.stderr.readline()
-        match = re.search(r"listening on (http://\S+)", first)
-        assert match, first
-        self.url = match.group(1)
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.communicate(timeout=10)
+def start_gateway(*args: str) -> GatewayProcess:
+    """A gateway subprocess for the browser tests (loopback media, the tests' secret)."""
+    return GatewayProcess(*args, "--port", "0", *RTC_LOOPBACK_ARGS, env={"TALKGATE_SECRET": SECRET})
 
 
 @pytest.fixture(scope="module")
-def gateway() -> Iterator[Gateway]:
-    gw = Gateway("serve")
+def gateway() -> Iterator[GatewayProcess]:
+    gw = start_gateway("serve")
     yield gw
     gw.stop()
 
 
 @pytest.fixture(scope="module")
-def dev_gateway() -> Iterator[Gateway]:
-    gw = Gateway("demo")
+def dev_gateway() -> Iterator[GatewayProcess]:
+    gw = start_gateway("demo")
     yield gw
     gw.stop()
 

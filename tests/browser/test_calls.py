@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 from playwright.sync_api import Page, expect
 
-from tests.browser.conftest import Gateway, NewPage
+from tests.browser.conftest import NewPage
 from tests.browser.test_pages import VIEWPORT, send, token_url
+from tests.gateway_process import GatewayProcess
 
 pytestmark = pytest.mark.browser
 
@@ -53,7 +54,7 @@ def growing(page: Page, key: str, timeout: float = 15.0) -> tuple[float, float]:
     raise AssertionError(f"{key} stopped growing at {first}: {stats(page)}")
 
 
-def test_chat_then_voice_then_video(gateway: Gateway, new_page: NewPage) -> None:
+def test_chat_then_voice_then_video(gateway: GatewayProcess, new_page: NewPage) -> None:
     agent = new_page("agent", token_url(gateway, "a-call", "agent", room="r-call", name="Sam Lee"), viewport=VIEWPORT)
     customer = new_page(
         "customer", token_url(gateway, "u-call", "customer", room="r-call", name="Ann Smith"), viewport=VIEWPORT
@@ -99,7 +100,7 @@ def test_chat_then_voice_then_video(gateway: Gateway, new_page: NewPage) -> None
     expect(customer.locator("#call")).to_be_enabled()
 
 
-def test_declined_video_turns_the_requesters_camera_off(gateway: Gateway, new_page: NewPage) -> None:
+def test_declined_video_turns_the_requesters_camera_off(gateway: GatewayProcess, new_page: NewPage) -> None:
     agent = new_page("agent", token_url(gateway, "a-dec", "agent", room="r-dec", name="Sam"))
     customer = new_page("customer", token_url(gateway, "u-dec", "customer", room="r-dec", name="Ann"))
     expect(agent.locator("#video")).to_be_enabled()

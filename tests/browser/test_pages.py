@@ -9,13 +9,14 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from gateway import tokens
-from tests.browser.conftest import SECRET, Gateway, NewPage
+from tests.browser.conftest import SECRET, NewPage
+from tests.gateway_process import GatewayProcess
 
 pytestmark = pytest.mark.browser
 VIEWPORT = {"width": 1100, "height": 680}
 
 
-def token_url(gw: Gateway, identity: str, role: str, room: str | None = None, name: str | None = None) -> str:
+def token_url(gw: GatewayProcess, identity: str, role: str, room: str | None = None, name: str | None = None) -> str:
     token = tokens.issue(SECRET, identity=identity, role=role, room=room, name=name)
     return f"{gw.url}{'/agent' if role == 'agent' else '/'}?token={token}"
 
@@ -25,7 +26,7 @@ def send(page: Page, text: str) -> None:
     page.click("#send")
 
 
-def test_customer_escalates_and_agent_takes_over(gateway: Gateway, new_page: NewPage) -> None:
+def test_customer_escalates_and_agent_takes_over(gateway: GatewayProcess, new_page: NewPage) -> None:
     agent = new_page("agent", token_url(gateway, "a1", "agent", name="Sam Lee"), viewport=VIEWPORT)
     expect(agent.locator("#status")).to_have_text("Available")
     expect(agent.locator("#queue-empty")).to_be_visible()
@@ -74,7 +75,7 @@ def test_customer_escalates_and_agent_takes_over(gateway: Gateway, new_page: New
     expect(customer.locator("#escalate")).to_be_enabled()
 
 
-def test_chat_text_is_shown_as_text_not_html(gateway: Gateway, new_page: NewPage) -> None:
+def test_chat_text_is_shown_as_text_not_html(gateway: GatewayProcess, new_page: NewPage) -> None:
     customer = new_page("customer", token_url(gateway, "u2", "customer", room="r-xss"))
     expect(customer.locator("#status")).to_have_text("Online")
     send(customer, "<img src=x onerror=alert(1)> <b>bold</b>")
@@ -82,14 +83,14 @@ def test_chat_text_is_shown_as_text_not_html(gateway: Gateway, new_page: NewPage
     assert customer.locator(".msg-bubble img, .msg-bubble b").count() == 0
 
 
-def test_bad_token_shows_a_clear_message(gateway: Gateway, new_page: NewPage) -> None:
+def test_bad_token_shows_a_clear_message(gateway: GatewayProcess, new_page: NewPage) -> None:
     customer = new_page("customer", f"{gateway.url}/?token=expired-or-forged")
     expect(customer.locator("#banner")).to_contain_text("invalid or has expired")
     expect(customer.locator("#status")).to_have_text(re.compile("Not connected|Disconnected"))
     expect(customer.locator("#chat-input")).to_be_disabled()
 
 
-def test_reload_resumes_the_conversation(gateway: Gateway, new_page: NewPage) -> None:
+def test_reload_resumes_the_conversation(gateway: GatewayProcess, new_page: NewPage) -> None:
     agent = new_page("agent", token_url(gateway, "a3", "agent", room="r-reload", name="Kim"))
     customer = new_page("customer", token_url(gateway, "u3", "customer", room="r-reload"))
     expect(customer.locator("#status")).to_have_text("You're chatting with an agent")
@@ -101,7 +102,7 @@ def test_reload_resumes_the_conversation(gateway: Gateway, new_page: NewPage) ->
     expect(agent.locator(".msg.other .msg-bubble")).to_have_text(["before the reload", "after the reload"])
 
 
-def test_demo_mode_needs_no_tokens(dev_gateway: Gateway, new_page: NewPage) -> None:
+def test_demo_mode_needs_no_tokens(dev_gateway: GatewayProcess, new_page: NewPage) -> None:
     agent = new_page("agent", f"{dev_gateway.url}/agent")
     agent.fill("#agent-name", "Dee Demo")
     agent.click("#signin-form button")

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
-import signal
 import subprocess
 import sys
 import urllib.request
@@ -16,45 +14,19 @@ import pytest
 
 from gateway import tokens
 from tests.client import Client
+from tests.gateway_process import GatewayProcess
 
 SECRET = "cli-secret-0123456789abcdef-0123456789"
 TALKGATE = [sys.executable, "-m", "gateway"]
 
 
-def start(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [*TALKGATE, *args],
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
-    assert proc.stderr is not None
-    first = proc.stderr.readline()
-    match = re.search(r"listening on (http://\S+)", first)
-    assert match, f"first log line should name the URL: {first!r}"
-    return proc, match.group(1)
-
-
-def stop(proc: subprocess.Popen[str]) -> str:
-    """SIGTERM, then the rest of the log.
-
-    Read through the same buffered file as start()'s readline(): communicate()
-    reads the raw descriptor and would lose lines that readline() had buffered.
-    """
-    assert proc.stderr is not None
-    proc.send_signal(signal.SIGTERM)
-    rest = proc.stderr.read()
-    assert proc.wait(timeout=10) == 0, rest
-    return rest
-
-
 @pytest.fixture
 def served() -> Iterator[str]:
-    proc, url = start("serve", "--port", "0", env={"TALKGATE_SECRET": SECRET})
+    gateway = GatewayProcess("serve", "--port", "0", env={"TALKGATE_SECRET": SECRET})
     try:
-        yield url
+        yield gateway.url
     finally:
-        stop(proc)
+        gateway.stop()
 
 
 def test_token_command_prints_a_verifiable_token() -> None:
@@ -125,7 +97,8 @@ def test_serve_reads_its_settings_from_env_and_serves(served: str) -> None:
 
 
 def test_demo_runs_in_dev_mode_and_says_where_to_go() -> None:
-    proc, url = start("demo")
+    gateway = GatewayProcess("demo")
+    url = gateway.url
     try:
 
         async def dev_join() -> None:
@@ -136,6 +109,6 @@ def test_demo_runs_in_dev_mode_and_says_where_to_go() -> None:
 
         asyncio.run(dev_join())
     finally:
-        rest = stop(proc)
+        rest = gateway.stop()
     assert "INSECURE" in rest
     assert f"{url}/agent" in rest

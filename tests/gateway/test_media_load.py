@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
@@ -15,6 +11,7 @@ import pytest
 
 from tests.client import Client
 from tests.conftest import SECRET, make_token
+from tests.gateway_process import RTC_LOOPBACK_ARGS, GatewayProcess
 from tests.rtc_client import RtcClient, ToneTrack
 
 CONVERSATIONS = int(os.environ.get("TALKGATE_LOAD_CONVERSATIONS", "20"))
@@ -22,34 +19,19 @@ CONVERSATIONS = int(os.environ.get("TALKGATE_LOAD_CONVERSATIONS", "20"))
 
 @pytest.fixture
 def gateway_url() -> Iterator[str]:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gateway",
-            "serve",
-            "--port",
-            "0",
-            "--rtc-address",
-            "127.0.0.1",
-            "--rtc-allow-network",
-            "127.0.0.0/8",
-            "--rate",
-            "1000",
-            "--burst",
-            "1000",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "TALKGATE_SECRET": SECRET},
+    gateway = GatewayProcess(
+        "serve",
+        "--port",
+        "0",
+        *RTC_LOOPBACK_ARGS,
+        "--rate",
+        "1000",
+        "--burst",
+        "1000",
+        env={"TALKGATE_SECRET": SECRET},
     )
-    assert proc.stderr is not None
-    match = re.search(r"listening on http://(\S+)", proc.stderr.readline())
-    assert match
-    yield f"ws://{match.group(1)}/ws"
-    proc.send_signal(signal.SIGTERM)
-    proc.stderr.read()
-    assert proc.wait(timeout=15) == 0
+    yield gateway.ws_url
+    gateway.stop()
 
 
 async def call(url: str, index: int) -> tuple[RtcClient, RtcClient]:
