@@ -6,7 +6,30 @@ import { el } from "/static/talkgate.js";
 
 const $ = (id) => document.getElementById(id);
 
+// The prompt, video area and call bar, built into the page's #call-panel.
+function buildPanel(panel) {
+  panel.replaceChildren(
+    el("div", { class: "prompt", id: "prompt", hidden: true, role: "alertdialog", "aria-labelledby": "prompt-text" },
+      el("p", { id: "prompt-text" }),
+      el("div", { class: "prompt-actions" },
+        el("button", { type: "button", class: "btn secondary small", id: "prompt-decline" }, "Decline"),
+        el("button", { type: "button", class: "btn primary small", id: "prompt-accept" }, "Accept"))),
+    el("div", { class: "media-area", id: "media-area", hidden: true },
+      el("video", { id: "remote-video", autoplay: true, playsinline: true }),
+      el("video", { id: "local-video", autoplay: true, playsinline: true, muted: true, hidden: true })),
+    el("div", { class: "call-bar", id: "call-bar", hidden: true },
+      el("span", { class: "call-status", id: "call-status" }, "Connecting…"),
+      el("button", { type: "button", class: "btn ghost small", id: "mute", "aria-pressed": "false" }, "Mute"),
+      el("button", { type: "button", class: "btn ghost small", id: "camera" }, "Camera on"),
+      el("button", { type: "button", class: "btn danger small", id: "hangup" }, "Hang up")),
+    el("div", { id: "remote-audio", hidden: true }),
+  );
+  // The muted attribute does not set the property on a created element.
+  $("local-video").muted = true;
+}
+
 export function mountCall(client, { notify }) {
+  buildPanel($("call-panel"));
   const ui = {
     call: $("call"), video: $("video"), bar: $("call-bar"), status: $("call-status"), mute: $("mute"),
     camera: $("camera"), hangup: $("hangup"), prompt: $("prompt"), promptText: $("prompt-text"),
@@ -38,7 +61,7 @@ export function mountCall(client, { notify }) {
   function tick() {
     if (!connectedAt) return;
     const s = Math.floor((Date.now() - connectedAt) / 1000);
-    ui.status.textContent = `${client.local.video ? "Video call" : "Voice call"} · ${Math.floor(s / 60)}:${String(s % 60).padStart(2, "0")}`;
+    ui.status.textContent = `${client.local.video ? "Video" : "Voice"} · ${Math.floor(s / 60)}:${String(s % 60).padStart(2, "0")}`;
   }
 
   async function start(media) {

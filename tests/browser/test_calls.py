@@ -73,8 +73,8 @@ def test_chat_then_voice_then_video(gateway: GatewayProcess, new_page: NewPage) 
     for page in (customer, agent):
         growing(page, "audioPackets")
         growing(page, "audioEnergy")
-    expect(customer.locator("#call-status")).to_contain_text("Voice call")
-    expect(agent.locator("#call-status")).to_contain_text("Voice call")
+    expect(customer.locator("#call-status")).to_contain_text("Voice · ")
+    expect(agent.locator("#call-status")).to_contain_text("Voice · ")
 
     # Video: the agent asks; the customer's camera turns on only with the customer's click.
     agent.click("#video")
@@ -84,7 +84,7 @@ def test_chat_then_voice_then_video(gateway: GatewayProcess, new_page: NewPage) 
     for page in (customer, agent):
         growing(page, "framesDecoded", timeout=25)
         expect(page.locator("#media-area")).to_be_visible()
-        expect(page.locator("#call-status")).to_contain_text("Video call")
+        expect(page.locator("#call-status")).to_contain_text("Video · ")
     # Audio keeps flowing after the renegotiations.
     growing(customer, "audioEnergy")
 
