@@ -45,11 +45,18 @@ async def start_audio(rtc: RtcClient, frequency: float) -> MediaStreamTrack:
     return track
 
 
-async def test_customer_and_agent_hear_each_other(party: Party) -> None:
+async def two_way_call(party: Party) -> tuple[RtcClient, RtcClient]:
+    """Customer u1 (440 Hz) and agent a1 (880 Hz) in a call, the agent already hearing audio."""
     customer = await party("u1")
     agent = await party("a1", "agent")
     await start_audio(customer, 440)
     await start_audio(agent, 880)
+    await agent.hears("audio")
+    return customer, agent
+
+
+async def test_customer_and_agent_hear_each_other(party: Party) -> None:
+    customer, agent = await two_way_call(party)
     heard_by_agent = await agent.hears("audio")
     heard_by_customer = await customer.hears("audio")
     assert heard_by_agent.energy > 1000 and heard_by_customer.energy > 1000
@@ -74,11 +81,7 @@ async def test_agent_joining_mid_call_gets_the_customer_audio(party: Party, serv
 
 
 async def test_video_upgrade_with_consent_and_renegotiation(party: Party) -> None:
-    customer = await party("u1")
-    agent = await party("a1", "agent")
-    await start_audio(customer, 440)
-    await start_audio(agent, 880)
-    await agent.hears("audio")
+    customer, agent = await two_way_call(party)
 
     await agent.client.send({"type": "upgrade", "media": "video"})
     request = await customer.wait_for("upgrade.request", media="video")
@@ -215,11 +218,7 @@ async def test_upgrade_alone_is_not_found(party: Party) -> None:
 
 async def test_leaving_closes_the_peer_connection_and_its_tasks(party: Party, server: GatewayServer) -> None:
     before = len(asyncio.all_tasks())
-    customer = await party("u1")
-    agent = await party("a1", "agent")
-    await start_audio(customer, 440)
-    await start_audio(agent, 880)
-    await agent.hears("audio")
+    customer, agent = await two_way_call(party)
     assert len(server.broker.router) == 2
     await agent.client.send({"type": "hangup"})
     assert (await customer.wait_for("media", identity="a1", audio=False)) == {
@@ -240,11 +239,7 @@ async def test_leaving_closes_the_peer_connection_and_its_tasks(party: Party, se
 
 
 async def test_a_replaced_connection_loses_its_peer_connection(party: Party, server: GatewayServer) -> None:
-    customer = await party("u1")
-    agent = await party("a1", "agent")
-    await start_audio(customer, 440)
-    await start_audio(agent, 880)
-    await agent.hears("audio")
+    _, agent = await two_way_call(party)
     assert len(server.broker.router) == 2
     reloaded = await party("u1")  # the customer reloads the page
     assert (await agent.wait_for("media", identity="u1", audio=False))["video"] is False
