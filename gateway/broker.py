@@ -124,7 +124,7 @@ class Broker:
             case messages.Candidate():
                 await _media(peer).add_candidate(msg.candidate, msg.sdpMid, msg.sdpMLineIndex)
             case messages.Hangup():
-                _media(peer)
+                _media(peer)  # raises bad_request when there is no call to hang up
                 await self.close_media(peer)
             case messages.Upgrade():
                 await self.upgrade(peer, msg)

@@ -115,7 +115,7 @@ class MediaPeer:
     # -- client → gateway ---------------------------------------------------------------
 
     async def accept_offer(self, sdp: str) -> bool:
-        """Apply a client offer and send the answer. False if it collided with ours (ignored)."""
+        """Apply a client offer and send the answer; False if it collided with ours (or we closed)."""
         async with self._negotiation():
             if self.state is Negotiation.CLOSED:
                 return False
@@ -189,9 +189,8 @@ class MediaPeer:
             if free is None:
                 free = self._slot_for(self.pc.addTransceiver(route[1], direction="sendrecv"))
                 self._offer_wanted = True
-            slot = free
-            slot.route = route
-            relay.subscribe(slot.output)
+            free.route = route
+            relay.subscribe(free.output)
         if self._offer_wanted:
             self._schedule_offer()
 
