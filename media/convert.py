@@ -1,0 +1,111 @@
+"""Inbound conversion: decoded WebRTC audio → 16 kHz mono PCM16 frames of exactly N ms.
+
+aiortc delivers ``av.AudioFrame``s of any size (usually 20 ms at 48 kHz, stereo, s16;
+other sources send fltp or other rates). ``FrameConverter`` resamples with
+libswresample (in C) and cuts the result into frames of exactly ``frame_ms`` (10, 20
+or 30 ms: what webrtcvad accepts), each stamped with its stream time in ms.
+
+Timing comes from the frames' pts, not from counting: after a gap (packet loss, a
+muted sender that stopped sending) the next frame is stamped with the right time and
+nothing is invented — the partial frame before the gap is completed with silence,
+which is not speech. Samples are copied once, into a preallocated frame buffer; the
+only per-frame allocation is the immutable ``bytes`` handed out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import av
+import numpy as np
+
+VALID_FRAME_MS = (10, 20, 30)
+#: Pts jumps smaller than this many output samples are jitter, not gaps.
+GAP_TOLERANCE_SAMPLES = 8
+
+
+@dataclass(frozen=True, slots=True)
+class PcmFrame:
+    """``frame_ms`` of 16-bit little-endian mono PCM starting at stream time ``t`` (ms)."""
+
+    pcm: bytes
+    t: int
+
+
+class FrameConverter:
+    def __init__(self, *, frame_ms: int = 20, sample_rate: int = 16_000) -> None:
+        if frame_ms not in VALID_FRAME_MS:
+            raise ValueError(f"frame_ms must be one of {VALID_FRAME_MS}")
+        self.frame_ms = frame_ms
+        self.sample_rate = sample_rate
+        self.samples_per_frame = sample_rate * frame_ms // 1000
+        #: The frame being filled, and how many samples it holds.
+        self._buf = np.zeros(self.samples_per_frame, dtype=np.int16)
+        self._fill = 0
+        #: Stream position (in output samples) of _buf[0], and of the next expected sample.
+        self._frame_start = 0
+        self._expected: int | None = None
+        self._resampler: av.AudioResampler | None = None
+        self._input_key: tuple[str, str, int] | None = None
+        #: Counters for tests and metrics.
+        self.frames_out = 0
+        self.gaps = 0
+
+    def feed(self, frame: av.AudioFrame) -> list[PcmFrame]:
+        """Convert one decoded frame; return the complete output frames it finished."""
+        out: list[PcmFrame] = []
+        for chunk in self._resample(frame):
+            self._take(chunk, out)
+        return out
+
+    def flush(self) -> list[PcmFrame]:
+        """End of stream: complete the partial frame with silence."""
+        out: list[PcmFrame] = []
+        if self._fill:
+            self._pad_and_emit(out)
+        return out
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _resample(self, frame: av.AudioFrame) -> list[av.AudioFrame]:
+        key = (frame.format.name, frame.layout.name, frame.sample_rate)
+        if key != self._input_key:
+            # A new input format needs a new resampler (its buffered tail is tiny).
+            self._resampler = av.AudioResampler(format="s16", layout="mono", rate=self.sample_rate)
+            self._input_key = key
+        assert self._resampler is not None
+        return list(self._resampler.resample(frame))
+
+    def _take(self, chunk: av.AudioFrame, out: list[PcmFrame]) -> None:
+        samples = chunk.to_ndarray().reshape(-1)
+        position = chunk.pts if chunk.pts is not None else self._expected
+        if position is None:
+            position = 0
+        if self._expected is not None and abs(position - self._expected) > GAP_TOLERANCE_SAMPLES:
+            # A gap (or a jump back): finish what we have, restart the timeline at position.
+            self.gaps += 1
+            if self._fill:
+                self._pad_and_emit(out)
+            self._frame_start = position
+        elif self._expected is None:
+            self._frame_start = position
+        self._expected = position + len(samples)
+        offset = 0
+        spf = self.samples_per_frame
+        while offset < len(samples):
+            n = min(spf - self._fill, len(samples) - offset)
+            self._buf[self._fill : self._fill + n] = samples[offset : offset + n]
+            self._fill += n
+            offset += n
+            if self._fill == spf:
+                self._emit(out)
+
+    def _pad_and_emit(self, out: list[PcmFrame]) -> None:
+        self._buf[self._fill :] = 0
+        self._emit(out)
+
+    def _emit(self, out: list[PcmFrame]) -> None:
+        out.append(PcmFrame(self._buf.tobytes(), self._frame_start * 1000 // self.sample_rate))
+        self._frame_start += self.samples_per_frame
+        self._fill = 0
+        self.frames_out += 1
