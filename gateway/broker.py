@@ -12,12 +12,15 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from aiortc import RTCIceServer
 
 from media.ice import parse_networks
+from media.pipeline import VoicePipeline
+from media.vad import Event, SpeechStarted, SpeechStopped
 
 from . import messages, tokens
 from .config import Config
@@ -25,7 +28,7 @@ from .errors import BadRequest, Conflict, Forbidden, NotFound, TooLarge, Unautho
 from .messages import ChatMessage, Participant, QueueEntry, Role
 from .metrics import Metrics
 from .protocol import SignalingProtocol
-from .routing import Router
+from .routing import Router, taps
 from .rtc import MediaPeer, RtcSettings
 from .store import Store
 
@@ -348,13 +351,18 @@ class Broker:
     async def offer(self, peer: Peer, msg: messages.Offer) -> None:
         conversation = _conversation(peer)
         if peer.media is None:
+            me = _me(peer)
             peer.media = MediaPeer(
                 conversation=conversation,
-                participant=_me(peer),
+                participant=me,
                 settings=self.rtc,
                 send=lambda message: peer.deliver(messages.encode(message), str(message["type"])),
                 router=self.router,
             )
+            if taps(me):
+                pipeline = VoicePipeline(self.config.vad_settings())
+                pipeline.listeners.append(self._speaking_listener(conversation, me.identity))
+                peer.media.pipeline = pipeline
             self.router.attach(peer.media)
         if not await peer.media.accept_offer(msg.sdp):
             self.metrics.offer_collisions.inc()
@@ -369,6 +377,19 @@ class Broker:
         self.router.detach(media)
         self._announce_media(media.conversation, media.identity, NO_MEDIA)
         await media.close()
+
+    def _speaking_listener(self, conversation: str, identity: str) -> Callable[[Event], None]:
+        """Tell the conversation when a customer starts and stops talking (agents see it)."""
+        started = messages.encode({"type": "speaking", "identity": identity, "speaking": True})
+        stopped = messages.encode({"type": "speaking", "identity": identity, "speaking": False})
+
+        def on_event(event: Event) -> None:
+            if isinstance(event, SpeechStarted):
+                self.fan_out(conversation, started, "speaking")
+            elif isinstance(event, SpeechStopped):
+                self.fan_out(conversation, stopped, "speaking")
+
+        return on_event
 
     def _media_changed(self, media: MediaPeer) -> None:
         self._announce_media(media.conversation, media.identity, media.media_state())
@@ -432,12 +453,12 @@ class Broker:
 
     def broadcast(self, conversation: str, message: dict[str, Any], *, skip: Peer | None = None) -> None:
         """Encode once and deliver to every local participant of the conversation."""
-        room = self._rooms.get(conversation)
-        if not room:
-            return
-        data = messages.encode(message)
-        mtype = str(message["type"])
-        for peer in room.values():
+        if conversation in self._rooms:
+            self.fan_out(conversation, messages.encode(message), str(message["type"]), skip=skip)
+
+    def fan_out(self, conversation: str, data: bytes, mtype: str, *, skip: Peer | None = None) -> None:
+        """Deliver an already encoded message to every local participant."""
+        for peer in self._rooms.get(conversation, {}).values():
             if peer is not skip:
                 peer.deliver(data, mtype)
 

@@ -7,6 +7,8 @@ import ipaddress
 import secrets
 from typing import Any
 
+from media.vad import VadSettings
+
 from .errors import ConfigError
 
 MIN_SECRET_BYTES = 32
@@ -43,6 +45,12 @@ class Config:
     rtc_addresses: tuple[str, ...] | None = None
     #: Networks that remote ICE candidates may point into (empty: anywhere).
     rtc_allowed_networks: tuple[str, ...] = ()
+    #: Voice activity detection on customers' audio (docs/media.md explains the defaults).
+    vad_aggressiveness: int = 3
+    vad_frame_ms: int = 20
+    vad_start_ms: int = 60
+    vad_stop_ms: int = 500
+    vad_preroll_ms: int = 200
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -72,6 +80,19 @@ class Config:
                 ipaddress.ip_network(network, strict=False)
         except ValueError as exc:
             raise ConfigError(f"bad RTC address or network: {exc}") from None
+        try:
+            self.vad_settings()
+        except ValueError as exc:
+            raise ConfigError(f"bad VAD setting: {exc}") from None
+
+    def vad_settings(self) -> VadSettings:
+        return VadSettings(
+            aggressiveness=self.vad_aggressiveness,
+            frame_ms=self.vad_frame_ms,
+            start_ms=self.vad_start_ms,
+            stop_ms=self.vad_stop_ms,
+            preroll_ms=self.vad_preroll_ms,
+        )
 
     def ice_servers(self) -> list[dict[str, Any]]:
         """The ICE servers as browsers' RTCConfiguration.iceServers wants them."""

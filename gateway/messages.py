@@ -17,6 +17,7 @@ import msgspec
 class Role(enum.StrEnum):
     CUSTOMER = "customer"
     AGENT = "agent"
+    BOT = "bot"
     SYSTEM = "system"
 
 

@@ -29,6 +29,7 @@ from aiortc.sdp import SessionDescription, candidate_from_sdp
 
 from media.ice import Network, candidate_allowed, filter_sdp_candidates
 from media.peerconnection import StablePeerConnection
+from media.pipeline import VoicePipeline
 from media.relay import OutputTrack, Relay
 
 from .errors import BadRequest
@@ -107,6 +108,8 @@ class MediaPeer:
         self._offer_task: asyncio.Task[None] | None = None
         #: True inside a negotiation step; routing waits for the step's own reconcile.
         self._negotiating = False
+        #: The voice pipeline tapping this participant's audio (customers), set by the broker.
+        self.pipeline: VoicePipeline | None = None
 
     @property
     def identity(self) -> str:
@@ -282,6 +285,8 @@ class MediaPeer:
         if self._offer_task is not None:
             self._offer_task.cancel()
             await asyncio.gather(self._offer_task, return_exceptions=True)
+        if self.pipeline is not None:
+            self.pipeline.close()
         relays = [*self.sources.values(), *self._retired]
         self.sources.clear()
         self._retired.clear()

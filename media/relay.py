@@ -19,7 +19,7 @@ import asyncio
 import collections
 import logging
 from collections.abc import Callable
-from typing import Any, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av.frame import Frame
@@ -33,6 +33,16 @@ QUEUE_FRAMES = {"audio": 10, "video": 1}
 
 #: What a track's recv() yields: decoded frames, or encoded packets for pass-through.
 MediaFrame: TypeAlias = "Frame | Packet[Any]"
+
+
+class Subscriber(Protocol):
+    """What a relay feeds: an output track, or a tap such as the voice pipeline."""
+
+    relay: Relay | None
+
+    def push(self, frame: MediaFrame) -> None: ...
+
+    def clear(self) -> None: ...
 
 
 class OutputTrack(MediaStreamTrack):
@@ -78,18 +88,18 @@ class Relay:
     def __init__(self, source: MediaStreamTrack, *, on_ended: Callable[[Relay], None] | None = None) -> None:
         self.source = source
         self.kind: str = source.kind
-        self.outputs: set[OutputTrack] = set()
+        self.outputs: set[Subscriber] = set()
         self.frames = 0
         self._on_ended = on_ended
         self._task = asyncio.create_task(self._run(), name=f"talkgate-relay-{self.kind}-{source.id}")
 
-    def subscribe(self, output: OutputTrack) -> None:
+    def subscribe(self, output: Subscriber) -> None:
         if output.relay is not None and output.relay is not self:
             output.relay.unsubscribe(output)
         output.relay = self
         self.outputs.add(output)
 
-    def unsubscribe(self, output: OutputTrack, *, drop_queued: bool = True) -> None:
+    def unsubscribe(self, output: Subscriber, *, drop_queued: bool = True) -> None:
         """Detach an output; by default what it had queued from this source goes too."""
         if output.relay is self:
             output.relay = None

@@ -49,6 +49,36 @@ class ToneTrack(AudioStreamTrack):
         return frame
 
 
+class SpeechTrack(AudioStreamTrack):
+    """Plays a 16 kHz int16 recording once in real time, then silence."""
+
+    def __init__(self, pcm: np.ndarray, rate: int = 16_000) -> None:
+        super().__init__()
+        self.pcm = pcm
+        self.rate = rate
+        self.samples = rate // 50
+        self._n = 0
+        self._t0: float | None = None
+
+    async def recv(self) -> AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        now = time.monotonic()
+        if self._t0 is None:
+            self._t0 = now
+        else:
+            await asyncio.sleep(self._t0 + self._n / self.rate - now)
+        chunk = self.pcm[self._n : self._n + self.samples]
+        if len(chunk) < self.samples:
+            chunk = np.concatenate([chunk, np.zeros(self.samples - len(chunk), np.int16)])
+        frame = AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = self.rate
+        frame.pts = self._n
+        frame.time_base = fractions.Fraction(1, self.rate)
+        self._n += self.samples
+        return frame
+
+
 class PatternTrack(VideoStreamTrack):
     """A small moving test picture (cheap to encode)."""
 

@@ -1,0 +1,105 @@
+"""The inbound voice pipeline of one speaker: decoded frames → 16 kHz frames → VAD → events.
+
+``VoicePipeline`` subscribes to a ``Relay`` like an output does, but instead of
+queueing frames it converts and segments each one at once, in the relay's reader
+task: no extra task, queue or copy per frame. Events go to
+
+- listeners: plain callables run synchronously (cheap things: a ``speaking`` flag);
+- ``events()``: a bounded async stream for a consumer with I/O of its own (the bot
+  connector). If that consumer falls behind by ``max_events``, the oldest *audio
+  frames* are dropped and counted; starts and stops are never dropped.
+
+It knows nothing of conversations or websockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
+
+from av import AudioFrame
+
+from .convert import FrameConverter
+from .vad import Event, Segmenter, SpeechFrame, VadSettings
+
+if TYPE_CHECKING:
+    from .relay import MediaFrame, Relay
+
+Listener = Callable[[Event], None]
+
+
+class VoicePipeline:
+    def __init__(self, settings: VadSettings | None = None, *, max_events: int = 1000) -> None:
+        self.settings = settings or VadSettings()
+        self.converter = FrameConverter(frame_ms=self.settings.frame_ms, sample_rate=self.settings.sample_rate)
+        self.segmenter = Segmenter(self.settings)
+        #: The relay feeding this pipeline (set by Relay.subscribe).
+        self.relay: Relay | None = None
+        self.listeners: list[Listener] = []
+        self._events: collections.deque[Event] = collections.deque()
+        self._max_events = max_events
+        self._ready = asyncio.Event()
+        #: Events are queued only once someone iterates events().
+        self._consuming = False
+        self._closed = False
+        #: Speech frames dropped because the async consumer fell behind.
+        self.dropped = 0
+
+    @property
+    def speaking(self) -> bool:
+        return self.segmenter.speaking
+
+    # -- the relay subscriber interface -----------------------------------------------------
+
+    def push(self, frame: MediaFrame) -> None:
+        if not isinstance(frame, AudioFrame):
+            return
+        for pcm in self.converter.feed(frame):
+            for event in self.segmenter.feed(pcm):
+                self._dispatch(event)
+
+    def clear(self) -> None:
+        """The source changed: close an open segment, start a fresh timeline."""
+        for event in self.segmenter.flush():
+            self._dispatch(event)
+        self.converter = FrameConverter(frame_ms=self.settings.frame_ms, sample_rate=self.settings.sample_rate)
+
+    # -- consumers ----------------------------------------------------------------------------
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Every event from now on, in order, until ``close()``."""
+        self._consuming = True
+        while True:
+            while self._events:
+                yield self._events.popleft()
+            if self._closed:
+                return
+            self._ready.clear()
+            await self._ready.wait()
+
+    def close(self) -> None:
+        if self.relay is not None:
+            self.relay.unsubscribe(self)
+        for event in self.segmenter.flush():
+            self._dispatch(event)
+        self._closed = True
+        self._ready.set()
+
+    def _dispatch(self, event: Event) -> None:
+        for listener in self.listeners:
+            listener(event)
+        if not self._consuming or self._closed:
+            return
+        if len(self._events) >= self._max_events:
+            self._drop_oldest_frame()
+        self._events.append(event)
+        self._ready.set()
+
+    def _drop_oldest_frame(self) -> None:
+        for i, queued in enumerate(self._events):
+            if isinstance(queued, SpeechFrame):
+                del self._events[i]
+                self.dropped += 1
+                return
