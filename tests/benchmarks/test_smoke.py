@@ -64,3 +64,18 @@ def test_calls_benchmark_runs_and_reports_every_figure() -> None:
     assert result["setup_chromium"]["offer_to_connected"]["median_ms"] > 0
     relay = result["relay_cpu"]
     assert relay["frames_received_per_s"] > 0.5 * relay["frames_expected_per_s"]  # audio really flowed
+
+
+def test_pipeline_benchmark_runs_and_finds_the_utterances() -> None:
+    out = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "pipeline.py"), "--repeat", "1", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["segments_found"] == result["utterances"]  # the VAD worked on the real speech
+    for key in ("us_per_frame", "c_work_us_per_frame", "opus_decode_us", "resample_us", "webrtcvad_us"):
+        assert result[key] > 0, key
+    assert abs(result["ratio_total_to_c"] - result["us_per_frame"] / result["c_work_us_per_frame"]) < 0.02
