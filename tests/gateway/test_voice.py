@@ -57,3 +57,18 @@ async def test_bot_playback_reaches_the_customer(party: Party, server: GatewaySe
     await server.broker.router.remove_virtual_source("call-room", "bot")
     playback.stop()
     await asyncio.sleep(0)
+
+
+async def test_bot_and_agent_are_both_heard_through_a_second_transceiver(party: Party, server: GatewayServer) -> None:
+    customer, _ = await two_way_call(party)
+    await customer.hears_tone(880)  # the agent, on the customer's audio slot
+    playback = PlaybackTrack()
+    server.broker.router.add_virtual_source("call-room", Participant("bot", "bot", "Booking bot"), playback)
+    t = np.arange(16_000 * 4) / 16_000
+    playback.enqueue((9000 * np.sin(2 * np.pi * 660 * t)).astype(np.int16).tobytes(), 16_000)
+    # No free slot: the gateway adds a transceiver and offers; the client answers.
+    bot_track = await customer.hears_tone(660)
+    agent_track = await customer.hears_tone(880)
+    assert bot_track is not agent_track
+    await server.broker.router.remove_virtual_source("call-room", "bot")
+    playback.stop()
