@@ -23,6 +23,7 @@ from media.pipeline import VoicePipeline
 from media.vad import Event, SpeechStarted, SpeechStopped
 
 from . import messages, tokens
+from .bot.manager import BotManager
 from .config import Config
 from .errors import BadRequest, Conflict, Forbidden, NotFound, TooLarge, Unauthorized
 from .messages import ChatMessage, Participant, QueueEntry, Role
@@ -103,6 +104,8 @@ class Broker:
         self._media: dict[str, dict[str, dict[str, bool]]] = {}
         #: upgrade id -> request; per conversation at most MAX_PENDING_UPGRADES
         self._upgrades: dict[str, UpgradeRequest] = {}
+        #: Each conversation's link to the speech bot, if the gateway has one.
+        self.bots = BotManager(self)
 
     # -- dispatch ---------------------------------------------------------------------
 
@@ -169,6 +172,7 @@ class Broker:
         if old is not None:
             self._evict(old)
         await self._enter(peer, grant.room, announce=old is None)
+        await self.bots.start(grant.room, me)
 
     async def _join_agent(self, peer: Peer, me: Participant, room: str | None) -> None:
         """Agents get exactly one ``joined`` (lobby or room), then the queue."""
@@ -194,6 +198,7 @@ class Broker:
         else:
             queue_changed = await self.store.take(target) is not None
             await self._enter(peer, target, announce=True)
+            await self.bots.stop(target, "transferred")
         if queue_changed:
             await self.publish_queue()
         else:
@@ -246,7 +251,10 @@ class Broker:
             raise TooLarge(f"chat text is {len(msg.text)} characters; the limit is {self.config.max_chat_chars}")
         if not msg.text.strip():
             raise BadRequest("chat text is empty")
-        await self.post(conversation, _me(peer), msg.text)
+        message = await self.post(conversation, _me(peer), msg.text)
+        bot = self.bots.get(conversation)
+        if bot is not None and message.sender.role == Role.CUSTOMER:
+            bot.customer_chat(message.as_dict())
 
     async def post(self, conversation: str, sender: Participant, text: str) -> ChatMessage:
         """Store a chat message and deliver it to every participant, the sender included."""
@@ -289,6 +297,7 @@ class Broker:
             raise NotFound("that conversation is not waiting in the queue")
         await self._enter(peer, msg.conversation, announce=True)
         await self.publish_queue()
+        await self.bots.stop(msg.conversation, "transferred")
 
     async def publish_queue(self) -> None:
         entries = await self.store.waiting()
@@ -337,6 +346,10 @@ class Broker:
             if not room:
                 del self._rooms[conversation]
         result = await self.store.remove_participant(conversation, me.identity)
+        if me.role == Role.CUSTOMER and self.bots.get(conversation) is not None:
+            remaining = await self.store.participants(conversation) or []
+            if not any(p.role == Role.CUSTOMER for p in remaining):
+                await self.bots.stop(conversation, "customer_left")
         if result.conversation_removed:
             self._media.pop(conversation, None)
             for request in [u for u in self._upgrades.values() if u.conversation == conversation]:
@@ -363,6 +376,9 @@ class Broker:
                 pipeline = VoicePipeline(self.config.vad_settings())
                 pipeline.listeners.append(self._speaking_listener(conversation, me.identity))
                 peer.media.pipeline = pipeline
+                bot = self.bots.get(conversation)
+                if bot is not None:
+                    bot.attach(pipeline)
             self.router.attach(peer.media)
         if not await peer.media.accept_offer(msg.sdp):
             self.metrics.offer_collisions.inc()
@@ -410,19 +426,22 @@ class Broker:
         self.broadcast(conversation, {"type": "media", "identity": identity, **state})
 
     async def upgrade(self, peer: Peer, msg: messages.Upgrade) -> None:
-        me = _me(peer)
-        conversation = _conversation(peer)
-        others = [p.identity for p in await self.store.participants(conversation) or [] if p.identity != me.identity]
+        await self.request_upgrade(_conversation(peer), _me(peer), msg.media)
+
+    async def request_upgrade(self, conversation: str, sender: Participant, media: str) -> None:
+        """Ask everyone else in the conversation to add ``media`` (a participant or the bot asks)."""
+        participants = await self.store.participants(conversation) or []
+        others = [p.identity for p in participants if p.identity != sender.identity]
         if not others:
             raise NotFound("nobody else is in this conversation to ask")
         pending = [u for u in self._upgrades.values() if u.conversation == conversation]
         if len(pending) >= MAX_PENDING_UPGRADES:
             del self._upgrades[pending[0].id]
-        request = UpgradeRequest(uuid.uuid4().hex[:16], conversation, msg.media, me, set(others))
+        request = UpgradeRequest(uuid.uuid4().hex[:16], conversation, media, sender, set(others))
         self._upgrades[request.id] = request
         # Everyone gets it, the sender included: the echo carries the id to match replies.
         self.broadcast(
-            conversation, {"type": "upgrade.request", "id": request.id, "media": msg.media, "from": me.as_dict()}
+            conversation, {"type": "upgrade.request", "id": request.id, "media": media, "from": sender.as_dict()}
         )
 
     async def upgrade_reply(self, peer: Peer, msg: messages.UpgradeReply) -> None:
@@ -448,6 +467,17 @@ class Broker:
             },
             skip=peer,
         )
+
+    async def hand_over(self, conversation: str, reason: str, notice: str) -> None:
+        """Put a bot conversation in the agent queue and tell the customer."""
+        participants = await self.store.participants(conversation) or []
+        customer = next((p for p in participants if p.role == Role.CUSTOMER), None)
+        if customer is None or any(p.role == Role.AGENT for p in participants):
+            return
+        if await self.store.enqueue(QueueEntry(conversation, customer, now_ms(), reason)):
+            await self.post(conversation, messages.SYSTEM, notice)
+            self.broadcast(conversation, {"type": "queued", "conversation": conversation, "reason": reason})
+            await self.publish_queue()
 
     # -- fan-out ----------------------------------------------------------------------
 

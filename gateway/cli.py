@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import sys
 from typing import Any
 
 import click
+import uvloop
 
 from . import __version__, tokens
 from .config import Config
@@ -38,6 +41,9 @@ _LIMITS: list[tuple[str, str, type, str]] = [
     ("--vad-start-ms", "vad_start_ms", int, "Voiced audio needed to start a speech segment."),
     ("--vad-stop-ms", "vad_stop_ms", int, "Silence that ends a speech segment (hangover)."),
     ("--vad-preroll-ms", "vad_preroll_ms", int, "Audio from before the start carried by a segment."),
+    ("--bot-name", "bot_name", str, "The bot's display name in chat."),
+    ("--bot-connect-seconds", "bot_connect_seconds", float, "How long to retry an unreachable bot."),
+    ("--bot-max-buffer-seconds", "bot_max_buffer_seconds", float, "Bot audio queued toward a customer at most."),
 ]
 
 
@@ -96,6 +102,21 @@ def _server_options(f: click.decorators.FC) -> click.decorators.FC:
             multiple=True,
             show_envvar=True,
             help="Network (CIDR) that client ICE candidates may point into (repeatable; default: any).",
+        ),
+        click.option(
+            "--bot-url",
+            envvar="TALKGATE_BOT_URL",
+            default="",
+            show_envvar=True,
+            help="Speech bot websocket the gateway dials per conversation (ws:// or wss://).",
+        ),
+        click.option(
+            "--bot-barge-in/--no-bot-barge-in",
+            "bot_barge_in",
+            envvar="TALKGATE_BOT_BARGE_IN",
+            default=True,
+            show_envvar=True,
+            help="Clear bot audio when the customer starts talking.",
         ),
         click.option("--log-level", envvar="TALKGATE_LOG_LEVEL", default="INFO", show_envvar=True),
     ]
@@ -156,3 +177,21 @@ def token(identity: str, role: str, room: str | None, name: str | None, ttl: int
         click.echo(f"{url.rstrip('/')}{page}?token={jwt}")
     else:
         click.echo(jwt)
+
+
+@main.group()
+def bot() -> None:
+    """Reference speech bots (they speak the native bot protocol)."""
+
+
+@bot.command()
+@click.option("--host", default="127.0.0.1", help="Address to bind.")
+@click.option("--port", default=8765, help="Port; 0 picks a free one.")
+@click.option("--log-level", default="INFO")
+def echo(host: str, port: int, log_level: str) -> None:
+    """Repeat every speech segment back as audio, and chat back "You said: …"."""
+    from .bot import echo as echo_bot
+
+    configure_logging(log_level.upper())
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner, contextlib.suppress(KeyboardInterrupt):
+        runner.run(echo_bot.run(host, port))

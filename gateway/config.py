@@ -51,6 +51,12 @@ class Config:
     vad_start_ms: int = 60
     vad_stop_ms: int = 500
     vad_preroll_ms: int = 200
+    #: The speech bot the gateway dials per conversation ("" = no bot).
+    bot_url: str = ""
+    bot_name: str = "Assistant"
+    bot_connect_seconds: float = 8.0
+    bot_barge_in: bool = True
+    bot_max_buffer_seconds: float = 60.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -80,6 +86,10 @@ class Config:
                 ipaddress.ip_network(network, strict=False)
         except ValueError as exc:
             raise ConfigError(f"bad RTC address or network: {exc}") from None
+        if self.bot_url and not self.bot_url.startswith(("ws://", "wss://")):
+            raise ConfigError(f"the bot URL must start with ws:// or wss://, not {self.bot_url!r}")
+        if self.bot_connect_seconds < 0 or self.bot_max_buffer_seconds <= 0:
+            raise ConfigError("bot_connect_seconds must be >= 0 and bot_max_buffer_seconds > 0")
         try:
             self.vad_settings()
         except ValueError as exc:

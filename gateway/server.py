@@ -68,6 +68,7 @@ class GatewayServer:
 
     async def close(self) -> None:
         """Stop accepting, close every connection (1001 going away), wait for their handlers."""
+        await self.broker.bots.close()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()

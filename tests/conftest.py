@@ -7,12 +7,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+from aiortc.mediastreams import MediaStreamTrack
 
 from gateway import tokens
 from gateway.config import Config
 from gateway.server import GatewayServer
 from media import ice
 from tests.client import Client
+from tests.rtc_client import RtcClient, ToneTrack
 
 SECRET = "test-secret-0123456789abcdef-0123456789"
 
@@ -84,3 +86,50 @@ def join(connect: Connect) -> Join:
         return client, joined
 
     return do_join
+
+
+# -- calls: parties with real aiortc peer connections ------------------------------------
+
+Party = Callable[..., Awaitable[RtcClient]]
+
+
+@pytest.fixture
+async def party(server: GatewayServer) -> AsyncIterator[Party]:
+    """Join as someone and return an RtcClient (closed at teardown)."""
+    clients: list[RtcClient] = []
+
+    async def join(identity: str, role: str = "customer", room: str = "call-room") -> RtcClient:
+        client = await Client.open(server.ws_url)
+        await client.send({"type": "join", "token": make_token(identity, role, room)})
+        joined = await client.expect("joined")
+        assert joined["ice_servers"] == []
+        rtc = RtcClient(client)
+        clients.append(rtc)
+        return rtc
+
+    yield join
+    for rtc in clients:
+        await rtc.close()
+
+
+async def listen_only(rtc: RtcClient) -> None:
+    """Offer to receive audio and send none (a tone would count as speech: barge-in)."""
+    rtc.pc.addTransceiver("audio", direction="recvonly")
+    await rtc.negotiate()
+
+
+async def start_audio(rtc: RtcClient, frequency: float) -> MediaStreamTrack:
+    track = ToneTrack(frequency)
+    rtc.pc.addTrack(track)
+    await rtc.negotiate()
+    return track
+
+
+async def two_way_call(party: Party) -> tuple[RtcClient, RtcClient]:
+    """Customer u1 (440 Hz) and agent a1 (880 Hz) in a call, the agent already hearing audio."""
+    customer = await party("u1")
+    agent = await party("a1", "agent")
+    await start_audio(customer, 440)
+    await start_audio(agent, 880)
+    await agent.hears("audio")
+    return customer, agent

@@ -12,8 +12,7 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 from gateway.config import Config
 from gateway.server import GatewayServer
 from tests.client import Client
-from tests.conftest import make_token
-from tests.gateway.conftest import Party, start_audio, two_way_call
+from tests.conftest import Party, make_token, start_audio, two_way_call
 from tests.rtc_client import PatternTrack, ToneTrack
 
 

@@ -10,7 +10,7 @@ import numpy as np
 from gateway.messages import Participant
 from gateway.server import GatewayServer
 from media.playback import PlaybackTrack
-from tests.gateway.conftest import Party, start_audio, two_way_call
+from tests.conftest import Party, start_audio, two_way_call
 from tests.rtc_client import SpeechTrack
 from tests.speech import utterances
 

@@ -1,0 +1,1 @@
+"""Speech bots: the gateway dials a bot per conversation over a websocket."""

@@ -1,0 +1,299 @@
+"""One conversation's link to its speech bot (native protocol).
+
+The gateway dials the bot, as Twilio and Vonage do with media streams. A
+``BotConnector`` owns everything of that link: the websocket, a reader and a writer
+task, a bounded outbox, and the ``PlaybackTrack`` that carries the bot's voice to the
+customer (a routed virtual source). It reconnects with backoff inside a window; when
+the bot cannot be reached the conversation goes to the agent queue (``bot_unavailable``).
+
+Barge-in happens here, with no round trip: the customer's voice pipeline calls the
+connector synchronously on ``SpeechStarted``; if bot audio is queued it is cleared at
+once and the bot is told ``interrupted`` with the marks that will not be played.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import enum
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from media.pipeline import VoicePipeline
+from media.playback import PlaybackTrack
+from media.vad import Event, SpeechFrame, SpeechStarted, SpeechStopped
+
+from ..messages import Participant, Role
+from . import native
+
+log = logging.getLogger("talkgate.bot")
+
+#: Backoff between connection attempts (the last value repeats).
+BACKOFF_SECONDS = (0.2, 0.5, 1.0, 2.0)
+
+
+@dataclass(frozen=True, slots=True)
+class BotSettings:
+    url: str
+    name: str = "Assistant"
+    #: How long to keep trying to reach the bot before handing over to agents.
+    connect_seconds: float = 8.0
+    #: Clear bot audio when the customer starts talking (no round trip to the bot).
+    barge_in: bool = True
+    #: Bot audio queued toward the customer at most; beyond it the bot gets an error.
+    max_buffer_seconds: float = 60.0
+    #: Messages waiting to be written to the bot (~10 s of 20 ms frames).
+    outbox_limit: int = 500
+
+
+class BotState(enum.Enum):
+    CONNECTING = "connecting"
+    ACTIVE = "active"
+    STOPPED = "stopped"
+
+
+class BotHost(Protocol):
+    """What the connector needs from the gateway (the Broker implements it)."""
+
+    async def bot_chat(self, conversation: str, bot: Participant, text: str) -> None: ...
+
+    def bot_transcript(self, conversation: str, bot: Participant, text: str, final: bool) -> None: ...
+
+    async def bot_transfer(self, conversation: str, reason: str) -> None: ...
+
+    async def bot_upgrade(self, conversation: str, bot: Participant, media: str) -> None: ...
+
+    async def bot_connecting(self, conversation: str) -> None: ...
+
+    async def bot_finished(self, conversation: str, connector: BotConnector, reason: str) -> None: ...
+
+
+class BotConnector:
+    def __init__(
+        self,
+        *,
+        conversation: str,
+        customer: Participant,
+        settings: BotSettings,
+        host: BotHost,
+        sample_rate: int,
+        frame_ms: int,
+    ) -> None:
+        self.conversation = conversation
+        self.customer = customer
+        self.settings = settings
+        self.host = host
+        self.sample_rate = sample_rate
+        self.frame_ms = frame_ms
+        self.participant = Participant(identity="bot", role=Role.BOT.value, name=settings.name)
+        self.playback = PlaybackTrack(max_seconds=settings.max_buffer_seconds)
+        self.state = BotState.CONNECTING
+        #: Text or binary messages for the bot, in order; bounded (oldest audio dropped).
+        self._outbox: collections.deque[str | bytes] = collections.deque()
+        self._wake = asyncio.Event()
+        self._ws: ClientConnection | None = None
+        self._rate = 16_000  # of the bot's audio, from audio.format
+        self._stop_reason: str | None = None
+        self._task: asyncio.Task[None] | None = None
+        #: Counters for metrics and tests.
+        self.dropped_frames = 0
+        self.bad_messages = 0
+        self.connects = 0
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> asyncio.Task[None]:
+        self._task = asyncio.create_task(self._run(), name=f"talkgate-bot-{self.conversation}")
+        return self._task
+
+    async def stop(self, reason: str) -> None:
+        """Tell the bot why (``stop``), close the link, and end the task."""
+        if self._stop_reason is None:
+            self._stop_reason = reason
+            self._send_text({"type": "stop", "reason": reason})
+        if self._task is not None and not self._task.done():
+            # Give the writer a moment to deliver stop; then end everything.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._task), 1.0)
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self.playback.stop()
+        self.state = BotState.STOPPED
+
+    # -- from the gateway -------------------------------------------------------------------
+
+    def attach(self, pipeline: VoicePipeline) -> None:
+        """Stream this customer's speech to the bot (and barge in on it)."""
+        pipeline.listeners.append(self._on_speech)
+
+    def customer_chat(self, message: dict[str, Any]) -> None:
+        self._send_text(message)
+
+    def _on_speech(self, event: Event) -> None:
+        # Runs in the relay's reader task, once per 20 ms frame: no awaits, no JSON for frames.
+        if isinstance(event, SpeechFrame):
+            self._send_binary(event.pcm)
+        elif isinstance(event, SpeechStarted):
+            if self.settings.barge_in and self.playback.playing:
+                self._send_text({"type": "interrupted", "marks": self.playback.clear()})
+            self._send_text({"type": "speech.started", "t": event.t})
+        elif isinstance(event, SpeechStopped):
+            self._send_text({"type": "speech.stopped", "t": event.t, "duration_ms": event.duration})
+
+    # -- outbox -------------------------------------------------------------------------------
+
+    def _send_text(self, message: dict[str, Any]) -> None:
+        self._push(native.encode(message))
+
+    def _send_binary(self, pcm: bytes) -> None:
+        self._push(pcm)
+
+    def _push(self, item: str | bytes) -> None:
+        if self.state is BotState.STOPPED:
+            return
+        if len(self._outbox) >= self.settings.outbox_limit:
+            # The bot is not reading: lose its oldest audio, never the control messages.
+            for i, queued in enumerate(self._outbox):
+                if isinstance(queued, bytes):
+                    del self._outbox[i]
+                    self.dropped_frames += 1
+                    break
+            else:
+                self._outbox.popleft()
+        self._outbox.append(item)
+        self._wake.set()
+
+    # -- the link -----------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        reason = "unavailable"
+        try:
+            reason = await self._connect_and_serve()
+        finally:
+            self.state = BotState.STOPPED
+            await self.host.bot_finished(self.conversation, self, reason)
+
+    async def _connect_and_serve(self) -> str:
+        deadline = time.monotonic() + self.settings.connect_seconds
+        attempt = 0
+        told = False
+        while self._stop_reason is None:
+            try:
+                ws = await connect(self.settings.url, open_timeout=2, max_size=2**20, compression=None)
+            except (OSError, TimeoutError, InvalidURI, InvalidHandshake) as exc:
+                log.info("[%s] bot unreachable (%s)", self.conversation, exc)
+                if not told:
+                    told = True
+                    await self.host.bot_connecting(self.conversation)
+                if time.monotonic() >= deadline:
+                    return "unavailable"
+                await asyncio.sleep(BACKOFF_SECONDS[min(attempt, len(BACKOFF_SECONDS) - 1)])
+                attempt += 1
+                continue
+            self.connects += 1
+            outcome = await self._serve(ws)
+            if outcome != "lost":
+                return outcome
+            # The bot went away mid-conversation: try again within a fresh window.
+            deadline = time.monotonic() + self.settings.connect_seconds
+            attempt = 0
+        return self._stop_reason or "stopped"
+
+    async def _serve(self, ws: ClientConnection) -> str:
+        self._ws = ws
+        self.state = BotState.ACTIVE
+        self._outbox.appendleft(
+            native.encode(native.start(self.conversation, self.customer, self.sample_rate, self.frame_ms))
+        )
+        self._wake.set()
+        writer = asyncio.create_task(self._write(ws))
+        try:
+            return await self._read(ws)
+        finally:
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+            await ws.close()
+            self._ws = None
+            self.state = BotState.CONNECTING
+
+    async def _write(self, ws: ClientConnection) -> None:
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while self._outbox:
+                    item = self._outbox.popleft()
+                    await ws.send(item)
+                if self._stop_reason is not None:
+                    await ws.close()
+                    return
+        except ConnectionClosed:
+            return
+
+    async def _read(self, ws: ClientConnection) -> str:
+        try:
+            async for data in ws:
+                if isinstance(data, bytes):
+                    self._play(data)
+                    continue
+                try:
+                    message = native.parse(data)
+                except native.BotProtocolError as exc:
+                    self.bad_messages += 1
+                    log.warning("[%s] bad message from the bot: %s", self.conversation, exc)
+                    self._send_text({"type": "error", "code": "bad_request", "message": str(exc)})
+                    continue
+                outcome = await self._handle(message)
+                if outcome is not None:
+                    return outcome
+        except ConnectionClosed:
+            pass
+        return self._stop_reason or "lost"
+
+    def _play(self, pcm: bytes) -> None:
+        accepted = self.playback.enqueue(pcm, self._rate)
+        if accepted < len(pcm) - len(pcm) % 2:
+            self._send_text(
+                {
+                    "type": "error",
+                    "code": "buffer_full",
+                    "message": f"more than {self.settings.max_buffer_seconds:g} s of audio queued;"
+                    f" {len(pcm) - accepted} bytes were not queued",
+                }
+            )
+
+    async def _handle(self, message: native.BotMessage) -> str | None:
+        match message:
+            case native.BotChat():
+                await self.host.bot_chat(self.conversation, self.participant, message.text)
+            case native.AudioFormat():
+                self._rate = message.sample_rate
+            case native.BotMark():
+                self._mark(message.name)
+            case native.Clear():
+                self.playback.clear()
+            case native.Transcript():
+                self.host.bot_transcript(self.conversation, self.participant, message.text, message.final)
+            case native.Transfer():
+                await self.host.bot_transfer(self.conversation, message.reason[:200])
+            case native.BotUpgrade():
+                await self.host.bot_upgrade(self.conversation, self.participant, message.media)
+            case native.Hangup():
+                self._stop_reason = "hangup"
+                return "hangup"
+        return None
+
+    def _mark(self, name: str) -> None:
+        future = self.playback.mark(name)
+
+        def played(done: asyncio.Future[bool]) -> None:
+            if not done.cancelled() and done.result():
+                self._send_text({"type": "mark", "name": name})
+
+        future.add_done_callback(played)

@@ -1,0 +1,210 @@
+"""The native bot protocol against a real gateway, a test bot server and aiortc customers."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+
+import numpy as np
+
+from gateway.config import Config
+from gateway.server import GatewayServer
+from tests.bot.conftest import TestBot
+from tests.client import Client
+from tests.conftest import Party, listen_only, make_token
+from tests.rtc_client import SpeechTrack
+from tests.speech import utterances
+
+
+def tone(seconds: float, hz: float = 660, rate: int = 16_000) -> bytes:
+    t = np.arange(int(seconds * rate)) / rate
+    return (9000 * np.sin(2 * np.pi * hz * t)).astype(np.int16).tobytes()
+
+
+async def test_start_first_then_chat_both_ways(party: Party, bot: TestBot) -> None:
+    customer = await party("u1")
+    start = await bot.next_text()
+    assert start == {
+        "type": "start",
+        "conversation": "call-room",
+        "customer": {"identity": "u1", "name": "u1"},
+        "audio": {"encoding": "pcm_s16le", "sample_rate": 16000, "channels": 1, "frame_ms": 20},
+    }
+    await customer.client.send({"type": "chat", "text": "what are your opening hours?"})
+    chat = await bot.wait_for("chat")
+    assert chat["text"] == "what are your opening hours?" and chat["from"]["identity"] == "u1"
+    await bot.send({"type": "chat", "text": "We are open 8 to 18."})
+    reply = await customer.wait_for("chat", text="We are open 8 to 18.")
+    assert reply["from"] == {"identity": "bot", "role": "bot", "name": "Assistant"}
+    await bot.send({"type": "transcript", "text": "what are your", "final": False})
+    caption = await customer.wait_for("transcript")
+    assert caption["text"] == "what are your" and caption["final"] is False
+
+
+async def test_speech_reaches_the_bot_as_frames_between_started_and_stopped(party: Party, bot: TestBot) -> None:
+    fixture = utterances(["I would like to book an appointment"], lead_s=1.0, tail_s=1.0)
+    customer = await party("u1")
+    await bot.wait_for("start")
+    customer.pc.addTrack(SpeechTrack(fixture.pcm))
+    await customer.negotiate()
+    started = await bot.wait_for("speech.started", timeout=8)
+    frames: list[bytes] = []
+    async with asyncio.timeout(8):
+        while True:
+            item = await bot.received.get()
+            if isinstance(item, bytes):
+                frames.append(item)
+            elif item["type"] == "speech.stopped":
+                stopped = item
+                break
+    assert all(len(f) == 640 for f in frames)  # 20 ms of 16 kHz PCM16
+    onset, end = fixture.truth[0]
+    assert abs(started["t"] - onset) <= 150
+    duration = stopped["duration_ms"]
+    assert abs(duration - (end - onset)) <= 250
+    # The segment: preroll + speech + hangover, one frame each 20 ms.
+    expected = (duration + 200 + 500) / 20
+    assert abs(len(frames) - expected) <= 1, (len(frames), expected)
+
+
+async def test_bot_audio_reaches_the_customer_and_marks_come_back_after_playback(party: Party, bot: TestBot) -> None:
+    customer = await party("u1")
+    await bot.wait_for("start")
+    await listen_only(customer)
+    await bot.send({"type": "audio.format", "sample_rate": 16000})
+    sent = time.monotonic()
+    await bot.send(tone(0.6))  # faster than real time, in one piece
+    await bot.send({"type": "mark", "name": "greeting"})
+    await customer.hears_tone(660)  # a 660 Hz peak in real samples: the bot's voice arrived
+    mark = await bot.wait_for("mark")
+    assert mark == {"type": "mark", "name": "greeting"}
+    assert time.monotonic() - sent >= 0.5  # only once the audio has been played
+
+
+async def test_clear_silences_the_bot_at_once(party: Party, bot: TestBot) -> None:
+    customer = await party("u1")
+    await bot.wait_for("start")
+    await listen_only(customer)
+    await bot.send(tone(5.0))
+    received = await customer.hears_tone(660)
+    await bot.send({"type": "clear"})
+    await asyncio.sleep(0.4)  # network, jitter buffer, the frames already in flight
+    frames_before = received.frames
+    await asyncio.sleep(0.4)
+    assert received.frames > frames_before  # the track goes on …
+    assert received.energy < 200  # … with silence
+
+
+async def test_barge_in_clears_bot_audio_and_tells_the_bot(party: Party, bot: TestBot) -> None:
+    customer = await party("u1")
+    await bot.wait_for("start")
+    fixture = utterances(["Sorry, I need to change that"], lead_s=1.0, tail_s=1.0)
+    speech = SpeechTrack(fixture.pcm)
+    customer.pc.addTrack(speech)
+    await customer.negotiate()
+    await bot.send(tone(8.0))
+    await bot.send({"type": "mark", "name": "long-answer"})
+    received = await customer.hears_tone(660)
+    interrupted = await bot.wait_for("interrupted", timeout=8)
+    assert interrupted["marks"] == ["long-answer"]
+    assert (await bot.next_text())["type"] == "speech.started"
+    await asyncio.sleep(0.5)
+    assert received.energy < 200  # the bot's voice stopped at the customer
+
+
+async def test_transfer_queues_and_the_bot_is_stopped_when_an_agent_accepts(
+    party: Party, bot: TestBot, server: GatewayServer
+) -> None:
+    customer = await party("u1")
+    await bot.wait_for("start")
+    agent = await Client.open(server.ws_url)
+    try:
+        await agent.send({"type": "join", "token": make_token("a1", "agent")})
+        await agent.expect("joined")
+        await agent.expect("queue", waiting=[])
+        await bot.send({"type": "chat", "text": "Let me get you a person."})
+        await bot.send({"type": "transfer", "reason": "wants_human"})
+        queue = await agent.wait_for("queue")
+        [entry] = queue["waiting"]
+        assert entry["conversation"] == "call-room" and entry["reason"] == "wants_human"
+        notice = await customer.wait_for("chat", text="Connecting you with a person. An agent will join shortly.")
+        assert notice["from"]["role"] == "system"
+        await customer.wait_for("queued", reason="wants_human")
+        await agent.send({"type": "accept", "conversation": "call-room"})
+        joined = await agent.wait_for("joined", conversation="call-room")
+        texts = [m["text"] for m in joined["history"]]
+        assert "Let me get you a person." in texts  # the agent sees what the bot said
+        stop = await bot.wait_for("stop")
+        assert stop == {"type": "stop", "reason": "transferred"}
+    finally:
+        await agent.close()
+
+
+async def test_customer_leaving_stops_the_bot(party: Party, bot: TestBot) -> None:
+    customer = await party("u1")
+    await bot.wait_for("start")
+    await customer.client.send({"type": "leave"})
+    assert await bot.wait_for("stop") == {"type": "stop", "reason": "customer_left"}
+
+
+async def test_malformed_bot_messages_are_answered_and_counted(
+    party: Party, bot: TestBot, server: GatewayServer
+) -> None:
+    customer = await party("u1")
+    await bot.wait_for("start")
+    for bad in ("{not json", '{"type": "dance"}', '{"type": "audio.format", "sample_rate": 44100}', '{"type":"chat"}'):
+        await bot.ws.send(bad)
+        error = await bot.wait_for("error")
+        assert error["code"] == "bad_request"
+    await bot.send({"type": "chat", "text": "still here"})
+    await customer.wait_for("chat", text="still here")
+    link = server.broker.bots.get("call-room")
+    assert link is not None and link.bad_messages == 4
+
+
+async def test_audio_over_the_buffer_limit_is_refused(party: Party, bot: TestBot, config: Config) -> None:
+    async with GatewayServer(dataclasses.replace(config, bot_max_buffer_seconds=1.0)) as small:
+        client = await Client.open(small.ws_url)
+        try:
+            await client.send({"type": "join", "token": make_token("u9", "customer", "small-room")})
+            await client.expect("joined")
+            await bot.wait_for("start")
+            await bot.send(tone(1.5))
+            error = await bot.wait_for("error")
+            assert error["code"] == "buffer_full" and "1 s" in error["message"]
+        finally:
+            await client.close()
+
+
+async def test_unreachable_bot_sends_the_customer_to_the_queue(party: Party, config: Config) -> None:
+    dead = dataclasses.replace(config, bot_url="ws://127.0.0.1:9/nobody", bot_connect_seconds=0.6)
+    async with GatewayServer(dead) as srv:
+        agent = await Client.open(srv.ws_url)
+        customer = await Client.open(srv.ws_url)
+        try:
+            await agent.send({"type": "join", "token": make_token("a1", "agent")})
+            await agent.expect("joined")
+            await agent.expect("queue", waiting=[])
+            await customer.send({"type": "join", "token": make_token("u1", "customer", "r-dead")})
+            await customer.expect("joined")
+            await customer.send({"type": "chat", "text": "hello?"})
+            assert (await customer.wait_for("chat", text="Connecting you…"))["from"]["role"] == "system"
+            queue = await agent.wait_for("queue", timeout=5)
+            assert [(e["conversation"], e["reason"]) for e in queue["waiting"]] == [("r-dead", "bot_unavailable")]
+            await customer.wait_for("queued", reason="bot_unavailable")
+            await agent.send({"type": "accept", "conversation": "r-dead"})
+            joined = await agent.wait_for("joined", conversation="r-dead")
+            assert "hello?" in [m["text"] for m in joined["history"]]  # nothing typed was lost
+        finally:
+            await agent.close()
+            await customer.close()
+
+
+async def test_a_bot_that_drops_is_dialled_again(party: Party, bot: TestBot) -> None:
+    await party("u1")
+    await bot.wait_for("start")
+    await bot.ws.close()
+    again = await bot.wait_for("start", timeout=5)
+    assert again["conversation"] == "call-room"
+    assert len(bot.connections) == 2
