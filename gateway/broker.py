@@ -378,7 +378,7 @@ class Broker:
                 peer.media.pipeline = pipeline
                 bot = self.bots.get(conversation)
                 if bot is not None:
-                    bot.attach(pipeline)
+                    bot.attach(pipeline, peer.media.taps)
             self.router.attach(peer.media)
         if not await peer.media.accept_offer(msg.sdp):
             self.metrics.offer_collisions.inc()

@@ -111,6 +111,14 @@ def _server_options(f: click.decorators.FC) -> click.decorators.FC:
             help="Speech bot websocket the gateway dials per conversation (ws:// or wss://).",
         ),
         click.option(
+            "--bot-protocol",
+            envvar="TALKGATE_BOT_PROTOCOL",
+            type=click.Choice(["native", "twilio"]),
+            default="native",
+            show_envvar=True,
+            help="How the bot is spoken to.",
+        ),
+        click.option(
             "--bot-barge-in/--no-bot-barge-in",
             "bot_barge_in",
             envvar="TALKGATE_BOT_BARGE_IN",

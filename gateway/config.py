@@ -53,6 +53,8 @@ class Config:
     vad_preroll_ms: int = 200
     #: The speech bot the gateway dials per conversation ("" = no bot).
     bot_url: str = ""
+    #: "native" (docs/bot-protocol.md) or "twilio" (Twilio Media Streams, bidirectional).
+    bot_protocol: str = "native"
     bot_name: str = "Assistant"
     bot_connect_seconds: float = 8.0
     bot_barge_in: bool = True
@@ -88,6 +90,8 @@ class Config:
             raise ConfigError(f"bad RTC address or network: {exc}") from None
         if self.bot_url and not self.bot_url.startswith(("ws://", "wss://")):
             raise ConfigError(f"the bot URL must start with ws:// or wss://, not {self.bot_url!r}")
+        if self.bot_protocol not in ("native", "twilio"):
+            raise ConfigError("bot_protocol must be native or twilio")
         if self.bot_connect_seconds < 0 or self.bot_max_buffer_seconds <= 0:
             raise ConfigError("bot_connect_seconds must be >= 0 and bot_max_buffer_seconds > 0")
         try:

@@ -122,5 +122,7 @@ class Router:
             }
             sink.route(wanted)
             audio = sink.sources.get("audio")
-            if sink.pipeline is not None and audio is not None and sink.pipeline.relay is not audio:
-                audio.subscribe(sink.pipeline)
+            if audio is not None:
+                for tap in (sink.pipeline, *sink.taps):
+                    if tap is not None and tap.relay is not audio:
+                        audio.subscribe(tap)

@@ -30,7 +30,7 @@ from aiortc.sdp import SessionDescription, candidate_from_sdp
 from media.ice import Network, candidate_allowed, filter_sdp_candidates
 from media.peerconnection import StablePeerConnection
 from media.pipeline import VoicePipeline
-from media.relay import OutputTrack, Relay
+from media.relay import OutputTrack, Relay, Subscriber
 
 from .errors import BadRequest
 from .messages import Participant
@@ -110,6 +110,8 @@ class MediaPeer:
         self._negotiating = False
         #: The voice pipeline tapping this participant's audio (customers), set by the broker.
         self.pipeline: VoicePipeline | None = None
+        #: Other taps on this participant's audio (a Twilio bot's continuous stream).
+        self.taps: list[Subscriber] = []
 
     @property
     def identity(self) -> str:

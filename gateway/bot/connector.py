@@ -22,15 +22,19 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from av import AudioFrame
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
+from media.convert import FrameConverter
 from media.pipeline import VoicePipeline
 from media.playback import PlaybackTrack
+from media.relay import MediaFrame, Relay, Subscriber
 from media.vad import Event, SpeechFrame, SpeechStarted, SpeechStopped
 
 from ..messages import Participant, Role
 from . import native
+from .native import BotProtocol
 
 log = logging.getLogger("talkgate.bot")
 
@@ -82,15 +86,13 @@ class BotConnector:
         customer: Participant,
         settings: BotSettings,
         host: BotHost,
-        sample_rate: int,
-        frame_ms: int,
+        protocol: BotProtocol,
     ) -> None:
         self.conversation = conversation
         self.customer = customer
         self.settings = settings
         self.host = host
-        self.sample_rate = sample_rate
-        self.frame_ms = frame_ms
+        self.protocol = protocol
         self.participant = Participant(identity="bot", role=Role.BOT.value, name=settings.name)
         self.playback = PlaybackTrack(max_seconds=settings.max_buffer_seconds)
         self.state = BotState.CONNECTING
@@ -116,7 +118,7 @@ class BotConnector:
         """Tell the bot why (``stop``), close the link, and end the task."""
         if self._stop_reason is None:
             self._stop_reason = reason
-            self._send_text({"type": "stop", "reason": reason})
+            self._send(self.protocol.stop(reason))
         if self._task is not None and not self._task.done():
             # Give the writer a moment to deliver stop; then end everything.
             with contextlib.suppress(TimeoutError):
@@ -128,31 +130,35 @@ class BotConnector:
 
     # -- from the gateway -------------------------------------------------------------------
 
-    def attach(self, pipeline: VoicePipeline) -> None:
-        """Stream this customer's speech to the bot (and barge in on it)."""
+    def attach(self, pipeline: VoicePipeline, taps: list[Subscriber]) -> None:
+        """Stream this customer's speech to the bot (and barge in on it).
+
+        A protocol that wants continuous audio (Twilio) also gets a tap on the
+        customer's audio, added to ``taps`` for the router to subscribe.
+        """
         pipeline.listeners.append(self._on_speech)
+        if self.protocol.continuous_rate is not None:
+            taps.append(ContinuousAudio(self, self.protocol.continuous_rate))
 
     def customer_chat(self, message: dict[str, Any]) -> None:
-        self._send_text(message)
+        self._send(self.protocol.chat(message))
 
     def _on_speech(self, event: Event) -> None:
         # Runs in the relay's reader task, once per 20 ms frame: no awaits, no JSON for frames.
         if isinstance(event, SpeechFrame):
-            self._send_binary(event.pcm)
+            self._send(self.protocol.speech_frame(event.pcm))
         elif isinstance(event, SpeechStarted):
             if self.settings.barge_in and self.playback.playing:
-                self._send_text({"type": "interrupted", "marks": self.playback.clear()})
-            self._send_text({"type": "speech.started", "t": event.t})
+                self._send(self.protocol.interrupted(self.playback.clear()))
+            self._send(self.protocol.speech_started(event.t))
         elif isinstance(event, SpeechStopped):
-            self._send_text({"type": "speech.stopped", "t": event.t, "duration_ms": event.duration})
+            self._send(self.protocol.speech_stopped(event.t, event.duration))
 
     # -- outbox -------------------------------------------------------------------------------
 
-    def _send_text(self, message: dict[str, Any]) -> None:
-        self._push(native.encode(message))
-
-    def _send_binary(self, pcm: bytes) -> None:
-        self._push(pcm)
+    def _send(self, items: list[str | bytes]) -> None:
+        for item in items:
+            self._push(item)
 
     def _push(self, item: str | bytes) -> None:
         if self.state is BotState.STOPPED:
@@ -208,9 +214,8 @@ class BotConnector:
     async def _serve(self, ws: ClientConnection) -> str:
         self._ws = ws
         self.state = BotState.ACTIVE
-        self._outbox.appendleft(
-            native.encode(native.start(self.conversation, self.customer, self.sample_rate, self.frame_ms))
-        )
+        for item in reversed(self.protocol.opening()):
+            self._outbox.appendleft(item)
         self._wake.set()
         writer = asyncio.create_task(self._write(ws))
         try:
@@ -239,37 +244,35 @@ class BotConnector:
     async def _read(self, ws: ClientConnection) -> str:
         try:
             async for data in ws:
-                if isinstance(data, bytes):
-                    self._play(data)
-                    continue
                 try:
-                    message = native.parse(data)
+                    action = self.protocol.parse(data)
                 except native.BotProtocolError as exc:
                     self.bad_messages += 1
                     log.warning("[%s] bad message from the bot: %s", self.conversation, exc)
-                    self._send_text({"type": "error", "code": "bad_request", "message": str(exc)})
+                    self._send(self.protocol.error("bad_request", str(exc)))
                     continue
-                outcome = await self._handle(message)
+                outcome = await self._handle(action)
                 if outcome is not None:
                     return outcome
         except ConnectionClosed:
             pass
         return self._stop_reason or "lost"
 
-    def _play(self, pcm: bytes) -> None:
-        accepted = self.playback.enqueue(pcm, self._rate)
+    def _play(self, pcm: bytes, rate: int) -> None:
+        accepted = self.playback.enqueue(pcm, rate)
         if accepted < len(pcm) - len(pcm) % 2:
-            self._send_text(
-                {
-                    "type": "error",
-                    "code": "buffer_full",
-                    "message": f"more than {self.settings.max_buffer_seconds:g} s of audio queued;"
+            self._send(
+                self.protocol.error(
+                    "buffer_full",
+                    f"more than {self.settings.max_buffer_seconds:g} s of audio queued;"
                     f" {len(pcm) - accepted} bytes were not queued",
-                }
+                )
             )
 
-    async def _handle(self, message: native.BotMessage) -> str | None:
+    async def _handle(self, message: native.Action) -> str | None:
         match message:
+            case native.Audio():
+                self._play(message.pcm, message.sample_rate or self._rate)
             case native.BotChat():
                 await self.host.bot_chat(self.conversation, self.participant, message.text)
             case native.AudioFormat():
@@ -277,7 +280,7 @@ class BotConnector:
             case native.BotMark():
                 self._mark(message.name)
             case native.Clear():
-                self.playback.clear()
+                self._send(self.protocol.cleared(self.playback.clear()))
             case native.Transcript():
                 self.host.bot_transcript(self.conversation, self.participant, message.text, message.final)
             case native.Transfer():
@@ -294,6 +297,26 @@ class BotConnector:
 
         def played(done: asyncio.Future[bool]) -> None:
             if not done.cancelled() and done.result():
-                self._send_text({"type": "mark", "name": name})
+                self._send(self.protocol.mark(name))
 
         future.add_done_callback(played)
+
+
+class ContinuousAudio:
+    """A tap on the customer's audio for protocols that stream it all (Twilio)."""
+
+    def __init__(self, connector: BotConnector, sample_rate: int) -> None:
+        self.connector = connector
+        self.sample_rate = sample_rate
+        self.relay: Relay | None = None
+        self._converter = FrameConverter(frame_ms=20, sample_rate=sample_rate)
+
+    def push(self, frame: MediaFrame) -> None:
+        if self.connector.state is BotState.STOPPED or not isinstance(frame, AudioFrame):
+            return
+        protocol = self.connector.protocol
+        for pcm in self._converter.feed(frame):
+            self.connector._send(protocol.audio(pcm.pcm, pcm.t))
+
+    def clear(self) -> None:
+        self._converter = FrameConverter(frame_ms=20, sample_rate=self.sample_rate)

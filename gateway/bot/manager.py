@@ -15,6 +15,8 @@ from .. import messages
 from ..errors import NotFound
 from ..messages import Participant, Role
 from .connector import BotConnector, BotSettings
+from .native import NativeProtocol
+from .twilio import TwilioProtocol
 
 if TYPE_CHECKING:
     from ..broker import Broker
@@ -54,19 +56,20 @@ class BotManager:
         if any(p.role == Role.AGENT for p in participants):
             return
         vad = self.broker.config.vad_settings()
+        protocol_class = TwilioProtocol if self.broker.config.bot_protocol == "twilio" else NativeProtocol
         bot = BotConnector(
             conversation=conversation,
             customer=customer,
             settings=self.settings,
             host=self,
-            sample_rate=vad.sample_rate,
-            frame_ms=vad.frame_ms,
+            protocol=protocol_class(conversation, customer, vad.sample_rate, vad.frame_ms),
         )
         self._links[conversation] = bot
         self.broker.router.add_virtual_source(conversation, bot.participant, bot.playback)
         for media in self.broker.router.peers(conversation):
             if media.pipeline is not None:
-                bot.attach(media.pipeline)
+                bot.attach(media.pipeline, media.taps)
+        self.broker.router.reconcile(conversation)
         task = bot.start()
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -8,7 +8,8 @@ transfer, upgrade, hangup) and binary frames of PCM16 mono at the announced rate
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
 
 import msgspec
 
@@ -86,3 +87,87 @@ def start(conversation: str, customer: Participant, sample_rate: int, frame_ms: 
         "customer": {"identity": customer.identity, "name": customer.name},
         "audio": {"encoding": "pcm_s16le", "sample_rate": sample_rate, "channels": 1, "frame_ms": frame_ms},
     }
+
+
+# -- the adapter the connector drives ---------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Audio:
+    """Bot audio to play: PCM16 mono at ``sample_rate`` (None: the announced rate)."""
+
+    pcm: bytes
+    sample_rate: int | None = None
+
+
+Action = BotMessage | Audio
+Outgoing = list[str | bytes]
+
+
+class BotProtocol(Protocol):
+    """How the connector's events become messages for one kind of bot, and back."""
+
+    name: str
+    continuous_rate: int | None
+
+    def opening(self) -> Outgoing: ...
+    def speech_started(self, t: int) -> Outgoing: ...
+    def speech_frame(self, pcm: bytes) -> Outgoing: ...
+    def speech_stopped(self, t: int, duration: int) -> Outgoing: ...
+    def audio(self, pcm: bytes, t: int) -> Outgoing: ...
+    def chat(self, message: dict[str, Any]) -> Outgoing: ...
+    def mark(self, name: str) -> Outgoing: ...
+    def interrupted(self, marks: list[str]) -> Outgoing: ...
+    def cleared(self, marks: list[str]) -> Outgoing: ...
+    def stop(self, reason: str) -> Outgoing: ...
+    def error(self, code: str, message: str) -> Outgoing: ...
+    def parse(self, data: str | bytes) -> Action: ...
+
+
+class NativeProtocol:
+    """talkgate's own bot protocol: VAD-gated speech segments, binary PCM both ways."""
+
+    name = "native"
+    #: Continuous audio rate wanted by the protocol (None: speech segments only).
+    continuous_rate: int | None = None
+
+    def __init__(self, conversation: str, customer: Participant, sample_rate: int, frame_ms: int) -> None:
+        self._start = encode(start(conversation, customer, sample_rate, frame_ms))
+
+    def opening(self) -> Outgoing:
+        return [self._start]
+
+    def speech_started(self, t: int) -> Outgoing:
+        return [encode({"type": "speech.started", "t": t})]
+
+    def speech_frame(self, pcm: bytes) -> Outgoing:
+        return [pcm]
+
+    def speech_stopped(self, t: int, duration: int) -> Outgoing:
+        return [encode({"type": "speech.stopped", "t": t, "duration_ms": duration})]
+
+    def audio(self, pcm: bytes, t: int) -> Outgoing:
+        return []
+
+    def chat(self, message: dict[str, Any]) -> Outgoing:
+        return [encode(message)]
+
+    def mark(self, name: str) -> Outgoing:
+        return [encode({"type": "mark", "name": name})]
+
+    def interrupted(self, marks: list[str]) -> Outgoing:
+        return [encode({"type": "interrupted", "marks": marks})]
+
+    def cleared(self, marks: list[str]) -> Outgoing:
+        return []  # the bot asked for it; nothing to report
+
+    def stop(self, reason: str) -> Outgoing:
+        return [encode({"type": "stop", "reason": reason})]
+
+    def error(self, code: str, message: str) -> Outgoing:
+        return [encode({"type": "error", "code": code, "message": message})]
+
+    def parse(self, data: str | bytes) -> Action:
+        if isinstance(data, bytes):
+            return Audio(data)
+        return parse(data)

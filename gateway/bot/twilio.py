@@ -1,0 +1,135 @@
+"""Twilio Media Streams compatibility (``--bot-protocol twilio``), field for field.
+
+Bots written for Twilio's bidirectional Media Streams work unchanged: the gateway sends
+``connected``, ``start`` (``streamSid``, ``callSid`` = conversation id, ``tracks:
+["inbound"]``, ``customParameters`` with the customer's identity and name,
+``mediaFormat`` μ-law 8 kHz mono), ``media`` every 20 ms (base64 μ-law of the customer's
+continuous audio, as Twilio sends it, not VAD-gated; ``track``, ``chunk``,
+``timestamp``), ``mark`` echoes and ``stop``, every one with a string
+``sequenceNumber``. It accepts ``media`` (played to the customer), ``mark`` and
+``clear``; as Twilio does, a ``clear`` sends back the marks it dropped.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import secrets
+from typing import Any
+
+from media.g711 import ulaw_decode, ulaw_encode
+
+from ..messages import Participant
+from .native import Action, Audio, BotMark, BotProtocolError, Clear, Outgoing
+
+RATE = 8_000
+
+
+class TwilioProtocol:
+    name = "twilio"
+    continuous_rate: int | None = RATE
+
+    def __init__(self, conversation: str, customer: Participant, sample_rate: int, frame_ms: int) -> None:
+        self.conversation = conversation
+        self.customer = customer
+        self.stream_sid = "MZ" + secrets.token_hex(16)
+        self.account_sid = "AC" + secrets.token_hex(16)
+        self._sequence = 0
+        self._chunk = 0
+        self._first_t: int | None = None
+
+    def _next(self) -> str:
+        self._sequence += 1
+        return str(self._sequence)
+
+    def _event(self, event: str, body: dict[str, Any] | None = None, **extra: Any) -> str:
+        message: dict[str, Any] = {"event": event, "sequenceNumber": self._next(), **extra}
+        if body is not None:
+            message[event] = body
+        message["streamSid"] = self.stream_sid
+        return json.dumps(message, separators=(",", ":"))
+
+    def opening(self) -> Outgoing:
+        self._sequence = 0
+        connected = json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"})
+        start = self._event(
+            "start",
+            {
+                "accountSid": self.account_sid,
+                "streamSid": self.stream_sid,
+                "callSid": self.conversation,
+                "tracks": ["inbound"],
+                "customParameters": {"identity": self.customer.identity, "name": self.customer.name},
+                "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": RATE, "channels": 1},
+            },
+        )
+        return [connected, start]
+
+    # Twilio streams continuous audio: speech segments are not sent as such.
+    def speech_started(self, t: int) -> Outgoing:
+        return []
+
+    def speech_frame(self, pcm: bytes) -> Outgoing:
+        return []
+
+    def speech_stopped(self, t: int, duration: int) -> Outgoing:
+        return []
+
+    def audio(self, pcm: bytes, t: int) -> Outgoing:
+        if self._first_t is None:
+            self._first_t = t
+        self._chunk += 1
+        media = {
+            "track": "inbound",
+            "chunk": str(self._chunk),
+            "timestamp": str(t - self._first_t),
+            "payload": base64.b64encode(ulaw_encode(pcm)).decode(),
+        }
+        return [self._event("media", media)]
+
+    def chat(self, message: dict[str, Any]) -> Outgoing:
+        return []  # Media Streams carry no chat
+
+    def mark(self, name: str) -> Outgoing:
+        return [self._event("mark", {"name": name})]
+
+    def interrupted(self, marks: list[str]) -> Outgoing:
+        # The gateway cleared the bot's audio (barge-in), as a Twilio clear would: echo the marks.
+        return self.cleared(marks)
+
+    def cleared(self, marks: list[str]) -> Outgoing:
+        return [self._event("mark", {"name": name}) for name in marks]
+
+    def stop(self, reason: str) -> Outgoing:
+        return [self._event("stop", {"accountSid": self.account_sid, "callSid": self.conversation})]
+
+    def error(self, code: str, message: str) -> Outgoing:
+        return []  # Twilio sends no errors on the stream; the gateway logs them
+
+    def parse(self, data: str | bytes) -> Action:
+        if isinstance(data, bytes):
+            raise BotProtocolError("Twilio Media Streams messages are JSON text")
+        try:
+            message = json.loads(data)
+        except ValueError:
+            raise BotProtocolError("not JSON") from None
+        if not isinstance(message, dict):
+            raise BotProtocolError("a message must be a JSON object")
+        event = message.get("event")
+        if event == "media":
+            payload = (message.get("media") or {}).get("payload")
+            if not isinstance(payload, str):
+                raise BotProtocolError("media without a payload")
+            try:
+                return Audio(ulaw_decode(base64.b64decode(payload, validate=True)), RATE)
+            except binascii.Error:
+                raise BotProtocolError("media payload is not base64") from None
+        if event == "mark":
+            name = (message.get("mark") or {}).get("name")
+            if not isinstance(name, str) or not name:
+                raise BotProtocolError("mark without a name")
+            return BotMark(name=name)
+        if event == "clear":
+            return Clear()
+        raise BotProtocolError(f"unsupported event {str(event)[:40]!r}")
