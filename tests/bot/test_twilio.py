@@ -1,0 +1,120 @@
+"""Twilio Media Streams mode, checked by a bot written from Twilio's published message schema."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+
+from gateway.config import Config
+from media.g711 import ulaw_decode, ulaw_encode
+from tests.bot.conftest import TestBot
+from tests.conftest import Party, listen_only, start_audio
+
+
+@pytest.fixture
+def config(config: Config) -> Config:
+    return dataclasses.replace(config, bot_protocol="twilio")
+
+
+async def next_event(bot: TestBot, event: str, timeout: float = 5.0) -> dict[str, Any]:
+    async with asyncio.timeout(timeout):
+        while True:
+            message = await bot.next_text(timeout)
+            if message.get("event") == event:
+                return message
+
+
+def dominant_hz(pcm: bytes, rate: int = 8000) -> float:
+    data = np.frombuffer(pcm, dtype="<i2").astype(np.float64)
+    spectrum = np.abs(np.fft.rfft(data * np.hanning(len(data))))
+    return float(np.fft.rfftfreq(len(data), 1 / rate)[int(np.argmax(spectrum))])
+
+
+def ulaw_tone(seconds: float, hz: float = 660) -> str:
+    t = np.arange(int(seconds * 8000)) / 8000
+    pcm = (9000 * np.sin(2 * np.pi * hz * t)).astype("<i2").tobytes()
+    return base64.b64encode(ulaw_encode(pcm)).decode()
+
+
+async def test_connected_start_and_continuous_media_field_for_field(party: Party, bot: TestBot) -> None:
+    customer = await party("u1")
+    connected = await bot.next_text()
+    assert connected == {"event": "connected", "protocol": "Call", "version": "1.0.0"}
+    start = await bot.next_text()
+    assert start["event"] == "start" and start["sequenceNumber"] == "1"
+    body = start["start"]
+    assert start["streamSid"] == body["streamSid"] and body["streamSid"].startswith("MZ")
+    assert body["accountSid"].startswith("AC")
+    assert body["callSid"] == "call-room"
+    assert body["tracks"] == ["inbound"]
+    assert body["customParameters"] == {"identity": "u1", "name": "u1"}
+    assert body["mediaFormat"] == {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}
+
+    await start_audio(customer, 440)  # continuous audio: a tone is streamed, VAD or not
+    media = [await next_event(bot, "media", timeout=8)]
+    arrival = [time.monotonic()]
+    while len(media) < 100:
+        media.append(await next_event(bot, "media"))
+        arrival.append(time.monotonic())
+    sequence = [int(m["sequenceNumber"]) for m in media]
+    assert sequence == list(range(sequence[0], sequence[0] + 100))
+    assert all(isinstance(m["sequenceNumber"], str) for m in media)
+    assert [m["media"]["chunk"] for m in media] == [str(int(media[0]["media"]["chunk"]) + i) for i in range(100)]
+    stamps = [int(m["media"]["timestamp"]) for m in media]
+    assert np.diff(stamps).tolist() == [20] * 99  # 20 ms of audio each
+    assert all(m["media"]["track"] == "inbound" and m["streamSid"] == body["streamSid"] for m in media)
+    payloads = [base64.b64decode(m["media"]["payload"]) for m in media]
+    assert all(len(p) == 160 for p in payloads)  # 20 ms of 8 kHz μ-law
+    assert abs(dominant_hz(ulaw_decode(b"".join(payloads[-25:]))) - 440) < 30
+    # Real-time cadence: 100 messages of 20 ms arrive over about two seconds.
+    assert 1.4 < arrival[-1] - arrival[0] < 2.6
+
+
+async def test_media_from_the_bot_is_played_marks_echo_and_clear_returns_marks(party: Party, bot: TestBot) -> None:
+    customer = await party("u1")
+    start = (await next_event(bot, "start"))["start"]
+    sid = start["streamSid"]
+    await listen_only(customer)
+    await bot.send({"event": "media", "streamSid": sid, "media": {"payload": ulaw_tone(0.6)}})
+    await bot.send({"event": "mark", "streamSid": sid, "mark": {"name": "said-hello"}})
+    await customer.hears_tone(660)
+    echoed = await next_event(bot, "mark")
+    assert echoed["mark"] == {"name": "said-hello"} and echoed["streamSid"] == sid
+    assert isinstance(echoed["sequenceNumber"], str)
+
+    await bot.send({"event": "media", "streamSid": sid, "media": {"payload": ulaw_tone(5.0)}})
+    await bot.send({"event": "mark", "streamSid": sid, "mark": {"name": "long"}})
+    await bot.send({"event": "clear", "streamSid": sid})
+    cleared = await next_event(bot, "mark")
+    assert cleared["mark"] == {"name": "long"}  # as Twilio does: a clear returns its marks
+
+
+async def test_stop_when_the_customer_leaves(party: Party, bot: TestBot) -> None:
+    customer = await party("u1")
+    start = (await next_event(bot, "start"))["start"]
+    await customer.client.send({"type": "leave"})
+    stop = await next_event(bot, "stop")
+    assert stop["streamSid"] == start["streamSid"]
+    assert stop["stop"] == {"accountSid": start["accountSid"], "callSid": "call-room"}
+    assert int(stop["sequenceNumber"]) > 1
+
+
+async def test_malformed_twilio_messages_do_not_break_the_call(party: Party, bot: TestBot) -> None:
+    customer = await party("u1")
+    sid = (await next_event(bot, "start"))["start"]["streamSid"]
+    await listen_only(customer)
+    for bad in (
+        "nope",
+        '{"event":"media","media":{}}',
+        '{"event":"media","media":{"payload":"***"}}',
+        '{"event":"dtmf"}',
+    ):
+        await bot.ws.send(bad)
+    await bot.send({"event": "media", "streamSid": sid, "media": {"payload": ulaw_tone(1.0)}})
+    await customer.hears_tone(660)
