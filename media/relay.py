@@ -30,6 +30,11 @@ log = logging.getLogger("talkgate.media.relay")
 #: Frames an output may hold before dropping the oldest: 200 ms of 20 ms audio
 #: frames; a single frame of video (only the latest picture matters).
 QUEUE_FRAMES = {"audio": 10, "video": 1}
+#: Live media must not lag: a reader that finds more than this many frames waiting
+#: (it started late, or stalled) skips to the newest CATCH_UP_TO instead of keeping a
+#: standing backlog, which would add its length to the latency for the rest of the call.
+MAX_BACKLOG = {"audio": 3, "video": 1}
+CATCH_UP_TO = {"audio": 2, "video": 1}
 
 #: What a track's recv() yields: decoded frames, or encoded packets for pass-through.
 MediaFrame: TypeAlias = "Frame | Packet[Any]"
@@ -52,6 +57,8 @@ class OutputTrack(MediaStreamTrack):
         super().__init__()
         self.kind = kind
         self._frames: collections.deque[MediaFrame] = collections.deque(maxlen=QUEUE_FRAMES[kind])
+        self._max_backlog = MAX_BACKLOG[kind]
+        self._catch_up_to = CATCH_UP_TO[kind]
         self._ready = asyncio.Event()
         #: The relay currently feeding this output (None: silent, the sender idles).
         self.relay: Relay | None = None
@@ -73,6 +80,10 @@ class OutputTrack(MediaStreamTrack):
                 raise MediaStreamError
             self._ready.clear()
             await self._ready.wait()
+        if len(self._frames) > self._max_backlog:
+            while len(self._frames) > self._catch_up_to:
+                self._frames.popleft()
+                self.dropped += 1
         return self._frames.popleft()
 
     def stop(self) -> None:

@@ -17,6 +17,8 @@ from av import AudioFrame, VideoFrame
 from tests.client import TIMEOUT, Client
 
 RATE = 48_000
+#: RMS above which a received frame counts as sound (for latency measurements).
+LOUD = 300.0
 SAMPLES = 960  # 20 ms
 
 
@@ -59,6 +61,13 @@ class SpeechTrack(AudioStreamTrack):
         self.samples = rate // 50
         self._n = 0
         self._t0: float | None = None
+        self._started = asyncio.Event()
+
+    async def started(self) -> float:
+        """time.monotonic() at which the first frame was sent (sample k goes at t0 + k/rate)."""
+        await self._started.wait()
+        assert self._t0 is not None
+        return self._t0
 
     async def recv(self) -> AudioFrame:
         if self.readyState != "live":
@@ -66,6 +75,7 @@ class SpeechTrack(AudioStreamTrack):
         now = time.monotonic()
         if self._t0 is None:
             self._t0 = now
+            self._started.set()
         else:
             await asyncio.sleep(self._t0 + self._n / self.rate - now)
         chunk = self.pcm[self._n : self._n + self.samples]
@@ -106,6 +116,8 @@ class Received:
     energy: float = 0.0  # RMS of the latest audio frames
     samples: list[np.ndarray[Any, Any]] = field(default_factory=list)
     first: asyncio.Event = field(default_factory=asyncio.Event)
+    #: perf_counter() of each frame whose RMS rose above LOUD after a quiet frame.
+    loud_onsets: list[float] = field(default_factory=list)
 
     def dominant_hz(self) -> float:
         data = np.concatenate(self.samples[-25:]).astype(np.float64)
@@ -153,7 +165,10 @@ class RtcClient:
                 received.frames += 1
                 if isinstance(frame, AudioFrame):
                     samples = frame.to_ndarray().reshape(-1)[::2]  # left channel of interleaved s16
+                    was_quiet = received.energy < LOUD
                     received.energy = float(np.sqrt(np.mean(samples.astype(np.float64) ** 2)))
+                    if was_quiet and received.energy >= LOUD:
+                        received.loud_onsets.append(time.perf_counter())
                     received.samples.append(samples)
                     del received.samples[:-50]
                 received.first.set()

@@ -79,3 +79,17 @@ def test_pipeline_benchmark_runs_and_finds_the_utterances() -> None:
     for key in ("us_per_frame", "c_work_us_per_frame", "opus_decode_us", "resample_us", "webrtcvad_us"):
         assert result[key] > 0, key
     assert abs(result["ratio_total_to_c"] - result["us_per_frame"] / result["c_work_us_per_frame"]) < 0.02
+
+
+def test_bot_latency_benchmark_runs_and_hears_the_echo() -> None:
+    out = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bot_latency.py"), "--utterances", "1", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["segments_at_bot"] == 1 and result["echoes_heard"] == 1
+    assert result["speech_end_to_speech_stopped"]["median_ms"] > 0
+    assert result["bot_audio_to_client"]["median_ms"] > 0
