@@ -345,11 +345,11 @@ class Broker:
             del room[me.identity]
             if not room:
                 del self._rooms[conversation]
-        result = await self.store.remove_participant(conversation, me.identity)
         if me.role == Role.CUSTOMER and self.bots.get(conversation) is not None:
-            remaining = await self.store.participants(conversation) or []
-            if not any(p.role == Role.CUSTOMER for p in remaining):
-                await self.bots.stop(conversation, "customer_left")
+            others = await self.store.participants(conversation) or []
+            if not any(p.role == Role.CUSTOMER and p.identity != me.identity for p in others):
+                await self.bots.stop(conversation, "customer_left")  # before the last customer goes
+        result = await self.store.remove_participant(conversation, me.identity)
         if result.conversation_removed:
             self._media.pop(conversation, None)
             for request in [u for u in self._upgrades.values() if u.conversation == conversation]:
@@ -443,6 +443,28 @@ class Broker:
         self.broadcast(
             conversation, {"type": "upgrade.request", "id": request.id, "media": media, "from": sender.as_dict()}
         )
+        for participant in participants:
+            accept = self.bots.answers_upgrade(conversation, participant.identity, media)
+            if accept is not None:
+                self._reply_upgrade(request, participant, accept)
+
+    def _reply_upgrade(
+        self, request: UpgradeRequest, replier: Participant, accept: bool, skip: Peer | None = None
+    ) -> None:
+        request.waiting.discard(replier.identity)
+        if not request.waiting:
+            self._upgrades.pop(request.id, None)
+        self.broadcast(
+            request.conversation,
+            {
+                "type": "upgrade.reply",
+                "id": request.id,
+                "media": request.media,
+                "accept": accept,
+                "from": replier.as_dict(),
+            },
+            skip=skip,
+        )
 
     async def upgrade_reply(self, peer: Peer, msg: messages.UpgradeReply) -> None:
         me = _me(peer)
@@ -453,20 +475,7 @@ class Broker:
             if me.identity == request.sender.identity:
                 raise Forbidden("you cannot answer your own upgrade request")
             raise Conflict("you have already answered this upgrade request")
-        request.waiting.discard(me.identity)
-        if not request.waiting:
-            del self._upgrades[request.id]
-        self.broadcast(
-            request.conversation,
-            {
-                "type": "upgrade.reply",
-                "id": request.id,
-                "media": request.media,
-                "accept": msg.accept,
-                "from": me.as_dict(),
-            },
-            skip=peer,
-        )
+        self._reply_upgrade(request, me, msg.accept, skip=peer)
 
     async def hand_over(self, conversation: str, reason: str, notice: str) -> None:
         """Put a bot conversation in the agent queue and tell the customer."""

@@ -133,7 +133,7 @@ def _server_options(f: click.decorators.FC) -> click.decorators.FC:
     return f
 
 
-def _serve(log_level: str, **settings: Any) -> None:
+def _serve(log_level: str, echo_bot: bool = False, **settings: Any) -> None:
     configure_logging(log_level.upper())
     settings["rtc_addresses"] = settings["rtc_addresses"] or None  # none given: every interface
     try:
@@ -141,7 +141,7 @@ def _serve(log_level: str, **settings: Any) -> None:
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     try:
-        run(config)
+        run(config, echo_bot=echo_bot)
     except OSError as exc:  # e.g. the port is taken
         log.error("cannot serve on %s:%s: %s", config.host, config.port, exc)
         sys.exit(1)
@@ -160,10 +160,13 @@ def serve(**settings: Any) -> None:
 
 @main.command()
 @click.option("--port", envvar="TALKGATE_PORT", default=0, show_envvar=True, help="Port; 0 picks a free one.")
+@click.option("--bot/--no-bot", "echo_bot", default=True, help="Run the echo bot for customers to talk to.")
 @_server_options
-def demo(**settings: Any) -> None:
-    """Run a self-contained demo (dev mode on localhost); open the printed URL."""
-    _serve(dev=True, **settings)
+def demo(echo_bot: bool, **settings: Any) -> None:
+    """Run a self-contained demo (dev mode on localhost, with a bot); open the printed URL."""
+    if echo_bot and settings.get("bot_url"):
+        echo_bot = False  # a bot of your own was given
+    _serve(dev=True, echo_bot=echo_bot, **settings)
 
 
 @main.command()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import signal
 from types import TracebackType
@@ -13,6 +15,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from media import audiolevel, ice
 
 from . import __version__
+from .bot import echo
 from .broker import Broker
 from .config import Config
 from .http import WS_PATH, Routes
@@ -106,12 +109,20 @@ def configure_logging(level: str = "INFO") -> None:
     logging.getLogger("websockets").setLevel(logging.WARNING)
 
 
-async def serve_until_signalled(config: Config) -> None:
+async def serve_until_signalled(config: Config, *, echo_bot: bool = False) -> None:
+    """Serve until SIGINT/SIGTERM; ``echo_bot`` also runs the echo reference bot (the demo)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with GatewayServer(config) as server:
+    async with contextlib.AsyncExitStack() as stack:
+        if echo_bot:
+            bot_server = await stack.enter_async_context(
+                serve(echo.handle, "127.0.0.1", 0, max_size=2**20, compression=None)
+            )
+            port = bot_server.sockets[0].getsockname()[1]
+            config = dataclasses.replace(config, bot_url=f"ws://127.0.0.1:{port}/", bot_name="Echo bot")
+        server = await stack.enter_async_context(GatewayServer(config))
         log.info("talkgate listening on %s", server.url)
         if config.dev:
             log.warning(
@@ -119,10 +130,12 @@ async def serve_until_signalled(config: Config) -> None:
                 "Never expose this server to a network."
             )
             log.info("customer page: %s/   agent console: %s/agent", server.url, server.url)
+        if echo_bot:
+            log.info("demo bot: it repeats what you say and type; 'Talk to a human' hands over to an agent")
         await stop.wait()
         log.info("shutting down")
 
 
-def run(config: Config) -> None:
+def run(config: Config, *, echo_bot: bool = False) -> None:
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(serve_until_signalled(config))
+        runner.run(serve_until_signalled(config, echo_bot=echo_bot))

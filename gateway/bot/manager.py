@@ -65,6 +65,9 @@ class BotManager:
             protocol=protocol_class(conversation, customer, vad.sample_rate, vad.frame_ms),
         )
         self._links[conversation] = bot
+        # The bot is a participant: the customer sees it join, and can call it.
+        await self.broker.store.add_participant(conversation, bot.participant)
+        self.broker.broadcast(conversation, messages.participant_event("joined", conversation, bot.participant))
         self.broker.router.add_virtual_source(conversation, bot.participant, bot.playback)
         for media in self.broker.router.peers(conversation):
             if media.pipeline is not None:
@@ -78,7 +81,20 @@ class BotManager:
         bot = self._links.pop(conversation, None)
         if bot is not None:
             await bot.stop(reason)
-            await self.broker.router.remove_virtual_source(conversation, bot.participant.identity)
+            await self._leave(conversation, bot)
+
+    async def _leave(self, conversation: str, bot: BotConnector) -> None:
+        await self.broker.router.remove_virtual_source(conversation, bot.participant.identity)
+        result = await self.broker.store.remove_participant(conversation, bot.participant.identity)
+        if result.left and not result.conversation_removed:
+            self.broker.broadcast(conversation, messages.participant_event("left", conversation, bot.participant))
+
+    def answers_upgrade(self, conversation: str, identity: str, media: str) -> bool | None:
+        """The bot's own answer to an upgrade request addressed to it (None: not the bot)."""
+        bot = self._links.get(conversation)
+        if bot is None or identity != bot.participant.identity:
+            return None
+        return media == "audio"  # it talks; it cannot see
 
     async def close(self) -> None:
         """Server shutdown: every bot gets ``stop`` (shutdown) and every bot task ends."""
@@ -108,7 +124,7 @@ class BotManager:
         if self._links.get(conversation) is not connector:
             return  # stopped by the gateway, which cleans up itself
         del self._links[conversation]
-        await self.broker.router.remove_virtual_source(conversation, connector.participant.identity)
+        await self._leave(conversation, connector)
         if reason == "unavailable":
             await self.broker.hand_over(
                 conversation, "bot_unavailable", "Our assistant is unavailable right now. An agent will join shortly."

@@ -208,3 +208,22 @@ async def test_a_bot_that_drops_is_dialled_again(party: Party, bot: TestBot) -> 
     again = await bot.wait_for("start", timeout=5)
     assert again["conversation"] == "call-room"
     assert len(bot.connections) == 2
+
+
+async def test_the_bot_is_a_participant_that_answers_upgrades(
+    party: Party, bot: TestBot, server: GatewayServer
+) -> None:
+    customer = await party("u1")
+    joined = await customer.wait_for("participant.joined", identity="bot")
+    assert joined["role"] == "bot" and joined["name"] == "Assistant"
+    await bot.wait_for("start")
+    await customer.client.send({"type": "upgrade", "media": "audio"})
+    reply = await customer.wait_for("upgrade.reply")
+    assert reply["accept"] is True and reply["from"]["identity"] == "bot"  # it talks
+    await customer.client.send({"type": "upgrade", "media": "video"})
+    reply = await customer.wait_for("upgrade.reply", media="video")
+    assert reply["accept"] is False  # it cannot see
+    await customer.client.send({"type": "leave"})
+    await bot.wait_for("stop")
+    await customer.wait_for("left")
+    assert (await server.health())["conversations"] == 0  # the bot did not keep it alive

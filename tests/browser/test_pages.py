@@ -113,8 +113,11 @@ def test_demo_mode_needs_no_tokens(dev_gateway: GatewayProcess, new_page: NewPag
     box = customer.locator("#widget").bounding_box()
     assert box is not None and box["width"] == 390  # the widget fills a phone screen
     send(customer, "Is anybody there?")
+    # The demo's bot answers first.
+    expect(customer.locator(".msg.role-bot .msg-bubble")).to_have_text(["You said: Is anybody there?"])
     customer.click("#escalate")
     agent.locator(".queue-item button.accept").click()
-    expect(agent.locator("#messages .msg.other .msg-bubble")).to_have_text(["Is anybody there?"])
+    expect(agent.locator("#messages .msg.role-customer .msg-bubble")).to_have_text(["Is anybody there?"])
+    expect(agent.locator("#messages .msg.role-bot .msg-bubble")).to_have_text(["You said: Is anybody there?"])
     send(agent, "Yes, Dee here.")
     expect(customer.locator(".msg.role-agent .msg-bubble")).to_have_text(["Yes, Dee here."])
