@@ -37,34 +37,35 @@ def test_issue_refuses_bad_grants(kwargs: dict[str, object], says: str) -> None:
         tokens.issue(SECRET, **kwargs)  # type: ignore[arg-type]
 
 
-def _sign(claims: dict[str, object], key: str = SECRET, alg: str = "HS256") -> str:
-    return jwt.encode(claims, key, algorithm=alg)
-
-
-NOW = time.time()
-
-
+# Claims with exp/nbf as offsets from the moment the test runs: signed in the test, so
+# a long suite cannot let them expire before they are checked.
 @pytest.mark.parametrize(
-    ("token", "says"),
+    ("claims", "key", "alg", "says"),
     [
-        (_sign({"sub": "u", "role": "customer", "room": "r", "exp": NOW - 60}), "expired"),
-        (_sign({"sub": "u", "role": "customer", "room": "r", "exp": NOW + 60, "nbf": NOW + 600}), "not yet valid"),
-        (_sign({"sub": "u", "role": "customer", "room": "r", "exp": NOW + 60}, "k" * 32), "signature"),
-        (_sign({"sub": "u", "role": "customer", "room": "r", "exp": NOW + 60}, SECRET, "HS512"), "HS256"),
-        (jwt.encode({"sub": "u", "role": "agent", "exp": NOW + 60}, "", algorithm="none"), "HS256"),
-        (_sign({"sub": "u", "role": "customer", "room": "r"}), "'exp'"),
-        (_sign({"role": "customer", "room": "r", "exp": NOW + 60}), "'sub'"),
-        (_sign({"sub": "u", "room": "r", "exp": NOW + 60}), "'role'"),
-        (_sign({"sub": "u", "role": "customer", "exp": NOW + 60}), "room"),
-        (_sign({"sub": "u", "role": "root", "exp": NOW + 60}), "role"),
-        (_sign({"sub": "", "role": "agent", "exp": NOW + 60}), "sub"),
-        (_sign({"sub": 5, "role": "agent", "exp": NOW + 60}), "malformed"),
-        (_sign({"sub": "u", "role": "agent", "room": 3, "exp": NOW + 60}), "room"),
-        ("a.b.c", "malformed"),
-        ("", "malformed"),
+        ({"sub": "u", "role": "customer", "room": "r", "exp": -60}, SECRET, "HS256", "expired"),
+        ({"sub": "u", "role": "customer", "room": "r", "exp": 60, "nbf": 600}, SECRET, "HS256", "not yet valid"),
+        ({"sub": "u", "role": "customer", "room": "r", "exp": 60}, "k" * 32, "HS256", "signature"),
+        ({"sub": "u", "role": "customer", "room": "r", "exp": 60}, SECRET, "HS512", "HS256"),
+        ({"sub": "u", "role": "agent", "exp": 60}, "", "none", "HS256"),
+        ({"sub": "u", "role": "customer", "room": "r"}, SECRET, "HS256", "'exp'"),
+        ({"role": "customer", "room": "r", "exp": 60}, SECRET, "HS256", "'sub'"),
+        ({"sub": "u", "room": "r", "exp": 60}, SECRET, "HS256", "'role'"),
+        ({"sub": "u", "role": "customer", "exp": 60}, SECRET, "HS256", "room"),
+        ({"sub": "u", "role": "root", "exp": 60}, SECRET, "HS256", "role"),
+        ({"sub": "", "role": "agent", "exp": 60}, SECRET, "HS256", "sub"),
+        ({"sub": 5, "role": "agent", "exp": 60}, SECRET, "HS256", "malformed"),
+        ({"sub": "u", "role": "agent", "room": 3, "exp": 60}, SECRET, "HS256", "room"),
+        ("a.b.c", SECRET, "HS256", "malformed"),
+        ("", SECRET, "HS256", "malformed"),
     ],
 )
-def test_verify_refuses(token: str, says: str) -> None:
+def test_verify_refuses(claims: dict[str, object] | str, key: str, alg: str, says: str) -> None:
+    if isinstance(claims, str):
+        token = claims
+    else:
+        now = time.time()
+        timed = {k: now + v if k in ("exp", "nbf") and isinstance(v, int) else v for k, v in claims.items()}
+        token = jwt.encode(timed, key, algorithm=alg)
     with pytest.raises(Unauthorized, match=says) as info:
         tokens.verify(SECRET, token)
     assert SECRET not in str(info.value)
