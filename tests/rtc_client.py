@@ -19,44 +19,13 @@ from tests.client import TIMEOUT, Client
 RATE = 48_000
 #: RMS above which a received frame counts as sound (for latency measurements).
 LOUD = 300.0
-SAMPLES = 960  # 20 ms
 
 
-class ToneTrack(AudioStreamTrack):
-    """A sine tone in 20 ms frames, paced in real time from its own timestamps."""
+class PacedAudioTrack(AudioStreamTrack):
+    """20 ms mono s16 frames in real time, paced from the track's own sample count."""
 
-    def __init__(self, frequency: float, amplitude: int = 8000) -> None:
+    def __init__(self, rate: int) -> None:
         super().__init__()
-        self.frequency = frequency
-        self.amplitude = amplitude
-        self._n = 0
-        self._t0: float | None = None
-
-    async def recv(self) -> AudioFrame:
-        if self.readyState != "live":
-            raise MediaStreamError
-        now = time.monotonic()
-        if self._t0 is None:
-            self._t0 = now
-        else:
-            await asyncio.sleep(self._t0 + self._n / RATE - now)
-        pts = self._n
-        t = (np.arange(SAMPLES) + self._n) / RATE
-        self._n += SAMPLES
-        samples = (self.amplitude * np.sin(2 * np.pi * self.frequency * t)).astype(np.int16)
-        frame = AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = RATE
-        frame.pts = pts
-        frame.time_base = fractions.Fraction(1, RATE)
-        return frame
-
-
-class SpeechTrack(AudioStreamTrack):
-    """Plays a 16 kHz int16 recording once in real time, then silence."""
-
-    def __init__(self, pcm: np.ndarray, rate: int = 16_000) -> None:
-        super().__init__()
-        self.pcm = pcm
         self.rate = rate
         self.samples = rate // 50
         self._n = 0
@@ -69,6 +38,10 @@ class SpeechTrack(AudioStreamTrack):
         assert self._t0 is not None
         return self._t0
 
+    def next_samples(self, n: int, count: int) -> np.ndarray:
+        """The int16 samples n .. n+count-1."""
+        raise NotImplementedError
+
     async def recv(self) -> AudioFrame:
         if self.readyState != "live":
             raise MediaStreamError
@@ -78,15 +51,40 @@ class SpeechTrack(AudioStreamTrack):
             self._started.set()
         else:
             await asyncio.sleep(self._t0 + self._n / self.rate - now)
-        chunk = self.pcm[self._n : self._n + self.samples]
-        if len(chunk) < self.samples:
-            chunk = np.concatenate([chunk, np.zeros(self.samples - len(chunk), np.int16)])
-        frame = AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
+        samples = self.next_samples(self._n, self.samples)
+        frame = AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
         frame.sample_rate = self.rate
         frame.pts = self._n
         frame.time_base = fractions.Fraction(1, self.rate)
         self._n += self.samples
         return frame
+
+
+class ToneTrack(PacedAudioTrack):
+    """A sine tone."""
+
+    def __init__(self, frequency: float, amplitude: int = 8000) -> None:
+        super().__init__(RATE)
+        self.frequency = frequency
+        self.amplitude = amplitude
+
+    def next_samples(self, n: int, count: int) -> np.ndarray:
+        t = (np.arange(count) + n) / self.rate
+        return (self.amplitude * np.sin(2 * np.pi * self.frequency * t)).astype(np.int16)
+
+
+class SpeechTrack(PacedAudioTrack):
+    """Plays a 16 kHz int16 recording once, then silence."""
+
+    def __init__(self, pcm: np.ndarray, rate: int = 16_000) -> None:
+        super().__init__(rate)
+        self.pcm = pcm
+
+    def next_samples(self, n: int, count: int) -> np.ndarray:
+        chunk = self.pcm[n : n + count]
+        if len(chunk) < count:
+            chunk = np.concatenate([chunk, np.zeros(count - len(chunk), np.int16)])
+        return chunk
 
 
 class PatternTrack(VideoStreamTrack):

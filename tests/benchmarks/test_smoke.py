@@ -6,31 +6,26 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 BENCHMARKS = Path(__file__).parents[2] / "benchmarks"
 
 
-def test_signaling_benchmark_runs_and_reports_every_figure() -> None:
+def run_benchmark(script: str, *args: str, timeout: float = 180) -> dict[str, Any]:
+    """Run a benchmark with --json; its last output line is the JSON result."""
     out = subprocess.run(
-        [
-            sys.executable,
-            str(BENCHMARKS / "signaling.py"),
-            "--joins",
-            "20",
-            "--concurrency",
-            "5",
-            "--fanout",
-            "5",
-            "--messages",
-            "10",
-            "--json",
-        ],
+        [sys.executable, str(BENCHMARKS / script), *args, "--json"],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
         check=True,
     ).stdout
-    result = json.loads(out)
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+def test_signaling_benchmark_runs_and_reports_every_figure() -> None:
+    result = run_benchmark("signaling.py", "--joins", "20", "--concurrency", "5", "--fanout", "5", "--messages", "10")
     assert result["join_latency"]["joins"] == 20
     assert result["join_latency"]["join_to_joined"]["median_ms"] > 0
     assert result["join_rate"]["joins_per_s"] > 0
@@ -40,26 +35,7 @@ def test_signaling_benchmark_runs_and_reports_every_figure() -> None:
 
 
 def test_calls_benchmark_runs_and_reports_every_figure() -> None:
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(BENCHMARKS / "calls.py"),
-            "--setups",
-            "2",
-            "--browser-setups",
-            "1",
-            "--calls",
-            "1",
-            "--seconds",
-            "1",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=True,
-    ).stdout
-    result = json.loads(out)
+    result = run_benchmark("calls.py", "--setups", "2", "--browser-setups", "1", "--calls", "1", "--seconds", "1")
     assert result["setup_aiortc"]["offer_to_connected"]["median_ms"] > 0
     assert result["setup_chromium"]["offer_to_connected"]["median_ms"] > 0
     relay = result["relay_cpu"]
@@ -67,14 +43,7 @@ def test_calls_benchmark_runs_and_reports_every_figure() -> None:
 
 
 def test_pipeline_benchmark_runs_and_finds_the_utterances() -> None:
-    out = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "pipeline.py"), "--repeat", "1", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    ).stdout
-    result = json.loads(out.strip().splitlines()[-1])
+    result = run_benchmark("pipeline.py", "--repeat", "1")
     assert result["segments_found"] == result["utterances"]  # the VAD worked on the real speech
     for key in ("us_per_frame", "c_work_us_per_frame", "opus_decode_us", "resample_us", "webrtcvad_us"):
         assert result[key] > 0, key
@@ -82,14 +51,7 @@ def test_pipeline_benchmark_runs_and_finds_the_utterances() -> None:
 
 
 def test_bot_latency_benchmark_runs_and_hears_the_echo() -> None:
-    out = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "bot_latency.py"), "--utterances", "1", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    ).stdout
-    result = json.loads(out.strip().splitlines()[-1])
+    result = run_benchmark("bot_latency.py", "--utterances", "1")
     assert result["segments_at_bot"] == 1 and result["echoes_heard"] == 1
     assert result["speech_end_to_speech_stopped"]["median_ms"] > 0
     assert result["bot_audio_to_client"]["median_ms"] > 0
