@@ -133,7 +133,7 @@ def _server_options(f: click.decorators.FC) -> click.decorators.FC:
     return f
 
 
-def _serve(log_level: str, echo_bot: bool = False, **settings: Any) -> None:
+def _serve(log_level: str, demo_bot: str | None = None, **settings: Any) -> None:
     configure_logging(log_level.upper())
     settings["rtc_addresses"] = settings["rtc_addresses"] or None  # none given: every interface
     try:
@@ -141,7 +141,7 @@ def _serve(log_level: str, echo_bot: bool = False, **settings: Any) -> None:
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     try:
-        run(config, echo_bot=echo_bot)
+        run(config, demo_bot=demo_bot)
     except OSError as exc:  # e.g. the port is taken
         log.error("cannot serve on %s:%s: %s", config.host, config.port, exc)
         sys.exit(1)
@@ -160,13 +160,18 @@ def serve(**settings: Any) -> None:
 
 @main.command()
 @click.option("--port", envvar="TALKGATE_PORT", default=0, show_envvar=True, help="Port; 0 picks a free one.")
-@click.option("--bot/--no-bot", "echo_bot", default=True, help="Run the echo bot for customers to talk to.")
+@click.option(
+    "--demo-bot",
+    type=click.Choice(["assistant", "echo", "none"]),
+    default="assistant",
+    help="The bot customers talk to (assistant falls back to echo without talkgate[assistant]).",
+)
 @_server_options
-def demo(echo_bot: bool, **settings: Any) -> None:
+def demo(demo_bot: str, **settings: Any) -> None:
     """Run a self-contained demo (dev mode on localhost, with a bot); open the printed URL."""
-    if echo_bot and settings.get("bot_url"):
-        echo_bot = False  # a bot of your own was given
-    _serve(dev=True, echo_bot=echo_bot, **settings)
+    if settings.get("bot_url"):
+        demo_bot = "none"  # a bot of your own was given
+    _serve(dev=True, demo_bot=None if demo_bot == "none" else demo_bot, **settings)
 
 
 @main.command()
@@ -206,3 +211,16 @@ def echo(host: str, port: int, log_level: str) -> None:
     configure_logging(log_level.upper())
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner, contextlib.suppress(KeyboardInterrupt):
         runner.run(echo_bot.run(host, port))
+
+
+@bot.command()
+@click.option("--host", default="127.0.0.1", help="Address to bind.")
+@click.option("--port", default=8766, help="Port; 0 picks a free one.")
+@click.option("--log-level", default="INFO")
+def assistant(host: str, port: int, log_level: str) -> None:
+    """An offline booking assistant (pocketsphinx + espeak-ng); needs talkgate[assistant]."""
+    from .bot import assistant as assistant_bot
+
+    configure_logging(log_level.upper())
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner, contextlib.suppress(KeyboardInterrupt):
+        runner.run(assistant_bot.run(host, port))

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 
 import uvloop
@@ -109,19 +110,20 @@ def configure_logging(level: str = "INFO") -> None:
     logging.getLogger("websockets").setLevel(logging.WARNING)
 
 
-async def serve_until_signalled(config: Config, *, echo_bot: bool = False) -> None:
-    """Serve until SIGINT/SIGTERM; ``echo_bot`` also runs the echo reference bot (the demo)."""
+async def serve_until_signalled(config: Config, *, demo_bot: str | None = None) -> None:
+    """Serve until SIGINT/SIGTERM; ``demo_bot`` ("assistant" or "echo") also runs that bot in-process."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with contextlib.AsyncExitStack() as stack:
-        if echo_bot:
+        if demo_bot is not None:
+            handler, name = demo_bot_handler(demo_bot)
             bot_server = await stack.enter_async_context(
-                serve(echo.handle, "127.0.0.1", 0, max_size=2**20, compression=None)
+                serve(handler, "127.0.0.1", 0, max_size=2**22, compression=None)
             )
             port = bot_server.sockets[0].getsockname()[1]
-            config = dataclasses.replace(config, bot_url=f"ws://127.0.0.1:{port}/", bot_name="Echo bot")
+            config = dataclasses.replace(config, bot_url=f"ws://127.0.0.1:{port}/", bot_name=name)
         server = await stack.enter_async_context(GatewayServer(config))
         log.info("talkgate listening on %s", server.url)
         if config.dev:
@@ -130,12 +132,26 @@ async def serve_until_signalled(config: Config, *, echo_bot: bool = False) -> No
                 "Never expose this server to a network."
             )
             log.info("customer page: %s/   agent console: %s/agent", server.url, server.url)
-        if echo_bot:
-            log.info("demo bot: it repeats what you say and type; 'Talk to a human' hands over to an agent")
+        if demo_bot is not None:
+            log.info("demo bot: %s; 'Talk to a human' hands over to an agent", config.bot_name)
         await stop.wait()
         log.info("shutting down")
 
 
-def run(config: Config, *, echo_bot: bool = False) -> None:
+def demo_bot_handler(kind: str) -> tuple[Callable[[ServerConnection], Awaitable[None]], str]:
+    """The booking assistant (when its recogniser is installed) or the echo bot."""
+    if kind == "assistant":
+        try:
+            import pocketsphinx  # noqa: F401
+        except ImportError:
+            log.info("pocketsphinx is not installed (pip install 'talkgate[assistant]'): using the echo bot")
+        else:
+            from .bot import assistant
+
+            return assistant.handle, "Booking assistant"
+    return echo.handle, "Echo bot"
+
+
+def run(config: Config, *, demo_bot: str | None = None) -> None:
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(serve_until_signalled(config, echo_bot=echo_bot))
+        runner.run(serve_until_signalled(config, demo_bot=demo_bot))

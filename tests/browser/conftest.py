@@ -58,7 +58,7 @@ def gateway() -> Iterator[GatewayProcess]:
 
 @pytest.fixture(scope="module")
 def dev_gateway() -> Iterator[GatewayProcess]:
-    gw = start_gateway("demo")
+    gw = start_gateway("demo", "--demo-bot", "echo")  # deterministic answers
     yield gw
     gw.stop()
 
