@@ -36,6 +36,16 @@ class Metrics:
             "Client offers ignored because the gateway's own offer was pending.",
             registry=r,
         )
+        self.bots = Gauge("talkgate_bots", "Live links to the speech bot (one per conversation).", registry=r)
+        self.bot_bad_messages = Counter(
+            "talkgate_bot_bad_messages", "Messages from bots that could not be used.", registry=r
+        )
+        self.bot_unavailable = Counter(
+            "talkgate_bot_unavailable", "Conversations handed to agents because the bot was unreachable.", registry=r
+        )
+        self.bot_dropped_frames = Counter(
+            "talkgate_bot_dropped_frames", "Speech frames dropped because a bot did not read them.", registry=r
+        )
         self.slow_consumers = Counter(
             "talkgate_slow_consumer_disconnects", "Clients dropped for not reading their messages.", registry=r
         )

@@ -63,7 +63,10 @@ class BotState(enum.Enum):
 
 
 class BotHost(Protocol):
-    """What the connector needs from the gateway (the Broker implements it)."""
+    """What the connector needs from the gateway (the BotManager implements it)."""
+
+    def bot_problem(self, kind: str) -> None:
+        """Count a problem: "bad_message" or "dropped_frame"."""
 
     async def bot_chat(self, conversation: str, bot: Participant, text: str) -> None: ...
 
@@ -169,6 +172,7 @@ class BotConnector:
                 if isinstance(queued, bytes):
                     del self._outbox[i]
                     self.dropped_frames += 1
+                    self.host.bot_problem("dropped_frame")
                     break
             else:
                 self._outbox.popleft()
@@ -248,6 +252,7 @@ class BotConnector:
                     action = self.protocol.parse(data)
                 except native.BotProtocolError as exc:
                     self.bad_messages += 1
+                    self.host.bot_problem("bad_message")
                     log.warning("[%s] bad message from the bot: %s", self.conversation, exc)
                     self._send(self.protocol.error("bad_request", str(exc)))
                     continue

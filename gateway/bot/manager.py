@@ -41,6 +41,8 @@ class BotManager:
         self._links: dict[str, BotConnector] = {}
         #: every connector's task, finished ones drop out
         self._tasks: set[asyncio.Task[None]] = set()
+        self.metrics = broker.metrics
+        self.metrics.bots.set_function(lambda: len(self._links))
 
     def get(self, conversation: str) -> BotConnector | None:
         return self._links.get(conversation)
@@ -104,6 +106,12 @@ class BotManager:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    def bot_problem(self, kind: str) -> None:
+        if kind == "bad_message":
+            self.metrics.bot_bad_messages.inc()
+        elif kind == "dropped_frame":
+            self.metrics.bot_dropped_frames.inc()
+
     async def bot_chat(self, conversation: str, bot: Participant, text: str) -> None:
         await self.broker.post(conversation, bot, text)
 
@@ -126,6 +134,7 @@ class BotManager:
         del self._links[conversation]
         await self._leave(conversation, connector)
         if reason == "unavailable":
+            self.metrics.bot_unavailable.inc()
             await self.broker.hand_over(
                 conversation, "bot_unavailable", "Our assistant is unavailable right now. An agent will join shortly."
             )

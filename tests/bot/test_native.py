@@ -161,6 +161,9 @@ async def test_malformed_bot_messages_are_answered_and_counted(
     await customer.wait_for("chat", text="still here")
     link = server.broker.bots.get("call-room")
     assert link is not None and link.bad_messages == 4
+    metrics = (await server.render_metrics()).decode()
+    assert "talkgate_bot_bad_messages_total 4.0" in metrics
+    assert "talkgate_bots 1.0" in metrics
 
 
 async def test_audio_over_the_buffer_limit_is_refused(party: Party, bot: TestBot, config: Config) -> None:
@@ -196,6 +199,7 @@ async def test_unreachable_bot_sends_the_customer_to_the_queue(party: Party, con
             await agent.send({"type": "accept", "conversation": "r-dead"})
             joined = await agent.wait_for("joined", conversation="r-dead")
             assert "hello?" in [m["text"] for m in joined["history"]]  # nothing typed was lost
+            assert "talkgate_bot_unavailable_total 1.0" in (await srv.render_metrics()).decode()
         finally:
             await agent.close()
             await customer.close()
