@@ -99,8 +99,8 @@ class BotConnector:
         self.participant = Participant(identity="bot", role=Role.BOT.value, name=settings.name)
         self.playback = PlaybackTrack(max_seconds=settings.max_buffer_seconds)
         self.state = BotState.CONNECTING
-        #: Text or binary messages for the bot, in order; bounded (oldest audio dropped).
-        self._outbox: collections.deque[str | bytes] = collections.deque()
+        #: (message, is audio) for the bot, in order; bounded: the oldest audio goes first.
+        self._outbox: collections.deque[tuple[str | bytes, bool]] = collections.deque()
         self._wake = asyncio.Event()
         self._ws: ClientConnection | None = None
         self._rate = 16_000  # of the bot's audio, from audio.format
@@ -149,7 +149,7 @@ class BotConnector:
     def _on_speech(self, event: Event) -> None:
         # Runs in the relay's reader task, once per 20 ms frame: no awaits, no JSON for frames.
         if isinstance(event, SpeechFrame):
-            self._send(self.protocol.speech_frame(event.pcm))
+            self._send(self.protocol.speech_frame(event.pcm), audio=True)
         elif isinstance(event, SpeechStarted):
             if self.settings.barge_in and self.playback.playing:
                 self._send(self.protocol.interrupted(self.playback.clear()))
@@ -159,24 +159,24 @@ class BotConnector:
 
     # -- outbox -------------------------------------------------------------------------------
 
-    def _send(self, items: list[str | bytes]) -> None:
+    def _send(self, items: list[str | bytes], *, audio: bool = False) -> None:
         for item in items:
-            self._push(item)
+            self._push(item, audio)
 
-    def _push(self, item: str | bytes) -> None:
+    def _push(self, item: str | bytes, audio: bool) -> None:
         if self.state is BotState.STOPPED:
             return
         if len(self._outbox) >= self.settings.outbox_limit:
             # The bot is not reading: lose its oldest audio, never the control messages.
-            for i, queued in enumerate(self._outbox):
-                if isinstance(queued, bytes):
+            for i, (_, queued_audio) in enumerate(self._outbox):
+                if queued_audio:
                     del self._outbox[i]
                     self.dropped_frames += 1
                     self.host.bot_problem("dropped_frame")
                     break
             else:
                 self._outbox.popleft()
-        self._outbox.append(item)
+        self._outbox.append((item, audio))
         self._wake.set()
 
     # -- the link -----------------------------------------------------------------------------
@@ -219,7 +219,7 @@ class BotConnector:
         self._ws = ws
         self.state = BotState.ACTIVE
         for item in reversed(self.protocol.opening()):
-            self._outbox.appendleft(item)
+            self._outbox.appendleft((item, False))
         self._wake.set()
         writer = asyncio.create_task(self._write(ws))
         try:
@@ -237,7 +237,7 @@ class BotConnector:
                 await self._wake.wait()
                 self._wake.clear()
                 while self._outbox:
-                    item = self._outbox.popleft()
+                    item, _ = self._outbox.popleft()
                     await ws.send(item)
                 if self._stop_reason is not None:
                     await ws.close()
@@ -321,7 +321,7 @@ class ContinuousAudio:
             return
         protocol = self.connector.protocol
         for pcm in self._converter.feed(frame):
-            self.connector._send(protocol.audio(pcm.pcm, pcm.t))
+            self.connector._send(protocol.audio(pcm.pcm, pcm.t), audio=True)
 
     def clear(self) -> None:
         self._converter = FrameConverter(frame_ms=20, sample_rate=self.sample_rate)
