@@ -12,6 +12,10 @@ espeak-ng utterances with long pauses and listens to the echo.
   when the customer's peer connection decodes its first loud frame. Includes the
   gateway's playback, Opus encode, RTP, aiortc's jitter buffer and decode at the client.
 
+- barge-in: the bot is talking (a long tone) when the customer starts to speak: the
+  time the bot receives ``interrupted`` (the gateway cleared its audio on detecting
+  speech) to the time the bot's voice goes quiet at the customer.
+
     python benchmarks/bot_latency.py               # 8 utterances
     python benchmarks/bot_latency.py --utterances 1 --json
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
 import sys
@@ -30,6 +35,7 @@ from typing import Any
 import numpy as np
 import uvloop
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # the repository's tests/ helpers
 
@@ -45,21 +51,33 @@ TEXTS = ["I would like to book an appointment", "Tomorrow at nine please", "Yes 
 
 
 class EchoBot:
-    """The echo bot's behaviour, with timestamps."""
+    """The echo bot's behaviour, with timestamps; in barge-in rooms it talks first."""
 
     def __init__(self) -> None:
+        self.interrupted_at: list[float] = []
+        self.interrupted = asyncio.Event()
         self.stopped_at: list[float] = []
         #: When the first loud 20 ms of each echo is due to play (send time + its offset).
         self.loud_due_at: list[float] = []
 
     async def handle(self, ws: ServerConnection) -> None:
+        with contextlib.suppress(ConnectionClosed):  # the customer may be gone mid-echo
+            await self._serve(ws)
+
+    async def _serve(self, ws: ServerConnection) -> None:
         segment: list[bytes] = []
         async for data in ws:
             if isinstance(data, bytes):
                 segment.append(data)
                 continue
             message = json.loads(data)
-            if message["type"] == "speech.started":
+            if message["type"] == "start" and message["conversation"].startswith("barge"):
+                t = np.arange(16_000 * 10) / 16_000
+                await ws.send((8000 * np.sin(2 * np.pi * 500 * t)).astype("<i2").tobytes())  # a long answer
+            elif message["type"] == "interrupted":
+                self.interrupted_at.append(time.perf_counter())
+                self.interrupted.set()
+            elif message["type"] == "speech.started":
                 segment = []
             elif message["type"] == "speech.stopped":
                 self.stopped_at.append(time.perf_counter())
@@ -76,7 +94,31 @@ def ms(values: list[float]) -> dict[str, float]:
     return {"median_ms": round(statistics.median(values) * 1000, 1), "p95_ms": round(pct(values, 0.95) * 1000, 1)}
 
 
-async def run(n: int) -> dict[str, Any]:
+async def barge_in(gw: GatewayProcess, bot: EchoBot, i: int) -> float:
+    """One interruption: seconds from ``interrupted`` at the bot to quiet at the customer."""
+    client = await Client.open(gw.ws_url)
+    await client.send(
+        {"type": "join", "token": tokens.issue(SECRET, identity=f"b{i}", role="customer", room=f"barge-{i}")}
+    )
+    await client.wait_for("joined")
+    customer = RtcClient(client)
+    fixture = utterances([TEXTS[0]], lead_s=2.0, tail_s=1.0)  # the bot talks for 2 s, then the customer
+    customer.pc.addTrack(SpeechTrack(fixture.pcm))
+    await customer.negotiate()
+    bot.interrupted.clear()
+    async with asyncio.timeout(15):
+        await bot.interrupted.wait()
+        interrupted = bot.interrupted_at[-1]
+        received = next(r for r in customer.received if r.kind == "audio")
+        while not any(t >= interrupted - 0.05 for t in received.quiet_onsets):
+            received.onset.clear()
+            await received.onset.wait()
+    quiet = next(t for t in received.quiet_onsets if t >= interrupted - 0.05)
+    await customer.close()
+    return quiet - interrupted
+
+
+async def run(n: int, barge_ins: int) -> dict[str, Any]:
     ice.use_host_addresses(["127.0.0.1"])
     bot = EchoBot()
     async with serve(bot.handle, "127.0.0.1", 0, max_size=2**22) as bot_server:
@@ -110,6 +152,7 @@ async def run(n: int) -> dict[str, Any]:
                 if arrival is not None:
                     to_client.append(arrival - due)
             await customer.close()
+            to_quiet = [await barge_in(gw, bot, i) for i in range(barge_ins)]
         finally:
             gw.stop()
     return {
@@ -120,16 +163,19 @@ async def run(n: int) -> dict[str, Any]:
         "beyond_stop_ms": ms([t - 0.5 for t in to_stopped]),
         "bot_audio_to_client": ms(to_client),
         "echoes_heard": len(to_client),
+        "barge_ins": len(to_quiet),
+        "interrupted_to_quiet_at_client": ms(to_quiet),
     }
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--utterances", type=int, default=8)
+    parser.add_argument("--barge-ins", type=int, default=5)
     parser.add_argument("--json", action="store_true")
     arguments = parser.parse_args()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        result = runner.run(run(arguments.utterances))
+        result = runner.run(run(arguments.utterances, arguments.barge_ins))
     if not arguments.json:
         s, b, c = result["speech_end_to_speech_stopped"], result["beyond_stop_ms"], result["bot_audio_to_client"]
         print(
@@ -137,6 +183,9 @@ if __name__ == "__main__":
             f" {result['echoes_heard']} echoes heard\n"
             f"  end of speech → speech.stopped at the bot: median {s['median_ms']} ms, p95 {s['p95_ms']} ms"
             f" (beyond the 500 ms hangover: median {b['median_ms']} ms, p95 {b['p95_ms']} ms)\n"
-            f"  bot audio due → heard at the client: median {c['median_ms']} ms, p95 {c['p95_ms']} ms"
+            f"  bot audio due → heard at the client: median {c['median_ms']} ms, p95 {c['p95_ms']} ms\n"
+            f"  barge-in ({result['barge_ins']}): interrupted at the bot → bot quiet at the client:"
+            f" median {result['interrupted_to_quiet_at_client']['median_ms']} ms,"
+            f" p95 {result['interrupted_to_quiet_at_client']['p95_ms']} ms"
         )
     print(json.dumps(result))

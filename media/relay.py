@@ -133,6 +133,11 @@ class Relay:
             if self._on_ended is not None:
                 self._on_ended(self)
 
+    def flush(self) -> None:
+        """Drop what every output has queued from this source (barge-in: stop *now*)."""
+        for output in self.outputs:
+            output.clear()
+
     def stop(self) -> None:
         """Stop reading now; outputs are detached (they idle until attached elsewhere)."""
         self._on_ended = None

@@ -114,8 +114,12 @@ class Received:
     energy: float = 0.0  # RMS of the latest audio frames
     samples: list[np.ndarray[Any, Any]] = field(default_factory=list)
     first: asyncio.Event = field(default_factory=asyncio.Event)
-    #: perf_counter() of each frame whose RMS rose above LOUD after a quiet frame.
+    #: perf_counter() of each frame whose RMS rose above LOUD after a quiet frame,
+    #: and of each that fell below it after a loud one.
     loud_onsets: list[float] = field(default_factory=list)
+    quiet_onsets: list[float] = field(default_factory=list)
+    #: Set whenever an onset is recorded (cleared by whoever waits on it).
+    onset: asyncio.Event = field(default_factory=asyncio.Event)
 
     def dominant_hz(self) -> float:
         data = np.concatenate(self.samples[-25:]).astype(np.float64)
@@ -167,6 +171,10 @@ class RtcClient:
                     received.energy = float(np.sqrt(np.mean(samples.astype(np.float64) ** 2)))
                     if was_quiet and received.energy >= LOUD:
                         received.loud_onsets.append(time.perf_counter())
+                        received.onset.set()
+                    elif not was_quiet and received.energy < LOUD:
+                        received.quiet_onsets.append(time.perf_counter())
+                        received.onset.set()
                     received.samples.append(samples)
                     del received.samples[:-50]
                 received.first.set()

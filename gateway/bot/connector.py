@@ -98,6 +98,8 @@ class BotConnector:
         self.protocol = protocol
         self.participant = Participant(identity="bot", role=Role.BOT.value, name=settings.name)
         self.playback = PlaybackTrack(max_seconds=settings.max_buffer_seconds)
+        #: The relay carrying the playback to the customer (set by the manager).
+        self.relay: Relay | None = None
         self.state = BotState.CONNECTING
         #: (message, is audio) for the bot, in order; bounded: the oldest audio goes first.
         self._outbox: collections.deque[tuple[str | bytes, bool]] = collections.deque()
@@ -152,7 +154,7 @@ class BotConnector:
             self._send(self.protocol.speech_frame(event.pcm), audio=True)
         elif isinstance(event, SpeechStarted):
             if self.settings.barge_in and self.playback.playing:
-                self._send(self.protocol.interrupted(self.playback.clear()))
+                self._send(self.protocol.interrupted(self._silence()))
             self._send(self.protocol.speech_started(event.t))
         elif isinstance(event, SpeechStopped):
             self._send(self.protocol.speech_stopped(event.t, event.duration))
@@ -285,7 +287,7 @@ class BotConnector:
             case native.BotMark():
                 self._mark(message.name)
             case native.Clear():
-                self._send(self.protocol.cleared(self.playback.clear()))
+                self._send(self.protocol.cleared(self._silence()))
             case native.Transcript():
                 self.host.bot_transcript(self.conversation, self.participant, message.text, message.final)
             case native.Transfer():
@@ -296,6 +298,13 @@ class BotConnector:
                 self._stop_reason = "hangup"
                 return "hangup"
         return None
+
+    def _silence(self) -> list[str]:
+        """Stop the bot's voice now: its queue, and the frames already on their way out."""
+        cleared = self.playback.clear()
+        if self.relay is not None:
+            self.relay.flush()
+        return cleared
 
     def _mark(self, name: str) -> None:
         future = self.playback.mark(name)

@@ -70,7 +70,7 @@ class BotManager:
         # The bot is a participant: the customer sees it join, and can call it.
         await self.broker.store.add_participant(conversation, bot.participant)
         self.broker.broadcast(conversation, messages.participant_event("joined", conversation, bot.participant))
-        self.broker.router.add_virtual_source(conversation, bot.participant, bot.playback)
+        bot.relay = self.broker.router.add_virtual_source(conversation, bot.participant, bot.playback)
         for media in self.broker.router.peers(conversation):
             if media.pipeline is not None:
                 bot.attach(media.pipeline, media.taps)
