@@ -272,15 +272,11 @@ class Broker:
         if any(p.role == Role.AGENT for p in participants):
             raise Conflict("an agent is already in this conversation")
         reason = (msg.reason or "customer_request")[:MAX_REASON_CHARS]
-        queued = {"type": "queued", "conversation": conversation, "reason": reason}
-        if not await self.store.enqueue(QueueEntry(conversation, me, now_ms(), reason)):
-            peer.deliver(messages.encode(queued), "queued")  # already waiting: acknowledge again
-            return
-        await self.post(
-            conversation, messages.SYSTEM, f"{me.name} asked to talk to a person. An agent will join shortly."
-        )
-        self.broadcast(conversation, queued)
-        await self.publish_queue()
+        notice = f"{me.name} asked to talk to a person. An agent will join shortly."
+        if not await self._enqueue(conversation, me, reason, notice):
+            # Already waiting: acknowledge again.
+            queued = {"type": "queued", "conversation": conversation, "reason": reason}
+            peer.deliver(messages.encode(queued), "queued")
 
     async def accept(self, peer: Peer, msg: messages.Accept) -> None:
         me = _me(peer)
@@ -483,10 +479,19 @@ class Broker:
         customer = next((p for p in participants if p.role == Role.CUSTOMER), None)
         if customer is None or any(p.role == Role.AGENT for p in participants):
             return
-        if await self.store.enqueue(QueueEntry(conversation, customer, now_ms(), reason)):
-            await self.post(conversation, messages.SYSTEM, notice)
-            self.broadcast(conversation, {"type": "queued", "conversation": conversation, "reason": reason})
-            await self.publish_queue()
+        await self._enqueue(conversation, customer, reason, notice)
+
+    async def _enqueue(self, conversation: str, customer: Participant, reason: str, notice: str) -> bool:
+        """Queue the conversation for agents: a system chat line, ``queued``, the new queue.
+
+        False if it was already waiting (nothing is sent then).
+        """
+        if not await self.store.enqueue(QueueEntry(conversation, customer, now_ms(), reason)):
+            return False
+        await self.post(conversation, messages.SYSTEM, notice)
+        self.broadcast(conversation, {"type": "queued", "conversation": conversation, "reason": reason})
+        await self.publish_queue()
+        return True
 
     # -- fan-out ----------------------------------------------------------------------
 
