@@ -58,6 +58,13 @@ class FrameConverter:
             self._take(chunk, out)
         return out
 
+    def reset(self) -> None:
+        """Forget the stream (a new source follows): no partial frame, a fresh timeline."""
+        self._fill = 0
+        self._expected = None
+        self._resampler = None
+        self._input_key = None
+
     def flush(self) -> list[PcmFrame]:
         """End of stream: complete the partial frame with silence."""
         out: list[PcmFrame] = []

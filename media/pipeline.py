@@ -64,7 +64,7 @@ class VoicePipeline:
         """The source changed: close an open segment, start a fresh timeline."""
         for event in self.segmenter.flush():
             self._dispatch(event)
-        self.converter = FrameConverter(frame_ms=self.settings.frame_ms, sample_rate=self.settings.sample_rate)
+        self.converter.reset()
 
     # -- consumers ----------------------------------------------------------------------------
 

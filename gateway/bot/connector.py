@@ -321,7 +321,6 @@ class ContinuousAudio:
 
     def __init__(self, connector: BotConnector, sample_rate: int) -> None:
         self.connector = connector
-        self.sample_rate = sample_rate
         self.relay: Relay | None = None
         self._converter = FrameConverter(frame_ms=20, sample_rate=sample_rate)
 
@@ -333,4 +332,4 @@ class ContinuousAudio:
             self.connector._send(protocol.audio(pcm.pcm, pcm.t), audio=True)
 
     def clear(self) -> None:
-        self._converter = FrameConverter(frame_ms=20, sample_rate=self.sample_rate)
+        self._converter.reset()

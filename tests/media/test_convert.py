@@ -98,3 +98,13 @@ def test_fltp_input_is_converted() -> None:
 def test_only_vad_frame_sizes() -> None:
     with pytest.raises(ValueError, match="frame_ms"):
         FrameConverter(frame_ms=25)
+
+
+def test_reset_starts_a_fresh_timeline() -> None:
+    converter = FrameConverter()
+    converter.feed(frame(np.full(500, 9, np.int16), 16_000, 0))  # a frame and a partial one
+    converter.reset()
+    [first] = converter.feed(frame(np.full(320, 5, np.int16), 16_000, 48_000))
+    assert first.t == 3000  # stamped from the new source's pts, nothing carried over
+    assert (np.frombuffer(first.pcm, dtype=np.int16) == 5).all()
+    assert converter.gaps == 0
