@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import sys
+from collections.abc import Coroutine
 from typing import Any
 
 import click
@@ -195,6 +196,13 @@ def token(identity: str, role: str, room: str | None, name: str | None, ttl: int
         click.echo(jwt)
 
 
+def _run_bot(serving: Coroutine[Any, Any, None], log_level: str) -> None:
+    """Run a reference bot on uvloop until Ctrl-C."""
+    configure_logging(log_level.upper())
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner, contextlib.suppress(KeyboardInterrupt):
+        runner.run(serving)
+
+
 @main.group()
 def bot() -> None:
     """Reference speech bots (they speak the native bot protocol)."""
@@ -208,9 +216,7 @@ def echo(host: str, port: int, log_level: str) -> None:
     """Repeat every speech segment back as audio, and chat back "You said: …"."""
     from .bot import echo as echo_bot
 
-    configure_logging(log_level.upper())
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner, contextlib.suppress(KeyboardInterrupt):
-        runner.run(echo_bot.run(host, port))
+    _run_bot(echo_bot.run(host, port), log_level)
 
 
 @bot.command()
@@ -221,6 +227,4 @@ def assistant(host: str, port: int, log_level: str) -> None:
     """An offline booking assistant (pocketsphinx + espeak-ng); needs talkgate[assistant]."""
     from .bot import assistant as assistant_bot
 
-    configure_logging(log_level.upper())
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner, contextlib.suppress(KeyboardInterrupt):
-        runner.run(assistant_bot.run(host, port))
+    _run_bot(assistant_bot.run(host, port), log_level)

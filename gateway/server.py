@@ -7,7 +7,6 @@ import contextlib
 import dataclasses
 import logging
 import signal
-from collections.abc import Awaitable, Callable
 from types import TracebackType
 
 import uvloop
@@ -16,7 +15,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from media import audiolevel, ice
 
 from . import __version__
-from .bot import echo
+from .bot import BotHandler, echo, serve_bot
 from .broker import Broker
 from .config import Config
 from .http import WS_PATH, Routes
@@ -119,9 +118,7 @@ async def serve_until_signalled(config: Config, *, demo_bot: str | None = None) 
     async with contextlib.AsyncExitStack() as stack:
         if demo_bot is not None:
             handler, name = demo_bot_handler(demo_bot)
-            bot_server = await stack.enter_async_context(
-                serve(handler, "127.0.0.1", 0, max_size=2**22, compression=None)
-            )
+            bot_server = await stack.enter_async_context(serve_bot(handler, "127.0.0.1", 0))
             port = bot_server.sockets[0].getsockname()[1]
             config = dataclasses.replace(config, bot_url=f"ws://127.0.0.1:{port}/", bot_name=name)
         server = await stack.enter_async_context(GatewayServer(config))
@@ -138,7 +135,7 @@ async def serve_until_signalled(config: Config, *, demo_bot: str | None = None) 
         log.info("shutting down")
 
 
-def demo_bot_handler(kind: str) -> tuple[Callable[[ServerConnection], Awaitable[None]], str]:
+def demo_bot_handler(kind: str) -> tuple[BotHandler, str]:
     """The booking assistant (when its recogniser is installed) or the echo bot."""
     if kind == "assistant":
         try:

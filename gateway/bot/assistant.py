@@ -28,8 +28,10 @@ from typing import Any
 
 import av
 import numpy as np
-from websockets.asyncio.server import ServerConnection, serve
+from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
+
+from . import run_bot
 
 log = logging.getLogger("talkgate.bot.assistant")
 
@@ -207,9 +209,6 @@ def check_dependencies() -> None:
 
 async def run(host: str, port: int) -> None:
     check_dependencies()
-    async with serve(handle, host, port, max_size=2**22, compression=None) as server:
-        bound = server.sockets[0].getsockname()
-        log.info("assistant bot listening on ws://%s:%s", bound[0], bound[1])
-        if shutil.which("espeak-ng") is None:
-            log.warning("espeak-ng is not installed (apt-get install espeak-ng): the assistant will answer in text")
-        await asyncio.get_running_loop().create_future()
+    if shutil.which("espeak-ng") is None:
+        log.warning("espeak-ng is not installed (apt-get install espeak-ng): the assistant will answer in text")
+    await run_bot(handle, host, port, "assistant bot")

@@ -8,12 +8,13 @@ by a mark; chat is answered with "You said: …".
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 
-from websockets.asyncio.server import ServerConnection, serve
+from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
+
+from . import run_bot
 
 log = logging.getLogger("talkgate.bot.echo")
 
@@ -55,7 +56,4 @@ async def handle(ws: ServerConnection) -> None:
 
 
 async def run(host: str, port: int) -> None:
-    async with serve(handle, host, port, max_size=2**20, compression=None) as server:
-        bound = server.sockets[0].getsockname()
-        log.info("echo bot listening on ws://%s:%s", bound[0], bound[1])
-        await asyncio.get_running_loop().create_future()  # until cancelled
+    await run_bot(handle, host, port, "echo bot")
