@@ -370,6 +370,7 @@ class Broker:
             )
             if taps(me):
                 pipeline = VoicePipeline(self.config.vad_settings())
+                pipeline.timer = self.metrics.rtp_to_pipeline
                 pipeline.listeners.append(self._speaking_listener(conversation, me.identity))
                 peer.media.pipeline = pipeline
                 bot = self.bots.get(conversation)

@@ -45,6 +45,7 @@ _LIMITS: list[tuple[str, str, type, str]] = [
     ("--bot-name", "bot_name", str, "The bot's display name in chat."),
     ("--bot-connect-seconds", "bot_connect_seconds", float, "How long to retry an unreachable bot."),
     ("--bot-max-buffer-seconds", "bot_max_buffer_seconds", float, "Bot audio queued toward a customer at most."),
+    ("--opus-complexity", "opus_complexity", int, "Opus encoder complexity for the bot's voice (0-10)."),
 ]
 
 

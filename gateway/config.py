@@ -59,6 +59,9 @@ class Config:
     bot_connect_seconds: float = 8.0
     bot_barge_in: bool = True
     bot_max_buffer_seconds: float = 60.0
+    #: Opus encoder complexity for audio the gateway encodes (a bot's voice): 0-10,
+    #: CPU against quality; 5 costs about half of 10 (docs/media.md).
+    opus_complexity: int = 5
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -94,6 +97,8 @@ class Config:
             raise ConfigError("bot_protocol must be native or twilio")
         if self.bot_connect_seconds < 0 or self.bot_max_buffer_seconds <= 0:
             raise ConfigError("bot_connect_seconds must be >= 0 and bot_max_buffer_seconds > 0")
+        if not 0 <= self.opus_complexity <= 10:
+            raise ConfigError("opus_complexity is 0 (cheapest) to 10 (best)")
         try:
             self.vad_settings()
         except ValueError as exc:

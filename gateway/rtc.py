@@ -28,6 +28,7 @@ from aiortc.mediastreams import MediaStreamTrack
 from aiortc.sdp import SessionDescription, candidate_from_sdp
 
 from media.ice import Network, candidate_allowed, filter_sdp_candidates
+from media.inbound import InboundAudio
 from media.peerconnection import StablePeerConnection
 from media.pipeline import VoicePipeline
 from media.relay import OutputTrack, Relay, Subscriber
@@ -259,7 +260,12 @@ class MediaPeer:
             self._send({"type": "offer", "sdp": self.pc.localDescription.sdp})
 
     def _on_track(self, track: MediaStreamTrack) -> None:
-        self.router.add_source(self, track)
+        relay = self.router.add_source(self, track)
+        if track.kind == "audio":
+            # Opus packets go straight to the relay, encoded; the relay's reader task
+            # then only notices when the track ends (media/inbound.py says why).
+            receiver = next(t.receiver for t in self.pc.getTransceivers() if t.receiver.track is track)
+            InboundAudio(receiver, relay.deliver)
 
     def _source_ended(self, relay: Relay) -> None:
         if self.sources.get(relay.kind) is relay:

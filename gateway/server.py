@@ -19,7 +19,7 @@ from .bot import BotHandler, echo, serve_bot
 from .broker import Broker
 from .config import Config
 from .http import WS_PATH, Routes
-from .metrics import Metrics
+from .metrics import Metrics, watch_loop_lag
 from .session import Session
 from .store import InMemoryStore, Store
 
@@ -40,6 +40,7 @@ class GatewayServer:
         self.broker = Broker(config, self.store, self.metrics)
         self.routes = Routes(self.health, self.render_metrics)
         self._server: Server | None = None
+        self._lag_task: asyncio.Task[None] | None = None
         self.port = config.port
 
     async def start(self) -> None:
@@ -59,6 +60,7 @@ class GatewayServer:
             close_timeout=5,
         )
         self.port = self._server.sockets[0].getsockname()[1]
+        self._lag_task = asyncio.create_task(watch_loop_lag(self.metrics.loop_lag), name="talkgate-loop-lag")
 
     @property
     def url(self) -> str:
@@ -72,6 +74,9 @@ class GatewayServer:
     async def close(self) -> None:
         """Stop accepting, close every connection (1001 going away), wait for their handlers."""
         await self.broker.bots.close()
+        if self._lag_task is not None:
+            self._lag_task.cancel()
+            await asyncio.gather(self._lag_task, return_exceptions=True)
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()

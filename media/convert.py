@@ -55,7 +55,16 @@ class FrameConverter:
         """Convert one decoded frame; return the complete output frames it finished."""
         out: list[PcmFrame] = []
         for chunk in self._resample(frame):
-            self._take(chunk, out)
+            self._take(chunk.to_ndarray().reshape(-1), chunk.pts, out)
+        return out
+
+    def feed_pcm(self, samples: np.ndarray, position: int) -> list[PcmFrame]:
+        """Samples already at the output rate (int16 mono, as decoded by ``media.opus``).
+
+        ``position`` is the stream time of the first sample, in output samples.
+        """
+        out: list[PcmFrame] = []
+        self._take(samples, position, out)
         return out
 
     def reset(self) -> None:
@@ -83,11 +92,18 @@ class FrameConverter:
         assert self._resampler is not None
         return list(self._resampler.resample(frame))
 
-    def _take(self, chunk: av.AudioFrame, out: list[PcmFrame]) -> None:
-        samples = chunk.to_ndarray().reshape(-1)
-        position = chunk.pts if chunk.pts is not None else self._expected
+    def _take(self, samples: np.ndarray, pts: int | None, out: list[PcmFrame]) -> None:
+        position = pts if pts is not None else self._expected
         if position is None:
             position = 0
+        spf = self.samples_per_frame
+        if not self._fill and len(samples) == spf and position == self._expected:
+            # The common case (one 20 ms packet → one 20 ms frame, in step): no buffer copy.
+            self._expected = position + spf
+            out.append(PcmFrame(samples.tobytes(), self._frame_start * 1000 // self.sample_rate))
+            self._frame_start += spf
+            self.frames_out += 1
+            return
         if self._expected is not None and abs(position - self._expected) > GAP_TOLERANCE_SAMPLES:
             # A gap (or a jump back): finish what we have, restart the timeline at position.
             self.gaps += 1
@@ -98,7 +114,6 @@ class FrameConverter:
             self._frame_start = position
         self._expected = position + len(samples)
         offset = 0
-        spf = self.samples_per_frame
         while offset < len(samples):
             n = min(spf - self._fill, len(samples) - offset)
             self._buf[self._fill : self._fill + n] = samples[offset : offset + n]

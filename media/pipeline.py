@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from av import AudioFrame
+from av.packet import Packet
 
+from . import opus
 from .convert import FrameConverter
 from .vad import Event, Segmenter, SpeechFrame, VadSettings
 
@@ -28,6 +31,12 @@ if TYPE_CHECKING:
     from .relay import MediaFrame, Relay
 
 Listener = Callable[[Event], None]
+
+
+class Timer(Protocol):
+    """Where per-frame timings go (a histogram)."""
+
+    def observe(self, seconds: float) -> None: ...
 
 
 class VoicePipeline:
@@ -46,6 +55,14 @@ class VoicePipeline:
         self._closed = False
         #: Speech frames dropped because the async consumer fell behind.
         self.dropped = 0
+        #: Opus packets are decoded here, straight to the VAD's rate (created on the first).
+        self._decoder: opus.Decoder | None = None
+        #: When the input now being processed arrived (0.0: not known), and the stream
+        #: time of the newest frame: listeners use them to time live frames.
+        self.arrived = 0.0
+        self.newest_t = -1
+        #: Observes RTP arrival → frame out of the pipeline, per input (the gateway's metrics).
+        self.timer: Timer | None = None
 
     @property
     def speaking(self) -> bool:
@@ -54,17 +71,30 @@ class VoicePipeline:
     # -- the relay subscriber interface -----------------------------------------------------
 
     def push(self, frame: MediaFrame) -> None:
-        if not isinstance(frame, AudioFrame):
+        if isinstance(frame, Packet):
+            if self._decoder is None:
+                self._decoder = opus.Decoder(self.settings.sample_rate)
+            samples = self._decoder.decode(bytes(frame))
+            position = (frame.pts or 0) * self.settings.sample_rate // 48_000
+            frames = self.converter.feed_pcm(samples, position)
+        elif isinstance(frame, AudioFrame):
+            frames = self.converter.feed(frame)
+        else:
             return
-        for pcm in self.converter.feed(frame):
+        self.arrived = arrived = self.relay.arrived if self.relay is not None else 0.0
+        for pcm in frames:
+            self.newest_t = pcm.t
             for event in self.segmenter.feed(pcm):
                 self._dispatch(event)
+        if arrived and self.timer is not None:
+            self.timer.observe(time.perf_counter() - arrived)
 
     def clear(self) -> None:
         """The source changed: close an open segment, start a fresh timeline."""
         for event in self.segmenter.flush():
             self._dispatch(event)
         self.converter.reset()
+        self._decoder = None  # a new source is a new Opus stream
 
     # -- consumers ----------------------------------------------------------------------------
 

@@ -1,15 +1,23 @@
-"""Outbound playback: PCM from a bot → a paced audio track toward the customer.
+"""Outbound playback: PCM from a bot → a paced, Opus-encoded audio track toward the customer.
 
 ``PlaybackTrack`` is an aiortc ``MediaStreamTrack``. Bots send PCM16 mono at any
 common rate (8, 16, 24 or 48 kHz), in pieces of any size and usually faster than real
-time (TTS engines do); the track resamples it once to 48 kHz into a preallocated ring
-buffer and plays it at real-time pace, 20 ms per frame, paced from its own pts (not
-from how fast it is asked). With nothing queued it plays silence, so the customer's
-stream never stalls.
+time (TTS engines do); the track keeps it at the bot's own rate (``set_rate``; other
+rates are resampled once on arrival) in a preallocated ring buffer and plays it at
+real-time pace, 20 ms per packet on a fixed grid. Encoding at the source rate
+costs less than at 48 kHz and loses nothing: Opus carries any of these rates.
+
+It yields *encoded* Opus packets (``media.opus``, in the event loop: aiortc would
+encode every frame in its thread pool at complexity 10, the GIL hand-off costing
+more than the work). When the audio runs out it does what Opus DTX does: silence
+for ``DTX_HANGOVER`` packets (the receiver's decoder rings down, a barge-in is heard
+as silence at once), then one silent packet every ``IDLE_SECONDS`` instead of fifty
+a second, so a quiet bot costs almost nothing; receivers treat the gap as DTX. When
+audio is queued again it starts on the next 20 ms slot.
 
 - ``mark(name)`` returns a future that resolves True once everything queued before it
   has been played (Twilio's ``mark``), False if it was cleared first.
-- ``clear()`` drops everything queued; the next frame is already silence (barge-in
+- ``clear()`` drops everything queued; the next packet is already silence (barge-in
   within one frame), and pending marks resolve False.
 - The buffer is bounded (``max_seconds``); ``enqueue`` returns how much it accepted.
 """
@@ -18,37 +26,73 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import fractions
+import math
 import time
+from typing import Any
 
 import av
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from . import opus
+
+#: Opus's RTP clock: packet timestamps count 48 kHz samples whatever the audio's rate.
 RATE = 48_000
-FRAME_SAMPLES = 960  # 20 ms
+FRAME_SAMPLES = 960  # 20 ms of the RTP clock
 FRAME_SECONDS = FRAME_SAMPLES / RATE
 INPUT_RATES = (8_000, 16_000, 24_000, 48_000)
 TIME_BASE = fractions.Fraction(1, RATE)
+#: After the audio runs out: this many silent packets (200 ms), then one per
+#: IDLE_SECONDS, as libopus's own DTX does.
+DTX_HANGOVER = 10
+IDLE_SECONDS = 0.4
 
 
 class PlaybackTrack(MediaStreamTrack):
     kind = "audio"
 
-    def __init__(self, max_seconds: float = 60.0) -> None:
+    def __init__(self, max_seconds: float = 60.0, *, rate: int = 16_000, complexity: int = 5) -> None:
         super().__init__()
-        self.capacity = int(max_seconds * RATE)
+        self.max_seconds = max_seconds
+        self.complexity = complexity
+        self._setup(rate)
+        self._queued = asyncio.Event()
+        #: Packets sent.
+        self.packets = 0
+        self._marks: collections.deque[tuple[int, str, asyncio.Future[bool]]] = collections.deque()
+        self._start: float | None = None
+        #: The next 20 ms slot on the grid that starts at _start.
+        self._slot = 0
+        #: Silent packets sent since the last audio (the track starts idle), and when
+        #: the last packet went out.
+        self._silent_run = DTX_HANGOVER
+        self._last_packet = -math.inf
+
+    # -- control --------------------------------------------------------------------------
+
+    def _setup(self, rate: int) -> None:
+        if rate not in INPUT_RATES:
+            raise ValueError(f"rate must be one of {INPUT_RATES}")
+        self.rate = rate
+        self._encoder = opus.Encoder(rate, complexity=self.complexity)
+        self.capacity = int(self.max_seconds * rate)
         self._ring = np.zeros(self.capacity, dtype=np.int16)
         #: Absolute sample counts: what has been queued, and what has been played.
         self._written = 0
         self._played = 0
-        self._marks: collections.deque[tuple[int, str, asyncio.Future[bool]]] = collections.deque()
         self._resamplers: dict[int, av.AudioResampler] = {}
-        self._frame = np.zeros(FRAME_SAMPLES, dtype=np.int16)
-        self._start: float | None = None
-        self._pts = 0
+        self._frame = np.zeros(rate // 50, dtype=np.int16)
 
-    # -- control --------------------------------------------------------------------------
+    def set_rate(self, rate: int) -> bool:
+        """Play (and encode) at the bot's announced rate from now on; only while nothing is queued."""
+        if rate == self.rate:
+            return True
+        if self.playing:
+            return False
+        self._setup(rate)
+        return True
 
     @property
     def queued_samples(self) -> int:
@@ -56,7 +100,7 @@ class PlaybackTrack(MediaStreamTrack):
 
     @property
     def queued_seconds(self) -> float:
-        return self.queued_samples / RATE
+        return self.queued_samples / self.rate
 
     @property
     def playing(self) -> bool:
@@ -68,15 +112,17 @@ class PlaybackTrack(MediaStreamTrack):
         if sample_rate not in INPUT_RATES:
             raise ValueError(f"sample_rate must be one of {INPUT_RATES}")
         samples = np.frombuffer(pcm, dtype=np.int16, count=len(pcm) // 2)
-        if sample_rate != RATE:
+        if sample_rate != self.rate:
             samples = self._resample(samples, sample_rate)
         room = self.capacity - self.queued_samples
         if len(samples) > room:
-            accepted_in = (room * sample_rate // RATE) * 2
+            accepted_in = (room * sample_rate // self.rate) * 2
             samples = samples[:room]
         else:
             accepted_in = len(pcm) - len(pcm) % 2
         self._write(samples)
+        if len(samples):
+            self._queued.set()
         return accepted_in
 
     def mark(self, name: str) -> asyncio.Future[bool]:
@@ -101,36 +147,50 @@ class PlaybackTrack(MediaStreamTrack):
 
     # -- the track --------------------------------------------------------------------------
 
-    async def recv(self) -> av.AudioFrame:
+    async def recv(self) -> av.Packet[Any]:
         if self.readyState != "live":
             raise MediaStreamError
         now = time.monotonic()
         if self._start is None:
             self._start = now
-        else:
-            due = self._start + self._pts / RATE
-            if due > now:
-                await asyncio.sleep(due - now)
-        frame = av.AudioFrame(format="s16", layout="mono", samples=FRAME_SAMPLES)
+        if self._silent_run >= DTX_HANGOVER:
+            # Idle: wait for audio, or send one silent packet per IDLE_SECONDS.
+            wait = self._last_packet + IDLE_SECONDS - now
+            if wait > 0 and not self.playing:
+                self._queued.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._queued.wait(), wait)
+                if self.readyState != "live":
+                    raise MediaStreamError
+                now = time.monotonic()
+            # Resume on the grid: the current slot if it began under 2 ms ago, else the next.
+            self._slot = max(self._slot, math.ceil((now - self._start) * 50 - 0.1))
+        due = self._start + self._slot * FRAME_SECONDS
+        if due > now:
+            await asyncio.sleep(due - now)
+        playing = self.playing
         self._read_into(self._frame)
-        frame.planes[0].update(self._frame.tobytes())
-        frame.sample_rate = RATE
-        frame.pts = self._pts
-        frame.time_base = TIME_BASE
-        self._pts += FRAME_SAMPLES
+        packet = av.Packet(self._encoder.encode(self._frame))
+        packet.pts = self._slot * FRAME_SAMPLES
+        packet.time_base = TIME_BASE
+        self._slot += 1
+        self._silent_run = 0 if playing else self._silent_run + 1
+        self._last_packet = time.monotonic()
+        self.packets += 1
         self._resolve_marks()
-        return frame
+        return packet
 
     def stop(self) -> None:
         self.clear()
         super().stop()
+        self._queued.set()  # wake an idle recv() so it raises
 
     # -- internals ------------------------------------------------------------------------
 
     def _resample(self, samples: np.ndarray, sample_rate: int) -> np.ndarray:
         resampler = self._resamplers.get(sample_rate)
         if resampler is None:
-            resampler = self._resamplers[sample_rate] = av.AudioResampler(format="s16", layout="mono", rate=RATE)
+            resampler = self._resamplers[sample_rate] = av.AudioResampler(format="s16", layout="mono", rate=self.rate)
         frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
         frame.sample_rate = sample_rate
         out = [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]

@@ -101,6 +101,8 @@ class Relay:
         self.kind: str = source.kind
         self.outputs: set[Subscriber] = set()
         self.frames = 0
+        #: perf_counter() at which the frame now being delivered arrived (0.0: not known).
+        self.arrived = 0.0
         self._on_ended = on_ended
         self._task = asyncio.create_task(self._run(), name=f"talkgate-relay-{self.kind}-{source.id}")
 
@@ -121,10 +123,7 @@ class Relay:
     async def _run(self) -> None:
         try:
             while True:
-                frame = await self.source.recv()
-                self.frames += 1
-                for output in self.outputs:
-                    output.push(frame)
+                self.deliver(await self.source.recv())
         except MediaStreamError:
             # The source ended by itself (the remote stopped sending or closed);
             # frames already relayed are still delivered.
@@ -132,6 +131,17 @@ class Relay:
                 self.unsubscribe(output, drop_queued=False)
             if self._on_ended is not None:
                 self._on_ended(self)
+
+    def deliver(self, frame: MediaFrame, arrived: float = 0.0) -> None:
+        """Copy one frame to every output: what the reader does, and what a push source calls.
+
+        A push source (``media.inbound.InboundAudio``) delivers packets as they arrive,
+        without a task hop; the reader task then only waits for the source to end.
+        """
+        self.frames += 1
+        self.arrived = arrived
+        for output in self.outputs:
+            output.push(frame)
 
     def flush(self) -> None:
         """Drop what every output has queued from this source (barge-in: stop *now*)."""

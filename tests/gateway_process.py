@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 #: WebRTC stays on loopback: advertise 127.0.0.1, accept only loopback candidates.
@@ -14,11 +16,18 @@ RTC_LOOPBACK_ARGS = ["--rtc-address", "127.0.0.1", "--rtc-allow-network", "127.0
 
 
 class GatewayProcess:
-    """Starts ``python -m gateway ARGS``; its first log line must name the URL it serves."""
+    """Starts ``python -m gateway ARGS``; its first log line must name the URL it serves.
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+    ``command`` replaces ``python -m gateway`` (the load test's baseline server). With
+    ``drain``, a thread keeps reading the log (the last lines are kept) so that a long,
+    chatty run never blocks on a full pipe.
+    """
+
+    def __init__(
+        self, *args: str, env: dict[str, str] | None = None, command: list[str] | None = None, drain: bool = False
+    ) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", *args],
+            [*(command or [sys.executable, "-m", "gateway"]), *args],
             stderr=subprocess.PIPE,
             text=True,
             env={**os.environ, **(env or {})},
@@ -31,6 +40,16 @@ class GatewayProcess:
             raise AssertionError(f"the first log line should name the URL: {self.first_line!r}")
         self.url = match.group(1)
         self.ws_url = self.url.replace("http://", "ws://", 1) + "/ws"
+        self.log_tail: collections.deque[str] = collections.deque(maxlen=200)
+        self._drain: threading.Thread | None = None
+        if drain:
+            self._drain = threading.Thread(target=self._read_log, daemon=True)
+            self._drain.start()
+
+    def _read_log(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.log_tail.append(line)
 
     def cpu_seconds(self) -> float:
         """User + system CPU time the gateway process has used so far."""
@@ -46,7 +65,11 @@ class GatewayProcess:
         """
         assert self.proc.stderr is not None
         self.proc.send_signal(signal.SIGTERM)
-        rest = self.proc.stderr.read()
+        if self._drain is not None:
+            self._drain.join(timeout)
+            rest = "".join(self.log_tail)
+        else:
+            rest = self.proc.stderr.read()
         code = self.proc.wait(timeout=timeout)
         assert code == 0, f"gateway exited with {code}: {rest[-2000:]}"
         return rest

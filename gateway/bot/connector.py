@@ -23,9 +23,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from av import AudioFrame
+from av.packet import Packet
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
+from media import opus
 from media.convert import FrameConverter
 from media.pipeline import VoicePipeline
 from media.playback import PlaybackTrack
@@ -54,6 +56,8 @@ class BotSettings:
     max_buffer_seconds: float = 60.0
     #: Messages waiting to be written to the bot (~10 s of 20 ms frames).
     outbox_limit: int = 500
+    #: Opus encoder complexity for the bot's voice (0-10: CPU against quality).
+    opus_complexity: int = 5
 
 
 class BotState(enum.Enum):
@@ -67,6 +71,10 @@ class BotHost(Protocol):
 
     def bot_problem(self, kind: str) -> None:
         """Count a problem: "bad_message" or "dropped_frame"."""
+
+    def bot_frame_sent(self, arrived: float, queued: float) -> None:
+        """A live speech frame was written to the bot: perf_counter() times of its RTP
+        packet's arrival and of the frame leaving the voice pipeline."""
 
     async def bot_chat(self, conversation: str, bot: Participant, text: str) -> None: ...
 
@@ -97,12 +105,19 @@ class BotConnector:
         self.host = host
         self.protocol = protocol
         self.participant = Participant(identity="bot", role=Role.BOT.value, name=settings.name)
-        self.playback = PlaybackTrack(max_seconds=settings.max_buffer_seconds)
+        self.playback = PlaybackTrack(
+            max_seconds=settings.max_buffer_seconds,
+            # The bot's rate until it announces another: Twilio's 8 kHz, else the native 16 kHz.
+            rate=protocol.continuous_rate or 16_000,
+            complexity=settings.opus_complexity,
+        )
         #: The relay carrying the playback to the customer (set by the manager).
         self.relay: Relay | None = None
         self.state = BotState.CONNECTING
-        #: (message, is audio) for the bot, in order; bounded: the oldest audio goes first.
-        self._outbox: collections.deque[tuple[str | bytes, bool]] = collections.deque()
+        #: (message, is audio, arrival and queueing time of a live frame or 0.0) for the
+        #: bot, in order; bounded: the oldest audio goes first.
+        self._outbox: collections.deque[tuple[str | bytes, bool, float, float]] = collections.deque()
+        self._pipeline: VoicePipeline | None = None
         self._wake = asyncio.Event()
         self._ws: ClientConnection | None = None
         self._rate = 16_000  # of the bot's audio, from audio.format
@@ -141,6 +156,7 @@ class BotConnector:
         A protocol that wants continuous audio (Twilio) also gets a tap on the
         customer's audio, added to ``taps`` for the router to subscribe.
         """
+        self._pipeline = pipeline
         pipeline.listeners.append(self._on_speech)
         if self.protocol.continuous_rate is not None:
             taps.append(ContinuousAudio(self, self.protocol.continuous_rate))
@@ -151,7 +167,13 @@ class BotConnector:
     def _on_speech(self, event: Event) -> None:
         # Runs in the relay's reader task, once per 20 ms frame: no awaits, no JSON for frames.
         if isinstance(event, SpeechFrame):
-            self._send(self.protocol.speech_frame(event.pcm), audio=True)
+            pipeline = self._pipeline
+            if pipeline is not None and pipeline.arrived and event.t == pipeline.newest_t:
+                # A live frame (not preroll): time it to the bot's socket.
+                for item in self.protocol.speech_frame(event.pcm):
+                    self._push(item, True, pipeline.arrived, time.perf_counter())
+            else:
+                self._send(self.protocol.speech_frame(event.pcm), audio=True)
         elif isinstance(event, SpeechStarted):
             if self.settings.barge_in and self.playback.playing:
                 self._send(self.protocol.interrupted(self._silence()))
@@ -165,12 +187,12 @@ class BotConnector:
         for item in items:
             self._push(item, audio)
 
-    def _push(self, item: str | bytes, audio: bool) -> None:
+    def _push(self, item: str | bytes, audio: bool, arrived: float = 0.0, queued: float = 0.0) -> None:
         if self.state is BotState.STOPPED:
             return
         if len(self._outbox) >= self.settings.outbox_limit:
             # The bot is not reading: lose its oldest audio, never the control messages.
-            for i, (_, queued_audio) in enumerate(self._outbox):
+            for i, (_, queued_audio, _, _) in enumerate(self._outbox):
                 if queued_audio:
                     del self._outbox[i]
                     self.dropped_frames += 1
@@ -178,7 +200,7 @@ class BotConnector:
                     break
             else:
                 self._outbox.popleft()
-        self._outbox.append((item, audio))
+        self._outbox.append((item, audio, arrived, queued))
         self._wake.set()
 
     # -- the link -----------------------------------------------------------------------------
@@ -221,7 +243,7 @@ class BotConnector:
         self._ws = ws
         self.state = BotState.ACTIVE
         for item in reversed(self.protocol.opening()):
-            self._outbox.appendleft((item, False))
+            self._outbox.appendleft((item, False, 0.0, 0.0))
         self._wake.set()
         writer = asyncio.create_task(self._write(ws))
         try:
@@ -239,8 +261,10 @@ class BotConnector:
                 await self._wake.wait()
                 self._wake.clear()
                 while self._outbox:
-                    item, _ = self._outbox.popleft()
+                    item, _, arrived, queued = self._outbox.popleft()
                     await ws.send(item)
+                    if arrived:
+                        self.host.bot_frame_sent(arrived, queued)
                 if self._stop_reason is not None:
                     await ws.close()
                     return
@@ -284,6 +308,7 @@ class BotConnector:
                 await self.host.bot_chat(self.conversation, self.participant, message.text)
             case native.AudioFormat():
                 self._rate = message.sample_rate
+                self.playback.set_rate(message.sample_rate)  # encode at the bot's own rate
             case native.BotMark():
                 self._mark(message.name)
             case native.Clear():
@@ -323,13 +348,24 @@ class ContinuousAudio:
         self.connector = connector
         self.relay: Relay | None = None
         self._converter = FrameConverter(frame_ms=20, sample_rate=sample_rate)
+        self._decoder: opus.Decoder | None = None
 
     def push(self, frame: MediaFrame) -> None:
-        if self.connector.state is BotState.STOPPED or not isinstance(frame, AudioFrame):
+        if self.connector.state is BotState.STOPPED:
+            return
+        if isinstance(frame, Packet):
+            if self._decoder is None:
+                self._decoder = opus.Decoder(self._converter.sample_rate)
+            position = (frame.pts or 0) * self._converter.sample_rate // 48_000
+            frames = self._converter.feed_pcm(self._decoder.decode(bytes(frame)), position)
+        elif isinstance(frame, AudioFrame):
+            frames = self._converter.feed(frame)
+        else:
             return
         protocol = self.connector.protocol
-        for pcm in self._converter.feed(frame):
+        for pcm in frames:
             self.connector._send(protocol.audio(pcm.pcm, pcm.t), audio=True)
 
     def clear(self) -> None:
         self._converter.reset()
+        self._decoder = None

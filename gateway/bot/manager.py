@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import TYPE_CHECKING
 
 from .. import messages
@@ -33,6 +34,7 @@ class BotManager:
                 connect_seconds=config.bot_connect_seconds,
                 barge_in=config.bot_barge_in,
                 max_buffer_seconds=config.bot_max_buffer_seconds,
+                opus_complexity=config.opus_complexity,
             )
             if config.bot_url
             else None
@@ -111,6 +113,11 @@ class BotManager:
             self.metrics.bot_bad_messages.inc()
         elif kind == "dropped_frame":
             self.metrics.bot_dropped_frames.inc()
+
+    def bot_frame_sent(self, arrived: float, queued: float) -> None:
+        now = time.perf_counter()
+        self.metrics.pipeline_to_bot.observe(now - queued)
+        self.metrics.rtp_to_bot.observe(now - arrived)
 
     async def bot_chat(self, conversation: str, bot: Participant, text: str) -> None:
         await self.broker.post(conversation, bot, text)

@@ -40,8 +40,8 @@ async def test_a_full_outbox_drops_the_oldest_audio_and_keeps_control_messages(p
             connector._on_speech(SpeechFrame(bytes(640), i * 20))
     queued = list(connector._outbox)
     assert len(queued) == 5
-    first, is_audio = queued[0]
+    first, is_audio, _, _ = queued[0]
     assert not is_audio and "keep-me" in str(first)  # the control message survived
-    assert all(is_audio for _, is_audio in queued[1:])
+    assert all(is_audio for _, is_audio, _, _ in queued[1:])
     assert connector.dropped_frames == 6 and host.problems == ["dropped_frame"] * 6
     connector.playback.stop()

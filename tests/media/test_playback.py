@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 
 import numpy as np
 import pytest
 
-from media.playback import FRAME_SAMPLES, RATE, PlaybackTrack
+from media import opus
+from media.playback import DTX_HANGOVER, FRAME_SAMPLES, IDLE_SECONDS, RATE, PlaybackTrack
+
+#: RMS below which decoded audio counts as silent: Opus rings down for a few ms after
+#: a tone; the 8000-peak test tone has an RMS of about 5,700.
+QUIET_RMS = 150
+
+
+def rms(pcm: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(pcm.astype(np.float64) ** 2)))
 
 
 def tone(seconds: float, rate: int, amplitude: int = 8000) -> bytes:
@@ -16,10 +26,24 @@ def tone(seconds: float, rate: int, amplitude: int = 8000) -> bytes:
     return (amplitude * np.sin(2 * np.pi * 440 * t)).astype(np.int16).tobytes()
 
 
-async def drain(track: PlaybackTrack) -> list[np.ndarray]:
+class Listener:
+    """Decodes what a track sends, as the customer's browser would."""
+
+    def __init__(self, track: PlaybackTrack) -> None:
+        self.track = track
+        self.decoder = opus.Decoder(RATE)
+
+    async def next(self) -> tuple[int, np.ndarray]:
+        packet = await self.track.recv()
+        assert packet.pts is not None
+        return packet.pts, self.decoder.decode(bytes(packet)).copy()
+
+
+async def drain(track: PlaybackTrack, listener: Listener | None = None) -> list[np.ndarray]:
+    listener = listener or Listener(track)
     frames = []
     while track.playing:
-        frames.append((await track.recv()).to_ndarray().reshape(-1))
+        frames.append((await listener.next())[1])
     return frames
 
 
@@ -33,27 +57,53 @@ async def test_n_seconds_take_n_seconds(rate: int) -> None:
     # The first frame goes out at once; the remaining ones are paced.
     assert abs(elapsed - (len(frames) - 1) * 0.02) <= 0.02 * 2.0 + 0.005, elapsed
     assert abs(len(frames) * FRAME_SAMPLES / RATE - 2.0) <= 0.03  # resampling keeps the duration
-    assert all(np.abs(f).max() > 4000 for f in frames[1:-1])  # real audio, not silence
+    assert all(np.abs(f).max() > 4000 for f in frames[2:-1])  # real audio (after the codec's ramp-up)
 
 
-async def test_silence_when_nothing_is_queued_and_pts_keep_counting() -> None:
+async def test_an_idle_track_sends_one_silent_packet_per_idle_interval_like_opus_dtx() -> None:
     track = PlaybackTrack()
-    frames = [await track.recv() for _ in range(3)]
-    assert [f.pts for f in frames] == [0, 960, 1920]
-    assert all(not f.to_ndarray().any() for f in frames)
+    listener = Listener(track)
+    started = time.monotonic()
+    sent = [await listener.next() for _ in range(3)]
+    elapsed = time.monotonic() - started
+    assert 2 * IDLE_SECONDS - 0.01 <= elapsed <= 2 * IDLE_SECONDS + 0.1
+    slots = [pts // FRAME_SAMPLES for pts, _ in sent]
+    assert slots[0] == 0 and all(19 <= b - a <= 22 for a, b in itertools.pairwise(slots))
+    assert all(pts % FRAME_SAMPLES == 0 for pts, _ in sent)  # on the 20 ms grid
+    assert all(rms(pcm) <= QUIET_RMS for _, pcm in sent)
+
+
+async def test_audio_after_idle_starts_on_the_next_slot_and_ends_with_a_silent_hangover() -> None:
+    track = PlaybackTrack()
+    listener = Listener(track)
+    await listener.next()  # idle packet at slot 0
+    await asyncio.sleep(0.1)
+    track.enqueue(tone(0.1, 16_000))
+    queued_at = time.monotonic()
+    pts, _ = await listener.next()
+    assert time.monotonic() - queued_at <= 0.02 + 0.01  # no waiting for the idle interval
+    assert 5 <= pts // FRAME_SAMPLES <= 7  # the grid went on while idle: a DTX gap, not a reset
+    frames = await drain(track, listener)
+    assert len(frames) == 4  # the rest of the 100 ms
+    hangover = [await listener.next() for _ in range(DTX_HANGOVER)]
+    assert [p // FRAME_SAMPLES for p, _ in hangover] == [pts // FRAME_SAMPLES + 5 + i for i in range(DTX_HANGOVER)]
+    assert rms(hangover[-1][1]) <= QUIET_RMS
 
 
 async def test_clear_silences_within_one_frame_and_cancels_marks() -> None:
     track = PlaybackTrack()
+    listener = Listener(track)
     track.enqueue(tone(3.0, 16_000))
     first = track.mark("first")
-    await track.recv()
+    for _ in range(3):
+        await listener.next()
     second = track.mark("second")
     cleared_at = time.monotonic()
     assert track.clear() == ["first", "second"]
-    frame = await track.recv()
+    _, pcm = await listener.next()
     assert time.monotonic() - cleared_at <= 0.02 + 0.005
-    assert not frame.to_ndarray().any()
+    _, pcm = await listener.next()  # the first may ring down the tone; the next is silent
+    assert rms(pcm) <= QUIET_RMS
     assert await first is False and await second is False
     assert not track.playing
 

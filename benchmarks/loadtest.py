@@ -1,0 +1,579 @@
+"""Load test: N voice-bot sessions against talkgate (or the plain-aiortc baseline).
+
+Each simulated customer is an aiortc client that joins through the real signaling
+protocol, negotiates audio and sends a real speech recording (espeak-ng utterances
+with pauses, looped, each client starting at its own offset) as *pre-encoded* Opus
+packets at real-time pace, so the generator spends nothing on encoding. The target
+dials a speech bot that runs in this process: an echo bot that counts and times what
+it gets and echoes each segment back. What the client receives is timed at the RTP
+level (received packets are decoded only to find where the echo gets loud), so
+the generator stays cheap enough to drive a few hundred sessions from one core.
+
+The target runs in its own process, pinned to CPU 0 when the machine has two or more;
+this process (generator and bot) is pinned to the others.
+
+    python benchmarks/loadtest.py --sessions 100 --duration 20          # talkgate, then the baseline
+    python benchmarks/loadtest.py --sessions 50 --target baseline --json
+
+Figures (all measured in a window of ``--duration`` seconds after every session is up):
+  setup        join sent → peer connection connected, median and p95
+  cpu          target process CPU (utime+stime from /proc) in the window, % of one core, and per session
+  rss          target resident memory above its idle size, per session
+  loss         speech frames the bot should have got vs frames it got: for every segment the
+               bot saw end in the window, the target's own segment times say how many 20 ms
+               frames it spans (preroll + speech + hangover); missing frames are lost
+  loop lag     the target's event-loop lag histogram (/metrics), p50 and p99 in the window
+  speech end → speech.stopped   true end of an utterance as sent → the bot gets speech.stopped
+  bot audio → client            the echo's first loud 20 ms is due → the client receives it
+  audio path   (talkgate) RTP packet in → its PCM handed to the bot's socket, from /metrics
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fractions
+import json
+import os
+import random
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import uvloop
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.rtp import RtpPacket
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+sys.path.insert(0, str(Path(__file__).parents[1]))  # the repository's tests/ helpers
+
+from benchmarks.signaling import SECRET, pct
+from gateway import tokens
+from media import ice
+from tests.gateway_process import RTC_LOOPBACK_ARGS, GatewayProcess
+from tests.speech import resample, utterances
+
+TEXTS = ["I would like to book an appointment", "Tomorrow at nine please", "Yes that works for me"]
+TIME_BASE = fractions.Fraction(1, 48_000)
+#: The target's VAD settings (talkgate's defaults; the baseline uses the same).
+PREROLL_MS, STOP_MS, FRAME_MS = 200, 500, 20
+#: The CPUs this process may use when it starts: the target gets the first, the generator the rest.
+ALL_CPUS = frozenset(os.sched_getaffinity(0))
+#: RMS (at the client's 8 kHz decode) above which a received packet is "loud".
+LOUD = 300.0
+#: Opus packets this small carry silence (or DTX); they are not decoded.
+SILENT_PAYLOAD = 12
+
+
+# -- the recording ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Recording:
+    packets: list[bytes]  # Opus, 20 ms each, 48 kHz mono
+    ends_ms: list[float]  # true end of each utterance within the loop
+    loop_ms: int
+
+    @classmethod
+    def build(cls) -> Recording:
+        fixture = utterances(TEXTS, lead_s=1.0, gap_s=3.0, tail_s=3.0)
+        pcm = resample(fixture.pcm, 16_000, 48_000)
+        encoder = av.CodecContext.create("libopus", "w")
+        assert isinstance(encoder, av.AudioCodecContext)
+        encoder.sample_rate, encoder.layout, encoder.format = 48_000, "mono", "s16"
+        encoder.bit_rate, encoder.time_base = 32_000, TIME_BASE
+        encoder.options = {"application": "voip"}
+        packets: list[bytes] = []
+        for start in range(0, len(pcm) - 959, 960):
+            frame = av.AudioFrame.from_ndarray(pcm[start : start + 960].reshape(1, -1), format="s16", layout="mono")
+            frame.sample_rate, frame.pts, frame.time_base = 48_000, start, TIME_BASE
+            packets += [bytes(p) for p in encoder.encode(frame)]
+        return cls(packets, [end for _, end in fixture.truth], len(packets) * FRAME_MS)
+
+
+class OpusPacketTrack(MediaStreamTrack):
+    """The recording as encoded packets at real-time pace: aiortc only packetizes them."""
+
+    kind = "audio"
+
+    def __init__(self, recording: Recording, offset: int) -> None:
+        super().__init__()
+        self.recording = recording
+        self.offset = offset  # packet index the session starts at
+        self.sent = 0
+        self.t0: float | None = None  # perf_counter() when packet 0 went out
+
+    async def recv(self) -> av.Packet[Any]:
+        if self.readyState != "live":
+            raise MediaStreamError
+        now = time.perf_counter()
+        if self.t0 is None:
+            self.t0 = now
+        else:
+            due = self.t0 + self.sent * FRAME_MS / 1000
+            if due > now:
+                await asyncio.sleep(due - now)
+        packets = self.recording.packets
+        packet = av.Packet(packets[(self.offset + self.sent) % len(packets)])
+        packet.pts, packet.time_base = self.sent * 960, TIME_BASE
+        self.sent += 1
+        return packet
+
+
+# -- the bot ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Segment:
+    started_t: int
+    frames: int = 0
+    stopped_t: int = 0
+    stopped_at: float = 0.0  # perf_counter() when speech.stopped arrived
+
+
+@dataclass
+class BotConversation:
+    segments: list[Segment] = field(default_factory=list)
+    #: perf_counter() at which each echo's first loud 20 ms was due to play.
+    loud_due: list[float] = field(default_factory=list)
+
+
+class LoadBot:
+    """An echo bot that records, per conversation, segments and echo timing."""
+
+    def __init__(self) -> None:
+        self.conversations: dict[str, BotConversation] = {}
+
+    async def handle(self, ws: ServerConnection) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            await self._serve(ws)
+
+    async def _serve(self, ws: ServerConnection) -> None:
+        conv: BotConversation | None = None
+        segment: Segment | None = None
+        audio: list[bytes] = []
+        async for data in ws:
+            if isinstance(data, bytes):
+                if segment is not None:
+                    segment.frames += 1
+                    audio.append(data)
+                continue
+            message = json.loads(data)
+            kind = message["type"]
+            if kind == "start":
+                conv = self.conversations.setdefault(message["conversation"], BotConversation())
+                await ws.send(json.dumps({"type": "audio.format", "sample_rate": 16_000}))
+            elif kind == "speech.started" and conv is not None:
+                segment, audio = Segment(message["t"]), []
+            elif kind == "speech.stopped" and conv is not None and segment is not None:
+                segment.stopped_t, segment.stopped_at = message["t"], time.perf_counter()
+                conv.segments.append(segment)
+                segment = None
+                pcm = b"".join(audio)
+                frames = np.frombuffer(pcm, dtype="<i2")[: len(pcm) // 640 * 320].reshape(-1, 320)
+                loud = np.sqrt(np.mean(frames.astype(np.float64) ** 2, axis=1)) >= LOUD
+                if loud.any():
+                    conv.loud_due.append(time.perf_counter() + int(np.argmax(loud)) * FRAME_MS / 1000)
+                for i in range(0, len(pcm), 3200):
+                    await ws.send(pcm[i : i + 3200])
+            elif kind == "stop":
+                return
+
+
+# -- a simulated customer ---------------------------------------------------------------------
+
+
+class Customer:
+    """Joins, offers audio, sends the recording; times the loud onsets of what it receives."""
+
+    def __init__(self, index: int, url: str, recording: Recording, offset: int) -> None:
+        self.index = index
+        self.room = f"load-{index}"
+        self.url = url
+        self.track = OpusPacketTrack(recording, offset)
+        self.pc = RTCPeerConnection()
+        self.ws: ClientConnection | None = None
+        self.setup_s: float | None = None
+        self.error: str | None = None
+        self.packets_in = 0
+        self.loud_onsets: list[float] = []
+        self._last_loud = 0.0
+        self._decoder = av.CodecContext.create("libopus", "r")
+        assert isinstance(self._decoder, av.AudioCodecContext)
+        self._decoder.sample_rate, self._decoder.layout = 8_000, "mono"
+        self._connected = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.ws = await connect(self.url, compression=None, open_timeout=30)
+            token = tokens.issue(SECRET, identity=f"c{self.index}", role="customer", room=self.room, ttl=3600)
+            await self.ws.send(json.dumps({"type": "join", "token": token}))
+            await self._expect("joined")
+            self.pc.addTransceiver(self.track, direction="sendrecv")
+            self.pc.on("connectionstatechange", self._state)
+            await self.pc.setLocalDescription(await self.pc.createOffer())
+            await self.ws.send(json.dumps({"type": "offer", "sdp": self.pc.localDescription.sdp}))
+            answer = await self._expect("answer")
+            await self.pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], "answer"))
+            for transceiver in self.pc.getTransceivers():
+                # Time packets as they arrive instead of jitter-buffering and decoding them all.
+                transceiver.receiver._handle_rtp_packet = self._on_rtp  # type: ignore[method-assign]
+            async with asyncio.timeout(30):
+                await self._connected.wait()
+            self.setup_s = time.perf_counter() - t0
+            self._task = asyncio.create_task(self._drain())
+        except (OSError, TimeoutError, ConnectionClosed, AssertionError) as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+
+    async def _expect(self, mtype: str) -> dict[str, Any]:
+        assert self.ws is not None
+        async with asyncio.timeout(30):
+            while True:
+                message = json.loads(await self.ws.recv())
+                if message["type"] == mtype:
+                    return dict(message)
+                if message["type"] == "error":
+                    raise AssertionError(str(message))
+
+    async def _drain(self) -> None:
+        """Read (and ignore) signaling so the gateway never sees a slow consumer."""
+        assert self.ws is not None
+        with contextlib.suppress(ConnectionClosed):
+            async for _ in self.ws:
+                pass
+
+    def _state(self) -> None:
+        if self.pc.connectionState == "connected":
+            self._connected.set()
+
+    async def _on_rtp(self, packet: RtpPacket, arrival_time_ms: int) -> None:
+        now = time.perf_counter()
+        self.packets_in += 1
+        if len(packet.payload) <= SILENT_PAYLOAD:
+            return
+        for frame in self._decoder.decode(av.Packet(packet.payload)):
+            samples = frame.to_ndarray().astype(np.float64)
+            if np.sqrt(np.mean(samples**2)) >= LOUD:
+                if now - self._last_loud > 0.1:
+                    self.loud_onsets.append(now)
+                self._last_loud = now
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self.pc.close()
+        if self.ws is not None:
+            await self.ws.close()
+
+
+# -- the target process ----------------------------------------------------------------------
+
+
+class Target:
+    """talkgate serve, or benchmarks/baseline.py, with the bot at ``bot_url``."""
+
+    def __init__(self, kind: str, bot_url: str) -> None:
+        self.kind = kind
+        common = ["--port", "0", "--bot-url", bot_url, *RTC_LOOPBACK_ARGS]
+        env = {"TALKGATE_SECRET": SECRET, "TALKGATE_LOG_LEVEL": "INFO"}
+        if kind == "talkgate":
+            self.process = GatewayProcess("serve", "--rate", "1000", "--burst", "1000", *common, env=env, drain=True)
+        else:
+            baseline = str(Path(__file__).with_name("baseline.py"))
+            self.process = GatewayProcess(*common, env=env, command=[sys.executable, baseline], drain=True)
+        self.pid = self.process.proc.pid
+        if len(ALL_CPUS) >= 2:
+            os.sched_setaffinity(self.pid, {min(ALL_CPUS)})
+
+    def cpu_seconds(self) -> float:
+        return self.process.cpu_seconds()
+
+    def rss_bytes(self) -> int:
+        with open(f"/proc/{self.pid}/status") as f:
+            match = re.search(r"VmRSS:\s+(\d+) kB", f.read())
+        return int(match.group(1)) * 1024 if match else 0
+
+    def metrics(self) -> dict[str, float]:
+        """Every sample of /metrics, keyed by name{labels}."""
+        with urllib.request.urlopen(self.process.url + "/metrics", timeout=10) as response:
+            text = response.read().decode()
+        samples = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                samples[name] = float(value)
+        return samples
+
+    def stop(self) -> None:
+        self.process.stop(timeout=60)
+
+
+def histogram_quantiles(before: dict[str, float], after: dict[str, float], name: str) -> dict[str, float] | None:
+    """p50 and p99 (ms) of a Prometheus histogram over a window, as histogram_quantile() does."""
+    buckets = []
+    for key, value in after.items():
+        match = re.fullmatch(rf'{name}_bucket\{{le="([^"]+)"\}}', key)
+        if match:
+            buckets.append((float(match.group(1)), value - before.get(key, 0.0)))
+    buckets.sort()
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    total = buckets[-1][1]
+
+    def quantile(q: float) -> float:
+        rank = q * total
+        lower, below = 0.0, 0.0
+        for bound, count in buckets:
+            if count >= rank:
+                if bound == float("inf"):
+                    return lower
+                inside = count - below
+                return lower + (bound - lower) * ((rank - below) / inside if inside else 0)
+            lower, below = bound, count
+        return lower
+
+    return {"p50_ms": round(quantile(0.5) * 1000, 3), "p99_ms": round(quantile(0.99) * 1000, 3), "count": total}
+
+
+# -- one run -------------------------------------------------------------------------------------
+
+
+def ms(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50_ms": None, "p95_ms": None, "p99_ms": None}
+    return {
+        "p50_ms": round(statistics.median(values) * 1000, 1),
+        "p95_ms": round(pct(values, 0.95) * 1000, 1),
+        "p99_ms": round(pct(values, 0.99) * 1000, 1),
+    }
+
+
+def top_functions(path: str, n: int = 10) -> list[tuple[str, float]]:
+    """The functions with the most self time in py-spy's collapsed stacks, as % of samples."""
+    own: dict[str, int] = {}
+    total = 0
+    with open(path) as f:
+        for line in f:
+            stack, _, count = line.rstrip().rpartition(" ")
+            leaf = stack.rsplit(";", 1)[-1]
+            own[leaf] = own.get(leaf, 0) + int(count)
+            total += int(count)
+    ranked = sorted(own.items(), key=lambda item: -item[1])[:n]
+    return [(name, round(100 * count / max(1, total), 1)) for name, count in ranked]
+
+
+def start_profiler(pid: int, seconds: float, path: str) -> subprocess.Popen[bytes]:
+    """py-spy (pip install 'talkgate[bench]') sampling the target for the window."""
+    command = ["py-spy", "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "200"]
+    command += ["--format", "raw", "--output", path, "--nonblocking"]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+async def run(
+    kind: str, sessions: int, duration: float, ramp: float, recording: Recording, profile: str | None = None
+) -> dict[str, Any]:
+    bot = LoadBot()
+    async with serve(bot.handle, "127.0.0.1", 0, compression=None, max_size=2**22) as bot_server:
+        bot_url = f"ws://127.0.0.1:{bot_server.sockets[0].getsockname()[1]}/"
+        target = Target(kind, bot_url)
+        try:
+            await asyncio.sleep(0.5)
+            idle_rss = target.rss_bytes()
+            rng = random.Random(sessions)
+            customers = [
+                Customer(i, target.process.ws_url, recording, rng.randrange(len(recording.packets)))
+                for i in range(sessions)
+            ]
+            starts = []
+            for i, customer in enumerate(customers):
+                starts.append(asyncio.create_task(customer.start()))
+                await asyncio.sleep(ramp / sessions if i < sessions - 1 else 0)
+            await asyncio.gather(*starts)
+            up = [c for c in customers if c.setup_s is not None]
+            await asyncio.sleep(2.0)  # settle: first segments, the ramp's DTLS work done
+            profiler = start_profiler(target.pid, duration, f"{profile}.{kind}.txt") if profile else None
+            metrics0, cpu0, w0 = target.metrics(), target.cpu_seconds(), time.perf_counter()
+            own0 = os.times()
+            await asyncio.sleep(duration)
+            metrics1, cpu1, w1 = target.metrics(), target.cpu_seconds(), time.perf_counter()
+            own1 = os.times()
+            rss = target.rss_bytes()
+            result = summarize(kind, customers, up, bot, recording, (w0, w1), cpu1 - cpu0, metrics0, metrics1)
+            result["rss_per_session_kb"] = round((rss - idle_rss) / max(1, len(up)) / 1024, 1)
+            own = own1.user + own1.system - own0.user - own0.system
+            result["generator_cpu_percent"] = round(100 * own / (w1 - w0), 1)
+            if profiler is not None:
+                await asyncio.to_thread(profiler.wait)
+                result["profile_top"] = top_functions(f"{profile}.{kind}.txt")
+            await asyncio.gather(*(c.close() for c in customers))
+        finally:
+            target.stop()
+    return result
+
+
+def summarize(
+    kind: str,
+    customers: list[Customer],
+    up: list[Customer],
+    bot: LoadBot,
+    recording: Recording,
+    window: tuple[float, float],
+    cpu: float,
+    metrics0: dict[str, float],
+    metrics1: dict[str, float],
+) -> dict[str, Any]:
+    w0, w1 = window
+    expected = received = segments = 0
+    stop_latency: list[float] = []
+    echo_latency: list[float] = []
+    for customer in up:
+        conv = bot.conversations.get(customer.room)
+        if conv is None:
+            continue
+        offset_ms = customer.track.offset * FRAME_MS
+        t0 = customer.track.t0 or 0.0
+        for seg in conv.segments:
+            if not w0 <= seg.stopped_at <= w1:
+                continue
+            segments += 1
+            # The target's segment: preroll before the start, the hangover after the stop.
+            expected += (seg.stopped_t + STOP_MS - (seg.started_t - PREROLL_MS)) // FRAME_MS
+            received += seg.frames
+            # Which utterance ended there: the nearest true end in the loop.
+            position = (offset_ms + seg.stopped_t) % recording.loop_ms
+            half = recording.loop_ms / 2
+            delta = min((((position - end) + half) % recording.loop_ms - half for end in recording.ends_ms), key=abs)
+            true_end_stream_ms = seg.stopped_t - delta
+            stop_latency.append(seg.stopped_at - (t0 + true_end_stream_ms / 1000))
+        for due in conv.loud_due:
+            if not w0 <= due <= w1 - 1:
+                continue
+            heard = next((t for t in customer.loud_onsets if t >= due - 0.02), None)
+            if heard is not None and heard - due < 1.0:
+                echo_latency.append(heard - due)
+    setups = [c.setup_s for c in up if c.setup_s is not None]
+    seconds = w1 - w0
+    result: dict[str, Any] = {
+        "target": kind,
+        "sessions": len(customers),
+        "established": len(up),
+        "errors": sorted({c.error for c in customers if c.error})[:3],
+        "setup": ms(setups),
+        "window_s": round(seconds, 1),
+        "cpu_percent": round(100 * cpu / seconds, 1),
+        "cpu_percent_per_session": round(100 * cpu / seconds / max(1, len(up)), 3),
+        "segments": segments,
+        "frames_expected": expected,
+        "frames_received": received,
+        "loss_percent": round(100 * (1 - received / expected), 2) if expected else None,
+        "loop_lag": histogram_quantiles(metrics0, metrics1, "talkgate_event_loop_lag_seconds"),
+        "speech_end_to_stopped": ms(stop_latency),
+        "bot_audio_to_client": ms(echo_latency),
+        "echoes_timed": len(echo_latency),
+    }
+    path = histogram_quantiles(metrics0, metrics1, "talkgate_audio_rtp_to_bot_seconds")
+    if path is not None:
+        result["rtp_to_bot"] = path
+    return result
+
+
+# -- output --------------------------------------------------------------------------------------
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    def fmt(value: Any) -> str:
+        return "-" if value is None else str(value)
+
+    rows: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
+        ("sessions established", lambda r: f"{r['established']}/{r['sessions']}"),
+        ("setup p50 / p95 ms", lambda r: f"{fmt(r['setup']['p50_ms'])} / {fmt(r['setup']['p95_ms'])}"),
+        ("CPU % of a core", lambda r: fmt(r["cpu_percent"])),
+        ("CPU % per session", lambda r: fmt(r["cpu_percent_per_session"])),
+        ("RSS per session KiB", lambda r: fmt(r["rss_per_session_kb"])),
+        ("generator CPU % (its own core)", lambda r: fmt(r["generator_cpu_percent"])),
+        ("frames expected / received", lambda r: f"{r['frames_expected']} / {r['frames_received']}"),
+        ("loss %", lambda r: fmt(r["loss_percent"])),
+        (
+            "loop lag p50 / p99 ms",
+            lambda r: "-" if r["loop_lag"] is None else f"{r['loop_lag']['p50_ms']} / {r['loop_lag']['p99_ms']}",
+        ),
+        (
+            "speech end → stopped p50 / p99 ms",
+            lambda r: f"{fmt(r['speech_end_to_stopped']['p50_ms'])} / {fmt(r['speech_end_to_stopped']['p99_ms'])}",
+        ),
+        (
+            "bot audio → client p50 / p99 ms",
+            lambda r: f"{fmt(r['bot_audio_to_client']['p50_ms'])} / {fmt(r['bot_audio_to_client']['p99_ms'])}",
+        ),
+        (
+            "RTP in → PCM to bot p50 / p99 ms",
+            lambda r: f"{r['rtp_to_bot']['p50_ms']} / {r['rtp_to_bot']['p99_ms']}" if "rtp_to_bot" in r else "-",
+        ),
+    ]
+    width = max(len(name) for name, _ in rows) + 2
+    lines = ["".ljust(width) + "".join(r["target"].rjust(18) for r in results)]
+    for name, get in rows:
+        lines.append(name.ljust(width) + "".join(get(r).rjust(18) for r in results))
+    return "\n".join(lines)
+
+
+def pin_generator() -> None:
+    """Keep the generator off CPU 0 (the target's), and allow enough sockets."""
+    if len(ALL_CPUS) >= 2:
+        os.sched_setaffinity(0, ALL_CPUS - {min(ALL_CPUS)})
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
+    ice.use_host_addresses(["127.0.0.1"])
+    recording = Recording.build()
+    kinds = ["talkgate", "baseline"] if args.target == "both" else [args.target]
+    results = []
+    for kind in kinds:
+        results.append(await run(kind, args.sessions, args.duration, args.ramp, recording, args.profile))
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sessions", type=int, default=50)
+    parser.add_argument("--duration", type=float, default=20.0, help="Seconds measured once all sessions are up.")
+    parser.add_argument("--ramp", type=float, default=None, help="Seconds over which sessions start (N/25).")
+    parser.add_argument("--target", choices=["talkgate", "baseline", "both"], default="both")
+    parser.add_argument("--json", action="store_true", help="Print one JSON object as the last line.")
+    parser.add_argument("--profile", metavar="PREFIX", help="py-spy the target in the window: PREFIX.<target>.txt")
+    args = parser.parse_args()
+    if args.ramp is None:
+        args.ramp = args.sessions / 25
+    pin_generator()
+    results = uvloop.run(main_async(args))
+    out = sys.stderr if args.json else sys.stdout
+    print(table(results), file=out)
+    for result in results:
+        for name, share in result.get("profile_top", []):
+            print(f"{result['target']:>10} {share:5.1f}%  {name}", file=out)
+    if args.json:
+        print(json.dumps({"sessions": args.sessions, "results": results}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""Inbound Opus audio without aiortc's jitter buffer and decoder thread.
+
+aiortc hands every received audio packet to a jitter buffer that holds four packets
+(80 ms) before releasing any, then to a decoder *thread* per track, which decodes at
+48 kHz stereo and passes each frame back to the event loop with
+``call_soon_threadsafe``. At a hundred sessions those threads fight the event loop
+for the GIL (a quarter of the gateway's samples were in ``Condition.wait/notify``
+under py-spy) and the loop lags by hundreds of milliseconds.
+
+``InboundAudio`` takes over one ``RTCRtpReceiver``'s packet handler. Each Opus
+packet is put in order by a small ``ReorderBuffer`` (it waits for a missing packet
+only while at most ``depth`` later ones have arrived: no delay at all when packets
+come in order, as they do on a LAN) and handed *encoded*, as an ``av.Packet``
+stamped with its stream time, to a callback: the relay, whose subscribers forward it
+without re-encoding (to agents) or decode it at the rate they need (the voice
+pipeline decodes at 16 kHz). The receiver's RTCP statistics are kept, so receiver
+reports stay true. Codecs other than Opus (G.711 from a SIP-ish client) still take
+aiortc's own path and arrive as decoded frames.
+
+This reaches into ``RTCRtpReceiver``'s private state (its codec table and stream
+statistics); ``tests/media/test_inbound.py`` pins the behaviour against aiortc.
+"""
+
+from __future__ import annotations
+
+import fractions
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeVar
+
+import av
+from aiortc import RTCRtpReceiver
+from aiortc.rtcrtpreceiver import StreamStatistics
+from aiortc.rtp import RtpPacket
+
+T = TypeVar("T")
+TIME_BASE = fractions.Fraction(1, 48_000)  # Opus's RTP clock, whatever the audio's rate
+
+
+class ReorderBuffer(Generic[T]):
+    """Puts items keyed by 16-bit RTP sequence numbers back in order (sans-I/O).
+
+    In-order items come straight out. An item after a gap is held until the gap is
+    filled or more than ``depth`` items wait; then the missing ones count as lost.
+    Late items (older than what was already released) and duplicates are dropped.
+    """
+
+    def __init__(self, depth: int = 3) -> None:
+        self.depth = depth
+        self._next: int | None = None
+        self._held: dict[int, T] = {}
+        self.lost = 0
+        self.late = 0
+
+    def add(self, seq: int, item: T) -> list[T]:
+        if self._next is None:
+            self._next = seq
+        ahead = (seq - self._next) & 0xFFFF
+        if ahead >= 0x8000 or seq in self._held:
+            self.late += 1
+            return []
+        if ahead == 0 and not self._held:
+            self._next = (seq + 1) & 0xFFFF
+            return [item]
+        self._held[seq] = item
+        out: list[T] = []
+        self._release(out)
+        if len(self._held) > self.depth:
+            # Give up on the gap: skip to the oldest held item.
+            oldest = min(self._held, key=lambda s: (s - self._next) & 0xFFFF)  # type: ignore[operator]
+            self.lost += (oldest - self._next) & 0xFFFF
+            self._next = oldest
+            self._release(out)
+        return out
+
+    def _release(self, out: list[T]) -> None:
+        assert self._next is not None
+        while self._next in self._held:
+            out.append(self._held.pop(self._next))
+            self._next = (self._next + 1) & 0xFFFF
+
+
+class InboundAudio:
+    """Owns one audio receiver's packet path: in order, stamped, to ``deliver``."""
+
+    def __init__(
+        self, receiver: RTCRtpReceiver, deliver: Callable[[av.Packet[Any], float], None], depth: int = 3
+    ) -> None:
+        self.receiver = receiver
+        self.deliver = deliver
+        self.reorder: ReorderBuffer[RtpPacket] = ReorderBuffer(depth)
+        self._aiortc_handler: Callable[[RtpPacket, int], Awaitable[None]] = receiver._handle_rtp_packet
+        self._origin: int | None = None  # RTP timestamp of the first packet (stream time 0)
+        self._last = 0
+        self._wraps = 0
+        self.packets = 0
+        receiver._handle_rtp_packet = self._handle  # type: ignore[method-assign]
+
+    def _codec(self, payload_type: int) -> Any:
+        codecs: dict[int, Any] = self.receiver._RTCRtpReceiver__codecs  # type: ignore[attr-defined]
+        return codecs.get(payload_type)
+
+    async def _handle(self, packet: RtpPacket, arrival_time_ms: int) -> None:
+        arrived = time.perf_counter()
+        receiver = self.receiver
+        if not receiver._enabled:
+            return
+        codec = self._codec(packet.payload_type)
+        if codec is None or codec.mimeType.lower() != "audio/opus":
+            await self._aiortc_handler(packet, arrival_time_ms)
+            return
+        streams: dict[int, StreamStatistics] = receiver._RTCRtpReceiver__remote_streams  # type: ignore[attr-defined]
+        stats = streams.get(packet.ssrc)
+        if stats is None:
+            stats = streams[packet.ssrc] = StreamStatistics(codec.clockRate)
+        stats.add(packet)  # what the receiver's RTCP reports are made of
+        for ordered in self.reorder.add(packet.sequence_number, packet):
+            self.packets += 1
+            encoded = av.Packet(ordered.payload)
+            encoded.pts = self._stream_time(ordered.timestamp)
+            encoded.time_base = TIME_BASE
+            self.deliver(encoded, arrived)
+
+    def _stream_time(self, timestamp: int) -> int:
+        """RTP timestamp → samples since the first packet (48 kHz), across 32-bit wraps."""
+        if self._origin is None:
+            self._origin = self._last = timestamp
+        elif timestamp < self._last and self._last - timestamp > 0x80000000:
+            self._wraps += 1
+        elif timestamp > self._last and timestamp - self._last > 0x80000000:
+            return timestamp - self._origin + (self._wraps - 1) * 0x100000000  # a late one from before the wrap
+        self._last = timestamp
+        return timestamp - self._origin + self._wraps * 0x100000000
