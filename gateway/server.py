@@ -12,7 +12,7 @@ from types import TracebackType
 import uvloop
 from websockets.asyncio.server import Server, ServerConnection, serve
 
-from media import audiolevel, ice
+from media import audiolevel, ice, inbound
 
 from . import __version__
 from .bot import BotHandler, echo, serve_bot
@@ -46,6 +46,7 @@ class GatewayServer:
     async def start(self) -> None:
         ice.use_host_addresses(self.config.rtc_addresses)
         audiolevel.install()
+        inbound.install_demux()
         self._server = await serve(
             self._handle,
             self.config.host,

@@ -17,8 +17,22 @@ pipeline decodes at 16 kHz). The receiver's RTCP statistics are kept, so receive
 reports stay true. Codecs other than Opus (G.711 from a SIP-ish client) still take
 aiortc's own path and arrive as decoded frames.
 
-This reaches into ``RTCRtpReceiver``'s private state (its codec table and stream
-statistics); ``tests/media/test_inbound.py`` pins the behaviour against aiortc.
+Below the receiver, each datagram took a long way: aioice tries to parse it as STUN
+(an exception for every RTP packet), queues it, and a DTLS-transport task wakes up to
+take it off the queue. Two more adapters cut that:
+
+- ``install_demux()`` makes aioice demultiplex by the first byte, as RFC 7983 says
+  (0-3 STUN, 20-63 DTLS, 128-191 RTP/RTCP), so media is never parsed as STUN;
+- ``FastRtp``, once an ``InboundAudio`` has seen its stream's SSRC, takes that
+  SSRC's packets straight from the ICE connection: SRTP unprotect, parse, handle,
+  in the datagram callback. Everything else (DTLS, RTCP, video, unknown SSRCs) still
+  goes through aiortc's queue. (The DTLS transport's own byte counters miss these
+  packets; the receiver's RTCP statistics do not.)
+
+These reach into private state of aiortc and aioice (the receiver's codec table and
+statistics, the DTLS transport's SRTP session and extension map, the connection's
+``data_received``); ``tests/media/test_inbound.py`` and every call test pin the
+behaviour against the installed versions.
 """
 
 from __future__ import annotations
@@ -29,9 +43,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 import av
-from aiortc import RTCRtpReceiver
+import pylibsrtp
+from aioice.ice import StunProtocol
+from aiortc import RTCDtlsTransport, RTCRtpReceiver
 from aiortc.rtcrtpreceiver import StreamStatistics
-from aiortc.rtp import RtpPacket
+from aiortc.rtp import RtpPacket, is_rtcp
 
 T = TypeVar("T")
 TIME_BASE = fractions.Fraction(1, 48_000)  # Opus's RTP clock, whatever the audio's rate
@@ -80,6 +96,60 @@ class ReorderBuffer(Generic[T]):
             self._next = (self._next + 1) & 0xFFFF
 
 
+def install_demux() -> None:
+    """Make aioice pass non-STUN datagrams on without trying to parse them as STUN."""
+    original = StunProtocol.datagram_received
+    if getattr(original, "talkgate_demux", False):
+        return
+
+    def datagram_received(self: StunProtocol, data: bytes | str, addr: tuple[Any, ...]) -> None:
+        if data and isinstance(data, bytes) and data[0] > 3:
+            self.receiver.data_received(data, self.local_candidate.component)
+        else:
+            original(self, data, addr)
+
+    datagram_received.talkgate_demux = True  # type: ignore[attr-defined]
+    StunProtocol.datagram_received = datagram_received  # type: ignore[method-assign]
+
+
+Handler = Callable[[RtpPacket, float], None]
+
+
+class FastRtp:
+    """Known SSRCs' RTP from one ICE connection straight to their handlers (see above)."""
+
+    def __init__(self, dtls: RTCDtlsTransport) -> None:
+        self.dtls = dtls
+        self.routes: dict[int, Handler] = {}
+        connection = dtls.transport._connection
+        self._queue = connection.data_received
+        connection.data_received = self.data_received  # type: ignore[method-assign]
+        self.packets = 0
+
+    @classmethod
+    def of(cls, dtls: RTCDtlsTransport) -> FastRtp:
+        fast: FastRtp | None = getattr(dtls, "_talkgate_fast_rtp", None)
+        if fast is None:
+            fast = cls(dtls)
+            dtls._talkgate_fast_rtp = fast  # type: ignore[attr-defined]
+        return fast
+
+    def data_received(self, data: bytes, component: int) -> None:
+        if 127 < data[0] < 192 and len(data) >= 12 and not is_rtcp(data):
+            handler = self.routes.get(int.from_bytes(data[8:12], "big"))
+            srtp = self.dtls._rx_srtp
+            if handler is not None and srtp is not None:
+                arrived = time.perf_counter()
+                try:
+                    packet = RtpPacket.parse(srtp.unprotect(data), self.dtls._rtp_header_extensions_map)
+                except (pylibsrtp.Error, ValueError):
+                    return  # what aiortc does with a packet it cannot unprotect or parse
+                self.packets += 1
+                handler(packet, arrived)
+                return
+        self._queue(data, component)
+
+
 class InboundAudio:
     """Owns one audio receiver's packet path: in order, stamped, to ``deliver``."""
 
@@ -101,13 +171,22 @@ class InboundAudio:
         return codecs.get(payload_type)
 
     async def _handle(self, packet: RtpPacket, arrival_time_ms: int) -> None:
-        arrived = time.perf_counter()
+        """aiortc's path: the first packets, until the SSRC is known to ``FastRtp``."""
+        codec = self._codec(packet.payload_type)
+        if codec is None or codec.mimeType.lower() != "audio/opus":
+            await self._aiortc_handler(packet, arrival_time_ms)
+            return
+        FastRtp.of(self.receiver.transport).routes[packet.ssrc] = self.handle
+        self.handle(packet, time.perf_counter())
+
+    def handle(self, packet: RtpPacket, arrived: float) -> None:
         receiver = self.receiver
         if not receiver._enabled:
             return
         codec = self._codec(packet.payload_type)
         if codec is None or codec.mimeType.lower() != "audio/opus":
-            await self._aiortc_handler(packet, arrival_time_ms)
+            # The stream changed codec: from the next packet on, aiortc's path decides.
+            FastRtp.of(receiver.transport).routes.pop(packet.ssrc, None)
             return
         streams: dict[int, StreamStatistics] = receiver._RTCRtpReceiver__remote_streams  # type: ignore[attr-defined]
         stats = streams.get(packet.ssrc)

@@ -9,11 +9,13 @@ costs less than at 48 kHz and loses nothing: Opus carries any of these rates.
 
 It yields *encoded* Opus packets (``media.opus``, in the event loop: aiortc would
 encode every frame in its thread pool at complexity 10, the GIL hand-off costing
-more than the work). When the audio runs out it does what Opus DTX does: silence
-for ``DTX_HANGOVER`` packets (the receiver's decoder rings down, a barge-in is heard
-as silence at once), then one silent packet every ``IDLE_SECONDS`` instead of fifty
-a second, so a quiet bot costs almost nothing; receivers treat the gap as DTX. When
-audio is queued again it starts on the next 20 ms slot.
+more than the work). Silence, whether the bot's audio ran out or it sent silence,
+is handled as Opus DTX does it: ``DTX_HANGOVER`` silent packets (the receiver's
+decoder rings down; a barge-in is heard as silence at once), then one packet every
+``IDLE_SECONDS`` instead of fifty a second, so a quiet bot costs almost nothing and
+silence in its speech is not encoded (encoding 20 ms of zeros costs libopus as much
+as 2/3 of speech). Receivers treat the gaps as DTX. Sound after silence goes out on
+the next 20 ms slot.
 
 - ``mark(name)`` returns a future that resolves True once everything queued before it
   has been played (Twilio's ``mark``), False if it was cleared first.
@@ -44,10 +46,12 @@ FRAME_SAMPLES = 960  # 20 ms of the RTP clock
 FRAME_SECONDS = FRAME_SAMPLES / RATE
 INPUT_RATES = (8_000, 16_000, 24_000, 48_000)
 TIME_BASE = fractions.Fraction(1, RATE)
-#: After the audio runs out: this many silent packets (200 ms), then one per
-#: IDLE_SECONDS, as libopus's own DTX does.
+#: After this many silent packets (200 ms) in a row, whether the bot's audio ran out
+#: or it sent silence, only one packet per IDLE_SECONDS goes out (as libopus's DTX).
 DTX_HANGOVER = 10
 IDLE_SECONDS = 0.4
+#: Samples this small (-66 dBFS) count as silence.
+SILENCE_PEAK = 16
 
 
 class PlaybackTrack(MediaStreamTrack):
@@ -148,37 +152,46 @@ class PlaybackTrack(MediaStreamTrack):
     # -- the track --------------------------------------------------------------------------
 
     async def recv(self) -> av.Packet[Any]:
-        if self.readyState != "live":
-            raise MediaStreamError
-        now = time.monotonic()
-        if self._start is None:
-            self._start = now
-        if self._silent_run >= DTX_HANGOVER:
-            # Idle: wait for audio, or send one silent packet per IDLE_SECONDS.
-            wait = self._last_packet + IDLE_SECONDS - now
-            if wait > 0 and not self.playing:
-                self._queued.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._queued.wait(), wait)
-                if self.readyState != "live":
-                    raise MediaStreamError
-                now = time.monotonic()
-            # Resume on the grid: the current slot if it began under 2 ms ago, else the next.
-            self._slot = max(self._slot, math.ceil((now - self._start) * 50 - 0.1))
-        due = self._start + self._slot * FRAME_SECONDS
-        if due > now:
-            await asyncio.sleep(due - now)
-        playing = self.playing
-        self._read_into(self._frame)
-        packet = av.Packet(self._encoder.encode(self._frame))
-        packet.pts = self._slot * FRAME_SAMPLES
-        packet.time_base = TIME_BASE
-        self._slot += 1
-        self._silent_run = 0 if playing else self._silent_run + 1
-        self._last_packet = time.monotonic()
-        self.packets += 1
-        self._resolve_marks()
-        return packet
+        while True:
+            if self.readyState != "live":
+                raise MediaStreamError
+            now = time.monotonic()
+            if self._start is None:
+                self._start = now
+            dtx = self._silent_run >= DTX_HANGOVER
+            if dtx and not self.playing:
+                # Idle: wait for audio, or until the next keep-alive packet is due.
+                wait = self._last_packet + IDLE_SECONDS - now
+                if wait > 0:
+                    self._queued.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._queued.wait(), wait)
+                    if self.readyState != "live":
+                        raise MediaStreamError
+                    now = time.monotonic()
+            if dtx:
+                # Resume on the grid: the current slot if it began under 2 ms ago, else the next.
+                self._slot = max(self._slot, math.ceil((now - self._start) * 50 - 0.1))
+            due = self._start + self._slot * FRAME_SECONDS
+            if due > now:
+                await asyncio.sleep(due - now)
+            playing = self.playing
+            self._read_into(self._frame)
+            self._resolve_marks()
+            slot = self._slot
+            self._slot += 1
+            if playing and (self._frame.max() > SILENCE_PEAK or self._frame.min() < -SILENCE_PEAK):
+                self._silent_run = 0
+            else:
+                self._silent_run += 1
+                if self._silent_run > DTX_HANGOVER and time.monotonic() - self._last_packet < IDLE_SECONDS:
+                    continue  # DTX: nothing to send for this slot
+            packet = av.Packet(self._encoder.encode(self._frame))
+            packet.pts = slot * FRAME_SAMPLES
+            packet.time_base = TIME_BASE
+            self._last_packet = time.monotonic()
+            self.packets += 1
+            return packet
 
     def stop(self) -> None:
         self.clear()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from media import opus
-from media.playback import DTX_HANGOVER, FRAME_SAMPLES, IDLE_SECONDS, RATE, PlaybackTrack
+from media.playback import DTX_HANGOVER, FRAME_SAMPLES, IDLE_SECONDS, RATE, SILENCE_PEAK, PlaybackTrack
 
 #: RMS below which decoded audio counts as silent: Opus rings down for a few ms after
 #: a tone; the 8000-peak test tone has an RMS of about 5,700.
@@ -88,6 +88,24 @@ async def test_audio_after_idle_starts_on_the_next_slot_and_ends_with_a_silent_h
     hangover = [await listener.next() for _ in range(DTX_HANGOVER)]
     assert [p // FRAME_SAMPLES for p, _ in hangover] == [pts // FRAME_SAMPLES + 5 + i for i in range(DTX_HANGOVER)]
     assert rms(hangover[-1][1]) <= QUIET_RMS
+
+
+async def test_silence_inside_the_bots_audio_is_not_encoded_after_the_hangover() -> None:
+    track = PlaybackTrack()
+    listener = Listener(track)
+    quiet = (np.random.default_rng(1).integers(-SILENCE_PEAK, SILENCE_PEAK + 1, 16_000)).astype(np.int16)
+    track.enqueue(tone(0.1, 16_000) + quiet.tobytes() + tone(0.1, 16_000))  # 100 ms, 1 s of "silence", 100 ms
+    sent = []
+    while track.playing:
+        sent.append(await listener.next())
+    slots = [pts // FRAME_SAMPLES for pts, _ in sent]
+    # 5 tone packets, the 10-packet hangover, keep-alives every 400 ms, 5 tone packets;
+    # the second tone is on its own slots (55 to 59): the gaps are DTX, not lost time.
+    assert slots[: 5 + DTX_HANGOVER] == list(range(5 + DTX_HANGOVER))
+    assert slots[-5:] == list(range(55, 60))
+    keepalives = slots[5 + DTX_HANGOVER : -5]
+    assert 1 <= len(keepalives) <= 3
+    assert rms(sent[-2][1]) > 3000  # the tone after the silence is heard
 
 
 async def test_clear_silences_within_one_frame_and_cancels_marks() -> None:
