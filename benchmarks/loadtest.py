@@ -425,7 +425,8 @@ async def run(
                 result["profile_top"] = top_functions(f"{profile}.{kind}.txt")
             await asyncio.gather(*(c.close() for c in customers))
         finally:
-            target.stop()
+            # In a thread: the target closes its bot links on the way out, and this loop answers them.
+            await asyncio.to_thread(target.stop)
     return result
 
 

@@ -56,3 +56,24 @@ def test_bot_latency_benchmark_runs_and_hears_the_echo() -> None:
     assert result["barge_ins"] == 1 and result["interrupted_to_quiet_at_client"]["median_ms"] > 0
     assert result["speech_end_to_speech_stopped"]["median_ms"] > 0
     assert result["bot_audio_to_client"]["median_ms"] > 0
+
+
+def test_loadtest_runs_talkgate_and_the_baseline_side_by_side() -> None:
+    result = run_benchmark("loadtest.py", "--sessions", "3", "--duration", "5")
+    talkgate, baseline = result["results"]
+    assert (talkgate["target"], baseline["target"]) == ("talkgate", "baseline")
+    for r in (talkgate, baseline):
+        assert r["established"] == 3, r["errors"]
+        assert r["segments"] >= 1 and r["frames_received"] > 0  # speech reached the bot through the target
+        assert r["loss_percent"] is not None and r["loop_lag"]["count"] > 0
+        assert r["cpu_percent"] > 0 and r["setup"]["p50_ms"] > 0
+        assert r["speech_end_to_stopped"]["p50_ms"] > 0
+    assert talkgate["rtp_to_bot"]["count"] > 0  # talkgate's own audio-path histogram
+
+
+def test_capacity_steps_both_targets_and_reports_a_ratio() -> None:
+    result = run_benchmark("capacity.py", "--steps", "2", "--duration", "3", "--refine", "0")
+    talkgate, baseline = result["results"]
+    assert [r["sessions"] for r in talkgate["runs"]] == [2] == [r["sessions"] for r in baseline["runs"]]
+    assert all(isinstance(r["holds"], bool) for r in talkgate["runs"] + baseline["runs"])
+    assert talkgate["capacity"] in (0, 2) and baseline["capacity"] in (0, 2)

@@ -42,7 +42,9 @@ async def test_start_first_then_chat_both_ways(party: Party, bot: TestBot) -> No
     assert caption["text"] == "what are your" and caption["final"] is False
 
 
-async def test_speech_reaches_the_bot_as_frames_between_started_and_stopped(party: Party, bot: TestBot) -> None:
+async def test_speech_reaches_the_bot_as_frames_between_started_and_stopped(
+    party: Party, bot: TestBot, server: GatewayServer
+) -> None:
     fixture = utterances(["I would like to book an appointment"], lead_s=1.0, tail_s=1.0)
     customer = await party("u1")
     await bot.wait_for("start")
@@ -66,6 +68,15 @@ async def test_speech_reaches_the_bot_as_frames_between_started_and_stopped(part
     # The segment: preroll + speech + hangover, one frame each 20 ms.
     expected = (duration + 200 + 500) / 20
     assert abs(len(frames) - expected) <= 1, (len(frames), expected)
+    # The audio path was timed: every packet into the pipeline, every live frame to the bot.
+    m = server.metrics
+    assert m.rtp_to_pipeline.count >= (end + 500) / 20 - 5
+    live = m.rtp_to_bot.count
+    assert len(frames) - 15 <= live <= len(frames)  # all but the preroll (≤ 14 frames) are live
+    assert m.pipeline_to_bot.count == live and 0 < m.rtp_to_bot.sum / live < 0.05
+    text = m.render().decode()
+    assert f"talkgate_audio_rtp_to_bot_seconds_count {float(live)}" in text
+    assert 'talkgate_event_loop_lag_seconds_bucket{le="0.02"}' in text
 
 
 async def test_bot_audio_reaches_the_customer_and_marks_come_back_after_playback(party: Party, bot: TestBot) -> None:
