@@ -15,9 +15,12 @@ only per-frame allocation is the immutable ``bytes`` handed out.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import av
 import numpy as np
+
+from . import opus
 
 VALID_FRAME_MS = (10, 20, 30)
 #: Pts jumps smaller than this many output samples are jitter, not gaps.
@@ -47,6 +50,7 @@ class FrameConverter:
         self._expected: int | None = None
         self._resampler: av.AudioResampler | None = None
         self._input_key: tuple[str, str, int] | None = None
+        self._decoder: opus.Decoder | None = None
         #: Counters for tests and metrics.
         self.frames_out = 0
         self.gaps = 0
@@ -57,6 +61,14 @@ class FrameConverter:
         for chunk in self._resample(frame):
             self._take(chunk.to_ndarray().reshape(-1), chunk.pts, out)
         return out
+
+    def feed_packet(self, packet: av.Packet[Any]) -> list[PcmFrame]:
+        """One Opus packet stamped in 48 kHz RTP time (``media.inbound``), decoded by
+        libopus straight to the output rate: no 48 kHz decode, no resampler."""
+        if self._decoder is None:
+            self._decoder = opus.Decoder(self.sample_rate)
+        position = (packet.pts or 0) * self.sample_rate // 48_000
+        return self.feed_pcm(self._decoder.decode(bytes(packet)), position)
 
     def feed_pcm(self, samples: np.ndarray, position: int) -> list[PcmFrame]:
         """Samples already at the output rate (int16 mono, as decoded by ``media.opus``).
@@ -73,6 +85,7 @@ class FrameConverter:
         self._expected = None
         self._resampler = None
         self._input_key = None
+        self._decoder = None  # a new source is a new Opus stream
 
     def flush(self) -> list[PcmFrame]:
         """End of stream: complete the partial frame with silence."""

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Protocol
 from av import AudioFrame
 from av.packet import Packet
 
-from . import opus
 from .convert import FrameConverter
 from .vad import Event, Segmenter, SpeechFrame, VadSettings
 
@@ -55,8 +54,6 @@ class VoicePipeline:
         self._closed = False
         #: Speech frames dropped because the async consumer fell behind.
         self.dropped = 0
-        #: Opus packets are decoded here, straight to the VAD's rate (created on the first).
-        self._decoder: opus.Decoder | None = None
         #: When the input now being processed arrived (0.0: not known), and the stream
         #: time of the newest frame: listeners use them to time live frames.
         self.arrived = 0.0
@@ -72,11 +69,7 @@ class VoicePipeline:
 
     def push(self, frame: MediaFrame) -> None:
         if isinstance(frame, Packet):
-            if self._decoder is None:
-                self._decoder = opus.Decoder(self.settings.sample_rate)
-            samples = self._decoder.decode(bytes(frame))
-            position = (frame.pts or 0) * self.settings.sample_rate // 48_000
-            frames = self.converter.feed_pcm(samples, position)
+            frames = self.converter.feed_packet(frame)
         elif isinstance(frame, AudioFrame):
             frames = self.converter.feed(frame)
         else:
@@ -94,7 +87,6 @@ class VoicePipeline:
         for event in self.segmenter.flush():
             self._dispatch(event)
         self.converter.reset()
-        self._decoder = None  # a new source is a new Opus stream
 
     # -- consumers ----------------------------------------------------------------------------
 

@@ -27,7 +27,6 @@ from av.packet import Packet
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from media import opus
 from media.convert import FrameConverter
 from media.pipeline import VoicePipeline
 from media.playback import PlaybackTrack
@@ -348,16 +347,12 @@ class ContinuousAudio:
         self.connector = connector
         self.relay: Relay | None = None
         self._converter = FrameConverter(frame_ms=20, sample_rate=sample_rate)
-        self._decoder: opus.Decoder | None = None
 
     def push(self, frame: MediaFrame) -> None:
         if self.connector.state is BotState.STOPPED:
             return
         if isinstance(frame, Packet):
-            if self._decoder is None:
-                self._decoder = opus.Decoder(self._converter.sample_rate)
-            position = (frame.pts or 0) * self._converter.sample_rate // 48_000
-            frames = self._converter.feed_pcm(self._decoder.decode(bytes(frame)), position)
+            frames = self._converter.feed_packet(frame)
         elif isinstance(frame, AudioFrame):
             frames = self._converter.feed(frame)
         else:
@@ -368,4 +363,3 @@ class ContinuousAudio:
 
     def clear(self) -> None:
         self._converter.reset()
-        self._decoder = None
