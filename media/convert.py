@@ -62,6 +62,15 @@ class FrameConverter:
             self._take(chunk.to_ndarray().reshape(-1), chunk.pts, out)
         return out
 
+    def feed_any(self, frame: av.frame.Frame | av.Packet[Any]) -> list[PcmFrame]:
+        """What a relay delivers: Opus packets (``feed_packet``), decoded audio (``feed``);
+        anything else (video) gives nothing."""
+        if isinstance(frame, av.Packet):
+            return self.feed_packet(frame)
+        if isinstance(frame, av.AudioFrame):
+            return self.feed(frame)
+        return []
+
     def feed_packet(self, packet: av.Packet[Any]) -> list[PcmFrame]:
         """One Opus packet stamped in 48 kHz RTP time (``media.inbound``), decoded by
         libopus straight to the output rate: no 48 kHz decode, no resampler."""

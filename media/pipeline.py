@@ -20,9 +20,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Protocol
 
-from av import AudioFrame
-from av.packet import Packet
-
 from .convert import FrameConverter
 from .vad import Event, Segmenter, SpeechFrame, VadSettings
 
@@ -68,12 +65,7 @@ class VoicePipeline:
     # -- the relay subscriber interface -----------------------------------------------------
 
     def push(self, frame: MediaFrame) -> None:
-        if isinstance(frame, Packet):
-            frames = self.converter.feed_packet(frame)
-        elif isinstance(frame, AudioFrame):
-            frames = self.converter.feed(frame)
-        else:
-            return
+        frames = self.converter.feed_any(frame)
         self.arrived = arrived = self.relay.arrived if self.relay is not None else 0.0
         for pcm in frames:
             self.newest_t = pcm.t

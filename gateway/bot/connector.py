@@ -22,8 +22,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from av import AudioFrame
-from av.packet import Packet
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
@@ -351,14 +349,8 @@ class ContinuousAudio:
     def push(self, frame: MediaFrame) -> None:
         if self.connector.state is BotState.STOPPED:
             return
-        if isinstance(frame, Packet):
-            frames = self._converter.feed_packet(frame)
-        elif isinstance(frame, AudioFrame):
-            frames = self._converter.feed(frame)
-        else:
-            return
         protocol = self.connector.protocol
-        for pcm in frames:
+        for pcm in self._converter.feed_any(frame):
             self.connector._send(protocol.audio(pcm.pcm, pcm.t), audio=True)
 
     def clear(self) -> None:
