@@ -29,6 +29,7 @@ from aiortc.sdp import SessionDescription, candidate_from_sdp
 
 from media.ice import Network, candidate_allowed, filter_sdp_candidates
 from media.inbound import InboundAudio
+from media.outbound import DirectAudio
 from media.peerconnection import StablePeerConnection
 from media.pipeline import VoicePipeline
 from media.relay import OutputTrack, Relay, Subscriber
@@ -240,6 +241,8 @@ class MediaPeer:
             if slot.transceiver is transceiver:
                 return slot
         output = OutputTrack(transceiver.kind)
+        if transceiver.kind == "audio":
+            output.direct = DirectAudio(transceiver.sender)
         transceiver.sender.replaceTrack(output)
         slot = Slot(transceiver, output)
         self.slots.append(slot)

@@ -10,7 +10,9 @@ That matters because aiortc's sender loop ends for good when its track raises
 lets routing change (an agent leaves, another joins) without renegotiation.
 
 Queues are bounded: a slow consumer loses its oldest frames, never memory, and
-never delays the reader or the other outputs.
+never delays the reader or the other outputs. An audio output whose sender runs Opus
+has no queue at all: ``direct`` (``media.outbound.DirectAudio``) sends each packet
+as it is pushed.
 """
 
 from __future__ import annotations
@@ -19,11 +21,14 @@ import asyncio
 import collections
 import logging
 from collections.abc import Callable
-from typing import Any, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av.frame import Frame
 from av.packet import Packet
+
+if TYPE_CHECKING:
+    from .outbound import DirectAudio
 
 log = logging.getLogger("talkgate.media.relay")
 
@@ -64,8 +69,14 @@ class OutputTrack(MediaStreamTrack):
         self.relay: Relay | None = None
         #: Frames dropped because the consumer was slower than the source.
         self.dropped = 0
+        #: Set for an audio sender: packets go out from push() itself (see media.outbound).
+        self.direct: DirectAudio | None = None
 
     def push(self, frame: MediaFrame) -> None:
+        direct = self.direct
+        if direct is not None and direct.active:
+            direct.send(frame)
+            return
         if len(self._frames) == self._frames.maxlen:
             self.dropped += 1
         self._frames.append(frame)
