@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from fractions import Fraction
 from typing import Any
 
 from aiortc import RTCRtpCodecParameters, RTCRtpSender
@@ -115,6 +114,6 @@ class DirectAudio:
 def _to_clock(packet: Packet[Any]) -> int:
     pts = packet.pts or 0
     base = packet.time_base
-    if base is None or base == Fraction(1, CLOCK):
+    if base is None or (base.numerator == 1 and base.denominator == CLOCK):  # what our sources stamp
         return pts
     return int(pts * base * CLOCK)

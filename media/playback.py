@@ -32,6 +32,7 @@ import contextlib
 import fractions
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import av
@@ -73,6 +74,12 @@ class PlaybackTrack(MediaStreamTrack):
         #: the last packet went out.
         self._silent_run = DTX_HANGOVER
         self._last_packet = -math.inf
+        #: Push mode (``start``): where packets go, the pending timer, and whether it is
+        #: only an idle keep-alive (audio arriving earlier moves it up).
+        self._deliver: Callable[[av.Packet[Any]], None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._idle = False
+        self._stopped = asyncio.Event()
 
     # -- control --------------------------------------------------------------------------
 
@@ -127,6 +134,9 @@ class PlaybackTrack(MediaStreamTrack):
         self._write(samples)
         if len(samples):
             self._queued.set()
+            if self._idle and self._timer is not None:
+                self._timer.cancel()  # play it from the next slot, not at the keep-alive
+                self._schedule()
         return accepted_in
 
     def mark(self, name: str) -> asyncio.Future[bool]:
@@ -151,52 +161,99 @@ class PlaybackTrack(MediaStreamTrack):
 
     # -- the track --------------------------------------------------------------------------
 
+    def start(self, deliver: Callable[[av.Packet[Any]], None]) -> None:
+        """Push each packet to ``deliver`` from a timer callback, on the same 20 ms grid.
+
+        What the gateway does (the relay's ``deliver``): no task wakes up per packet,
+        the loop's timer calls ``_tick`` directly. ``recv()`` then only waits for the
+        track to stop, so a relay reading it notices the end.
+        """
+        if self._deliver is not None:
+            raise RuntimeError("already started")
+        self._deliver = deliver
+        self._schedule()
+
     async def recv(self) -> av.Packet[Any]:
+        if self._deliver is not None:
+            await self._stopped.wait()
+            raise MediaStreamError
         while True:
             if self.readyState != "live":
                 raise MediaStreamError
             now = time.monotonic()
-            if self._start is None:
-                self._start = now
-            dtx = self._silent_run >= DTX_HANGOVER
-            if dtx and not self.playing:
-                # Idle: wait for audio, or until the next keep-alive packet is due.
-                wait = self._last_packet + IDLE_SECONDS - now
-                if wait > 0:
-                    self._queued.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._queued.wait(), wait)
-                    if self.readyState != "live":
-                        raise MediaStreamError
-                    now = time.monotonic()
-            if dtx:
-                # Resume on the grid: the current slot if it began under 2 ms ago, else the next.
-                self._slot = max(self._slot, math.ceil((now - self._start) * 50 - 0.1))
-            due = self._start + self._slot * FRAME_SECONDS
+            due, idle = self._next_due(now)
+            if idle:
+                # Wait for audio, or until the next keep-alive packet is due.
+                self._queued.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._queued.wait(), due - now)
+                continue
             if due > now:
                 await asyncio.sleep(due - now)
-            playing = self.playing
-            self._read_into(self._frame)
-            self._resolve_marks()
-            slot = self._slot
-            self._slot += 1
-            if playing and (self._frame.max() > SILENCE_PEAK or self._frame.min() < -SILENCE_PEAK):
-                self._silent_run = 0
-            else:
-                self._silent_run += 1
-                if self._silent_run > DTX_HANGOVER and time.monotonic() - self._last_packet < IDLE_SECONDS:
-                    continue  # DTX: nothing to send for this slot
-            packet = av.Packet(self._encoder.encode(self._frame))
-            packet.pts = slot * FRAME_SAMPLES
-            packet.time_base = TIME_BASE
-            self._last_packet = time.monotonic()
-            self.packets += 1
-            return packet
+            packet = self._step()
+            if packet is not None:
+                return packet
 
     def stop(self) -> None:
         self.clear()
         super().stop()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._queued.set()  # wake an idle recv() so it raises
+        self._stopped.set()
+
+    # -- pacing ---------------------------------------------------------------------------
+
+    def _next_due(self, now: float) -> tuple[float, bool]:
+        """When the next slot should be played, and whether that is only a keep-alive
+        (True: idle, audio arriving earlier moves it up)."""
+        if self._start is None:
+            self._start = now
+        dtx = self._silent_run >= DTX_HANGOVER
+        if dtx and not self.playing:
+            wake = self._last_packet + IDLE_SECONDS
+            if wake > now:
+                return wake, True
+        if dtx:
+            # Resume on the grid: the current slot if it began under 2 ms ago, else the next.
+            self._slot = max(self._slot, math.ceil((now - self._start) * 50 - 0.1))
+        return self._start + self._slot * FRAME_SECONDS, False
+
+    def _step(self) -> av.Packet[Any] | None:
+        """Play the current slot: its packet, or None where DTX sends nothing."""
+        playing = self.playing
+        self._read_into(self._frame)
+        self._resolve_marks()
+        slot = self._slot
+        self._slot += 1
+        if playing and (self._frame.max() > SILENCE_PEAK or self._frame.min() < -SILENCE_PEAK):
+            self._silent_run = 0
+        else:
+            self._silent_run += 1
+            if self._silent_run > DTX_HANGOVER and time.monotonic() - self._last_packet < IDLE_SECONDS:
+                return None  # DTX: nothing to send for this slot
+        packet = av.Packet(self._encoder.encode(self._frame))
+        packet.pts = slot * FRAME_SAMPLES
+        packet.time_base = TIME_BASE
+        self._last_packet = time.monotonic()
+        self.packets += 1
+        return packet
+
+    def _schedule(self) -> None:
+        now = time.monotonic()
+        due, self._idle = self._next_due(now)
+        self._timer = asyncio.get_running_loop().call_later(max(0.0, due - now), self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        if self.readyState != "live" or self._deliver is None:
+            return
+        if not self._idle:
+            packet = self._step()
+            if packet is not None:
+                self._deliver(packet)
+        self._schedule()
 
     # -- internals ------------------------------------------------------------------------
 

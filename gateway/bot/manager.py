@@ -73,6 +73,7 @@ class BotManager:
         await self.broker.store.add_participant(conversation, bot.participant)
         self.broker.broadcast(conversation, messages.participant_event("joined", conversation, bot.participant))
         bot.relay = self.broker.router.add_virtual_source(conversation, bot.participant, bot.playback)
+        bot.playback.start(bot.relay.deliver)  # packets pushed from the loop's timer, no task per packet
         for media in self.broker.router.peers(conversation):
             if media.pipeline is not None:
                 bot.attach(media.pipeline, media.taps)

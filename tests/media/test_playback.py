@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from typing import Any
 
+import av
 import numpy as np
 import pytest
+from aiortc.mediastreams import MediaStreamError
 
 from media import opus
 from media.playback import DTX_HANGOVER, FRAME_SAMPLES, IDLE_SECONDS, RATE, SILENCE_PEAK, PlaybackTrack
@@ -26,15 +29,25 @@ def tone(seconds: float, rate: int, amplitude: int = 8000) -> bytes:
     return (amplitude * np.sin(2 * np.pi * 440 * t)).astype(np.int16).tobytes()
 
 
-class Listener:
-    """Decodes what a track sends, as the customer's browser would."""
+@pytest.fixture(params=["pull", "push"])
+def push(request: pytest.FixtureRequest) -> bool:
+    """Both ways a track is played: ``recv()`` (aiortc's sender) and ``start`` (the gateway)."""
+    return bool(request.param == "push")
 
-    def __init__(self, track: PlaybackTrack) -> None:
+
+class Listener:
+    """Decodes what a track sends, as the customer's browser would, pulled or pushed."""
+
+    def __init__(self, track: PlaybackTrack, push: bool = False) -> None:
         self.track = track
         self.decoder = opus.Decoder(RATE)
+        self.pushed: asyncio.Queue[av.Packet[Any]] | None = None
+        if push:
+            self.pushed = asyncio.Queue()
+            track.start(self.pushed.put_nowait)
 
     async def next(self) -> tuple[int, np.ndarray]:
-        packet = await self.track.recv()
+        packet = await (self.track.recv() if self.pushed is None else self.pushed.get())
         assert packet.pts is not None
         return packet.pts, self.decoder.decode(bytes(packet)).copy()
 
@@ -48,11 +61,11 @@ async def drain(track: PlaybackTrack, listener: Listener | None = None) -> list[
 
 
 @pytest.mark.parametrize("rate", [8_000, 16_000, 24_000, 48_000])
-async def test_n_seconds_take_n_seconds(rate: int) -> None:
+async def test_n_seconds_take_n_seconds(rate: int, push: bool) -> None:
     track = PlaybackTrack()
     assert track.enqueue(tone(2.0, rate), rate) == int(2.0 * rate) * 2  # all of it, bytes
     started = time.monotonic()
-    frames = await drain(track)
+    frames = await drain(track, Listener(track, push))
     elapsed = time.monotonic() - started
     # The first frame goes out at once; the remaining ones are paced.
     assert abs(elapsed - (len(frames) - 1) * 0.02) <= 0.02 * 2.0 + 0.005, elapsed
@@ -60,9 +73,9 @@ async def test_n_seconds_take_n_seconds(rate: int) -> None:
     assert all(np.abs(f).max() > 4000 for f in frames[2:-1])  # real audio (after the codec's ramp-up)
 
 
-async def test_an_idle_track_sends_one_silent_packet_per_idle_interval_like_opus_dtx() -> None:
+async def test_an_idle_track_sends_one_silent_packet_per_idle_interval_like_opus_dtx(push: bool) -> None:
     track = PlaybackTrack()
-    listener = Listener(track)
+    listener = Listener(track, push)
     started = time.monotonic()
     sent = [await listener.next() for _ in range(3)]
     elapsed = time.monotonic() - started
@@ -73,9 +86,9 @@ async def test_an_idle_track_sends_one_silent_packet_per_idle_interval_like_opus
     assert all(rms(pcm) <= QUIET_RMS for _, pcm in sent)
 
 
-async def test_audio_after_idle_starts_on_the_next_slot_and_ends_with_a_silent_hangover() -> None:
+async def test_audio_after_idle_starts_on_the_next_slot_and_ends_with_a_silent_hangover(push: bool) -> None:
     track = PlaybackTrack()
-    listener = Listener(track)
+    listener = Listener(track, push)
     await listener.next()  # idle packet at slot 0
     await asyncio.sleep(0.1)
     track.enqueue(tone(0.1, 16_000))
@@ -90,9 +103,9 @@ async def test_audio_after_idle_starts_on_the_next_slot_and_ends_with_a_silent_h
     assert rms(hangover[-1][1]) <= QUIET_RMS
 
 
-async def test_silence_inside_the_bots_audio_is_not_encoded_after_the_hangover() -> None:
+async def test_silence_inside_the_bots_audio_is_not_encoded_after_the_hangover(push: bool) -> None:
     track = PlaybackTrack()
-    listener = Listener(track)
+    listener = Listener(track, push)
     quiet = (np.random.default_rng(1).integers(-SILENCE_PEAK, SILENCE_PEAK + 1, 16_000)).astype(np.int16)
     track.enqueue(tone(0.1, 16_000) + quiet.tobytes() + tone(0.1, 16_000))  # 100 ms, 1 s of "silence", 100 ms
     sent = []
@@ -108,9 +121,9 @@ async def test_silence_inside_the_bots_audio_is_not_encoded_after_the_hangover()
     assert rms(sent[-2][1]) > 3000  # the tone after the silence is heard
 
 
-async def test_clear_silences_within_one_frame_and_cancels_marks() -> None:
+async def test_clear_silences_within_one_frame_and_cancels_marks(push: bool) -> None:
     track = PlaybackTrack()
-    listener = Listener(track)
+    listener = Listener(track, push)
     track.enqueue(tone(3.0, 16_000))
     first = track.mark("first")
     for _ in range(3):
@@ -159,3 +172,23 @@ async def test_the_buffer_is_bounded() -> None:
     assert track.enqueue(tone(0.1, 16_000)) == 0
     await track.recv()
     assert track.enqueue(tone(0.02, 48_000), 48_000) == 960 * 2  # room for one frame again
+
+
+async def test_a_pushed_track_stops_delivering_when_stopped_and_recv_reports_the_end() -> None:
+    track = PlaybackTrack()
+    listener = Listener(track, push=True)
+    track.enqueue(tone(1.0, 16_000))
+    await listener.next()
+    ended = asyncio.create_task(track.recv())  # in push mode: waits for the end
+    await asyncio.sleep(0.05)
+    assert not ended.done()
+    track.stop()
+    with pytest.raises(MediaStreamError):
+        await ended
+    assert listener.pushed is not None
+    while not listener.pushed.empty():
+        listener.pushed.get_nowait()
+    await asyncio.sleep(0.1)
+    assert listener.pushed.empty()  # the timer is gone
+    with pytest.raises(RuntimeError):
+        track.start(lambda packet: None)
