@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.protocol import State
 
 from media.convert import FrameConverter
 from media.pipeline import VoicePipeline
@@ -39,6 +40,9 @@ log = logging.getLogger("talkgate.bot")
 
 #: Backoff between connection attempts (the last value repeats).
 BACKOFF_SECONDS = (0.2, 0.5, 1.0, 2.0)
+#: Audio frames are written straight to the bot's socket while less than this waits in
+#: the transport's buffer; above it they queue in the outbox (which drops the oldest).
+DIRECT_WRITE_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +191,10 @@ class BotConnector:
     def _push(self, item: str | bytes, audio: bool, arrived: float = 0.0, queued: float = 0.0) -> None:
         if self.state is BotState.STOPPED:
             return
+        if audio and not self._outbox and self._write_now(item):
+            if arrived:
+                self.host.bot_frame_sent(arrived, queued)
+            return
         if len(self._outbox) >= self.settings.outbox_limit:
             # The bot is not reading: lose its oldest audio, never the control messages.
             for i, (_, queued_audio, _, _) in enumerate(self._outbox):
@@ -199,6 +207,23 @@ class BotConnector:
                 self._outbox.popleft()
         self._outbox.append((item, audio, arrived, queued))
         self._wake.set()
+
+    def _write_now(self, item: str | bytes) -> bool:
+        """Write an audio frame to the socket from the caller's stack, if nothing queued
+        must go first and the socket keeps up: no writer-task wake-up and no coroutines
+        per 20 ms frame. websockets' Sans-I/O protocol frames it, as ``send`` would."""
+        ws = self._ws
+        if ws is None or ws.protocol.state is not State.OPEN:
+            return False
+        if ws.transport.get_write_buffer_size() > DIRECT_WRITE_BYTES:
+            return False  # the bot is slow: the outbox's bound applies
+        if isinstance(item, bytes):
+            ws.protocol.send_binary(item)
+        else:
+            ws.protocol.send_text(item.encode())
+        for data in ws.protocol.data_to_send():
+            ws.transport.write(data)
+        return True
 
     # -- the link -----------------------------------------------------------------------------
 
