@@ -37,6 +37,7 @@ _LIMITS: list[tuple[str, str, type, str]] = [
     ("--rate", "rate_per_second", float, "Messages per second per connection (sustained)."),
     ("--burst", "rate_burst", int, "Messages a connection may send at once before --rate applies."),
     ("--join-timeout", "join_timeout", float, "Seconds a connection may stay without joining."),
+    ("--drain-seconds", "drain_seconds", float, "On SIGTERM, seconds live conversations may go on."),
     ("--vad-aggressiveness", "vad_aggressiveness", int, "webrtcvad mode, 0 (lenient) to 3 (strict)."),
     ("--vad-frame-ms", "vad_frame_ms", int, "VAD frame: 10, 20 or 30 ms."),
     ("--vad-start-ms", "vad_start_ms", int, "Voiced audio needed to start a speech segment."),

@@ -33,6 +33,9 @@ class Config:
     rate_burst: int = 60
     #: A socket that has not joined after this many seconds is closed.
     join_timeout: float = 10.0
+    #: On SIGTERM/SIGINT, how long live conversations may go on before everything is
+    #: closed (new connections are refused at once).
+    drain_seconds: float = 30.0
     #: Messages waiting to be written to one client; a client that falls this
     #: far behind is disconnected (it can reconnect and get the history).
     outbox_limit: int = 512
@@ -76,6 +79,8 @@ class Config:
                 raise ConfigError(f"{name} must be positive")
         if self.rate_per_second <= 0 or self.join_timeout <= 0:
             raise ConfigError("rate_per_second and join_timeout must be positive")
+        if self.drain_seconds < 0:
+            raise ConfigError("drain_seconds must be >= 0")
         for url in self.stun_urls:
             if not url.startswith(("stun:", "stuns:")):
                 raise ConfigError(f"a STUN URL starts with stun: or stuns:, not {url!r}")

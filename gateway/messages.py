@@ -185,5 +185,10 @@ def participant_event(kind: str, conversation: str, who: Participant) -> dict[st
     return {"type": f"participant.{kind}", "conversation": conversation, **who.as_dict()}
 
 
+def shutdown(retry_after_ms: int) -> dict[str, Any]:
+    """The gateway is going away: finish up, then reconnect after ``retry_after_ms``."""
+    return {"type": "shutdown", "retry_after_ms": retry_after_ms}
+
+
 def queue(entries: list[QueueEntry]) -> dict[str, Any]:
     return {"type": "queue", "waiting": [e.as_dict() for e in entries]}

@@ -14,7 +14,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 
 from media import audiolevel, ice, inbound
 
-from . import __version__
+from . import __version__, messages
 from .bot import BotHandler, echo, serve_bot
 from .broker import Broker
 from .config import Config
@@ -24,6 +24,12 @@ from .session import Session
 from .store import InMemoryStore, Store
 
 log = logging.getLogger("talkgate.server")
+
+#: What a shutdown tells clients to wait before reconnecting: long enough for a
+#: restarted process to listen again, short enough that nobody notices much.
+RETRY_AFTER_MS = 2000
+#: How often a drain checks whether the last conversation has ended.
+DRAIN_POLL_SECONDS = 0.1
 
 #: Frames over ``max_message_bytes`` get a ``too_large`` error and the connection
 #: lives on; only frames over this multiple of it make websockets close (1009).
@@ -42,6 +48,8 @@ class GatewayServer:
         self._server: Server | None = None
         self._lag_task: asyncio.Task[None] | None = None
         self.port = config.port
+        #: Set once a graceful shutdown has begun (no new connections).
+        self.draining = False
 
     async def start(self) -> None:
         ice.use_host_addresses(self.config.rtc_addresses)
@@ -71,6 +79,33 @@ class GatewayServer:
     @property
     def ws_url(self) -> str:
         return self.url.replace("http://", "ws://", 1) + WS_PATH
+
+    async def drain(self, seconds: float) -> bool:
+        """Graceful shutdown, before ``close``: stop accepting connections, tell every
+        client (``shutdown``) and bot (``stop``, reason ``shutdown``), then wait up to
+        ``seconds`` for the conversations to end. True if they all ended in time."""
+        self.draining = True
+        if self._server is not None:
+            # Stop listening; live connections stay. (Not Server.close(close_connections=False):
+            # it is idempotent, so close() could not close the connections afterwards.)
+            self._server.server.close()
+        started = asyncio.get_running_loop().time()
+        notice = messages.encode(messages.shutdown(RETRY_AFTER_MS))
+        for peer in list(self.broker.sessions):
+            peer.deliver(notice, "shutdown")
+        await self.broker.bots.close()
+        remaining = await self.store.conversation_count()
+        log.info("draining: %d conversations, up to %g s", remaining, seconds)
+        deadline = started + seconds
+        while remaining and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(DRAIN_POLL_SECONDS)
+            remaining = await self.store.conversation_count()
+        elapsed = asyncio.get_running_loop().time() - started
+        if remaining:
+            log.info("drain time is up after %.1f s: closing %d conversations", elapsed, remaining)
+        else:
+            log.info("drained in %.1f s", elapsed)
+        return not remaining
 
     async def close(self) -> None:
         """Stop accepting, close every connection (1001 going away), wait for their handlers."""
@@ -138,7 +173,14 @@ async def serve_until_signalled(config: Config, *, demo_bot: str | None = None) 
         if demo_bot is not None:
             log.info("demo bot: %s; 'Talk to a human' hands over to an agent", config.bot_name)
         await stop.wait()
-        log.info("shutting down")
+        log.info("shutting down (a second signal skips the drain)")
+        stop.clear()
+        drain = asyncio.create_task(server.drain(config.drain_seconds), name="talkgate-drain")
+        second = asyncio.create_task(stop.wait(), name="talkgate-second-signal")
+        await asyncio.wait({drain, second}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (drain, second):
+            task.cancel()
+        await asyncio.gather(drain, second, return_exceptions=True)
 
 
 def demo_bot_handler(kind: str) -> tuple[BotHandler, str]:

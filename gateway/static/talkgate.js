@@ -226,6 +226,11 @@ export class TalkgateClient {
     ws.onmessage = (event) => {
       let message;
       try { message = JSON.parse(event.data); } catch { return; }
+      if (message.type === "shutdown") {
+        // The gateway is draining: when it closes us, come back after its hint (plus
+        // jitter, so that every client of a restarted gateway does not return at once).
+        this._retryAfterMs = message.retry_after_ms;
+      }
       if (message.type === "joined") {
         this._attempt = 0;
         this.joined = message;
@@ -248,7 +253,11 @@ export class TalkgateClient {
         this.pc = null;
         this._rejoinMedia = { ...this.local };
       }
-      const delay = BACKOFF_MS[Math.min(this._attempt, BACKOFF_MS.length - 1)];
+      let delay = BACKOFF_MS[Math.min(this._attempt, BACKOFF_MS.length - 1)];
+      if (this._retryAfterMs != null) {
+        delay = this._retryAfterMs * (1 + Math.random() / 2);
+        this._retryAfterMs = null;
+      }
       this._attempt += 1;
       this._setStatus("reconnecting", { code: event.code, inMs: delay });
       this._retryTimer = setTimeout(() => this._open(), delay);

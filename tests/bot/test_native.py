@@ -242,3 +242,14 @@ async def test_the_bot_is_a_participant_that_answers_upgrades(
     await bot.wait_for("stop")
     await customer.wait_for("left")
     assert (await server.health())["conversations"] == 0  # the bot did not keep it alive
+
+
+async def test_a_draining_gateway_stops_the_bot_with_reason_shutdown(
+    party: Party, bot: TestBot, server: GatewayServer
+) -> None:
+    customer = await party("u1")
+    await bot.wait_for("start")
+    drain = asyncio.create_task(server.drain(0.5))
+    assert await bot.wait_for("stop") == {"type": "stop", "reason": "shutdown"}
+    await customer.wait_for("shutdown", retry_after_ms=2000)
+    assert await drain is False  # the customer stayed until the deadline
