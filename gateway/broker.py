@@ -137,6 +137,12 @@ class Broker:
             case messages.UpgradeReply():
                 await self.upgrade_reply(peer, msg)
 
+    @property
+    def local_conversations(self) -> int:
+        """Conversations with a participant connected to this process (what a drain waits for;
+        the store's count covers every gateway process sharing it)."""
+        return len(self._rooms)
+
     # -- join -------------------------------------------------------------------------
 
     def authorize(self, msg: messages.Join) -> tokens.Grant:

@@ -48,8 +48,6 @@ class GatewayServer:
         self._server: Server | None = None
         self._lag_task: asyncio.Task[None] | None = None
         self.port = config.port
-        #: Set once a graceful shutdown has begun (no new connections).
-        self.draining = False
 
     async def start(self) -> None:
         ice.use_host_addresses(self.config.rtc_addresses)
@@ -84,7 +82,6 @@ class GatewayServer:
         """Graceful shutdown, before ``close``: stop accepting connections, tell every
         client (``shutdown``) and bot (``stop``, reason ``shutdown``), then wait up to
         ``seconds`` for the conversations to end. True if they all ended in time."""
-        self.draining = True
         if self._server is not None:
             # Stop listening; live connections stay. (Not Server.close(close_connections=False):
             # it is idempotent, so close() could not close the connections afterwards.)
@@ -94,12 +91,12 @@ class GatewayServer:
         for peer in list(self.broker.sessions):
             peer.deliver(notice, "shutdown")
         await self.broker.bots.close()
-        remaining = await self.store.conversation_count()
+        remaining = self.broker.local_conversations
         log.info("draining: %d conversations, up to %g s", remaining, seconds)
         deadline = started + seconds
         while remaining and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(DRAIN_POLL_SECONDS)
-            remaining = await self.store.conversation_count()
+            remaining = self.broker.local_conversations
         elapsed = asyncio.get_running_loop().time() - started
         if remaining:
             log.info("drain time is up after %.1f s: closing %d conversations", elapsed, remaining)
