@@ -49,6 +49,9 @@ class DirectAudio:
         self.sender = sender
         #: The negotiated codec, once the sender has started (None: not yet).
         self.codec: RTCRtpCodecParameters | None = None
+        #: Does this path carry the sender's audio? False: aiortc's task does (not Opus).
+        #: Decided once, when the codec is known (push() asks for every packet).
+        self.active = True
         self._sequence = random.randrange(0x10000)
         self._origin = random.randrange(0x100000000)
         self._encoder: Encoder | None = None
@@ -60,14 +63,10 @@ class DirectAudio:
         async def send(parameters: RTCRtpSendParameters) -> None:
             if self.codec is None and parameters.codecs:
                 self.codec = parameters.codecs[0]
+                self.active = self.codec.mimeType.lower() == "audio/opus"
             await original(parameters)
 
         sender.send = send  # type: ignore[method-assign]
-
-    @property
-    def active(self) -> bool:
-        """Does this path carry the sender's audio? False: aiortc's task does (not Opus)."""
-        return self.codec is None or self.codec.mimeType.lower() == "audio/opus"
 
     def send(self, frame: Packet[Any] | Frame) -> None:
         """Send one Opus packet (or encode a decoded frame first); drop it if nothing is connected yet."""
