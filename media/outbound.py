@@ -7,7 +7,8 @@ voice encoded by ``PlaybackTrack``) that costs a task wake-up, an ``Event`` and 
 coroutine frames per 20 ms packet, about as much Python as the rest of the send path.
 ``DirectAudio`` takes over an audio sender once it is started with Opus: the
 ``OutputTrack`` hands each packet to ``send``, which numbers it, adds the negotiated
-header extensions (aiortc's ``RtpPacket.serialize``), protects it with the DTLS
+header extensions (laid out once by aiortc's ``HeaderExtensionsMap``; only the
+abs-send-time bytes change), protects it with the DTLS
 transport's SRTP session and writes it to the nominated ICE pair's socket, all
 synchronously. The sender's own task stays parked in ``recv()`` (the output never
 queues audio for it) and its RTCP task keeps sending reports: ``send`` keeps the
@@ -23,16 +24,17 @@ from __future__ import annotations
 
 import logging
 import random
+import struct
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiortc import RTCRtpCodecParameters, RTCRtpSender
-from aiortc.clock import current_ntp_time
 from aiortc.codecs import get_encoder
 from aiortc.codecs.base import Encoder
 from aiortc.rtcdtlstransport import State
 from aiortc.rtcrtpparameters import RTCRtpSendParameters
-from aiortc.rtp import RtpPacket
+from aiortc.rtp import HeaderExtensions, HeaderExtensionsMap
 from av.frame import Frame
 from av.packet import Packet
 
@@ -40,6 +42,44 @@ log = logging.getLogger("talkgate.media.outbound")
 
 #: Opus's RTP clock, whatever the audio's rate.
 CLOCK = 48_000
+_HEADER = struct.Struct("!BBHII")
+_NTP_EPOCH_OFFSET = 2_208_988_800  # seconds from 1900-01-01 (NTP) to 1970-01-01 (Unix)
+
+
+def ntp_now() -> int:
+    """aiortc's ``current_ntp_time`` (64-bit NTP) from ``time.time_ns`` instead of datetimes."""
+    seconds, nanoseconds = divmod(time.time_ns(), 1_000_000_000)
+    return ((seconds + _NTP_EPOCH_OFFSET) << 32) | ((nanoseconds << 32) // 1_000_000_000)
+
+
+class ExtensionLayout:
+    """The header-extension block of this sender's packets, laid out once by aiortc.
+
+    Only abs-send-time changes from packet to packet (the mid is fixed), so the block
+    is aiortc's serialisation with a hole where those three bytes go.
+    """
+
+    def __init__(self, extensions_map: HeaderExtensionsMap, mid: str | None) -> None:
+        blocks = []
+        for probe in (0, 0xFFFFFF):
+            values = HeaderExtensions()
+            values.mid = mid
+            values.abs_send_time = probe
+            profile, value = extensions_map.set(values)
+            blocks.append(struct.pack("!HH", profile, len(value) >> 2) + value if value else b"")
+        zeros, ones = blocks
+        #: The RTP header's first byte: version 2, and the X bit if there is a block.
+        self.first = 0x90 if zeros else 0x80
+        changed = [i for i, (a, b) in enumerate(zip(zeros, ones, strict=True)) if a != b]
+        #: Byte offset of abs-send-time in the block (None: not negotiated).
+        self.hole: int | None = changed[0] if changed else None
+        self._before = zeros[: self.hole] if changed else zeros
+        self._after = zeros[self.hole + 3 :] if self.hole is not None else b""
+
+    def block(self, abs_send_time: int) -> bytes:
+        if self.hole is None:
+            return self._before
+        return self._before + abs_send_time.to_bytes(3, "big") + self._after
 
 
 class DirectAudio:
@@ -55,6 +95,7 @@ class DirectAudio:
         self._sequence = random.randrange(0x10000)
         self._origin = random.randrange(0x100000000)
         self._encoder: Encoder | None = None
+        self._layout: ExtensionLayout | None = None
         #: Packets sent, and packets dropped because the sender or its transport was not ready.
         self.packets = 0
         self.dropped = 0
@@ -87,25 +128,24 @@ class DirectAudio:
             payloads, timestamp = self._encoder.encode(frame)
         else:
             payloads, timestamp = [bytes(frame)], _to_clock(frame)
-        for payload in payloads:
-            packet = RtpPacket(
-                payload_type=codec.payloadType,
-                marker=1,
-                sequence_number=self._sequence,
-                timestamp=(self._origin + timestamp) & 0xFFFFFFFF,
-                ssrc=sender._ssrc,
-                payload=payload,
+        layout = self._layout
+        if layout is None:
+            layout = self._layout = ExtensionLayout(
+                sender._RTCRtpSender__rtp_header_extensions_map,  # type: ignore[attr-defined]
+                sender._RTCRtpSender__mid,  # type: ignore[attr-defined]
             )
-            ntp = current_ntp_time()
-            packet.extensions.abs_send_time = (ntp >> 14) & 0x00FFFFFF
-            packet.extensions.mid = sender._RTCRtpSender__mid  # type: ignore[attr-defined]
-            data = dtls._tx_srtp.protect(packet.serialize(sender._RTCRtpSender__rtp_header_extensions_map))  # type: ignore[attr-defined]
+        second = 0x80 | codec.payloadType  # marker set, as aiortc's sender sets it on audio
+        timestamp = (self._origin + timestamp) & 0xFFFFFFFF
+        for payload in payloads:
+            ntp = ntp_now()
+            header = _HEADER.pack(layout.first, second, self._sequence, timestamp, sender._ssrc)
+            data = dtls._tx_srtp.protect(header + layout.block((ntp >> 14) & 0x00FFFFFF) + payload)
             pair.protocol.transport.sendto(data, pair.remote_addr)  # StunProtocol.send_data, without the coroutine
             self._sequence = (self._sequence + 1) & 0xFFFF
             self.packets += 1
             # What the sender's RTCP task builds its sender reports from.
             sender._RTCRtpSender__ntp_timestamp = ntp  # type: ignore[attr-defined]
-            sender._RTCRtpSender__rtp_timestamp = packet.timestamp  # type: ignore[attr-defined]
+            sender._RTCRtpSender__rtp_timestamp = timestamp  # type: ignore[attr-defined]
             sender._RTCRtpSender__octet_count += len(payload)  # type: ignore[attr-defined]
             sender._RTCRtpSender__packet_count += 1  # type: ignore[attr-defined]
 

@@ -11,9 +11,12 @@ import av
 import numpy as np
 import pytest
 from aiortc import RTCPeerConnection, RTCRtpSender, RTCRtpTransceiver
+from aiortc.clock import current_ntp_time
+from aiortc.rtcrtpparameters import RTCRtpHeaderExtensionParameters, RTCRtpParameters
+from aiortc.rtp import HeaderExtensionsMap, RtpPacket
 
 from media import opus
-from media.outbound import DirectAudio
+from media.outbound import DirectAudio, ExtensionLayout, ntp_now
 from media.relay import OutputTrack
 
 TONE_HZ = 440
@@ -147,3 +150,33 @@ async def test_decoded_frames_are_encoded_and_other_codecs_keep_aiortcs_path(cod
     finally:
         await gateway.close()
         await client.close()
+
+
+@pytest.mark.parametrize(
+    "extensions",
+    [
+        [("urn:ietf:params:rtp-hdrext:sdes:mid", 1), ("http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time", 2)],
+        [("urn:ietf:params:rtp-hdrext:sdes:mid", 1)],
+        [],
+    ],
+    ids=["mid+abs-send-time", "mid-only", "none"],
+)
+def test_the_extension_layout_matches_aiortcs_serialisation(extensions: list[tuple[str, int]]) -> None:
+    """The precomputed block plus abs-send-time is byte for byte what RtpPacket.serialize writes."""
+    extensions_map = HeaderExtensionsMap()
+    extensions_map.configure(
+        RTCRtpParameters(headerExtensions=[RTCRtpHeaderExtensionParameters(id=i, uri=uri) for uri, i in extensions])
+    )
+    layout = ExtensionLayout(extensions_map, "0")
+    for abs_send_time in (0, 1, 0x123456, 0xFFFFFF):
+        packet = RtpPacket(payload_type=111, marker=1, sequence_number=7, timestamp=960, ssrc=1234, payload=b"opus")
+        packet.extensions.mid = "0"
+        packet.extensions.abs_send_time = abs_send_time
+        expected = packet.serialize(extensions_map)
+        assert expected[0] == layout.first
+        assert expected[12:-4] == layout.block(abs_send_time)
+
+
+def test_ntp_now_agrees_with_aiortcs_clock() -> None:
+    before, ours, after = current_ntp_time(), ntp_now(), current_ntp_time()
+    assert before - 2**22 <= ours <= after + 2**22  # within a millisecond (2**32 per second)
