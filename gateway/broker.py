@@ -25,7 +25,7 @@ from media.vad import Event, SpeechStarted, SpeechStopped
 from . import messages, tokens
 from .bot.manager import BotManager
 from .config import Config
-from .errors import BadRequest, Conflict, Forbidden, NotFound, TooLarge, Unauthorized
+from .errors import BadRequest, CallFailed, Conflict, Forbidden, NotFound, TooLarge, Unauthorized, Unavailable
 from .messages import ChatMessage, Participant, QueueEntry, Role
 from .metrics import Metrics
 from .protocol import SignalingProtocol
@@ -40,7 +40,8 @@ CLOSE_UNAUTHORIZED = 4401
 CLOSE_FORBIDDEN = 4403
 CLOSE_JOIN_TIMEOUT = 4408
 CLOSE_REPLACED = 4409
-CLOSE_TOO_SLOW = 1013
+#: 1013 Try Again Later: a client that fell behind, or a join refused for capacity.
+CLOSE_TRY_LATER = 1013
 
 _PONG = messages.encode({"type": "pong"})
 MAX_FIELD_CHARS = tokens.MAX_FIELD_CHARS
@@ -166,6 +167,8 @@ class Broker:
 
     async def join(self, peer: Peer, msg: messages.Join) -> None:
         grant = self.authorize(msg)
+        if grant.room is not None:
+            await self._admit(grant.room, grant.identity)
         me = Participant(identity=grant.identity, role=grant.role.value, name=grant.name)
         peer.participant = me
         peer.protocol.joined()
@@ -209,6 +212,16 @@ class Broker:
             await self.publish_queue()
         else:
             self._deliver_queue(peer, await self.store.waiting())
+
+    async def _admit(self, conversation: str, identity: str) -> None:
+        """Refuse (``unavailable``) an entry that would open a conversation over
+        ``max_conversations`` or fill one over ``max_participants``; rejoining is always fine."""
+        participants = await self.store.participants(conversation)
+        if participants is None:
+            if await self.store.conversation_count() >= self.config.max_conversations:
+                raise Unavailable("the gateway is at its limit of conversations; try again later")
+        elif len(participants) >= self.config.max_participants and all(p.identity != identity for p in participants):
+            raise Unavailable(f"this conversation is full ({self.config.max_participants} participants)")
 
     def _evict(self, old: Peer) -> None:
         """Detach a connection replaced by a newer one with the same identity."""
@@ -292,6 +305,7 @@ class Broker:
             raise Conflict("you are already in this conversation")
         if peer.conversation is not None:
             raise Conflict(f"leave conversation {peer.conversation!r} before accepting another")
+        await self._admit(msg.conversation, me.identity)
         if await self.store.take(msg.conversation) is None:
             participants = await self.store.participants(msg.conversation)
             if participants and any(p.role == Role.AGENT for p in participants):
@@ -366,6 +380,10 @@ class Broker:
     async def offer(self, peer: Peer, msg: messages.Offer) -> None:
         conversation = _conversation(peer)
         if peer.media is None:
+            if len(self.router) >= self.config.max_peer_connections:
+                raise Unavailable(
+                    f"the gateway holds its limit of {self.config.max_peer_connections} calls; try again later"
+                )
             me = _me(peer)
             peer.media = MediaPeer(
                 conversation=conversation,
@@ -383,7 +401,12 @@ class Broker:
                 if bot is not None:
                     bot.attach(pipeline, peer.media.taps)
             self.router.attach(peer.media)
-        if not await peer.media.accept_offer(msg.sdp):
+        try:
+            accepted = await peer.media.accept_offer(msg.sdp)
+        except CallFailed:
+            await self.close_media(peer)
+            raise
+        if not accepted:
             self.metrics.offer_collisions.inc()
             raise Conflict("offer collision: answer the gateway's pending offer, then offer again")
 

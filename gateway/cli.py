@@ -38,6 +38,12 @@ _LIMITS: list[tuple[str, str, type, str]] = [
     ("--burst", "rate_burst", int, "Messages a connection may send at once before --rate applies."),
     ("--join-timeout", "join_timeout", float, "Seconds a connection may stay without joining."),
     ("--drain-seconds", "drain_seconds", float, "On SIGTERM, seconds live conversations may go on."),
+    ("--max-connections", "max_connections", int, "Websocket connections at once; more get HTTP 503."),
+    ("--max-conversations", "max_conversations", int, "Conversations at once; joins opening more get unavailable."),
+    ("--max-participants", "max_participants", int, "Participants in one conversation (bot included)."),
+    ("--max-peer-connections", "max_peer_connections", int, "WebRTC peer connections this process holds."),
+    ("--ping-interval", "ping_interval", float, "Seconds between websocket keepalive pings."),
+    ("--ping-timeout", "ping_timeout", float, "Seconds without a pong before a connection is closed."),
     ("--vad-aggressiveness", "vad_aggressiveness", int, "webrtcvad mode, 0 (lenient) to 3 (strict)."),
     ("--vad-frame-ms", "vad_frame_ms", int, "VAD frame: 10, 20 or 30 ms."),
     ("--vad-start-ms", "vad_start_ms", int, "Voiced audio needed to start a speech segment."),
@@ -46,6 +52,7 @@ _LIMITS: list[tuple[str, str, type, str]] = [
     ("--bot-name", "bot_name", str, "The bot's display name in chat."),
     ("--bot-connect-seconds", "bot_connect_seconds", float, "How long to retry an unreachable bot."),
     ("--bot-max-buffer-seconds", "bot_max_buffer_seconds", float, "Bot audio queued toward a customer at most."),
+    ("--bot-max-backlog-seconds", "bot_max_backlog_seconds", float, "Customer speech a bot may leave unread."),
     ("--opus-complexity", "opus_complexity", int, "Opus encoder complexity for the bot's voice (0-10)."),
 ]
 
@@ -69,6 +76,26 @@ def _server_options(f: click.decorators.FC) -> click.decorators.FC:
         *(
             click.option(opt, field, envvar=_envvar(opt), type=kind, default=_default(field), show_envvar=True, help=h)
             for opt, field, kind, h in _LIMITS
+        ),
+        click.option(
+            "--allowed-origin",
+            "allowed_origins",
+            envvar="TALKGATE_ALLOWED_ORIGIN",
+            multiple=True,
+            show_envvar=True,
+            help="Origin whose pages may connect, e.g. https://app.example.com (repeatable; '*': any; "
+            "default: the gateway's own origin only).",
+        ),
+        click.option(
+            "--cert",
+            "tls_cert",
+            envvar="TALKGATE_CERT",
+            default="",
+            show_envvar=True,
+            help="TLS certificate chain (PEM): serve https/wss instead of http/ws.",
+        ),
+        click.option(
+            "--key", "tls_key", envvar="TALKGATE_KEY", default="", show_envvar=True, help="TLS private key (PEM)."
         ),
         click.option(
             "--stun",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import secrets
+import ssl
 from typing import Any
 
 from media.vad import VadSettings
@@ -39,6 +40,25 @@ class Config:
     #: Messages waiting to be written to one client; a client that falls this
     #: far behind is disconnected (it can reconnect and get the history).
     outbox_limit: int = 512
+    #: Capacity limits of one gateway process (docs/security.md says what each protects).
+    #: Websocket connections: more get HTTP 503 at the handshake.
+    max_connections: int = 5000
+    #: Conversations in the store: a join that would open one more gets ``unavailable``.
+    max_conversations: int = 1000
+    #: Participants in one conversation (customer, agents, bot).
+    max_participants: int = 8
+    #: WebRTC peer connections held by this process: an offer over it gets ``unavailable``.
+    max_peer_connections: int = 500
+    #: Origins whose pages may open the websocket. Empty: only the gateway's own
+    #: origin; "*": any. Clients that send no Origin (not browsers) are not affected.
+    allowed_origins: tuple[str, ...] = ()
+    #: Websocket keepalive: a ping every interval; no pong within the timeout closes (1011).
+    ping_interval: float = 20.0
+    ping_timeout: float = 20.0
+    #: TLS: PEM certificate chain and key; both set = serve https/wss (browsers need a
+    #: secure origin for microphones anywhere but localhost).
+    tls_cert: str = ""
+    tls_key: str = ""
     #: STUN/TURN servers: sent to clients in ``joined`` and used by the gateway itself.
     stun_urls: tuple[str, ...] = ()
     turn_urls: tuple[str, ...] = ()
@@ -62,6 +82,9 @@ class Config:
     bot_connect_seconds: float = 8.0
     bot_barge_in: bool = True
     bot_max_buffer_seconds: float = 60.0
+    #: Customer speech waiting in the gateway for a bot that does not read it; a bot
+    #: that falls further behind is dropped and the conversation goes to the agent queue.
+    bot_max_backlog_seconds: float = 10.0
     #: Opus encoder complexity for audio the gateway encodes (a bot's voice): 0-10,
     #: CPU against quality; 5 costs about half of 10 (docs/media.md).
     opus_complexity: int = 5
@@ -74,13 +97,30 @@ class Config:
         if self.secret and len(self.secret.encode()) < MIN_SECRET_BYTES:
             # RFC 7518 3.2: an HS256 key must be at least as long as the hash.
             raise ConfigError(f"the token secret must be at least {MIN_SECRET_BYTES} bytes")
-        for name in ("history_limit", "max_chat_chars", "max_message_bytes", "rate_burst", "outbox_limit"):
+        for name in (
+            "history_limit",
+            "max_chat_chars",
+            "max_message_bytes",
+            "rate_burst",
+            "outbox_limit",
+            "max_connections",
+            "max_conversations",
+            "max_participants",
+            "max_peer_connections",
+            "ping_interval",
+            "ping_timeout",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         if self.rate_per_second <= 0 or self.join_timeout <= 0:
             raise ConfigError("rate_per_second and join_timeout must be positive")
         if self.drain_seconds < 0:
             raise ConfigError("drain_seconds must be >= 0")
+        for origin in self.allowed_origins:
+            if origin != "*" and not origin.startswith(("http://", "https://")):
+                raise ConfigError(f"an allowed origin is '*' or starts with http:// or https://, not {origin!r}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("TLS needs both --cert and --key")
         for url in self.stun_urls:
             if not url.startswith(("stun:", "stuns:")):
                 raise ConfigError(f"a STUN URL starts with stun: or stuns:, not {url!r}")
@@ -100,8 +140,10 @@ class Config:
             raise ConfigError(f"the bot URL must start with ws:// or wss://, not {self.bot_url!r}")
         if self.bot_protocol not in ("native", "twilio"):
             raise ConfigError("bot_protocol must be native or twilio")
-        if self.bot_connect_seconds < 0 or self.bot_max_buffer_seconds <= 0:
-            raise ConfigError("bot_connect_seconds must be >= 0 and bot_max_buffer_seconds > 0")
+        if self.bot_connect_seconds < 0 or self.bot_max_buffer_seconds <= 0 or self.bot_max_backlog_seconds <= 0:
+            raise ConfigError(
+                "bot_connect_seconds must be >= 0, bot_max_buffer_seconds and bot_max_backlog_seconds > 0"
+            )
         if not 0 <= self.opus_complexity <= 10:
             raise ConfigError("opus_complexity is 0 (cheapest) to 10 (best)")
         try:
@@ -128,6 +170,17 @@ class Config:
                 {"urls": list(self.turn_urls), "username": self.turn_username, "credential": self.turn_password}
             )
         return servers
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The server's TLS context, or None for plain http/ws."""
+        if not self.tls_cert:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(self.tls_cert, self.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load the TLS certificate or key: {exc}") from None
+        return context
 
     @property
     def token_secret(self) -> str:

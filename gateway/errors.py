@@ -7,12 +7,14 @@ mapping lives here, on the classes, so no handler invents its own codes::
     ├── ConfigError              bad server configuration (CLI exits with it)
     └── ProtocolError            sent to the client as {"type":"error",...}
         ├── BadRequest           bad_request: not JSON, unknown type, bad field
+        │   └── CallFailed       bad_request, and the sender's call had to be ended
         ├── Unauthorized         unauthorized: missing, bad or expired token
         ├── Forbidden            forbidden: the role may not do that
         ├── NotFound             not_found: no such conversation / queue entry
         ├── TooLarge             too_large: frame or field over its limit
         ├── RateLimited          rate_limited: too many messages per second
         ├── Conflict             conflict: lost a race, or replaced by a new join
+        ├── Unavailable          unavailable: a capacity limit is reached; try again later
         └── InternalError        internal: a bug on our side; details are logged
 
 A ``ProtocolError`` never closes the connection by itself; the session decides
@@ -32,6 +34,7 @@ class ErrorCode(enum.StrEnum):
     TOO_LARGE = "too_large"
     RATE_LIMITED = "rate_limited"
     CONFLICT = "conflict"
+    UNAVAILABLE = "unavailable"
     INTERNAL = "internal"
 
 
@@ -57,6 +60,11 @@ class BadRequest(ProtocolError):
     code = ErrorCode.BAD_REQUEST
 
 
+class CallFailed(BadRequest):
+    """An offer that was applied but could not be answered: the peer connection is left
+    half-negotiated, so the call ends (the client may offer again on a fresh one)."""
+
+
 class Unauthorized(ProtocolError):
     code = ErrorCode.UNAUTHORIZED
 
@@ -79,6 +87,10 @@ class RateLimited(ProtocolError):
 
 class Conflict(ProtocolError):
     code = ErrorCode.CONFLICT
+
+
+class Unavailable(ProtocolError):
+    code = ErrorCode.UNAVAILABLE
 
 
 class InternalError(ProtocolError):

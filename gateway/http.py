@@ -71,6 +71,18 @@ def json_response(status: http.HTTPStatus, payload: object) -> Response:
     return response(status, json.dumps(payload).encode(), "application/json")
 
 
+def origin_allowed(origin: str, host: str | None, allowed: tuple[str, ...]) -> bool:
+    """May a page from ``origin`` open the websocket? Always the gateway's own origin (the
+    Origin's host:port is the request's Host: its own pages), then those ``allowed``
+    lists (``"*"``: any). Everything else is another site's page acting with the
+    visitor's browser (cross-site websocket hijacking)."""
+    origin = origin.strip().lower().rstrip("/")
+    parts = urlsplit(origin)
+    if host is not None and parts.scheme in ("http", "https") and parts.netloc == host.strip().lower():
+        return True
+    return any(entry == "*" or origin == entry.lower().rstrip("/") for entry in allowed)
+
+
 class Routes:
     """The ``process_request`` hook: answers every non-websocket request."""
 
@@ -78,16 +90,18 @@ class Routes:
         self,
         health: Callable[[], Awaitable[dict[str, object]]],
         metrics: Callable[[], Awaitable[bytes]],
+        admit: Callable[[Request], Response | None] = lambda request: None,
         assets: dict[str, Asset] | None = None,
     ) -> None:
         self.health = health
         self.metrics = metrics
+        self.admit = admit
         self.assets = load_assets() if assets is None else assets
 
     async def __call__(self, connection: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path).path
         if path == WS_PATH:
-            return None  # go on with the websocket handshake
+            return self.admit(request)  # None: go on with the websocket handshake
         if path == "/healthz":
             return json_response(http.HTTPStatus.OK, await self.health())
         if path == "/metrics":

@@ -97,6 +97,11 @@ class Metrics:
         self.bot_unavailable = Counter(
             "talkgate_bot_unavailable", "Conversations handed to agents because the bot was unreachable.", registry=r
         )
+        self.bot_not_reading = Counter(
+            "talkgate_bot_not_reading",
+            "Bots dropped (conversation handed to agents) because they stopped reading the customer's speech.",
+            registry=r,
+        )
         self.bot_dropped_frames = Counter(
             "talkgate_bot_dropped_frames", "Speech frames dropped because a bot did not read them.", registry=r
         )
@@ -123,6 +128,12 @@ class Metrics:
             "Customer speech: RTP packet in → its PCM written to the bot's socket (live frames, not preroll).",
             AUDIO_BUCKETS,
             r,
+        )
+        self.refused_connections = Counter(
+            "talkgate_refused_connections",
+            "Websocket handshakes refused, by reason (origin, full).",
+            ["reason"],
+            registry=r,
         )
         self.slow_consumers = Counter(
             "talkgate_slow_consumer_disconnects", "Clients dropped for not reading their messages.", registry=r

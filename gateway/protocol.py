@@ -72,6 +72,9 @@ class SignalingProtocol:
             return BadRequest(_describe(exc, data))
         except msgspec.DecodeError as exc:
             return BadRequest(f"not valid JSON: {exc}")
+        except UnicodeDecodeError:
+            # A binary frame (websockets checks text frames) with bad UTF-8 in a string.
+            return BadRequest("not valid UTF-8")
         if self.state is State.AWAITING_JOIN and not isinstance(message, _PRE_JOIN):
             return Unauthorized("the first message must be a join")
         if self.state is State.JOINED and isinstance(message, messages.Join):
@@ -97,7 +100,7 @@ def _describe(exc: msgspec.ValidationError, data: bytes | str) -> str:
     if text.startswith("Invalid value") and text.endswith("`$.type`"):
         try:
             kind = msgspec.json.decode(data).get("type")
-        except (msgspec.DecodeError, AttributeError):  # pragma: no cover - decoded once already
+        except (msgspec.DecodeError, UnicodeDecodeError, AttributeError):
             kind = None
         if isinstance(kind, str) and len(kind) > 40:
             kind = kind[:40] + "…"

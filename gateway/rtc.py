@@ -34,7 +34,7 @@ from media.peerconnection import StablePeerConnection
 from media.pipeline import VoicePipeline
 from media.relay import OutputTrack, Relay, Subscriber
 
-from .errors import BadRequest
+from .errors import BadRequest, CallFailed
 from .messages import Participant
 
 if TYPE_CHECKING:
@@ -139,8 +139,10 @@ class MediaPeer:
                 if transceiver.direction == "recvonly":
                     transceiver.direction = "sendrecv"
                 self._slot_for(transceiver)
-            answer = await self.pc.createAnswer()
-            await self.pc.setLocalDescription(answer)
+            try:
+                await self.pc.setLocalDescription(await self.pc.createAnswer())
+            except Exception as exc:  # an offer aiortc accepted but cannot answer (fuzzing found some)
+                raise CallFailed(f"cannot answer the offer: {_reason(exc)}; the call was ended") from None
             self._send({"type": "answer", "sdp": self.pc.localDescription.sdp})
         self.router.reconcile(self.conversation)
         return True

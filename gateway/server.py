@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import http
 import logging
 import signal
 from types import TracebackType
 
 import uvloop
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.http11 import Request, Response
 
 from media import audiolevel, ice, inbound
 
@@ -18,7 +20,7 @@ from . import __version__, messages
 from .bot import BotHandler, echo, serve_bot
 from .broker import Broker
 from .config import Config
-from .http import WS_PATH, Routes
+from .http import WS_PATH, Routes, origin_allowed, response
 from .metrics import Metrics, watch_loop_lag
 from .session import Session
 from .store import InMemoryStore, Store
@@ -44,7 +46,10 @@ class GatewayServer:
         self.metrics = Metrics()
         self.store = store if store is not None else InMemoryStore(config.history_limit)
         self.broker = Broker(config, self.store, self.metrics)
-        self.routes = Routes(self.health, self.render_metrics)
+        self.routes = Routes(self.health, self.render_metrics, self.admit)
+        self._ssl = config.ssl_context()
+        #: Websocket connections being served (what max_connections bounds).
+        self.connections = 0
         self._server: Server | None = None
         self._lag_task: asyncio.Task[None] | None = None
         self.port = config.port
@@ -62,8 +67,9 @@ class GatewayServer:
             # Signaling messages are small; per-connection zlib state costs more than it saves.
             compression=None,
             max_size=self.config.max_message_bytes * TRANSPORT_LIMIT_FACTOR,
-            ping_interval=20,
-            ping_timeout=20,
+            ping_interval=self.config.ping_interval,
+            ping_timeout=self.config.ping_timeout,
+            ssl=self._ssl,
             close_timeout=5,
         )
         self.port = self._server.sockets[0].getsockname()[1]
@@ -72,11 +78,29 @@ class GatewayServer:
     @property
     def url(self) -> str:
         host = self.config.host if ":" not in self.config.host else f"[{self.config.host}]"
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self._ssl else 'http'}://{host}:{self.port}"
 
     @property
     def ws_url(self) -> str:
-        return self.url.replace("http://", "ws://", 1) + WS_PATH
+        return "ws" + self.url.removeprefix("http") + WS_PATH
+
+    def admit(self, request: Request) -> Response | None:
+        """Before a websocket handshake: refuse other sites' pages (403) and connections
+        over ``max_connections`` (503 with Retry-After); None lets it through."""
+        origin = request.headers.get("Origin")
+        if origin is not None and not origin_allowed(origin, request.headers.get("Host"), self.config.allowed_origins):
+            self.metrics.refused_connections.labels("origin").inc()
+            log.info("refused a websocket from origin %r (not allowed: see --allowed-origin)", origin[:200])
+            return response(http.HTTPStatus.FORBIDDEN, b"origin not allowed\n", "text/plain; charset=utf-8")
+        if self.connections >= self.config.max_connections:
+            self.metrics.refused_connections.labels("full").inc()
+            return response(
+                http.HTTPStatus.SERVICE_UNAVAILABLE,
+                b"too many connections; try again later\n",
+                "text/plain; charset=utf-8",
+                [("Retry-After", str(RETRY_AFTER_MS // 1000))],
+            )
+        return None
 
     async def drain(self, seconds: float) -> bool:
         """Graceful shutdown, before ``close``: stop accepting connections, tell every
@@ -124,7 +148,11 @@ class GatewayServer:
         await self.close()
 
     async def _handle(self, ws: ServerConnection) -> None:
-        await Session(ws, self.broker, self.config, self.metrics).run()
+        self.connections += 1
+        try:
+            await Session(ws, self.broker, self.config, self.metrics).run()
+        finally:
+            self.connections -= 1
 
     async def health(self) -> dict[str, object]:
         return {

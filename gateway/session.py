@@ -21,9 +21,9 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from . import messages
-from .broker import CLOSE_FORBIDDEN, CLOSE_JOIN_TIMEOUT, CLOSE_TOO_SLOW, CLOSE_UNAUTHORIZED, Broker
+from .broker import CLOSE_FORBIDDEN, CLOSE_JOIN_TIMEOUT, CLOSE_TRY_LATER, CLOSE_UNAUTHORIZED, Broker
 from .config import Config
-from .errors import Forbidden, InternalError, ProtocolError, Unauthorized
+from .errors import Forbidden, InternalError, ProtocolError, Unauthorized, Unavailable
 from .messages import Participant
 from .metrics import Metrics
 from .protocol import SignalingProtocol, State
@@ -79,7 +79,7 @@ class Session:
             self.metrics.slow_consumers.inc()
             self.log.warning("dropping a client that stopped reading (%d messages queued)", len(self._outbox))
             self._outbox.clear()
-            self.close(CLOSE_TOO_SLOW, "not reading messages fast enough")
+            self.close(CLOSE_TRY_LATER, "not reading messages fast enough")
             return
         self._outbox.append(data)
         self._wake.set()
@@ -136,9 +136,9 @@ class Session:
                 await self.broker.handle(self, event)
             except ProtocolError as exc:
                 self.send_error(exc, mtype)
-                if isinstance(event, messages.Join) and isinstance(exc, Unauthorized | Forbidden):
+                if isinstance(event, messages.Join) and isinstance(exc, Unauthorized | Forbidden | Unavailable):
                     self.log.info("join refused: %s", exc.message)
-                    self.close(CLOSE_FORBIDDEN if isinstance(exc, Forbidden) else CLOSE_UNAUTHORIZED, "join refused")
+                    self.close(_REFUSED_JOIN_CLOSE[type(exc)], "join refused")
             except Exception:
                 self.log.exception("failed to handle a %s message", mtype)
                 self.send_error(InternalError("the gateway failed to handle that message; it has been logged"), mtype)
@@ -172,6 +172,14 @@ class Session:
         if self.protocol.state is State.AWAITING_JOIN:
             self.send_error(Unauthorized(f"no join within {self.config.join_timeout:g} s"))
             self.close(CLOSE_JOIN_TIMEOUT, "join timeout")
+
+
+#: How a refused join's connection is closed: 1013 (try again later) when the gateway is full.
+_REFUSED_JOIN_CLOSE: dict[type[ProtocolError], int] = {
+    Unauthorized: CLOSE_UNAUTHORIZED,
+    Forbidden: CLOSE_FORBIDDEN,
+    Unavailable: CLOSE_TRY_LATER,
+}
 
 
 def _remote(ws: ServerConnection) -> str:

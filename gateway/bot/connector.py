@@ -18,6 +18,7 @@ import collections
 import contextlib
 import enum
 import logging
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -43,6 +44,10 @@ BACKOFF_SECONDS = (0.2, 0.5, 1.0, 2.0)
 #: Audio frames are written straight to the bot's socket while less than this waits in
 #: the transport's buffer; above it they queue in the outbox (which drops the oldest).
 DIRECT_WRITE_BYTES = 64 * 1024
+#: The kernel's send buffer toward the bot (Linux doubles it). Left to autotuning it grows
+#: to megabytes: a minute of speech could sit in the kernel for a bot that stopped reading,
+#: hiding it from the backlog limit, and stale audio would reach a bot that is merely slow.
+SEND_BUFFER_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +60,8 @@ class BotSettings:
     barge_in: bool = True
     #: Bot audio queued toward the customer at most; beyond it the bot gets an error.
     max_buffer_seconds: float = 60.0
-    #: Messages waiting to be written to the bot (~10 s of 20 ms frames).
+    #: Messages waiting to be written to the bot (~10 s of 20 ms frames). A connected bot
+    #: that lets this many pile up is dropped; while connecting, the oldest audio goes.
     outbox_limit: int = 500
     #: Opus encoder complexity for the bot's voice (0-10: CPU against quality).
     opus_complexity: int = 5
@@ -196,7 +202,10 @@ class BotConnector:
                 self.host.bot_frame_sent(arrived, queued)
             return
         if len(self._outbox) >= self.settings.outbox_limit:
-            # The bot is not reading: lose its oldest audio, never the control messages.
+            if self.state is BotState.ACTIVE:
+                self._not_reading()
+                return
+            # Still connecting: lose the oldest audio, never the control messages.
             for i, (_, queued_audio, _, _) in enumerate(self._outbox):
                 if queued_audio:
                     del self._outbox[i]
@@ -207,6 +216,18 @@ class BotConnector:
                 self._outbox.popleft()
         self._outbox.append((item, audio, arrived, queued))
         self._wake.set()
+
+    def _not_reading(self) -> None:
+        """A connected bot let ``outbox_limit`` messages pile up (and the socket's buffers
+        before them): it is not reading. Cut the link; the conversation goes to agents."""
+        log.warning(
+            "[%s] dropping the bot: it stopped reading (%d messages waiting)", self.conversation, len(self._outbox)
+        )
+        self._stop_reason = "not_reading"
+        self.dropped_frames += sum(audio for _, audio, _, _ in self._outbox)
+        self._outbox.clear()
+        if self._ws is not None:
+            self._ws.transport.abort()  # a close handshake would wait behind the unread data
 
     def _write_now(self, item: str | bytes) -> bool:
         """Write an audio frame to the socket from the caller's stack, if nothing queued
@@ -253,6 +274,9 @@ class BotConnector:
                 attempt += 1
                 continue
             self.connects += 1
+            sock = ws.transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
             outcome = await self._serve(ws)
             if outcome != "lost":
                 return outcome

@@ -34,6 +34,8 @@ class BotManager:
                 connect_seconds=config.bot_connect_seconds,
                 barge_in=config.bot_barge_in,
                 max_buffer_seconds=config.bot_max_buffer_seconds,
+                # One message per speech frame: the backlog in frames, at least a few.
+                outbox_limit=max(8, round(config.bot_max_backlog_seconds * 1000 / config.vad_frame_ms)),
                 opus_complexity=config.opus_complexity,
             )
             if config.bot_url
@@ -141,8 +143,8 @@ class BotManager:
             return  # stopped by the gateway, which cleans up itself
         del self._links[conversation]
         await self._leave(conversation, connector)
-        if reason == "unavailable":
-            self.metrics.bot_unavailable.inc()
+        if reason in ("unavailable", "not_reading"):
+            (self.metrics.bot_unavailable if reason == "unavailable" else self.metrics.bot_not_reading).inc()
             await self.broker.hand_over(
-                conversation, "bot_unavailable", "Our assistant is unavailable right now. An agent will join shortly."
+                conversation, f"bot_{reason}", "Our assistant is unavailable right now. An agent will join shortly."
             )

@@ -69,6 +69,8 @@ def parse(data: str | bytes) -> BotMessage:
         message = _decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise BotProtocolError(str(exc)) from None
+    except UnicodeDecodeError:
+        raise BotProtocolError("not valid UTF-8") from None
     if isinstance(message, AudioFormat) and message.sample_rate not in AUDIO_RATES:
         raise BotProtocolError(f"sample_rate must be one of {AUDIO_RATES}")
     if isinstance(message, BotChat | Transcript) and not 0 < len(message.text) <= 4096:
@@ -169,5 +171,7 @@ class NativeProtocol:
 
     def parse(self, data: str | bytes) -> Action:
         if isinstance(data, bytes):
+            if len(data) % 2:
+                raise BotProtocolError(f"binary audio is PCM16: an even number of bytes, not {len(data)}")
             return Audio(data)
         return parse(data)

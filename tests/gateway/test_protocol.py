@@ -82,7 +82,25 @@ json_values = st.recursive(
 )
 
 
-@given(st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v).encode()))
+STRING_FIELDS = ["text", "token", "room", "identity", "name", "conversation", "sdp", "candidate", "reason", "id"]
+NOT_UTF8 = [b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\xf8\x88\x80\x80\x80", b"\xc0\xaf"]
+
+
+def _with_bad_utf8(mtype: str, field: str, junk: bytes) -> bytes:
+    """A message whose string field carries bytes that are not UTF-8 (a binary frame can)."""
+    return b'{"type":"%s","%s":"a%sb"}' % (mtype.encode(), field.encode(), junk)
+
+
+@given(
+    st.binary(max_size=200)
+    | json_values.map(lambda v: json.dumps(v).encode())
+    | st.builds(
+        _with_bad_utf8,
+        st.sampled_from(messages.CLIENT_TYPES),
+        st.sampled_from(STRING_FIELDS),
+        st.sampled_from(NOT_UTF8),
+    )
+)
 def test_any_frame_is_a_message_or_an_error_never_an_exception(frame: bytes) -> None:
     p = make(burst=1)
     result = p.receive(frame, 0)

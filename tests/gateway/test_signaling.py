@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import logging
 import time
 from typing import Any
 
@@ -458,3 +460,30 @@ async def test_dev_mode_join_fields_are_validated(dev_server: GatewayServer, fie
         await client.expect("joined")  # a bad join's fields leave the socket usable
     finally:
         await client.close()
+
+
+@pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")  # the HS512 token is meant to fail
+async def test_refused_tokens_leave_neither_the_secret_nor_the_token_in_the_logs(
+    connect: Connect, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="talkgate")
+    now = int(time.time())
+    claims = {"sub": "u1", "role": "customer", "room": "r1"}
+    bad = [
+        jwt.encode({**claims, "exp": now + 60}, "k" * 32, algorithm="HS256"),  # someone else's key
+        jwt.encode({**claims, "exp": now + 60}, SECRET, algorithm="HS512"),
+        jwt.encode({**claims, "exp": now - 60}, SECRET, algorithm="HS256"),  # expired
+        jwt.encode({**claims, "exp": now + 60}, "", algorithm="none"),
+        make_token("u1", room="r1"),  # valid, but sent for another room
+    ]
+    for token in bad:
+        client = await connect()
+        room = "r2" if token == bad[-1] else None
+        await client.send({"type": "join", "token": token, **({"room": room} if room else {})})
+        error = await client.expect("error")
+        assert error["code"] in ("unauthorized", "forbidden")
+        assert token not in json.dumps(error) and SECRET not in json.dumps(error)
+        assert await client.closed() in (4401, 4403)
+    assert "join refused" in caplog.text  # refusals are logged...
+    assert SECRET not in caplog.text  # ...without the secret
+    assert not any(token in caplog.text or token.split(".")[1] in caplog.text for token in bad)  # or the claims
