@@ -26,6 +26,9 @@ class Config:
     dev: bool = False
     #: Chat messages kept per conversation and sent in ``joined``.
     history_limit: int = 100
+    #: How long a conversation's chat history outlives its last participant (a customer
+    #: whose browser restarts finds it again); 0 forgets it at once. In memory only.
+    history_retention_seconds: float = 600.0
     max_chat_chars: int = 4096
     #: Frames larger than this are answered with ``too_large`` before parsing.
     max_message_bytes: int = 64 * 1024
@@ -114,8 +117,8 @@ class Config:
                 raise ConfigError(f"{name} must be positive")
         if self.rate_per_second <= 0 or self.join_timeout <= 0:
             raise ConfigError("rate_per_second and join_timeout must be positive")
-        if self.drain_seconds < 0:
-            raise ConfigError("drain_seconds must be >= 0")
+        if self.drain_seconds < 0 or self.history_retention_seconds < 0:
+            raise ConfigError("drain_seconds and history_retention_seconds must be >= 0")
         for origin in self.allowed_origins:
             if origin != "*" and not origin.startswith(("http://", "https://")):
                 raise ConfigError(f"an allowed origin is '*' or starts with http:// or https://, not {origin!r}")

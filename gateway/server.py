@@ -44,7 +44,13 @@ class GatewayServer:
     def __init__(self, config: Config, store: Store | None = None) -> None:
         self.config = config
         self.metrics = Metrics()
-        self.store = store if store is not None else InMemoryStore(config.history_limit)
+        self.store = (
+            store
+            if store is not None
+            else InMemoryStore(
+                config.history_limit, config.history_retention_seconds, retained_limit=config.max_conversations
+            )
+        )
         self.broker = Broker(config, self.store, self.metrics)
         self.routes = Routes(self.health, self.render_metrics, self.admit)
         self._ssl = config.ssl_context()

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import abc
 import collections
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .messages import ChatMessage, Participant, QueueEntry, Role
@@ -20,7 +22,8 @@ from .messages import ChatMessage, Participant, QueueEntry, Role
 class LeaveResult:
     #: The participant was in the conversation (and is no longer).
     left: bool
-    #: That was the last participant: the conversation and its history are gone.
+    #: That was the last participant: the conversation is gone (its history is kept for
+    #: the store's retention time, for someone who reconnects).
     conversation_removed: bool
     #: The conversation's queue entry was removed (no customer remains).
     queue_changed: bool
@@ -33,7 +36,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def remove_participant(self, conversation: str, identity: str) -> LeaveResult:
-        """Remove one participant; drop the conversation when empty, its queue entry when customer-less."""
+        """Remove one participant; drop the conversation when empty (keeping its history for the
+        retention time), its queue entry when customer-less."""
 
     @abc.abstractmethod
     async def participants(self, conversation: str) -> list[Participant] | None:
@@ -45,7 +49,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def history(self, conversation: str) -> list[ChatMessage]:
-        """The retained chat messages, oldest first."""
+        """The retained chat messages, oldest first (also of a conversation that emptied
+        less than the retention time ago)."""
 
     @abc.abstractmethod
     async def enqueue(self, entry: QueueEntry) -> bool:
@@ -65,10 +70,26 @@ class Store(abc.ABC):
 
 
 class InMemoryStore(Store):
-    """The default store: plain dicts; every method completes without yielding."""
+    """The default store: plain dicts; every method completes without yielding.
 
-    def __init__(self, history_limit: int = 100) -> None:
+    A conversation's history outlives its last participant by ``retention_seconds``
+    (a customer whose browser restarts finds the chat again); at most
+    ``retained_limit`` emptied conversations are remembered, the oldest forgotten first.
+    """
+
+    def __init__(
+        self,
+        history_limit: int = 100,
+        retention_seconds: float = 0.0,
+        retained_limit: int = 1000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.history_limit = history_limit
+        self.retention_seconds = retention_seconds
+        self.retained_limit = retained_limit
+        self._clock = clock
+        #: emptied conversation -> when its history is forgotten (insertion order = expiry order)
+        self._expiry: dict[str, float] = {}
         #: conversation id -> identity -> participant (insertion order = join order)
         self._participants: dict[str, dict[str, Participant]] = {}
         self._history: dict[str, collections.deque[ChatMessage]] = {}
@@ -76,6 +97,8 @@ class InMemoryStore(Store):
         self._queue: dict[str, QueueEntry] = {}
 
     async def add_participant(self, conversation: str, participant: Participant) -> list[Participant]:
+        self._forget_expired()
+        self._expiry.pop(conversation, None)  # live again: its history stays with it
         members = self._participants.setdefault(conversation, {})
         members[participant.identity] = participant
         return list(members.values())
@@ -87,7 +110,13 @@ class InMemoryStore(Store):
         removed = not members
         if removed:
             del self._participants[conversation]
-            self._history.pop(conversation, None)
+            if self.retention_seconds > 0 and conversation in self._history:
+                self._expiry[conversation] = self._clock() + self.retention_seconds
+                while len(self._expiry) > self.retained_limit:
+                    self._forget(next(iter(self._expiry)))
+            else:
+                self._history.pop(conversation, None)
+            self._forget_expired()
         queue_changed = False
         if conversation in self._queue and not any(p.role == Role.CUSTOMER for p in members.values()):
             del self._queue[conversation]
@@ -107,6 +136,7 @@ class InMemoryStore(Store):
         history.append(message)
 
     async def history(self, conversation: str) -> list[ChatMessage]:
+        self._forget_expired()
         return list(self._history.get(conversation, ()))
 
     async def enqueue(self, entry: QueueEntry) -> bool:
@@ -123,3 +153,15 @@ class InMemoryStore(Store):
 
     async def conversation_count(self) -> int:
         return len(self._participants)
+
+    def _forget_expired(self) -> None:
+        now = self._clock()
+        while self._expiry:
+            conversation, expiry = next(iter(self._expiry.items()))
+            if expiry > now:
+                return  # the rest expire later
+            self._forget(conversation)
+
+    def _forget(self, conversation: str) -> None:
+        del self._expiry[conversation]
+        self._history.pop(conversation, None)

@@ -170,7 +170,9 @@ async def test_customer_leaving_removes_its_queue_entry(join: Join, server: Gate
     await agent.error("not_found")
 
 
-async def test_conversation_is_removed_with_its_last_participant(join: Join, server: GatewayServer) -> None:
+async def test_conversation_is_removed_with_its_last_participant_and_its_chat_is_kept(
+    join: Join, server: GatewayServer
+) -> None:
     ann, _ = await join("u1", room="r1")
     await ann.send({"type": "chat", "text": "remember me?"})
     await ann.expect("chat")
@@ -184,9 +186,25 @@ async def test_conversation_is_removed_with_its_last_participant(join: Join, ser
         "peer_connections": 0,
         "version": None,
     }
-    # A new conversation under the same id starts empty.
+    # Rejoining within --history-retention-seconds (a browser restart) finds the chat again.
     _, joined = await join("u1", room="r1")
-    assert joined["history"] == []
+    assert [m["text"] for m in joined["history"]] == ["remember me?"]
+
+
+async def test_without_retention_a_new_conversation_under_the_same_id_starts_empty(
+    connect: Connect, config: Config
+) -> None:
+    async with GatewayServer(dataclasses.replace(config, history_retention_seconds=0)) as forgetful:
+        ann = await connect(forgetful.ws_url)
+        await ann.send({"type": "join", "token": make_token("u1", room="r1")})
+        await ann.expect("joined")
+        await ann.send({"type": "chat", "text": "forget me"})
+        await ann.expect("chat")
+        await ann.send({"type": "leave"})
+        await ann.expect("left")
+        again = await connect(forgetful.ws_url)
+        await again.send({"type": "join", "token": make_token("u1", room="r1")})
+        assert (await again.expect("joined"))["history"] == []
 
 
 async def test_customer_can_join_again_after_leaving(join: Join) -> None:
