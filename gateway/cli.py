@@ -33,6 +33,7 @@ def _default(name: str) -> object:
 #: (option, Config field, type, help) for every limit the CLI exposes.
 _LIMITS: list[tuple[str, str, type, str]] = [
     ("--history-limit", "history_limit", int, "Chat messages kept per conversation."),
+    ("--max-chat-chars", "max_chat_chars", int, "Longest chat message (characters); longer get too_large."),
     ("--history-retention-seconds", "history_retention_seconds", float, "How long chat outlives a conversation."),
     ("--max-message-bytes", "max_message_bytes", int, "Largest client message parsed; larger get too_large."),
     ("--rate", "rate_per_second", float, "Messages per second per connection (sustained)."),

@@ -90,7 +90,14 @@ class Decoder:
         self.errors = 0
 
     def decode(self, payload: bytes) -> np.ndarray:
-        """One packet → its samples (a view into a reused buffer: copy before the next call)."""
+        """One packet → its samples (a view into a reused buffer: copy before the next call).
+
+        An empty payload is not Opus: libopus would conceal a lost packet with 120 ms of
+        invented audio, so a client sending empty packets would get 6 frames each.
+        """
+        if not payload:
+            self.errors += 1
+            return self._out[:0]
         n = self._lib.opus_decode(self._state, payload, len(payload), self._out_ptr, self._capacity, 0)
         if n < 0:
             self.errors += 1

@@ -112,13 +112,14 @@ class TwilioProtocol:
             raise BotProtocolError("Twilio Media Streams messages are JSON text")
         try:
             message = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's stack
             raise BotProtocolError("not JSON") from None
         if not isinstance(message, dict):
             raise BotProtocolError("a message must be a JSON object")
         event = message.get("event")
         if event == "media":
-            payload = (message.get("media") or {}).get("payload")
+            media = message.get("media")
+            payload = media.get("payload") if isinstance(media, dict) else None
             if not isinstance(payload, str):
                 raise BotProtocolError("media without a payload")
             try:
@@ -126,7 +127,8 @@ class TwilioProtocol:
             except binascii.Error:
                 raise BotProtocolError("media payload is not base64") from None
         if event == "mark":
-            name = (message.get("mark") or {}).get("name")
+            mark = message.get("mark")
+            name = mark.get("name") if isinstance(mark, dict) else None
             if not isinstance(name, str) or not name:
                 raise BotProtocolError("mark without a name")
             return BotMark(name=name)

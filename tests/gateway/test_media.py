@@ -82,6 +82,29 @@ async def test_bad_sdp_is_a_bad_request_and_a_later_offer_works(party: Party) ->
     assert (await agent.hears("audio")).energy > 1000
 
 
+async def test_an_offer_that_applies_but_cannot_be_answered_ends_only_that_call(
+    party: Party, server: GatewayServer
+) -> None:
+    """Fuzzing found SDP aiortc accepts and then fails to answer (no direction attribute):
+    a clear bad_request, the half-negotiated call is ended, a fresh offer works."""
+    customer = await party("u1")
+    agent = await party("a1", "agent")
+    probe = RTCPeerConnection()
+    probe.addTransceiver("audio")
+    await probe.setLocalDescription(await probe.createOffer())
+    no_direction = probe.localDescription.sdp.replace("a=sendrecv\r\n", "")
+    await probe.close()
+    await customer.client.send({"type": "offer", "sdp": no_direction})
+    error = await customer.wait_for("error")
+    assert error["code"] == "bad_request" and "call was ended" in error["message"], error
+    assert len(server.broker.router) == 0
+    await agent.client.send({"type": "ping"})
+    await agent.wait_for("pong")  # nobody else noticed
+    await start_audio(customer, 440)
+    await start_audio(agent, 880)
+    assert (await agent.hears("audio")).energy > 1000
+
+
 @pytest.mark.parametrize(
     ("message", "says"),
     [

@@ -108,3 +108,38 @@ def test_reset_starts_a_fresh_timeline() -> None:
     assert first.t == 3000  # stamped from the new source's pts, nothing carried over
     assert (np.frombuffer(first.pcm, dtype=np.int16) == 5).all()
     assert converter.gaps == 0
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.binary(max_size=400), st.integers(min_value=0, max_value=2**40)),
+        min_size=1,
+        max_size=30,
+    )
+)
+def test_hostile_opus_packets_give_exact_frames_or_nothing(packets: list[tuple[bytes, int]]) -> None:
+    """A client owns its SRTP keys: any payload and any timestamp can arrive. Garbage Opus
+    decodes to nothing (counted), timestamps jumping anywhere restart the timeline, and
+    whatever comes out is whole 20 ms frames into the voice pipeline."""
+    from media.pipeline import VoicePipeline
+
+    pipeline = VoicePipeline()
+    converter, segmenter = pipeline.converter, pipeline.segmenter
+    for payload, pts in packets:
+        packet = av.Packet(payload)
+        packet.pts = pts
+        packet.time_base = fractions.Fraction(1, 48_000)
+        frames = converter.feed_packet(packet)
+        assert len(frames) <= 7  # an Opus packet holds at most 120 ms (6 frames), plus a completed partial one
+        assert all(len(f.pcm) == 640 for f in frames)  # 20 ms at 16 kHz, s16
+        for pcm in frames:
+            segmenter.feed(pcm)  # the VAD takes whatever the decoder made of it
+    assert all(len(f.pcm) == 640 for f in converter.flush())
+
+
+def test_an_empty_opus_payload_is_not_turned_into_concealment_audio() -> None:
+    converter = FrameConverter()
+    packet = av.Packet(b"")
+    packet.pts = 0
+    assert converter.feed_packet(packet) == []
