@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
+import urllib.request
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -80,3 +82,11 @@ class Client:
 
     async def close(self) -> None:
         await self.ws.close()
+
+
+def get_json(url: str, context: ssl.SSLContext | None = None) -> dict[str, Any]:
+    """GET a JSON object (``/healthz``); blocking: call it with ``asyncio.to_thread``."""
+    with urllib.request.urlopen(url, timeout=5, context=context) as reply:
+        result = json.loads(reply.read())
+    assert isinstance(result, dict)
+    return result

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import os
 import random
-import urllib.request
 from typing import Any
 
 from aiortc import RTCPeerConnection
@@ -19,7 +18,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from gateway.config import Config
 from gateway.server import GatewayServer
-from tests.client import Client
+from tests.client import Client, get_json
 from tests.conftest import make_token
 
 #: Messages per run; TALKGATE_FUZZ_MESSAGES makes a longer run.
@@ -172,15 +171,8 @@ async def test_fuzzing_the_live_server_leaves_it_working(config: Config) -> None
         await customer.close()
         await agent.close()
         for _ in range(100):  # the fuzzers' sessions and calls wind down
-            health = await asyncio.to_thread(_get_json, server.url + "/healthz")
+            health = await asyncio.to_thread(get_json, server.url + "/healthz")
             if health["sessions"] == 0 and health["peer_connections"] == 0:
                 break
             await asyncio.sleep(0.05)
         assert health == health | {"status": "ok", "sessions": 0, "peer_connections": 0, "conversations": 0}
-
-
-def _get_json(url: str) -> dict[str, Any]:
-    with urllib.request.urlopen(url, timeout=5) as reply:
-        result = json.loads(reply.read())
-    assert isinstance(result, dict)
-    return result

@@ -7,9 +7,7 @@ import asyncio
 import dataclasses
 import datetime
 import ipaddress
-import json
 import ssl
-import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from gateway.config import Config
 from gateway.errors import ConfigError
 from gateway.http import origin_allowed
 from gateway.server import GatewayServer
-from tests.client import Client
+from tests.client import Client, get_json
 from tests.conftest import make_token
 from tests.rtc_client import RtcClient, ToneTrack
 
@@ -100,7 +98,7 @@ async def test_connections_over_the_limit_get_503_and_health_still_answers(limit
         await Client.open(limited.ws_url)
     assert refused.value.response.status_code == 503
     assert refused.value.response.headers["Retry-After"] == "2"
-    health = await asyncio.to_thread(_get_json, limited.url + "/healthz")
+    health = await asyncio.to_thread(get_json, limited.url + "/healthz")
     assert health["status"] == "ok"
     await first.ping()  # those inside are not disturbed
     await second.close()
@@ -227,7 +225,7 @@ async def test_cert_and_key_serve_wss_and_https(config: Config, tmp_path: Path) 
         await client.send({"type": "join", "token": make_token("u1", room="r1")})
         await client.expect("joined")
         await client.close()
-        health = await asyncio.to_thread(_get_json, tls.url + "/healthz", client_tls)
+        health = await asyncio.to_thread(get_json, tls.url + "/healthz", client_tls)
         assert health["status"] == "ok"
 
 
@@ -244,10 +242,3 @@ def test_bad_limit_settings_are_refused(config: Config, tmp_path: Path) -> None:
     missing = dataclasses.replace(config, tls_cert=str(tmp_path / "no.pem"), tls_key=str(tmp_path / "no.key"))
     with pytest.raises(ConfigError, match="cannot load"):
         missing.ssl_context()
-
-
-def _get_json(url: str, context: ssl.SSLContext | None = None) -> dict[str, object]:
-    with urllib.request.urlopen(url, timeout=5, context=context) as reply:
-        result = json.loads(reply.read())
-    assert isinstance(result, dict)
-    return result
