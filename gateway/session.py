@@ -138,7 +138,8 @@ class Session:
                 self.send_error(exc, mtype)
                 if isinstance(event, messages.Join) and isinstance(exc, Unauthorized | Forbidden | Unavailable):
                     self.log.info("join refused: %s", exc.message)
-                    self.close(_REFUSED_JOIN_CLOSE[type(exc)], "join refused")
+                    code = next(code for kind, code in _REFUSED_JOIN_CLOSE.items() if isinstance(exc, kind))
+                    self.close(code, "join refused")
             except Exception:
                 self.log.exception("failed to handle a %s message", mtype)
                 self.send_error(InternalError("the gateway failed to handle that message; it has been logged"), mtype)
