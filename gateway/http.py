@@ -73,8 +73,8 @@ def json_response(status: http.HTTPStatus, payload: object) -> Response:
 
 def origin_allowed(origin: str, host: str | None, allowed: tuple[str, ...]) -> bool:
     """May a page from ``origin`` open the websocket? Always the gateway's own origin (the
-    Origin's host:port is the request's Host: its own pages), then those ``allowed``
-    lists (``"*"``: any). Everything else is another site's page acting with the
+    Origin's host:port is the request's Host: its own pages), then the origins listed in
+    ``allowed`` (``"*"``: any). Everything else is another site's page acting with the
     visitor's browser (cross-site websocket hijacking)."""
     origin = origin.strip().lower().rstrip("/")
     parts = urlsplit(origin)
