@@ -157,8 +157,9 @@ async def fanout(gw: GatewayProcess, participants: int, messages: int) -> dict[s
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
-    # Rate limiting is per connection and this benchmark's sender is one connection.
-    gw = start_gateway(rate=100_000, burst=100_000)
+    # Rate limiting is per connection and this benchmark's sender is one connection; the
+    # fan-out conversation holds more than the default --max-participants.
+    gw = start_gateway(rate=100_000, burst=100_000, extra=["--max-participants", str(max(8, args.fanout))])
     try:
         return {
             "benchmark": "signaling",

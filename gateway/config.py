@@ -50,6 +50,12 @@ class Config:
     max_conversations: int = 1000
     #: Participants in one conversation (customer, agents, bot).
     max_participants: int = 8
+    #: Conversations one agent connection may hold at once (the agent desk raises it).
+    agent_capacity: int = 1
+    #: Messages per second a bot may send that reach the conversation (chat, transcript,
+    #: transfer, upgrade), and the burst; more get an error back, never reach the customer.
+    bot_rate_per_second: float = 20.0
+    bot_rate_burst: int = 60
     #: WebRTC peer connections held by this process: an offer over it gets ``unavailable``.
     max_peer_connections: int = 500
     #: Origins whose pages may open the websocket. Empty: only the gateway's own
@@ -109,6 +115,9 @@ class Config:
             "max_connections",
             "max_conversations",
             "max_participants",
+            "agent_capacity",
+            "bot_rate_per_second",
+            "bot_rate_burst",
             "max_peer_connections",
             "ping_interval",
             "ping_timeout",
@@ -138,7 +147,7 @@ class Config:
             for network in self.rtc_allowed_networks:
                 ipaddress.ip_network(network, strict=False)
         except ValueError as exc:
-            raise ConfigError(f"bad RTC address or network: {exc}") from None
+            raise ConfigError(f"bad RTC address or network: {exc}") from exc
         if self.bot_url and not self.bot_url.startswith(("ws://", "wss://")):
             raise ConfigError(f"the bot URL must start with ws:// or wss://, not {self.bot_url!r}")
         if self.bot_protocol not in ("native", "twilio"):
@@ -152,7 +161,7 @@ class Config:
         try:
             self.vad_settings()
         except ValueError as exc:
-            raise ConfigError(f"bad VAD setting: {exc}") from None
+            raise ConfigError(f"bad VAD setting: {exc}") from exc
 
     def vad_settings(self) -> VadSettings:
         return VadSettings(
@@ -182,7 +191,7 @@ class Config:
         try:
             context.load_cert_chain(self.tls_cert, self.tls_key)
         except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"cannot load the TLS certificate or key: {exc}") from None
+            raise ConfigError(f"cannot load the TLS certificate or key: {exc}") from exc
         return context
 
     @property

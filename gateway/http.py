@@ -90,7 +90,7 @@ class Routes:
         self,
         health: Callable[[], Awaitable[dict[str, object]]],
         metrics: Callable[[], Awaitable[bytes]],
-        admit: Callable[[Request], Response | None] = lambda request: None,
+        admit: Callable[[ServerConnection, Request], Response | None] = lambda connection, request: None,
         assets: dict[str, Asset] | None = None,
     ) -> None:
         self.health = health
@@ -101,7 +101,7 @@ class Routes:
     async def __call__(self, connection: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path).path
         if path == WS_PATH:
-            return self.admit(request)  # None: go on with the websocket handshake
+            return self.admit(connection, request)  # None: go on with the websocket handshake
         if path == "/healthz":
             return json_response(http.HTTPStatus.OK, await self.health())
         if path == "/metrics":

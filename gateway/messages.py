@@ -22,7 +22,11 @@ class Role(enum.StrEnum):
 
 
 class _Msg(msgspec.Struct, tag_field="type", forbid_unknown_fields=False):
-    """Base of client messages; unknown fields are ignored for forward compatibility."""
+    """Base of client messages; unknown fields are ignored for forward compatibility.
+
+    Conversation-scoped messages take an optional ``conversation``: required when the
+    connection is in more than one (an agent with --agent-capacity > 1), else its only one.
+    """
 
 
 class Join(_Msg, tag="join"):
@@ -36,10 +40,12 @@ class Join(_Msg, tag="join"):
 
 class Chat(_Msg, tag="chat"):
     text: str
+    conversation: str | None = None
 
 
 class Escalate(_Msg, tag="escalate"):
     reason: str | None = None
+    conversation: str | None = None
 
 
 class Accept(_Msg, tag="accept"):
@@ -47,7 +53,8 @@ class Accept(_Msg, tag="accept"):
 
 
 class Leave(_Msg, tag="leave"):
-    pass
+    #: Which conversation (optional while the connection is in exactly one).
+    conversation: str | None = None
 
 
 class Ping(_Msg, tag="ping"):
@@ -56,16 +63,19 @@ class Ping(_Msg, tag="ping"):
 
 class Offer(_Msg, tag="offer"):
     sdp: str
+    conversation: str | None = None
 
 
 class Answer(_Msg, tag="answer"):
     sdp: str
+    conversation: str | None = None
 
 
 class Candidate(_Msg, tag="candidate"):
     candidate: str
     sdpMid: str | None = None
     sdpMLineIndex: int | None = None
+    conversation: str | None = None
 
 
 MediaKind = Literal["audio", "video"]
@@ -73,15 +83,18 @@ MediaKind = Literal["audio", "video"]
 
 class Upgrade(_Msg, tag="upgrade"):
     media: MediaKind
+    conversation: str | None = None
 
 
 class UpgradeReply(_Msg, tag="upgrade.reply"):
     id: str
     accept: bool
+    conversation: str | None = None
 
 
 class Hangup(_Msg, tag="hangup"):
-    pass
+    #: Which conversation (optional while the connection is in exactly one).
+    conversation: str | None = None
 
 
 ClientMessage = (
@@ -129,14 +142,18 @@ class ChatMessage(msgspec.Struct, frozen=True):
     text: str
     ts: int
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
+    def as_dict(self, conversation: str | None = None) -> dict[str, Any]:
+        """The ``chat`` message (naming its conversation when given)."""
+        message: dict[str, Any] = {
             "type": "chat",
             "id": self.id,
             "from": self.sender.as_dict(),
             "text": self.text,
             "ts": self.ts,
         }
+        if conversation is not None:
+            message["conversation"] = conversation
+        return message
 
 
 class QueueEntry(msgspec.Struct, frozen=True):
@@ -167,18 +184,23 @@ def joined(
     *,
     ice_servers: list[dict[str, Any]],
     media: list[dict[str, Any]],
+    capacity: int | None = None,
 ) -> dict[str, Any]:
-    return {
+    """``capacity``: for agents, how many conversations the connection may hold."""
+    message: dict[str, Any] = {
         "type": "joined",
         "conversation": conversation,
         "identity": me.identity,
         "role": me.role,
         "name": me.name,
         "participants": [p.as_dict() for p in participants],
-        "history": [m.as_dict() for m in history],
+        "history": [m.as_dict(conversation) for m in history],
         "ice_servers": ice_servers,
         "media": media,
     }
+    if capacity is not None:
+        message["capacity"] = capacity
+    return message
 
 
 def participant_event(kind: str, conversation: str, who: Participant) -> dict[str, Any]:

@@ -16,6 +16,9 @@ from .messages import CLIENT_TYPES
 #: Event-loop lag is sampled with a timer this often (~100 cheap wake-ups a second).
 LAG_INTERVAL = 0.01
 LAG_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0)
+#: Who owns a task whose failure is counted (``talkgate_task_failures_total{owner}``):
+#: kinds of owner, not instances, so the series stay few.
+TASK_OWNERS = ("broker", "session", "bot")
 AUDIO_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1)
 
 
@@ -138,6 +141,41 @@ class Metrics:
         self.slow_consumers = Counter(
             "talkgate_slow_consumer_disconnects", "Clients dropped for not reading their messages.", registry=r
         )
+        self.bot_rate_limited = Counter(
+            "talkgate_bot_rate_limited",
+            "Bot messages refused (an error to the bot) for exceeding --bot-rate/--bot-burst.",
+            registry=r,
+        )
+        self.events = Counter("talkgate_events", "Domain events (docs/architecture.md), by type.", ["type"], registry=r)
+        self._events_by_type: dict[type, Counter] = {}
+        # Failures that were survived: logged by their owner (media.tasks), counted here.
+        self.task_failures = Counter(
+            "talkgate_task_failures",
+            "Tasks that ended with an exception (logged with their traceback), by kind of owner.",
+            ["owner"],
+            registry=r,
+        )
+        self.task_failures_by_owner = {o: self.task_failures.labels(o) for o in TASK_OWNERS}
+        self.relay_source_failures = Counter(
+            "talkgate_relay_source_failures",
+            "Relayed tracks whose recv() raised (the relay ended as if the track had).",
+            registry=r,
+        )
+        self.relay_subscriber_failures = Counter(
+            "talkgate_relay_subscriber_failures",
+            "Frames a relay subscriber failed to take (it missed that frame; the others did not).",
+            registry=r,
+        )
+        self.playback_step_failures = Counter(
+            "talkgate_playback_step_failures",
+            "20 ms bot playback steps that raised (that slot was skipped; playback went on).",
+            registry=r,
+        )
+        self.bot_dropped_marks = Counter(
+            "talkgate_bot_dropped_marks",
+            "Bot marks dropped (never reported) because too many were pending.",
+            registry=r,
+        )
         # Create every labelled child up front: series exist from the first scrape,
         # and the hot path looks them up in a dict instead of via .labels().
         self.in_by_type = {t: self.messages_in.labels(t) for t in CLIENT_TYPES}
@@ -150,6 +188,13 @@ class Metrics:
         if child is None:
             child = self._out_by_type[mtype] = self.messages_out.labels(mtype)
         child.inc(count)
+
+    def event(self, event: object) -> None:
+        """An event consumer: counts every domain event by its type."""
+        child = self._events_by_type.get(type(event))
+        if child is None:
+            child = self._events_by_type[type(event)] = self.events.labels(type(event).__name__)
+        child.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

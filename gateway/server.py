@@ -15,6 +15,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
 from media import audiolevel, ice, inbound
+from media.tasks import cancel_and_wait
 
 from . import __version__, messages
 from .bot import BotHandler, echo, serve_bot
@@ -30,6 +31,8 @@ log = logging.getLogger("talkgate.server")
 #: What a shutdown tells clients to wait before reconnecting: long enough for a
 #: restarted process to listen again, short enough that nobody notices much.
 RETRY_AFTER_MS = 2000
+#: How long stopping the bots may take at shutdown (they are stopped concurrently).
+BOT_STOP_SECONDS = 1.0
 #: How often a drain checks whether the last conversation has ended.
 DRAIN_POLL_SECONDS = 0.1
 
@@ -90,9 +93,12 @@ class GatewayServer:
     def ws_url(self) -> str:
         return "ws" + self.url.removeprefix("http") + WS_PATH
 
-    def admit(self, request: Request) -> Response | None:
+    def admit(self, connection: ServerConnection, request: Request) -> Response | None:
         """Before a websocket handshake: refuse other sites' pages (403) and connections
-        over ``max_connections`` (503 with Retry-After); None lets it through."""
+        over ``max_connections`` (503 with Retry-After); None lets it through.
+
+        Checking and counting are one step: an admitted connection counts from here until
+        its TCP connection is lost, whether or not its handshake then completes."""
         origin = request.headers.get("Origin")
         if origin is not None and not origin_allowed(origin, request.headers.get("Host"), self.config.allowed_origins):
             self.metrics.refused_connections.labels("origin").inc()
@@ -106,7 +112,12 @@ class GatewayServer:
                 "text/plain; charset=utf-8",
                 [("Retry-After", str(RETRY_AFTER_MS // 1000))],
             )
+        self.connections += 1
+        connection.connection_lost_waiter.add_done_callback(self._release)
         return None
+
+    def _release(self, _: object) -> None:
+        self.connections -= 1
 
     async def drain(self, seconds: float) -> bool:
         """Graceful shutdown, before ``close``: stop accepting connections, tell every
@@ -120,7 +131,9 @@ class GatewayServer:
         notice = messages.encode(messages.shutdown(RETRY_AFTER_MS))
         for peer in list(self.broker.sessions):
             peer.deliver(notice, "shutdown")
-        await self.broker.bots.close()
+        # Every bot is stopped at once, within the drain's time (a bot that does not say
+        # goodbye costs at most BOT_STOP_SECONDS, however many there are).
+        await self.broker.bots.close(min(BOT_STOP_SECONDS, seconds))
         remaining = self.broker.local_conversations
         log.info("draining: %d conversations, up to %g s", remaining, seconds)
         deadline = started + seconds
@@ -135,14 +148,14 @@ class GatewayServer:
         return not remaining
 
     async def close(self) -> None:
-        """Stop accepting, close every connection (1001 going away), wait for their handlers."""
-        await self.broker.bots.close()
-        if self._lag_task is not None:
-            self._lag_task.cancel()
-            await asyncio.gather(self._lag_task, return_exceptions=True)
+        """Stop accepting, close every connection (1001 going away), wait for their handlers,
+        then for the tasks the broker still owns."""
+        await self.broker.bots.close(BOT_STOP_SECONDS)
+        await cancel_and_wait([self._lag_task], log, "loop lag")
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        await self.broker.close(BOT_STOP_SECONDS)
 
     async def __aenter__(self) -> GatewayServer:
         await self.start()
@@ -154,11 +167,7 @@ class GatewayServer:
         await self.close()
 
     async def _handle(self, ws: ServerConnection) -> None:
-        self.connections += 1
-        try:
-            await Session(ws, self.broker, self.config, self.metrics).run()
-        finally:
-            self.connections -= 1
+        await Session(ws, self.broker, self.config, self.metrics).run()
 
     async def health(self) -> dict[str, object]:
         return {
@@ -167,6 +176,8 @@ class GatewayServer:
             "sessions": len(self.broker.sessions),
             "peer_connections": len(self.broker.router),
             "version": __version__,
+            # The pages show the dev-mode join form only where it works.
+            "dev": self.config.dev,
         }
 
     async def render_metrics(self) -> bytes:
@@ -179,6 +190,11 @@ def configure_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # websockets logs its own "server listening" line; ours, with the URL, must come first.
     logging.getLogger("websockets").setLevel(logging.WARNING)
+    # WebRTC libraries log routine work at INFO (aioice: every ICE check of every call,
+    # which drowned the demo's output): warnings only, unless DEBUG was asked for.
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        for name in ("aioice", "aiortc"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 async def serve_until_signalled(config: Config, *, demo_bot: str | None = None) -> None:
@@ -189,7 +205,7 @@ async def serve_until_signalled(config: Config, *, demo_bot: str | None = None) 
         loop.add_signal_handler(sig, stop.set)
     async with contextlib.AsyncExitStack() as stack:
         if demo_bot is not None:
-            handler, name = demo_bot_handler(demo_bot)
+            handler, name = await demo_bot_handler(demo_bot)
             bot_server = await stack.enter_async_context(serve_bot(handler, "127.0.0.1", 0))
             port = bot_server.sockets[0].getsockname()[1]
             config = dataclasses.replace(config, bot_url=f"ws://127.0.0.1:{port}/", bot_name=name)
@@ -209,13 +225,14 @@ async def serve_until_signalled(config: Config, *, demo_bot: str | None = None) 
         drain = asyncio.create_task(server.drain(config.drain_seconds), name="talkgate-drain")
         second = asyncio.create_task(stop.wait(), name="talkgate-second-signal")
         await asyncio.wait({drain, second}, return_when=asyncio.FIRST_COMPLETED)
-        for task in (drain, second):
-            task.cancel()
-        await asyncio.gather(drain, second, return_exceptions=True)
+        await cancel_and_wait([drain, second], log, "shutdown")
 
 
-def demo_bot_handler(kind: str) -> tuple[BotHandler, str]:
-    """The booking assistant (when its recogniser is installed) or the echo bot."""
+async def demo_bot_handler(kind: str) -> tuple[BotHandler, str]:
+    """The booking assistant (when its recogniser is installed) or the echo bot, ready: the
+    assistant's model is loaded here, before the gateway listens (loaded on the first call,
+    it stalled this event loop, the gateway's too, past the gateway's dial timeout: "bot
+    unreachable")."""
     if kind == "assistant":
         try:
             import pocketsphinx  # noqa: F401
@@ -224,7 +241,9 @@ def demo_bot_handler(kind: str) -> tuple[BotHandler, str]:
         else:
             from .bot import assistant
 
-            return assistant.handle, "Booking assistant"
+            recognizers = assistant.Recognizers()
+            await asyncio.to_thread(recognizers.preload)
+            return assistant.handler(recognizers), "Booking assistant"
     return echo.handle, "Echo bot"
 
 

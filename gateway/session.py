@@ -20,14 +20,17 @@ from typing import Any
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
+from media.tasks import cancel_and_wait
+
 from . import messages
-from .broker import CLOSE_FORBIDDEN, CLOSE_JOIN_TIMEOUT, CLOSE_TRY_LATER, CLOSE_UNAUTHORIZED, Broker
+from .access import CLOSE_JOIN_TIMEOUT, CLOSE_TRY_LATER, refused_join_close
+from .broker import Broker
 from .config import Config
-from .errors import Forbidden, InternalError, ProtocolError, Unauthorized, Unavailable
+from .delivery import Membership
+from .errors import InternalError, ProtocolError, Unauthorized
 from .messages import Participant
 from .metrics import Metrics
 from .protocol import SignalingProtocol, State
-from .rtc import MediaPeer
 
 logger = logging.getLogger("talkgate.session")
 
@@ -39,7 +42,8 @@ class SessionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
         session = self.extra["session"]  # type: ignore[index]
         assert isinstance(session, Session)
         who = session.participant.identity if session.participant else "-"
-        return f"[{session.conversation or '-'} {who} {session.remote}] {msg}", kwargs
+        where = ",".join(session.memberships) or "-"
+        return f"[{where} {who} {session.remote}] {msg}", kwargs
 
 
 class Session:
@@ -58,10 +62,8 @@ class Session:
         )
         #: Set by the broker on join; None before, and after a customer leaves.
         self.participant: Participant | None = None
-        #: The conversation this connection is in (agents: None while in the lobby).
-        self.conversation: str | None = None
-        #: This participant's peer connection with the gateway, from its first offer.
-        self.media: MediaPeer | None = None
+        #: The conversations this connection is in (agents: none while in the lobby).
+        self.memberships: dict[str, Membership] = {}
         #: Encoded messages waiting for the writer task; bounded by config.outbox_limit.
         self._outbox: collections.deque[bytes] = collections.deque()
         self._wake = asyncio.Event()
@@ -110,8 +112,9 @@ class Session:
             try:
                 await self.broker.disconnect(self)
             finally:
-                writer.cancel()
-                await asyncio.gather(writer, return_exceptions=True)
+                await cancel_and_wait(
+                    [writer], logger, f"writer {self.remote}", failures=self.metrics.task_failures_by_owner["session"]
+                )
                 self.metrics.connections.dec()
 
     async def _read_loop(self) -> None:
@@ -136,9 +139,9 @@ class Session:
                 await self.broker.handle(self, event)
             except ProtocolError as exc:
                 self.send_error(exc, mtype)
-                if isinstance(event, messages.Join) and isinstance(exc, Unauthorized | Forbidden | Unavailable):
+                code = refused_join_close(exc) if isinstance(event, messages.Join) else None
+                if code is not None:
                     self.log.info("join refused: %s", exc.message)
-                    code = next(code for kind, code in _REFUSED_JOIN_CLOSE.items() if isinstance(exc, kind))
                     self.close(code, "join refused")
             except Exception:
                 self.log.exception("failed to handle a %s message", mtype)
@@ -173,14 +176,6 @@ class Session:
         if self.protocol.state is State.AWAITING_JOIN:
             self.send_error(Unauthorized(f"no join within {self.config.join_timeout:g} s"))
             self.close(CLOSE_JOIN_TIMEOUT, "join timeout")
-
-
-#: How a refused join's connection is closed: 1013 (try again later) when the gateway is full.
-_REFUSED_JOIN_CLOSE: dict[type[ProtocolError], int] = {
-    Unauthorized: CLOSE_UNAUTHORIZED,
-    Forbidden: CLOSE_FORBIDDEN,
-    Unavailable: CLOSE_TRY_LATER,
-}
 
 
 def _remote(ws: ServerConnection) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import collections
+import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,24 +19,97 @@ from dataclasses import dataclass
 from .messages import ChatMessage, Participant, QueueEntry, Role
 
 
+class Admission(enum.Enum):
+    """How a join or an accept went (the store decides atomically; the rules say why)."""
+
+    #: The participant is in the conversation now.
+    ADMITTED = "admitted"
+    #: Opening it would pass ``max_conversations``.
+    GATEWAY_FULL = "gateway_full"
+    #: It already has ``max_participants`` (rejoining is always fine).
+    CONVERSATION_FULL = "conversation_full"
+    #: accept: the conversation is not waiting in the queue.
+    NOT_WAITING = "not_waiting"
+    #: accept: another agent is already in it.
+    TAKEN = "taken"
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_conversations: int
+    max_participants: int
+
+
+@dataclass(frozen=True, slots=True)
+class JoinResult:
+    admission: Admission
+    #: The participant was not in the conversation before (False: a rejoin or a refusal).
+    added: bool = False
+    #: The conversation did not exist before this join.
+    opened: bool = False
+    #: The queue entry this join removed (``take_queue``, or an accept).
+    taken: QueueEntry | None = None
+
+
+class Enqueued(enum.Enum):
+    QUEUED = "queued"
+    ALREADY_WAITING = "already_waiting"
+    AGENT_PRESENT = "agent_present"
+    #: No such conversation, or no customer in it.
+    NO_CUSTOMER = "no_customer"
+
+
+@dataclass(frozen=True, slots=True)
+class EnqueueResult:
+    outcome: Enqueued
+    entry: QueueEntry | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class LeaveResult:
-    #: The participant was in the conversation (and is no longer).
-    left: bool
+    #: The participant who left (None: was not in the conversation).
+    participant: Participant | None
     #: That was the last participant: the conversation is gone (its history is kept for
     #: the store's retention time, for someone who reconnects).
-    conversation_removed: bool
+    conversation_removed: bool = False
     #: The conversation's queue entry was removed (no customer remains).
-    queue_changed: bool
+    queue_changed: bool = False
+    #: Customers still in the conversation after this leave.
+    customers_left: int = 0
+
+    @property
+    def left(self) -> bool:
+        return self.participant is not None
 
 
 class Store(abc.ABC):
-    @abc.abstractmethod
-    async def add_participant(self, conversation: str, participant: Participant) -> list[Participant]:
-        """Create the conversation if needed, add or update the participant, return everyone."""
+    """Live conversation state. Every method is one atomic step: each rule that reads and
+    then writes (join within limits, escalate, accept, bot claim) is one method, so a
+    shared store (Redis) implements it with one script and no other process can interleave."""
 
     @abc.abstractmethod
-    async def remove_participant(self, conversation: str, identity: str) -> LeaveResult:
+    async def join(
+        self, conversation: str, participant: Participant, limits: Limits, *, take_queue: bool = False
+    ) -> JoinResult:
+        """Add (or update) the participant within ``limits``, creating the conversation if
+        needed; ``take_queue`` also removes its queue entry (an agent entering by room)."""
+
+    @abc.abstractmethod
+    async def accept(self, conversation: str, agent: Participant, limits: Limits) -> JoinResult:
+        """An agent takes a waiting conversation: remove its queue entry and add the agent,
+        or say why not (one taker wins)."""
+
+    @abc.abstractmethod
+    async def claim_bot(self, conversation: str, bot: Participant) -> bool:
+        """Add the bot if the conversation exists with a customer and no agent and no bot."""
+
+    @abc.abstractmethod
+    async def escalate(self, conversation: str, reason: str, since: int, customer: str | None = None) -> EnqueueResult:
+        """Queue the conversation for agents unless an agent is in it or it already waits.
+        The entry names ``customer`` (an identity), or the first customer when None."""
+
+    @abc.abstractmethod
+    async def leave(self, conversation: str, identity: str) -> LeaveResult:
         """Remove one participant; drop the conversation when empty (keeping its history for the
         retention time), its queue entry when customer-less."""
 
@@ -44,21 +118,14 @@ class Store(abc.ABC):
         """Everyone in the conversation, or None if it does not exist."""
 
     @abc.abstractmethod
-    async def append_chat(self, conversation: str, message: ChatMessage) -> None:
-        """Add to the conversation's history, keeping the most recent ``history_limit``."""
+    async def append_chat(self, conversation: str, message: ChatMessage) -> bool:
+        """Add to a live conversation's history, keeping the most recent ``history_limit``;
+        False if the conversation does not exist."""
 
     @abc.abstractmethod
     async def history(self, conversation: str) -> list[ChatMessage]:
         """The retained chat messages, oldest first (also of a conversation that emptied
         less than the retention time ago)."""
-
-    @abc.abstractmethod
-    async def enqueue(self, entry: QueueEntry) -> bool:
-        """Put the conversation in the agent queue; False if it is already waiting."""
-
-    @abc.abstractmethod
-    async def take(self, conversation: str) -> QueueEntry | None:
-        """Atomically remove and return the conversation's queue entry (one taker wins)."""
 
     @abc.abstractmethod
     async def waiting(self) -> list[QueueEntry]:
@@ -96,17 +163,62 @@ class InMemoryStore(Store):
         #: conversation id -> entry; dicts keep insertion order, so this is FIFO.
         self._queue: dict[str, QueueEntry] = {}
 
-    async def add_participant(self, conversation: str, participant: Participant) -> list[Participant]:
-        self._forget_expired()
-        self._expiry.pop(conversation, None)  # live again: its history stays with it
-        members = self._participants.setdefault(conversation, {})
-        members[participant.identity] = participant
-        return list(members.values())
-
-    async def remove_participant(self, conversation: str, identity: str) -> LeaveResult:
+    async def join(
+        self, conversation: str, participant: Participant, limits: Limits, *, take_queue: bool = False
+    ) -> JoinResult:
         members = self._participants.get(conversation)
-        if members is None or members.pop(identity, None) is None:
-            return LeaveResult(left=False, conversation_removed=False, queue_changed=False)
+        if members is None:
+            if len(self._participants) >= limits.max_conversations:
+                return JoinResult(Admission.GATEWAY_FULL)
+        elif participant.identity not in members and len(members) >= limits.max_participants:
+            return JoinResult(Admission.CONVERSATION_FULL)
+        taken = self._queue.pop(conversation, None) if take_queue else None
+        added = self._add(conversation, participant)
+        return JoinResult(Admission.ADMITTED, added=added, opened=members is None, taken=taken)
+
+    async def accept(self, conversation: str, agent: Participant, limits: Limits) -> JoinResult:
+        members = self._participants.get(conversation, {})
+        if conversation not in self._queue:
+            if any(p.role == Role.AGENT for p in members.values()):
+                return JoinResult(Admission.TAKEN)
+            return JoinResult(Admission.NOT_WAITING)
+        if agent.identity not in members and len(members) >= limits.max_participants:
+            return JoinResult(Admission.CONVERSATION_FULL)
+        taken = self._queue.pop(conversation)
+        added = self._add(conversation, agent)
+        return JoinResult(Admission.ADMITTED, added=added, taken=taken)
+
+    async def claim_bot(self, conversation: str, bot: Participant) -> bool:
+        members = self._participants.get(conversation)
+        if members is None or bot.identity in members:
+            return False
+        roles = {p.role for p in members.values()}
+        if Role.CUSTOMER not in roles or Role.AGENT in roles or Role.BOT in roles:
+            return False
+        self._add(conversation, bot)
+        return True
+
+    async def escalate(self, conversation: str, reason: str, since: int, customer: str | None = None) -> EnqueueResult:
+        members = self._participants.get(conversation, {})
+        if any(p.role == Role.AGENT for p in members.values()):
+            return EnqueueResult(Enqueued.AGENT_PRESENT)
+        waiting = self._queue.get(conversation)
+        if waiting is not None:
+            return EnqueueResult(Enqueued.ALREADY_WAITING, waiting)
+        who = next(
+            (p for p in members.values() if p.role == Role.CUSTOMER and (customer is None or p.identity == customer)),
+            None,
+        )
+        if who is None:
+            return EnqueueResult(Enqueued.NO_CUSTOMER)
+        entry = self._queue[conversation] = QueueEntry(conversation, who, since, reason)
+        return EnqueueResult(Enqueued.QUEUED, entry)
+
+    async def leave(self, conversation: str, identity: str) -> LeaveResult:
+        members = self._participants.get(conversation)
+        gone = None if members is None else members.pop(identity, None)
+        if members is None or gone is None:
+            return LeaveResult(None)
         removed = not members
         if removed:
             del self._participants[conversation]
@@ -117,42 +229,43 @@ class InMemoryStore(Store):
             else:
                 self._history.pop(conversation, None)
             self._forget_expired()
+        customers = sum(p.role == Role.CUSTOMER for p in members.values())
         queue_changed = False
-        if conversation in self._queue and not any(p.role == Role.CUSTOMER for p in members.values()):
+        if conversation in self._queue and not customers:
             del self._queue[conversation]
             queue_changed = True
-        return LeaveResult(left=True, conversation_removed=removed, queue_changed=queue_changed)
+        return LeaveResult(gone, conversation_removed=removed, queue_changed=queue_changed, customers_left=customers)
 
     async def participants(self, conversation: str) -> list[Participant] | None:
         members = self._participants.get(conversation)
         return None if members is None else list(members.values())
 
-    async def append_chat(self, conversation: str, message: ChatMessage) -> None:
+    async def append_chat(self, conversation: str, message: ChatMessage) -> bool:
         if conversation not in self._participants:
-            return
+            return False
         history = self._history.get(conversation)
         if history is None:
             history = self._history[conversation] = collections.deque(maxlen=self.history_limit)
         history.append(message)
+        return True
 
     async def history(self, conversation: str) -> list[ChatMessage]:
         self._forget_expired()
         return list(self._history.get(conversation, ()))
-
-    async def enqueue(self, entry: QueueEntry) -> bool:
-        if entry.conversation in self._queue or entry.conversation not in self._participants:
-            return False
-        self._queue[entry.conversation] = entry
-        return True
-
-    async def take(self, conversation: str) -> QueueEntry | None:
-        return self._queue.pop(conversation, None)
 
     async def waiting(self) -> list[QueueEntry]:
         return list(self._queue.values())
 
     async def conversation_count(self) -> int:
         return len(self._participants)
+
+    def _add(self, conversation: str, participant: Participant) -> bool:
+        self._forget_expired()
+        self._expiry.pop(conversation, None)  # live again: its history stays with it
+        members = self._participants.setdefault(conversation, {})
+        added = participant.identity not in members
+        members[participant.identity] = participant
+        return added
 
     def _forget_expired(self) -> None:
         now = self._clock()

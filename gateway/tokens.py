@@ -21,6 +21,9 @@ ALGORITHM = "HS256"
 #: Clock skew tolerated between the token issuer and this gateway.
 LEEWAY_SECONDS = 5
 MAX_FIELD_CHARS = 128
+#: Identities the gateway uses itself (the speech bot, gateway notices): never granted,
+#: so a token cannot make its holder the bot or the gateway.
+RESERVED_IDENTITIES = frozenset({"bot", "system"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +53,8 @@ def issue(
         raise ValueError("a customer token needs a room")
     if ttl <= 0:
         raise ValueError("ttl must be positive")
+    if identity in RESERVED_IDENTITIES:
+        raise ValueError(f"the identity {identity!r} is reserved for the gateway")
     issued = int(time.time() if now is None else now)
     claims: dict[str, object] = {
         "sub": identity,
@@ -73,18 +78,18 @@ def verify(secret: str, token: str) -> Grant:
             options={"require": ["exp", "sub", "role"]},
             leeway=LEEWAY_SECONDS,
         )
-    except jwt.ExpiredSignatureError:
-        raise Unauthorized("token expired") from None
-    except jwt.ImmatureSignatureError:
-        raise Unauthorized("token not yet valid") from None
+    except jwt.ExpiredSignatureError as exc:
+        raise Unauthorized("token expired") from exc
+    except jwt.ImmatureSignatureError as exc:
+        raise Unauthorized("token not yet valid") from exc
     except jwt.MissingRequiredClaimError as exc:
-        raise Unauthorized(f"token is missing the {exc.claim!r} claim") from None
-    except jwt.InvalidSignatureError:
-        raise Unauthorized("token signature is invalid") from None
-    except jwt.InvalidAlgorithmError:
-        raise Unauthorized(f"token must be signed with {ALGORITHM}") from None
-    except jwt.InvalidTokenError:
-        raise Unauthorized("token is malformed") from None
+        raise Unauthorized(f"token is missing the {exc.claim!r} claim") from exc
+    except jwt.InvalidSignatureError as exc:
+        raise Unauthorized("token signature is invalid") from exc
+    except jwt.InvalidAlgorithmError as exc:
+        raise Unauthorized(f"token must be signed with {ALGORITHM}") from exc
+    except jwt.InvalidTokenError as exc:
+        raise Unauthorized("token is malformed") from exc
     identity, role, room, name = (
         claims.get("sub"),
         claims.get("role"),
@@ -93,6 +98,8 @@ def verify(secret: str, token: str) -> Grant:
     )
     if not isinstance(identity, str) or not 0 < len(identity) <= MAX_FIELD_CHARS:
         raise Unauthorized("token 'sub' must be a non-empty string")
+    if identity in RESERVED_IDENTITIES:
+        raise Unauthorized(f"token 'sub' {identity!r} is reserved for the gateway")
     if role not in (Role.CUSTOMER, Role.AGENT):
         raise Unauthorized("token 'role' must be customer or agent")
     if room is not None and (not isinstance(room, str) or not 0 < len(room) <= MAX_FIELD_CHARS):

@@ -149,6 +149,10 @@ def parse_rtp(data: bytes) -> RtpView | None:
 
 
 Handler = Callable[["RtpPacket | RtpView", float], None]
+#: SSRCs one transport routes past aiortc, at most: a peer sends a few audio streams,
+#: a hostile one could send a new SSRC per packet. The oldest route goes first (its
+#: packets take aiortc's path again, which re-adds it if it is still in use).
+MAX_ROUTES = 16
 
 
 class FastRtp:
@@ -169,6 +173,12 @@ class FastRtp:
             fast = cls(dtls)
             dtls._talkgate_fast_rtp = fast  # type: ignore[attr-defined]
         return fast
+
+    def add_route(self, ssrc: int, handler: Handler) -> None:
+        routes = self.routes
+        if ssrc not in routes and len(routes) >= MAX_ROUTES:
+            del routes[next(iter(routes))]
+        routes[ssrc] = handler
 
     def data_received(self, data: bytes, component: int) -> None:
         if 127 < data[0] < 192 and len(data) >= 12 and not is_rtcp(data):
@@ -214,7 +224,7 @@ class InboundAudio:
         if codec is None or codec.mimeType.lower() != "audio/opus":
             await self._aiortc_handler(packet, arrival_time_ms)
             return
-        FastRtp.of(self.receiver.transport).routes[packet.ssrc] = self.handle
+        FastRtp.of(self.receiver.transport).add_route(packet.ssrc, self.handle)
         self.handle(packet, time.perf_counter())
 
     def handle(self, packet: RtpPacket | RtpView, arrived: float) -> None:

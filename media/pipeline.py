@@ -4,7 +4,8 @@
 queueing frames it converts and segments each one at once, in the relay's reader
 task: no extra task, queue or copy per frame. Events go to
 
-- listeners: plain callables run synchronously (cheap things: a ``speaking`` flag);
+- listeners: plain callables run synchronously (cheap things: a ``speaking`` flag); one
+  that raises is counted and logged (rate-limited) and the others still get the event;
 - ``events()``: a bounded async stream for a consumer with I/O of its own (the bot
   connector). If that consumer falls behind by ``max_events``, the oldest *audio
   frames* are dropped and counted; starts and stops are never dropped.
@@ -16,17 +17,21 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Protocol
 
 from .convert import FrameConverter
+from .tasks import FailureLog, Tally
 from .vad import Event, Segmenter, SpeechFrame, VadSettings
 
 if TYPE_CHECKING:
     from .relay import MediaFrame, Relay
 
 Listener = Callable[[Event], None]
+
+log = logging.getLogger("talkgate.media.pipeline")
 
 
 class Timer(Protocol):
@@ -36,7 +41,9 @@ class Timer(Protocol):
 
 
 class VoicePipeline:
-    def __init__(self, settings: VadSettings | None = None, *, max_events: int = 1000) -> None:
+    def __init__(
+        self, settings: VadSettings | None = None, *, max_events: int = 1000, listener_failures: Tally | None = None
+    ) -> None:
         self.settings = settings or VadSettings()
         self.converter = FrameConverter(frame_ms=self.settings.frame_ms, sample_rate=self.settings.sample_rate)
         self.segmenter = Segmenter(self.settings)
@@ -57,6 +64,8 @@ class VoicePipeline:
         self.newest_t = -1
         #: Observes RTP arrival → frame out of the pipeline, per input (the gateway's metrics).
         self.timer: Timer | None = None
+        #: Listener calls that raised (that listener missed that event; the others did not).
+        self.listener_failures = FailureLog("voice pipeline listener", logger=log, failures=listener_failures)
 
     @property
     def speaking(self) -> bool:
@@ -103,7 +112,10 @@ class VoicePipeline:
 
     def _dispatch(self, event: Event) -> None:
         for listener in self.listeners:
-            listener(event)
+            try:
+                listener(event)
+            except Exception as exc:
+                self.listener_failures.failure(exc, getattr(listener, "__qualname__", type(listener).__name__))
         if not self._consuming or self._closed:
             return
         if len(self._events) >= self._max_events:

@@ -22,6 +22,11 @@ the next 20 ms slot.
 - ``clear()`` drops everything queued; the next packet is already silence (barge-in
   within one frame), and pending marks resolve False.
 - The buffer is bounded (``max_seconds``); ``enqueue`` returns how much it accepted.
+- Pending marks are bounded too (``max_marks``, the bot decides how many it sends):
+  one more drops the oldest, whose future resolves False as if cleared, and
+  ``on_mark_dropped`` is told its name.
+- A step that raises (encoding, a ``deliver`` that fails) costs that one 20 ms slot:
+  it is counted and logged (rate-limited) and the track keeps playing.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import asyncio
 import collections
 import contextlib
 import fractions
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -40,6 +46,9 @@ import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from . import opus
+from .tasks import FailureLog, Tally
+
+log = logging.getLogger("talkgate.media.playback")
 
 #: Opus's RTP clock: packet timestamps count 48 kHz samples whatever the audio's rate.
 RATE = 48_000
@@ -53,15 +62,38 @@ DTX_HANGOVER = 10
 IDLE_SECONDS = 0.4
 #: Samples this small (-66 dBFS) count as silence.
 SILENCE_PEAK = 16
+#: Marks waiting for their audio to play, at most (a bot could send millions: 100 000
+#: pending marks held 79 MB). 1000 is a mark every 60 ms through a full 60 s buffer.
+MAX_MARKS = 1000
+#: A step that keeps failing is logged at most this often (it would fail every 20 ms).
+FAILURE_LOG_SECONDS = 10.0
 
 
 class PlaybackTrack(MediaStreamTrack):
     kind = "audio"
 
-    def __init__(self, max_seconds: float = 60.0, *, rate: int = 16_000, complexity: int = 5) -> None:
+    def __init__(
+        self,
+        max_seconds: float = 60.0,
+        *,
+        rate: int = 16_000,
+        complexity: int = 5,
+        max_marks: int = MAX_MARKS,
+        on_mark_dropped: Callable[[str], None] | None = None,
+        step_failures: Tally | None = None,
+    ) -> None:
         super().__init__()
         self.max_seconds = max_seconds
         self.complexity = complexity
+        #: Pending marks at most; ``on_mark_dropped(name)`` hears of each oldest one dropped.
+        self.max_marks = max_marks
+        self._on_mark_dropped = on_mark_dropped
+        #: Marks dropped because ``max_marks`` were pending.
+        self.marks_dropped = 0
+        #: Steps that raised (each cost one 20 ms slot); ``step_failures`` counts them too.
+        self.step_failures = FailureLog(
+            "playback step", logger=log, failures=step_failures, interval=FAILURE_LOG_SECONDS
+        )
         self._setup(rate)
         self._queued = asyncio.Event()
         #: Packets sent.
@@ -140,12 +172,25 @@ class PlaybackTrack(MediaStreamTrack):
         return accepted_in
 
     def mark(self, name: str) -> asyncio.Future[bool]:
+        """A future that resolves True once the audio queued so far has played (at once if
+        none is), False if it is cleared first or dropped as the oldest of ``max_marks``."""
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         if not self.playing:
             future.set_result(True)
-        else:
-            self._marks.append((self._written, name, future))
+            return future
+        if len(self._marks) >= self.max_marks:
+            _, dropped, oldest = self._marks.popleft()
+            self.marks_dropped += 1
+            if not oldest.done():
+                oldest.set_result(False)
+            if self._on_mark_dropped is not None:
+                self._on_mark_dropped(dropped)
+        self._marks.append((self._written, name, future))
         return future
+
+    @property
+    def pending_marks(self) -> int:
+        return len(self._marks)
 
     def clear(self) -> list[str]:
         """Drop all queued audio; returns the names of the marks that will not be reached."""
@@ -190,7 +235,7 @@ class PlaybackTrack(MediaStreamTrack):
                 continue
             if due > now:
                 await asyncio.sleep(due - now)
-            packet = self._step()
+            packet = self._safe_step()
             if packet is not None:
                 return packet
 
@@ -240,6 +285,16 @@ class PlaybackTrack(MediaStreamTrack):
         self.packets += 1
         return packet
 
+    def _safe_step(self) -> av.Packet[Any] | None:
+        """``_step``, surviving a failure: counted, logged (rate-limited), that slot skipped."""
+        slot = self._slot
+        try:
+            return self._step()
+        except Exception as exc:
+            self.step_failures.failure(exc)
+            self._slot = max(self._slot, slot + 1)  # never retry the same slot: no busy loop
+            return None
+
     def _schedule(self) -> None:
         now = time.monotonic()
         due, self._idle = self._next_due(now)
@@ -249,11 +304,20 @@ class PlaybackTrack(MediaStreamTrack):
         self._timer = None
         if self.readyState != "live" or self._deliver is None:
             return
+        # A timer callback that raises ends the chain for good (the bot would go silent):
+        # whatever fails here costs one slot, and the next tick is always scheduled.
         if not self._idle:
-            packet = self._step()
+            packet = self._safe_step()
             if packet is not None:
-                self._deliver(packet)
-        self._schedule()
+                try:
+                    self._deliver(packet)
+                except Exception as exc:
+                    self.step_failures.failure(exc, "deliver")
+        try:
+            self._schedule()
+        except Exception as exc:
+            self.step_failures.failure(exc, "schedule")
+            self._timer = asyncio.get_running_loop().call_later(FRAME_SECONDS, self._tick)
 
     # -- internals ------------------------------------------------------------------------
 

@@ -13,6 +13,11 @@ Queues are bounded: a slow consumer loses its oldest frames, never memory, and
 never delays the reader or the other outputs. An audio output whose sender runs Opus
 has no queue at all: ``direct`` (``media.outbound.DirectAudio``) sends each packet
 as it is pushed.
+
+Failures stay local: a subscriber whose ``push`` raises is skipped for that frame
+(counted, logged at most once per ``FAILURE_LOG_SECONDS``) and the others still get
+it; a source whose ``recv`` raises anything ends the relay as ``MediaStreamError``
+does (``on_ended`` is called), with the exception logged and counted.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av.frame import Frame
 from av.packet import Packet
 
+from .tasks import FailureLog, Tally, TaskOwner, cancel_and_wait
+
 if TYPE_CHECKING:
     from .outbound import DirectAudio
 
@@ -40,6 +47,10 @@ QUEUE_FRAMES = {"audio": 10, "video": 1}
 #: standing backlog, which would add its length to the latency for the rest of the call.
 MAX_BACKLOG = {"audio": 3, "video": 1}
 CATCH_UP_TO = {"audio": 2, "video": 1}
+#: A subscriber that keeps failing is logged at most this often (it fails per frame).
+FAILURE_LOG_SECONDS = 10.0
+#: How long ``close()`` waits for the reader task after cancelling it.
+CLOSE_SECONDS = 2.0
 
 #: What a track's recv() yields: decoded frames, or encoded packets for pass-through.
 MediaFrame: TypeAlias = "Frame | Packet[Any]"
@@ -105,31 +116,78 @@ class OutputTrack(MediaStreamTrack):
 
 
 class Relay:
-    """Reads one source track and copies each frame to its subscribed outputs."""
+    """Reads one source track and copies each frame to its subscribed outputs.
 
-    def __init__(self, source: MediaStreamTrack, *, on_ended: Callable[[Relay], None] | None = None) -> None:
+    ``tasks``: the owner of the reader task (default: the relay owns it alone; either
+    way ``close()`` ends it). ``reader_failures`` / ``subscriber_failures`` count a
+    source that failed and a subscriber push that failed (the gateway's metrics).
+    """
+
+    class Source(Protocol):
+        """What a relay reads: an aiortc track, or anything with its ``kind``, ``id`` and ``recv()``."""
+
+        @property
+        def kind(self) -> str: ...
+
+        @property
+        def id(self) -> str: ...
+
+        async def recv(self) -> MediaFrame: ...
+
+    def __init__(
+        self,
+        source: Relay.Source,
+        *,
+        on_ended: Callable[[Relay], None] | None = None,
+        tasks: TaskOwner | None = None,
+        reader_failures: Tally | None = None,
+        subscriber_failures: Tally | None = None,
+    ) -> None:
         self.source = source
         self.kind: str = source.kind
         self.outputs: set[Subscriber] = set()
+        #: ``outputs`` as a tuple, rebuilt when it changes: deliver() iterates it with no
+        #: allocation per frame, and a subscriber may (un)subscribe during a delivery.
+        self._targets: tuple[Subscriber, ...] = ()
         self.frames = 0
         #: perf_counter() at which the frame now being delivered arrived (0.0: not known).
         self.arrived = 0.0
         self._on_ended = on_ended
-        self._task = asyncio.create_task(self._run(), name=f"talkgate-relay-{self.kind}-{source.id}")
+        self._reader_failures = reader_failures
+        #: Subscriber failures (push or clear raised): counted, logged rate-limited.
+        self.subscriber_failures = FailureLog(
+            f"relay {self.kind} {source.id}: a subscriber",
+            logger=log,
+            failures=subscriber_failures,
+            interval=FAILURE_LOG_SECONDS,
+        )
+        self._tasks = tasks
+        name = f"talkgate-relay-{self.kind}-{source.id}"
+        run = self._run()
+        self._task = tasks.spawn(run, name) if tasks is not None else asyncio.create_task(run, name=name)
+
+    @property
+    def finished(self) -> bool:
+        """Has the reader task ended (source ended, or stopped and the cancel done)?"""
+        return self._task.done()
 
     def subscribe(self, output: Subscriber) -> None:
         if output.relay is not None and output.relay is not self:
             output.relay.unsubscribe(output)
         output.relay = self
-        self.outputs.add(output)
+        if output not in self.outputs:
+            self.outputs.add(output)
+            self._targets = tuple(self.outputs)
 
     def unsubscribe(self, output: Subscriber, *, drop_queued: bool = True) -> None:
         """Detach an output; by default what it had queued from this source goes too."""
+        if output in self.outputs:
+            self.outputs.discard(output)
+            self._targets = tuple(self.outputs)
         if output.relay is self:
             output.relay = None
             if drop_queued:
-                output.clear()
-        self.outputs.discard(output)
+                self._clear(output)
 
     async def _run(self) -> None:
         try:
@@ -138,35 +196,61 @@ class Relay:
         except MediaStreamError:
             # The source ended by itself (the remote stopped sending or closed);
             # frames already relayed are still delivered.
-            for output in list(self.outputs):
-                self.unsubscribe(output, drop_queued=False)
-            if self._on_ended is not None:
-                self._on_ended(self)
+            pass
+        except Exception as exc:
+            # A source that fails ends like one that stops: outputs detached, owner told.
+            log.error("relay %s %s: the source failed: %r", self.kind, self.source.id, exc, exc_info=exc)
+            if self._reader_failures is not None:
+                self._reader_failures.inc()
+        self._ended()
+
+    def _ended(self) -> None:
+        for output in self._targets:
+            self.unsubscribe(output, drop_queued=False)
+        on_ended, self._on_ended = self._on_ended, None
+        if on_ended is not None:
+            try:
+                on_ended(self)
+            except Exception as exc:
+                log.error("relay %s %s: on_ended failed: %r", self.kind, self.source.id, exc, exc_info=exc)
 
     def deliver(self, frame: MediaFrame, arrived: float = 0.0) -> None:
         """Copy one frame to every output: what the reader does, and what a push source calls.
 
         A push source (``media.inbound.InboundAudio``) delivers packets as they arrive,
-        without a task hop; the reader task then only waits for the source to end.
+        without a task hop; the reader task then only waits for the source to end. A
+        subscriber that raises misses this frame; the others do not.
         """
         self.frames += 1
         self.arrived = arrived
-        for output in self.outputs:
-            output.push(frame)
+        for output in self._targets:
+            try:
+                output.push(frame)
+            except Exception as exc:
+                self.subscriber_failures.failure(exc, type(output).__name__)
+
+    def _clear(self, output: Subscriber) -> None:
+        try:
+            output.clear()
+        except Exception as exc:
+            self.subscriber_failures.failure(exc, f"{type(output).__name__}.clear")
 
     def flush(self) -> None:
         """Drop what every output has queued from this source (barge-in: stop *now*)."""
-        for output in self.outputs:
-            output.clear()
+        for output in self._targets:
+            self._clear(output)
 
     def stop(self) -> None:
         """Stop reading now; outputs are detached (they idle until attached elsewhere)."""
         self._on_ended = None
-        for output in list(self.outputs):
+        for output in self._targets:
             self.unsubscribe(output)
         self._task.cancel()
 
-    async def close(self) -> None:
-        """``stop()`` and wait for the reader task to end."""
+    async def close(self, timeout: float = CLOSE_SECONDS) -> None:  # noqa: ASYNC109
+        """``stop()`` and wait for the reader task to end (a failure is logged, not raised)."""
         self.stop()
-        await asyncio.gather(self._task, return_exceptions=True)
+        if self._tasks is not None:
+            await self._tasks.cancel(self._task, timeout)  # the owner logs a failure as it ends
+        else:
+            await cancel_and_wait([self._task], log, timeout=timeout)

@@ -181,11 +181,14 @@ class RtcClient:
         except MediaStreamError:
             return
 
-    async def negotiate(self) -> None:
+    async def negotiate(self, conversation: str | None = None) -> None:
         """Offer what the peer connection now has and apply the gateway's answer."""
         self._answer = asyncio.get_running_loop().create_future()
         await self.pc.setLocalDescription(await self.pc.createOffer())
-        await self.client.send({"type": "offer", "sdp": self.pc.localDescription.sdp})
+        offer: dict[str, Any] = {"type": "offer", "sdp": self.pc.localDescription.sdp}
+        if conversation is not None:
+            offer["conversation"] = conversation
+        await self.client.send(offer)
         self.offer_sent_at = time.perf_counter()
         sdp = await asyncio.wait_for(self._answer, TIMEOUT)
         self.answered_at = time.perf_counter()

@@ -23,6 +23,7 @@ import logging
 import re
 import shutil
 import subprocess
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,7 +101,7 @@ def intent_of(text: str) -> Intent:
 
 
 class Recognizer:
-    """pocketsphinx with the booking grammar; one per conversation (decoders are not shared)."""
+    """pocketsphinx with the booking grammar; one utterance at a time (see ``Recognizers``)."""
 
     def __init__(self) -> None:
         from pocketsphinx import Decoder  # the optional dependency: talkgate[assistant]
@@ -121,6 +122,34 @@ class Recognizer:
         return hypothesis.hypstr if hypothesis is not None else ""
 
 
+class Recognizers:
+    """Loaded recognisers, lent out one utterance at a time (a decoder keeps nothing between
+    utterances). Loading one takes ≈0.7 s of CPU (more from a cold disk), mostly holding the
+    GIL: in a conversation's opening it stalled the event loop (in ``talkgate demo``, the
+    gateway's own) and could time out the gateway's dial. So conversations share them, one
+    is loaded before serving (``preload``), and another only when all are busy, in a thread."""
+
+    def __init__(self) -> None:
+        self._idle: list[Recognizer] = []
+
+    def preload(self) -> None:
+        """Load one now (blocking; call it before serving, or in a thread)."""
+        if not self._idle:
+            self._idle.append(Recognizer())
+
+    async def recognize(self, pcm: bytes) -> str:
+        lent = self._idle.pop() if self._idle else None
+
+        def work() -> tuple[Recognizer, str]:
+            recognizer = lent if lent is not None else Recognizer()
+            return recognizer, recognizer.recognize(pcm)
+
+        # On cancellation the thread may still be using it: it is not returned then.
+        recognizer, text = await asyncio.to_thread(work)
+        self._idle.append(recognizer)
+        return text
+
+
 def synthesize(text: str) -> bytes | None:
     """espeak-ng's voice as 16 kHz PCM16 mono, or None when espeak-ng is not installed."""
     if shutil.which("espeak-ng") is None:
@@ -138,9 +167,9 @@ def synthesize(text: str) -> bytes | None:
 class Conversation:
     """One call to the assistant."""
 
-    def __init__(self, ws: ServerConnection) -> None:
+    def __init__(self, ws: ServerConnection, recognizers: Recognizers | None = None) -> None:
         self.ws = ws
-        self.recognizer = Recognizer()
+        self.recognizers = recognizers if recognizers is not None else Recognizers()
         self.segment: list[bytes] = []
         self.speaking = False
         self.replies = 0
@@ -175,7 +204,7 @@ class Conversation:
             self.speaking, self.segment = True, []
         elif kind == "speech.stopped":
             self.speaking = False
-            heard = await asyncio.to_thread(self.recognizer.recognize, b"".join(self.segment))
+            heard = await self.recognizers.recognize(b"".join(self.segment))
             log.info("heard %r", heard)
             await self.say(intent_of(heard), heard)
         elif kind == "chat":
@@ -193,11 +222,20 @@ class Conversation:
                 return
 
 
-async def handle(ws: ServerConnection) -> None:
+async def handle(ws: ServerConnection, recognizers: Recognizers | None = None) -> None:
     try:
-        await Conversation(ws).run()
+        await Conversation(ws, recognizers).run()
     except ConnectionClosed:
         return
+
+
+def handler(recognizers: Recognizers) -> Callable[[ServerConnection], Awaitable[None]]:
+    """``handle`` for conversations sharing ``recognizers``."""
+
+    async def handle_shared(ws: ServerConnection) -> None:
+        await handle(ws, recognizers)
+
+    return handle_shared
 
 
 def check_dependencies() -> None:
@@ -211,4 +249,6 @@ async def run(host: str, port: int) -> None:
     check_dependencies()
     if shutil.which("espeak-ng") is None:
         log.warning("espeak-ng is not installed (apt-get install espeak-ng): the assistant will answer in text")
-    await run_bot(handle, host, port, "assistant bot")
+    recognizers = Recognizers()
+    await asyncio.to_thread(recognizers.preload)
+    await run_bot(handler(recognizers), host, port, "assistant bot")

@@ -9,6 +9,10 @@ the bot cannot be reached the conversation goes to the agent queue (``bot_unavai
 Barge-in happens here, with no round trip: the customer's voice pipeline calls the
 connector synchronously on ``SpeechStarted``; if bot audio is queued it is cleared at
 once and the bot is told ``interrupted`` with the marks that will not be played.
+
+Its tasks belong to one ``TaskOwner`` (a failure is logged and reported to the host as
+the ``task_failure`` problem); ``attach`` hooks it into the customer's voice pipeline
+once, and ``detach`` (also done when the link ends) takes it out again.
 """
 
 from __future__ import annotations
@@ -29,11 +33,13 @@ from websockets.protocol import State
 
 from media.convert import FrameConverter
 from media.pipeline import VoicePipeline
-from media.playback import PlaybackTrack
+from media.playback import MAX_MARKS, PlaybackTrack
 from media.relay import MediaFrame, Relay, Subscriber
+from media.tasks import TaskOwner
 from media.vad import Event, SpeechFrame, SpeechStarted, SpeechStopped
 
 from ..messages import Participant, Role
+from ..protocol import TokenBucket
 from . import native
 from .native import BotProtocol
 
@@ -48,6 +54,13 @@ DIRECT_WRITE_BYTES = 64 * 1024
 #: to megabytes: a minute of speech could sit in the kernel for a bot that stopped reading,
 #: hiding it from the backlog limit, and stale audio would reach a bot that is merely slow.
 SEND_BUFFER_BYTES = 64 * 1024
+#: How long ``stop`` lets the writer deliver ``stop`` to the bot; then how long it waits
+#: for the cancelled tasks.
+STOP_GRACE_SECONDS = 1.0
+CLOSE_SECONDS = 2.0
+#: Longer mark names are refused (``bad_request``): a pending mark holds its name, and
+#: a bot's message may be 1 MiB.
+MAX_MARK_NAME_CHARS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +78,21 @@ class BotSettings:
     outbox_limit: int = 500
     #: Opus encoder complexity for the bot's voice (0-10: CPU against quality).
     opus_complexity: int = 5
+    #: Marks waiting for their audio to play, at most; one more drops the oldest.
+    max_marks: int = MAX_MARKS
+    #: What the bot may say to the conversation (chat, transcript, transfer, upgrade): a
+    #: token bucket, so a runaway bot gets ``rate_limited`` errors instead of flooding the
+    #: customer's outbox (which would disconnect the customer).
+    rate_per_second: float = 20.0
+    rate_burst: int = 60
+
+
+#: Errors sent to a bot: a burst, then at most this many a second (the rest are counted
+#: and the next error says how many).
+ERROR_BURST = 20
+ERROR_RATE = 2.0
+#: Bot messages that reach the conversation's participants: rate-limited.
+_TO_CONVERSATION = (native.BotChat, native.Transcript, native.Transfer, native.BotUpgrade)
 
 
 class BotState(enum.Enum):
@@ -77,7 +105,9 @@ class BotHost(Protocol):
     """What the connector needs from the gateway (the BotManager implements it)."""
 
     def bot_problem(self, kind: str) -> None:
-        """Count a problem: "bad_message" or "dropped_frame"."""
+        """Count a problem: "bad_message", "dropped_frame", "dropped_mark" (``max_marks``
+        were pending: the oldest was dropped), "task_failure" (one of the link's tasks
+        raised) or "playback_step" (a 20 ms playback step raised; the voice went on)."""
 
     def bot_frame_sent(self, arrived: float, queued: float) -> None:
         """A live speech frame was written to the bot: perf_counter() times of its RTP
@@ -94,6 +124,18 @@ class BotHost(Protocol):
     async def bot_connecting(self, conversation: str) -> None: ...
 
     async def bot_finished(self, conversation: str, connector: BotConnector, reason: str) -> None: ...
+
+
+class _Problems:
+    """A ``Tally`` for media objects that reports each count as a host problem."""
+
+    def __init__(self, host: BotHost, kind: str) -> None:
+        self.host = host
+        self.kind = kind
+
+    def inc(self, amount: float = 1) -> None:
+        for _ in range(int(amount)):
+            self.host.bot_problem(self.kind)
 
 
 class BotConnector:
@@ -117,43 +159,66 @@ class BotConnector:
             # The bot's rate until it announces another: Twilio's 8 kHz, else the native 16 kHz.
             rate=protocol.continuous_rate or 16_000,
             complexity=settings.opus_complexity,
+            max_marks=settings.max_marks,
+            on_mark_dropped=self._mark_dropped,
+            step_failures=_Problems(host, "playback_step"),
         )
+        #: Every task of this link (the link itself, its writer); failures logged and counted.
+        self.tasks = TaskOwner(f"bot {conversation}", log, failures=_Problems(host, "task_failure"))
         #: The relay carrying the playback to the customer (set by the manager).
         self.relay: Relay | None = None
         self.state = BotState.CONNECTING
         #: (message, is audio, arrival and queueing time of a live frame or 0.0) for the
         #: bot, in order; bounded: the oldest audio goes first.
         self._outbox: collections.deque[tuple[str | bytes, bool, float, float]] = collections.deque()
+        #: Where ``attach`` hooked in (undone by ``detach``): the customer's voice pipeline,
+        #: and the continuous-audio tap with the list the router subscribes from.
         self._pipeline: VoicePipeline | None = None
+        self._tap: ContinuousAudio | None = None
+        self._taps: list[Subscriber] | None = None
         self._wake = asyncio.Event()
         self._ws: ClientConnection | None = None
         self._rate = 16_000  # of the bot's audio, from audio.format
         self._stop_reason: str | None = None
         self._task: asyncio.Task[None] | None = None
+        self._bucket = TokenBucket(settings.rate_per_second, settings.rate_burst, time.monotonic())
+        self._error_bucket = TokenBucket(ERROR_RATE, ERROR_BURST, time.monotonic())
+        self._errors_suppressed = 0
         #: Counters for metrics and tests.
+        self.rate_limited = 0
         self.dropped_frames = 0
         self.bad_messages = 0
+        self.marks_dropped = 0
         self.connects = 0
 
     # -- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> asyncio.Task[None]:
-        self._task = asyncio.create_task(self._run(), name=f"talkgate-bot-{self.conversation}")
+        """Start the link's task (owned by ``self.tasks``; ``stop`` ends it)."""
+        self._task = self.tasks.spawn(self._run(), f"talkgate-bot-{self.conversation}")
         return self._task
 
     async def stop(self, reason: str) -> None:
-        """Tell the bot why (``stop``), close the link, and end the task."""
+        """Tell the bot why (``stop``), close the link, end every task, ``detach``."""
         if self._stop_reason is None:
             self._stop_reason = reason
             self._send(self.protocol.stop(reason))
-        if self._task is not None and not self._task.done():
-            # Give the writer a moment to deliver stop; then end everything.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._task), 1.0)
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        task = self._task
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            # Give the writer a moment to deliver stop (a failure is the owner's to log).
+            await asyncio.wait({task}, timeout=STOP_GRACE_SECONDS)
+        await self.tasks.close(CLOSE_SECONDS)
         self.playback.stop()
+        self.detach()
         self.state = BotState.STOPPED
+
+    def abort(self) -> None:
+        """Cut the link now, without a goodbye or a close handshake (a shutdown whose time
+        is up: the bot did not take its ``stop``)."""
+        if self._stop_reason is None:
+            self._stop_reason = "shutdown"
+        if self._ws is not None:
+            self._ws.transport.abort()
 
     # -- from the gateway -------------------------------------------------------------------
 
@@ -161,12 +226,40 @@ class BotConnector:
         """Stream this customer's speech to the bot (and barge in on it).
 
         A protocol that wants continuous audio (Twilio) also gets a tap on the
-        customer's audio, added to ``taps`` for the router to subscribe.
+        customer's audio, added to ``taps`` for the router to subscribe. Idempotent:
+        attaching again to the same pipeline changes nothing; to another one (the
+        customer's new call) moves the listener and the tap there.
         """
+        if self.state is BotState.STOPPED:
+            return
+        if self._pipeline is not pipeline or self._taps is not taps:
+            self.detach()
         self._pipeline = pipeline
-        pipeline.listeners.append(self._on_speech)
+        if self._on_speech not in pipeline.listeners:
+            pipeline.listeners.append(self._on_speech)
         if self.protocol.continuous_rate is not None:
-            taps.append(ContinuousAudio(self, self.protocol.continuous_rate))
+            if self._tap is None:
+                self._tap = ContinuousAudio(self, self.protocol.continuous_rate)
+            self._taps = taps
+            if self._tap not in taps:
+                taps.append(self._tap)
+
+    def detach(self) -> None:
+        """Undo ``attach``: the listener leaves the pipeline, the tap its list and relay.
+
+        Idempotent; ``stop`` and the end of the link call it too.
+        """
+        pipeline, self._pipeline = self._pipeline, None
+        if pipeline is not None:
+            with contextlib.suppress(ValueError):
+                pipeline.listeners.remove(self._on_speech)
+        tap, taps, self._taps = self._tap, self._taps, None
+        if tap is not None:
+            if taps is not None:
+                with contextlib.suppress(ValueError):
+                    taps.remove(tap)
+            if tap.relay is not None:
+                tap.relay.unsubscribe(tap)
 
     def customer_chat(self, message: dict[str, Any]) -> None:
         self._send(self.protocol.chat(message))
@@ -189,6 +282,18 @@ class BotConnector:
             self._send(self.protocol.speech_stopped(event.t, event.duration))
 
     # -- outbox -------------------------------------------------------------------------------
+
+    def _error(self, code: str, message: str) -> None:
+        """Tell the bot what went wrong; past a burst, at most ``ERROR_RATE`` a second. A bot
+        that floods (marks, over-rate chat, garbage) must not get a reply per message, or the
+        replies would fill the outbox and look like a bot that stopped reading."""
+        if not self._error_bucket.take(time.monotonic()):
+            self._errors_suppressed += 1
+            return
+        if self._errors_suppressed:
+            message = f"{message} ({self._errors_suppressed} more errors were not reported)"
+            self._errors_suppressed = 0
+        self._send(self.protocol.error(code, message))
 
     def _send(self, items: list[str | bytes], *, audio: bool = False) -> None:
         for item in items:
@@ -254,6 +359,7 @@ class BotConnector:
             reason = await self._connect_and_serve()
         finally:
             self.state = BotState.STOPPED
+            self.detach()
             await self.host.bot_finished(self.conversation, self, reason)
 
     async def _connect_and_serve(self) -> str:
@@ -262,7 +368,14 @@ class BotConnector:
         told = False
         while self._stop_reason is None:
             try:
-                ws = await connect(self.settings.url, open_timeout=2, max_size=2**20, compression=None)
+                ws = await connect(
+                    self.settings.url,
+                    open_timeout=2,
+                    # A bot that does not answer the close handshake costs at most this.
+                    close_timeout=STOP_GRACE_SECONDS,
+                    max_size=2**20,
+                    compression=None,
+                )
             except (OSError, TimeoutError, InvalidURI, InvalidHandshake) as exc:
                 log.info("[%s] bot unreachable (%s)", self.conversation, exc)
                 if not told:
@@ -291,12 +404,18 @@ class BotConnector:
         for item in reversed(self.protocol.opening()):
             self._outbox.appendleft((item, False, 0.0, 0.0))
         self._wake.set()
-        writer = asyncio.create_task(self._write(ws))
+        writer = self.tasks.spawn(self._write(ws), f"talkgate-bot-writer-{self.conversation}")
+
+        # A writer that fails (the owner logs it) ends the link: the reader would wait forever.
+        def writer_ended(task: asyncio.Task[None]) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                ws.transport.abort()
+
+        writer.add_done_callback(writer_ended)
         try:
             return await self._read(ws)
         finally:
-            writer.cancel()
-            await asyncio.gather(writer, return_exceptions=True)
+            await self.tasks.cancel(writer, CLOSE_SECONDS)
             await ws.close()
             self._ws = None
             self.state = BotState.CONNECTING
@@ -326,11 +445,16 @@ class BotConnector:
                     self.bad_messages += 1
                     self.host.bot_problem("bad_message")
                     log.warning("[%s] bad message from the bot: %s", self.conversation, exc)
-                    self._send(self.protocol.error("bad_request", str(exc)))
+                    self._error("bad_request", str(exc))
                     continue
                 outcome = await self._handle(action)
                 if outcome is not None:
                     return outcome
+                if self._outbox:
+                    # Replies queued: let the writer run before the next buffered message
+                    # (reading never yields while data is buffered, and a flood of replies
+                    # would otherwise look like a bot that stopped reading).
+                    await asyncio.sleep(0)
         except ConnectionClosed:
             pass
         return self._stop_reason or "lost"
@@ -338,15 +462,24 @@ class BotConnector:
     def _play(self, pcm: bytes, rate: int) -> None:
         accepted = self.playback.enqueue(pcm, rate)
         if accepted < len(pcm) - len(pcm) % 2:
-            self._send(
-                self.protocol.error(
-                    "buffer_full",
-                    f"more than {self.settings.max_buffer_seconds:g} s of audio queued;"
-                    f" {len(pcm) - accepted} bytes were not queued",
-                )
+            self._error(
+                "buffer_full",
+                f"more than {self.settings.max_buffer_seconds:g} s of audio queued;"
+                f" {len(pcm) - accepted} bytes were not queued",
             )
 
     async def _handle(self, message: native.Action) -> str | None:
+        if isinstance(message, _TO_CONVERSATION) and not self._bucket.take(time.monotonic()):
+            self.rate_limited += 1
+            self.host.bot_problem("rate_limited")
+            if self.rate_limited == 1 or self.rate_limited % 100 == 0:
+                log.warning("[%s] the bot is over its message rate (%d refused)", self.conversation, self.rate_limited)
+            self._error(
+                "rate_limited",
+                f"more than {self.settings.rate_per_second:g} messages a second to the conversation; "
+                "this one was not delivered",
+            )
+            return None
         match message:
             case native.Audio():
                 self._play(message.pcm, message.sample_rate or self._rate)
@@ -378,6 +511,12 @@ class BotConnector:
         return cleared
 
     def _mark(self, name: str) -> None:
+        if len(name) > MAX_MARK_NAME_CHARS:
+            log.warning("[%s] bad message from the bot: a mark name of %d characters", self.conversation, len(name))
+            self.bad_messages += 1
+            self.host.bot_problem("bad_message")
+            self._error("bad_request", f"a mark name has at most {MAX_MARK_NAME_CHARS} characters")
+            return
         future = self.playback.mark(name)
 
         def played(done: asyncio.Future[bool]) -> None:
@@ -385,6 +524,16 @@ class BotConnector:
                 self._send(self.protocol.mark(name))
 
         future.add_done_callback(played)
+
+    def _mark_dropped(self, name: str) -> None:
+        """``max_marks`` were pending: the oldest, ``name``, will never be reported played."""
+        self.marks_dropped += 1
+        self.host.bot_problem("dropped_mark")
+        self._send(self.protocol.cleared([name]))  # Twilio echoes it, as for a clear
+        self._error(
+            "too_many_marks",
+            f"more than {self.settings.max_marks} marks pending; the oldest, {name!r}, will not be reported",
+        )
 
 
 class ContinuousAudio:

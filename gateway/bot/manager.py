@@ -1,32 +1,73 @@
 """The gateway's bot links: which conversation has one, starting and stopping them.
 
-``BotManager`` owns every ``BotConnector`` and its task (awaited in ``close()``), and is
-the connectors' ``BotHost``: what a bot asks for (chat, transcript, transfer, upgrade)
-becomes a broker operation.
+``BotManager`` owns every ``BotConnector`` and its task, and is the connectors' host:
+what a bot asks for (chat, transcript, transfer, upgrade) becomes a conversation
+operation through the narrow ``BotHost`` interface the broker implements, so the
+manager never reaches into the broker's store, router or connections. What the bot
+may say to a conversation is rate-limited here; excess is an error to the bot, never
+a flood toward the customer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from .. import messages
+from media.pipeline import VoicePipeline
+from media.playback import PlaybackTrack
+from media.relay import Relay, Subscriber
+from media.tasks import TaskOwner, cancel_and_wait, report_failure
+
+from .. import events as ev
+from ..config import Config
 from ..errors import NotFound
-from ..messages import Participant, Role
+from ..messages import SYSTEM, Participant
+from ..metrics import Metrics
 from .connector import BotConnector, BotSettings
 from .native import NativeProtocol
 from .twilio import TwilioProtocol
 
-if TYPE_CHECKING:
-    from ..broker import Broker
+log = logging.getLogger("talkgate.bot")
+
+
+#: After a shutdown's time is up and the links are cut, how long their tasks may take.
+ABORT_GRACE = 0.5
+
+
+class BotHost(Protocol):
+    """What the bot manager needs from the gateway (the broker implements it)."""
+
+    async def bot_claim(self, conversation: str, bot: Participant) -> bool:
+        """Make the bot a participant if the conversation has a customer and no agent."""
+
+    async def bot_left(self, conversation: str, bot: Participant, reason: str) -> None: ...
+
+    async def post(self, conversation: str, sender: Participant, text: str) -> None: ...
+
+    def publish(self, events: list[ev.Event]) -> None: ...
+
+    async def hand_over(self, conversation: str, reason: str, notice: str) -> None: ...
+
+    async def request_upgrade(self, conversation: str, sender: Participant, media: str) -> None: ...
+
+    def add_voice(self, conversation: str, bot: Participant, playback: PlaybackTrack) -> Relay:
+        """Route the bot's playback to the conversation's callers."""
+
+    async def remove_voice(self, conversation: str, identity: str) -> None: ...
+
+    def pipelines(self, conversation: str) -> list[tuple[VoicePipeline, list[Subscriber]]]:
+        """The voice pipelines (and tap lists) of the conversation's callers here."""
 
 
 class BotManager:
-    def __init__(self, broker: Broker) -> None:
-        self.broker = broker
-        config = broker.config
+    def __init__(self, config: Config, metrics: Metrics, host: BotHost, tasks: TaskOwner) -> None:
+        self.config = config
+        self.host = host
+        self.metrics = metrics
+        self._tasks = tasks
         self.settings = (
             BotSettings(
                 url=config.bot_url,
@@ -37,6 +78,8 @@ class BotManager:
                 # One message per speech frame: the backlog in frames, at least a few.
                 outbox_limit=max(8, round(config.bot_max_backlog_seconds * 1000 / config.vad_frame_ms)),
                 opus_complexity=config.opus_complexity,
+                rate_per_second=config.bot_rate_per_second,
+                rate_burst=config.bot_rate_burst,
             )
             if config.bot_url
             else None
@@ -44,8 +87,7 @@ class BotManager:
         #: conversation -> its bot link
         self._links: dict[str, BotConnector] = {}
         #: every connector's task, finished ones drop out
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.metrics = broker.metrics
+        self._link_tasks: set[asyncio.Task[None]] = set()
         self.metrics.bots.set_function(lambda: len(self._links))
 
     def get(self, conversation: str) -> BotConnector | None:
@@ -58,11 +100,8 @@ class BotManager:
         """Dial the bot for a conversation that has a customer and no agent."""
         if self.settings is None or conversation in self._links:
             return
-        participants = await self.broker.store.participants(conversation) or []
-        if any(p.role == Role.AGENT for p in participants):
-            return
-        vad = self.broker.config.vad_settings()
-        protocol_class = TwilioProtocol if self.broker.config.bot_protocol == "twilio" else NativeProtocol
+        vad = self.config.vad_settings()
+        protocol_class = TwilioProtocol if self.config.bot_protocol == "twilio" else NativeProtocol
         bot = BotConnector(
             conversation=conversation,
             customer=customer,
@@ -72,29 +111,40 @@ class BotManager:
         )
         self._links[conversation] = bot
         # The bot is a participant: the customer sees it join, and can call it.
-        await self.broker.store.add_participant(conversation, bot.participant)
-        self.broker.broadcast(conversation, messages.participant_event("joined", conversation, bot.participant))
-        bot.relay = self.broker.router.add_virtual_source(conversation, bot.participant, bot.playback)
+        if not await self.host.bot_claim(conversation, bot.participant):
+            if self._links.get(conversation) is bot:
+                del self._links[conversation]
+            return
+        bot.relay = self.host.add_voice(conversation, bot.participant, bot.playback)
         bot.playback.start(bot.relay.deliver)  # packets pushed from the loop's timer, no task per packet
-        for media in self.broker.router.peers(conversation):
-            if media.pipeline is not None:
-                bot.attach(media.pipeline, media.taps)
-        self.broker.router.reconcile(conversation)
+        for pipeline, taps in self.host.pipelines(conversation):
+            bot.attach(pipeline, taps)
         task = bot.start()
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._link_tasks.add(task)
+        task.add_done_callback(self._link_tasks.discard)
+
+    def attach(self, conversation: str, pipeline: VoicePipeline, taps: list[Subscriber]) -> None:
+        """A caller's voice pipeline appeared: the conversation's bot listens to it."""
+        bot = self._links.get(conversation)
+        if bot is not None:
+            bot.attach(pipeline, taps)
 
     async def stop(self, conversation: str, reason: str) -> None:
         bot = self._links.pop(conversation, None)
         if bot is not None:
             await bot.stop(reason)
-            await self._leave(conversation, bot)
+            await self._leave(conversation, bot, reason)
 
-    async def _leave(self, conversation: str, bot: BotConnector) -> None:
-        await self.broker.router.remove_virtual_source(conversation, bot.participant.identity)
-        result = await self.broker.store.remove_participant(conversation, bot.participant.identity)
-        if result.left and not result.conversation_removed:
-            self.broker.broadcast(conversation, messages.participant_event("left", conversation, bot.participant))
+    def stop_soon(self, conversation: str, reason: str) -> None:
+        """Stop the bot without making the caller wait (an agent accepting must not block
+        on a bot that takes its time to say goodbye)."""
+        if conversation in self._links:
+            self._tasks.spawn(self.stop(conversation, reason), f"stop bot {conversation}")
+
+    async def _leave(self, conversation: str, bot: BotConnector, reason: str) -> None:
+        bot.detach()
+        await self.host.remove_voice(conversation, bot.participant.identity)
+        await self.host.bot_left(conversation, bot.participant, reason)
 
     def answers_upgrade(self, conversation: str, identity: str, media: str) -> bool | None:
         """The bot's own answer to an upgrade request addressed to it (None: not the bot)."""
@@ -103,19 +153,40 @@ class BotManager:
             return None
         return media == "audio"  # it talks; it cannot see
 
-    async def close(self) -> None:
-        """Server shutdown: every bot gets ``stop`` (shutdown) and every bot task ends."""
-        for conversation in list(self._links):
-            await self.stop(conversation, "shutdown")
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+    async def close(self, timeout: float = 2.0) -> None:  # noqa: ASYNC109 (a bound on the bots' goodbyes)
+        """Shutdown: every bot gets ``stop`` (shutdown), all at once; links still open after
+        ``timeout`` seconds are cut. Returns within about ``timeout`` + ``ABORT_GRACE``
+        however many bots there are."""
+        stops = {
+            asyncio.ensure_future(self.stop(conversation, "shutdown")): link
+            for conversation, link in list(self._links.items())
+        }
+        if stops:
+            _, pending = await asyncio.wait(stops, timeout=timeout)
+            for task in pending:
+                stops[task].abort()
+            if pending:
+                await asyncio.wait(pending, timeout=ABORT_GRACE)
+            await cancel_and_wait(pending, log, "bot stop", timeout=ABORT_GRACE)
+            for task in stops:
+                report_failure(task, logger=log)
+        await cancel_and_wait(self._link_tasks, log, "bot link", timeout=ABORT_GRACE)
+
+    # -- the connectors' host -----------------------------------------------------------
 
     def bot_problem(self, kind: str) -> None:
         if kind == "bad_message":
             self.metrics.bot_bad_messages.inc()
         elif kind == "dropped_frame":
             self.metrics.bot_dropped_frames.inc()
+        elif kind == "rate_limited":
+            self.metrics.bot_rate_limited.inc()
+        elif kind == "task_failure":
+            self.metrics.task_failures_by_owner["bot"].inc()
+        elif kind == "playback_step":
+            self.metrics.playback_step_failures.inc()
+        elif kind == "dropped_mark":
+            self.metrics.bot_dropped_marks.inc()
 
     def bot_frame_sent(self, arrived: float, queued: float) -> None:
         now = time.perf_counter()
@@ -123,28 +194,35 @@ class BotManager:
         self.metrics.rtp_to_bot.observe(now - arrived)
 
     async def bot_chat(self, conversation: str, bot: Participant, text: str) -> None:
-        await self.broker.post(conversation, bot, text)
+        with contextlib.suppress(NotFound):  # the conversation ended meanwhile
+            await self.host.post(conversation, bot, text)
 
     def bot_transcript(self, conversation: str, bot: Participant, text: str, final: bool) -> None:
-        self.broker.broadcast(conversation, {"type": "transcript", "from": bot.as_dict(), "text": text, "final": final})
+        self.host.publish(
+            [
+                ev.TranscriptPosted(
+                    conversation=conversation, ts=time.time_ns() // 1_000_000, sender=bot, text=text, final=final
+                )
+            ]
+        )
 
     async def bot_transfer(self, conversation: str, reason: str) -> None:
-        await self.broker.hand_over(conversation, reason, "Connecting you with a person. An agent will join shortly.")
+        await self.host.hand_over(conversation, reason, "Connecting you with a person. An agent will join shortly.")
 
     async def bot_upgrade(self, conversation: str, bot: Participant, media: str) -> None:
         with contextlib.suppress(NotFound):  # the customer left meanwhile
-            await self.broker.request_upgrade(conversation, bot, media)
+            await self.host.request_upgrade(conversation, bot, media)
 
     async def bot_connecting(self, conversation: str) -> None:
-        await self.broker.post(conversation, messages.SYSTEM, "Connecting you…")
+        await self.bot_chat(conversation, SYSTEM, "Connecting you…")
 
     async def bot_finished(self, conversation: str, connector: BotConnector, reason: str) -> None:
         if self._links.get(conversation) is not connector:
             return  # stopped by the gateway, which cleans up itself
         del self._links[conversation]
-        await self._leave(conversation, connector)
+        await self._leave(conversation, connector, reason)
         if reason in ("unavailable", "not_reading"):
             (self.metrics.bot_unavailable if reason == "unavailable" else self.metrics.bot_not_reading).inc()
-            await self.broker.hand_over(
+            await self.host.hand_over(
                 conversation, f"bot_{reason}", "Our assistant is unavailable right now. An agent will join shortly."
             )

@@ -68,9 +68,9 @@ def parse(data: str | bytes) -> BotMessage:
     try:
         message = _decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise BotProtocolError(str(exc)) from None
-    except UnicodeDecodeError:
-        raise BotProtocolError("not valid UTF-8") from None
+        raise BotProtocolError(str(exc)) from exc
+    except UnicodeDecodeError as exc:
+        raise BotProtocolError("not valid UTF-8") from exc
     if isinstance(message, AudioFormat) and message.sample_rate not in AUDIO_RATES:
         raise BotProtocolError(f"sample_rate must be one of {AUDIO_RATES}")
     if isinstance(message, BotChat | Transcript) and not 0 < len(message.text) <= 4096:

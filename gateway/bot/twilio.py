@@ -112,8 +112,8 @@ class TwilioProtocol:
             raise BotProtocolError("Twilio Media Streams messages are JSON text")
         try:
             message = json.loads(data)
-        except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's stack
-            raise BotProtocolError("not JSON") from None
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than Python's stack
+            raise BotProtocolError("not JSON") from exc
         if not isinstance(message, dict):
             raise BotProtocolError("a message must be a JSON object")
         event = message.get("event")
@@ -124,8 +124,8 @@ class TwilioProtocol:
                 raise BotProtocolError("media without a payload")
             try:
                 return Audio(ulaw_decode(base64.b64decode(payload, validate=True)), RATE)
-            except binascii.Error:
-                raise BotProtocolError("media payload is not base64") from None
+            except binascii.Error as exc:
+                raise BotProtocolError("media payload is not base64") from exc
         if event == "mark":
             mark = message.get("mark")
             name = mark.get("name") if isinstance(mark, dict) else None

@@ -29,7 +29,9 @@ window.talkgate = client; // for debugging and for tests
 mountCall(client, { notify: (text) => ui.banner(text, "info", 5000) });
 let me = null;
 let agentPresent = false;
+let bot = null; // the speech bot in the conversation, if the gateway has one
 let waiting = false;
+const intro = $("intro");
 
 function refreshControls() {
   const live = client.status === "open";
@@ -38,7 +40,12 @@ function refreshControls() {
   escalateButton.disabled = !live || agentPresent || waiting;
   escalateButton.textContent = agentPresent ? "An agent is here" : waiting ? "Waiting for an agent…" : "Talk to a human";
   if (live) {
-    ui.status(agentPresent ? "You're chatting with an agent" : waiting ? "Waiting for an agent" : "Online", "open");
+    // Say who answers: nobody does until "Talk to a human" when there is no bot.
+    ui.status(agentPresent ? "You're chatting with an agent" : waiting ? "Waiting for an agent"
+      : bot ? `${bot.name} is answering` : "Agents available on request", "open");
+    intro.textContent = agentPresent || waiting ? "Hi! Ask us anything about your service."
+      : bot ? `Hi! ${bot.name} answers right away. Press Talk to a human to reach a person.`
+      : "Hi! Press Talk to a human and an agent will join this chat.";
   }
 }
 
@@ -46,6 +53,7 @@ client.on("status", (event) => {
   ui.connection(event);
   if (event.status === "closed") {
     ui.status("Disconnected", "closed");
+    if (!me) intro.hidden = true; // never connected: the banner says why
     if (event.code === 4409) ui.banner("This chat is now open in another tab or window.", "info");
   }
   refreshControls();
@@ -56,6 +64,7 @@ client.on("joined", (msg) => {
   ui.banner("");
   messages.querySelectorAll(".msg[data-id]").forEach((n) => n.remove());
   agentPresent = msg.participants.some((p) => p.role === "agent");
+  bot = msg.participants.find((p) => p.role === "bot") || null;
   for (const m of msg.history) renderMessage(messages, m, me);
   refreshControls();
   input.focus();
@@ -73,6 +82,7 @@ client.on("participant.joined", (p) => {
     waiting = false;
     renderNotice(messages, `${p.name} joined the conversation`);
   }
+  if (p.role === "bot") bot = p;
   refreshControls();
 });
 
@@ -81,10 +91,12 @@ client.on("participant.left", (p) => {
     agentPresent = false;
     renderNotice(messages, `${p.name} left the conversation`);
   }
+  if (p.role === "bot" && bot && bot.identity === p.identity) bot = null;
   refreshControls();
 });
 
 client.on("error", (err) => {
+  if (err.request === "hangup") return; // the call is over either way
   if (err.code === "unauthorized" || err.code === "forbidden") {
     ui.status("Not connected", "closed");
     ui.banner(token ? "This support link is invalid or has expired. Please open the chat again from the app."

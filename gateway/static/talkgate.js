@@ -5,64 +5,81 @@
 //   tg.on("joined", (m) => ...); tg.on("chat", (m) => ...); tg.on("error", (m) => ...);
 //   tg.chat("hello"); tg.escalate(); tg.accept("r1"); tg.leave();
 //   await tg.startVoice(); await tg.startVideo(); tg.upgrade("video"); tg.replyUpgrade(id, true);
-//   tg.mute("audio", true); tg.hangUp(); tg.on("track", ({ track, kind }) => ...);
+//   tg.mute("audio", true); tg.hangUp(); tg.on("track", ({ track, kind, conversation }) => ...);
+//
+//   // A connection may be in several conversations (an agent with --agent-capacity > 1):
+//   tg.conversations;                                 // Map: conversation id -> Conversation
+//   const c = tg.conversation("r2");                  // the same methods, for that one
+//   c.chat("hi"); await c.startVoice(); c.hangUp(); c.leave(); c.on("chat", (m) => ...);
+//   tg.select("r2"); tg.current;                      // the one the short forms above act on
 //
 // Every server message is emitted as an event named after its "type" (the
-// message is the listener's argument). "status" events report the connection:
-// "connecting", "open", "reconnecting", "closed". After a dropped connection the
-// client reconnects with backoff and joins again; the gateway treats that as a
-// reload (same identity replaces the old session) and sends the history again.
+// message is the listener's argument); conversation-scoped ones also go to that
+// Conversation's listeners, and carry its id in "conversation". "status" events
+// report the connection: "connecting", "open", "reconnecting", "closed". After a
+// dropped connection the client reconnects with backoff and joins again; the
+// gateway treats that as a reload (same identity replaces the old session) and
+// sends the history again.
 //
 // Media: the gateway terminates WebRTC, so the client has one RTCPeerConnection
-// with the gateway whatever the number of participants. Negotiation follows the
-// perfect-negotiation pattern with the browser as the *polite* side: when the
-// gateway's offer collides with ours, ours is rolled back, theirs answered, and
-// the browser offers again by itself.
+// with the gateway per conversation it calls in, whatever the number of
+// participants. Negotiation follows the perfect-negotiation pattern with the
+// browser as the *polite* side: when the gateway's offer collides with ours, ours
+// is rolled back, theirs answered, and the browser offers again by itself.
 
 const KEEPALIVE_MS = 25000;
 const BACKOFF_MS = [500, 1000, 2000, 4000, 8000];
 // Close codes after which reconnecting cannot help (see docs/protocol.md).
 const FINAL_CLOSE_CODES = new Set([1000, 4401, 4403, 4409]);
+// Gateway messages that belong to one conversation (they name it in "conversation").
+const SCOPED = new Set([
+  "joined", "left", "chat", "participant.joined", "participant.left", "queued", "media", "speaking",
+  "transcript", "upgrade.request", "upgrade.reply", "offer", "answer",
+]);
 
-export class TalkgateClient {
-  constructor(url, { token = null, join = null } = {}) {
-    this.url = resolveWsUrl(url);
-    this.token = token;
-    this.joinFields = join;
-    this.status = "connecting";
-    this.joined = null; // the last "joined" message
-    this._listeners = new Map();
-    this._attempt = 0;
-    this._closedByUser = false;
-    this.pc = null;
-    this.local = { audio: null, video: null }; // our MediaStreamTracks
+// One conversation the connection is in: its "joined" message, who is in it, who sends
+// media, and our call in it (peer connection, negotiation state, local tracks). Obtained
+// from the client (`tg.conversation(id)`, `tg.current`, `tg.conversations`); it stays
+// valid until its "left".
+export class Conversation {
+  constructor(client, id) {
+    this.client = client;
+    this.id = id;
+    this.joined = null; // the last "joined" message for it
+    this.participants = []; // everyone in it, us included
+    this.media = new Map(); // identity -> { audio, video }: what the gateway receives from them
+    this.pc = null; // our RTCPeerConnection for it, while we call
+    this.local = { audio: null, video: null }; // our MediaStreamTracks in its call
     this.muted = { audio: false, video: false };
     this.remoteTracks = new Set();
+    this.callTimings = null; // performance.now() of creation, first offer sent, "connected"
+    this._listeners = new Map();
     this._makingOffer = false;
-    this.on("offer", (m) => this._onOffer(m.sdp));
-    this.on("answer", (m) => this._onAnswer(m.sdp));
-    this._open();
-  }
-
-  // -- media ----------------------------------------------------------------
-
-  _resumeMedia() {
-    const resume = this._rejoinMedia;
-    this._rejoinMedia = null;
-    if (!resume) return;
-    const pc = this._ensurePc();
-    for (const track of [resume.audio, resume.video]) {
-      if (track && track.readyState === "live") pc.addTrack(track);
-    }
+    this._gatewayHasCall = false; // the gateway has had an offer or answer for this.pc
+    this._rejoinMedia = null; // local tracks to send again after a reconnect
   }
 
   get inCall() { return Boolean(this.local.audio || this.local.video || this.pc); }
+  get selected() { return this.client.current === this; }
+
+  // This conversation's events only (server messages and the call's events).
+  on(type, listener) { return addListener(this._listeners, type, listener); }
+
+  // Sends a conversation-scoped message naming this conversation.
+  send(message) { return this.client.send({ ...message, conversation: this.id }); }
+  chat(text) { return this.send({ type: "chat", text }); }
+  escalate(reason) { return this.send(reason ? { type: "escalate", reason } : { type: "escalate" }); }
+  // Leaving ends our call at the gateway too: end it here without a hangup.
+  leave() { this._endCall(false); return this.send({ type: "leave" }); }
+  select() { this.client.select(this.id); }
+
+  // -- media ----------------------------------------------------------------
 
   async startVoice() { return this._startLocal("audio", { audio: { echoCancellation: true, noiseSuppression: true } }); }
   async startVideo() { return this._startLocal("video", { video: { width: { ideal: 640 }, height: { ideal: 480 } } }); }
 
-  upgrade(media) { this.send({ type: "upgrade", media }); }
-  replyUpgrade(id, accept) { this.send({ type: "upgrade.reply", id, accept }); }
+  upgrade(media) { return this.send({ type: "upgrade", media }); }
+  replyUpgrade(id, accept) { return this.send({ type: "upgrade.reply", id, accept }); }
 
   mute(kind, muted) {
     this.muted[kind] = muted;
@@ -80,24 +97,82 @@ export class TalkgateClient {
     this._emit("localtrack", { kind: "video", track: null });
   }
 
-  hangUp() {
+  hangUp() { this._endCall(true); }
+
+  _emit(type, payload) { this.client._emit(type, { ...payload, conversation: this.id }, this); }
+
+  // A gateway message for this conversation (before the listeners get it).
+  _receive(message) {
+    switch (message.type) {
+      case "joined":
+        this.joined = message;
+        this.participants = message.participants;
+        this.media = new Map((message.media || []).map((m) => [m.identity, { audio: m.audio, video: m.video }]));
+        this._resumeMedia();
+        break;
+      case "participant.joined":
+        this.participants = this.participants.filter((p) => p.identity !== message.identity)
+          .concat([{ identity: message.identity, role: message.role, name: message.name }]);
+        break;
+      case "participant.left":
+        this.participants = this.participants.filter((p) => p.identity !== message.identity);
+        this.media.delete(message.identity);
+        break;
+      case "media":
+        if (message.audio || message.video) this.media.set(message.identity, { audio: message.audio, video: message.video });
+        else this.media.delete(message.identity);
+        break;
+      case "offer": this._onOffer(message.sdp); break;
+      case "answer": this._onAnswer(message.sdp); break;
+      case "left": this._endCall(false); break; // the gateway ended our call with it
+    }
+  }
+
+  // The connection dropped: the gateway closed our peer connection with the session;
+  // send the same tracks again once rejoined.
+  _suspend() {
+    if (!this.pc) return;
+    this.pc.close();
+    this.pc = null;
+    this._gatewayHasCall = false;
+    this._rejoinMedia = { ...this.local };
+  }
+
+  _resumeMedia() {
+    const resume = this._rejoinMedia;
+    this._rejoinMedia = null;
+    if (!resume) return;
+    const pc = this._ensurePc();
+    for (const track of [resume.audio, resume.video]) {
+      if (track && track.readyState === "live") pc.addTrack(track);
+    }
+  }
+
+  // Ends the call here; tells the gateway only when `tell` and the gateway knows of the
+  // call (it has had an offer or an answer from us). Leaving, a "left" and a closed
+  // connection end the call at the gateway by themselves: no hangup then.
+  _endCall(tell) {
     for (const kind of ["audio", "video"]) {
       if (this.local[kind]) this.local[kind].stop();
       this.local[kind] = null;
     }
+    this._rejoinMedia = null;
+    const wasInCall = Boolean(this.pc);
     if (this.pc) {
       this.pc.close();
       this.pc = null;
-      this.send({ type: "hangup" });
+      if (tell && this._gatewayHasCall) this.send({ type: "hangup" });
     }
+    this._gatewayHasCall = false;
     this.remoteTracks.clear();
-    this._emit("call", { state: "idle" });
+    if (wasInCall || tell) this._emit("call", { state: "idle" });
   }
 
   async _startLocal(kind, constraints) {
     if (this.local[kind]) return this.local[kind];
     const stream = await navigator.mediaDevices.getUserMedia(constraints);
     const track = stream.getTracks()[0];
+    if (this.client.conversation(this.id) !== this) { track.stop(); throw new Error("the conversation has ended"); }
     track.enabled = !this.muted[kind];
     this.local[kind] = track;
     const pc = this._ensurePc();
@@ -118,7 +193,6 @@ export class TalkgateClient {
     const iceServers = (this.joined && this.joined.ice_servers) || [];
     const pc = new RTCPeerConnection({ iceServers, bundlePolicy: "max-bundle" });
     this.pc = pc;
-    // performance.now() of creation, first offer sent and "connected", for measurements.
     this.callTimings = { created: performance.now(), offerSent: null, connected: null };
     this._emit("call", { state: "connecting" });
     pc.onnegotiationneeded = () => this._offer(pc);
@@ -145,7 +219,7 @@ export class TalkgateClient {
       await pc.setLocalDescription();
       await iceGatheringDone(pc);
       if (this.pc === pc && pc.signalingState === "have-local-offer") {
-        this.send({ type: "offer", sdp: pc.localDescription.sdp });
+        if (this.send({ type: "offer", sdp: pc.localDescription.sdp })) this._gatewayHasCall = true;
         this.callTimings.offerSent = this.callTimings.offerSent || performance.now();
       }
     } catch (err) {
@@ -162,7 +236,8 @@ export class TalkgateClient {
       await pc.setRemoteDescription({ type: "offer", sdp });
       await pc.setLocalDescription();
       await iceGatheringDone(pc);
-      this.send({ type: "answer", sdp: pc.localDescription.sdp });
+      if (this.pc === pc) this.send({ type: "answer", sdp: pc.localDescription.sdp });
+      this._gatewayHasCall = this.pc === pc;
     } catch (err) {
       console.error("talkgate: cannot answer the gateway's offer", err);
     }
@@ -176,17 +251,79 @@ export class TalkgateClient {
       console.error("talkgate: cannot apply the gateway's answer", err);
     }
   }
+}
 
-  on(type, listener) {
-    if (!this._listeners.has(type)) this._listeners.set(type, new Set());
-    this._listeners.get(type).add(listener);
-    return () => this._listeners.get(type).delete(listener);
+const NO_TRACKS = Object.freeze({ audio: null, video: null });
+const NOT_MUTED = Object.freeze({ audio: false, video: false });
+
+export class TalkgateClient {
+  constructor(url, { token = null, join = null } = {}) {
+    this.url = resolveWsUrl(url);
+    this.token = token;
+    this.joinFields = join;
+    this.status = "connecting";
+    this.me = null; // { identity, role, name }, from "joined"
+    this.capacity = null; // conversations this connection may hold, when the gateway says (joined.capacity)
+    this.conversations = new Map(); // conversation id -> Conversation, in the order joined
+    this._currentId = null;
+    this._lastJoined = null;
+    this._accepting = null; // the conversation we last accepted: current once joined
+    this._joinedSinceOpen = null; // conversations re-joined since the websocket opened
+    this._listeners = new Map();
+    this._attempt = 0;
+    this._closedByUser = false;
+    this._open();
   }
 
-  chat(text) { this.send({ type: "chat", text }); }
-  escalate(reason) { this.send(reason ? { type: "escalate", reason } : { type: "escalate" }); }
-  accept(conversation) { this.send({ type: "accept", conversation }); }
-  leave() { this.send({ type: "leave" }); }
+  // -- conversations ----------------------------------------------------------
+
+  conversation(id) { return this.conversations.get(id) || null; }
+
+  // The conversation the short forms (chat, call, hangUp, leave, pc, local…) act on: the
+  // only one, the one selected, or else the first one joined. "select" events report changes.
+  get current() { return this.conversations.get(this._currentId) || null; }
+
+  select(id) {
+    if (!this.conversations.has(id) || id === this._currentId) return;
+    this._currentId = id;
+    this._emit("select", { conversation: id });
+  }
+
+  // The current conversation's "joined" message (the last one, in the lobby).
+  get joined() { return this.current ? this.current.joined : this._lastJoined; }
+  get pc() { return this.current ? this.current.pc : null; }
+  get local() { return this.current ? this.current.local : NO_TRACKS; }
+  get muted() { return this.current ? this.current.muted : NOT_MUTED; }
+  get remoteTracks() { return this.current ? this.current.remoteTracks : new Set(); }
+  get callTimings() { return this.current ? this.current.callTimings : null; }
+  get inCall() { return Boolean(this.current && this.current.inCall); }
+
+  _need() {
+    if (!this.current) throw new Error("talkgate: not in a conversation");
+    return this.current;
+  }
+
+  chat(text) { return this.current ? this.current.chat(text) : this.send({ type: "chat", text }); }
+  escalate(reason) {
+    if (this.current) return this.current.escalate(reason);
+    return this.send(reason ? { type: "escalate", reason } : { type: "escalate" });
+  }
+  accept(conversation) {
+    this._accepting = conversation;
+    return this.send({ type: "accept", conversation });
+  }
+  leave() { return this.current ? this.current.leave() : this.send({ type: "leave" }); }
+  startVoice() { return this._need().startVoice(); }
+  startVideo() { return this._need().startVideo(); }
+  stopVideo() { if (this.current) this.current.stopVideo(); }
+  upgrade(media) { return this._need().upgrade(media); }
+  replyUpgrade(id, accept) { return this._need().replyUpgrade(id, accept); }
+  mute(kind, muted) { if (this.current) this.current.mute(kind, muted); }
+  hangUp() { if (this.current) this.current.hangUp(); }
+
+  // -- events and the websocket -----------------------------------------------
+
+  on(type, listener) { return addListener(this._listeners, type, listener); }
 
   send(message) {
     if (this.ws && this.ws.readyState === WebSocket.OPEN) {
@@ -203,9 +340,11 @@ export class TalkgateClient {
     this._setStatus("closed");
   }
 
-  _emit(type, message) {
-    for (const listener of this._listeners.get(type) || []) {
-      try { listener(message); } catch (err) { console.error("talkgate listener failed", err); }
+  _emit(type, message, conversation = null) {
+    for (const listeners of [this._listeners, conversation && conversation._listeners]) {
+      for (const listener of (listeners && listeners.get(type)) || []) {
+        try { listener(message); } catch (err) { console.error("talkgate listener failed", err); }
+      }
     }
   }
 
@@ -214,11 +353,82 @@ export class TalkgateClient {
     this._emit("status", { status, ...detail });
   }
 
+  // Picks the conversation the short forms act on, without telling; true if it changed.
+  _pick(id) {
+    if (id === this._currentId || !this.conversations.has(id)) return false;
+    this._currentId = id;
+    return true;
+  }
+
+  // Which conversation a message belongs to (a gateway that names none: the only one).
+  _route(message) {
+    if (!SCOPED.has(message.type)) return null;
+    if (!("conversation" in message) && this.conversations.size === 1) {
+      message.conversation = this.conversations.keys().next().value;
+    }
+    const id = message.conversation;
+    if (id == null) return null;
+    if (message.type === "joined" && !this.conversations.has(id)) this.conversations.set(id, new Conversation(this, id));
+    return this.conversations.get(id) || null;
+  }
+
+  _receive(message) {
+    const before = this._currentId;
+    if (message.type === "shutdown") {
+      // The gateway is draining: when it closes us, come back after its hint (plus
+      // jitter, so that every client of a restarted gateway does not return at once).
+      this._retryAfterMs = message.retry_after_ms;
+    }
+    const conversation = this._route(message);
+    if (message.type === "joined") {
+      this._attempt = 0;
+      this._lastJoined = message;
+      this.me = { identity: message.identity, role: message.role, name: message.name };
+      if (message.capacity != null) this.capacity = message.capacity;
+      if (conversation) {
+        if (this._joinedSinceOpen) this._joinedSinceOpen.add(conversation.id);
+        if (!this.current || this._accepting === conversation.id) this._pick(conversation.id);
+        if (this._accepting === conversation.id) this._accepting = null;
+      }
+      if (message.role !== "agent") this._forgetUnjoined(); // a customer is in one conversation
+    }
+    // An agent's join is answered with its conversations' "joined", then "queue".
+    if (message.type === "queue") this._forgetUnjoined();
+    if (conversation) conversation._receive(message);
+    if (message.type === "joined") this._setStatus("open");
+    if (message.type === "left" && conversation) this._drop(conversation);
+    this._emit(message.type, message, conversation);
+    if (this._currentId !== before) this._emit("select", { conversation: this._currentId });
+  }
+
+  _drop(conversation) {
+    this.conversations.delete(conversation.id);
+    if (this._currentId === conversation.id) {
+      const next = this.conversations.keys().next();
+      this._currentId = next.done ? null : next.value;
+    }
+  }
+
+  // After a reconnect, conversations the gateway did not join us to again are over for
+  // us (left while we were away): they end here with a "left".
+  _forgetUnjoined() {
+    const kept = this._joinedSinceOpen;
+    if (!kept) return;
+    this._joinedSinceOpen = null;
+    for (const conversation of [...this.conversations.values()]) {
+      if (kept.has(conversation.id)) continue;
+      conversation._endCall(false);
+      this._drop(conversation);
+      this._emit("left", { type: "left", conversation: conversation.id }, conversation);
+    }
+  }
+
   _open() {
     this._setStatus(this._attempt ? "reconnecting" : "connecting");
     const ws = new WebSocket(this.url);
     this.ws = ws;
     ws.onopen = () => {
+      this._joinedSinceOpen = new Set();
       const join = this.token ? { type: "join", token: this.token } : { type: "join", ...this.joinFields };
       ws.send(JSON.stringify(join));
       this._keepalive = setInterval(() => this.send({ type: "ping" }), KEEPALIVE_MS);
@@ -226,33 +436,18 @@ export class TalkgateClient {
     ws.onmessage = (event) => {
       let message;
       try { message = JSON.parse(event.data); } catch { return; }
-      if (message.type === "shutdown") {
-        // The gateway is draining: when it closes us, come back after its hint (plus
-        // jitter, so that every client of a restarted gateway does not return at once).
-        this._retryAfterMs = message.retry_after_ms;
-      }
-      if (message.type === "joined") {
-        this._attempt = 0;
-        this.joined = message;
-        this._setStatus("open");
-        this._resumeMedia();
-      }
-      this._emit(message.type, message);
+      if (message && typeof message.type === "string") this._receive(message);
     };
     ws.onclose = (event) => {
       clearInterval(this._keepalive);
       if (this.ws !== ws) return;
       if (this._closedByUser || FINAL_CLOSE_CODES.has(event.code)) {
-        this.hangUp();
+        for (const conversation of this.conversations.values()) conversation._endCall(false);
         this._setStatus("closed", { code: event.code, reason: event.reason });
         return;
       }
-      // The gateway closed our peer connection with the session: renegotiate after rejoining.
-      if (this.pc) {
-        this.pc.close();
-        this.pc = null;
-        this._rejoinMedia = { ...this.local };
-      }
+      // The gateway closed our peer connections with the session: renegotiate after rejoining.
+      for (const conversation of this.conversations.values()) conversation._suspend();
       let delay = BACKOFF_MS[Math.min(this._attempt, BACKOFF_MS.length - 1)];
       if (this._retryAfterMs != null) {
         delay = this._retryAfterMs * (1 + Math.random() / 2);
@@ -263,6 +458,12 @@ export class TalkgateClient {
       this._retryTimer = setTimeout(() => this._open(), delay);
     };
   }
+}
+
+function addListener(map, type, listener) {
+  if (!map.has(type)) map.set(type, new Set());
+  map.get(type).add(listener);
+  return () => map.get(type).delete(listener);
 }
 
 // The gateway does not trickle and the client sends complete descriptions: wait
@@ -361,12 +562,13 @@ export function pageChrome({ status, banner, composer, input }) {
       banner.hidden = !text;
       if (text && dismissAfterMs) timer = setTimeout(() => chrome.banner(""), dismissAfterMs);
     },
-    // Sends the input's text as chat through `getClient()` on submit; keeps the text if offline.
+    // Sends the input's text as chat through `getClient()` (to its current conversation) on
+    // submit; keeps the text if offline.
     bindComposer(getClient) {
       composer.addEventListener("submit", (event) => {
         event.preventDefault();
         const text = input.value.trim();
-        if (text && getClient()?.send({ type: "chat", text })) input.value = "";
+        if (text && getClient()?.chat(text)) input.value = "";
       });
     },
   };

@@ -57,6 +57,14 @@ def gateway() -> Iterator[GatewayProcess]:
 
 
 @pytest.fixture(scope="module")
+def desk_gateway() -> Iterator[GatewayProcess]:
+    """A gateway where an agent may hold two conversations at once."""
+    gw = start_gateway("serve", "--agent-capacity", "2")
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture(scope="module")
 def dev_gateway() -> Iterator[GatewayProcess]:
     gw = start_gateway("demo", "--demo-bot", "echo")  # deterministic answers
     yield gw

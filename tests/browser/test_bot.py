@@ -39,12 +39,13 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
 
 def test_the_customer_talks_to_the_bot_and_hears_it(dev_gateway: GatewayProcess, new_page: NewPage) -> None:
     customer = new_page("customer", dev_gateway.url + "/")
-    expect(customer.locator("#status")).to_have_text("Online")
+    expect(customer.locator("#status")).to_have_text("Echo bot is answering")
     send(customer, "hello bot")
     expect(customer.locator(".msg.role-bot .msg-bubble")).to_have_text(["You said: hello bot"])
     expect(customer.locator("#call")).to_be_enabled()  # the bot is someone to call
     customer.click("#call")
     expect(customer.locator("#call-bar")).to_be_visible()
+    expect(customer.locator("#call-status")).to_contain_text("On a call with Echo bot · ")
     assert stats(customer)["audioEnergy"] == 0  # the bot is silent until the customer has spoken
     # The sentence ends, the bot gets speech.stopped and echoes it: its audio arrives.
     growing(customer, "audioEnergy", timeout=20)

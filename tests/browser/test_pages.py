@@ -34,7 +34,7 @@ def test_customer_escalates_and_agent_takes_over(gateway: GatewayProcess, new_pa
     customer = new_page(
         "customer", token_url(gateway, "u1", "customer", room="r-browser", name="Ann Smith"), viewport=VIEWPORT
     )
-    expect(customer.locator("#status")).to_have_text("Online")
+    expect(customer.locator("#status")).to_have_text("Agents available on request")
     send(customer, "My internet keeps dropping")
     expect(customer.locator(".msg.own .msg-bubble")).to_have_text(["My internet keeps dropping"])
     expect(customer.locator("#chat-input")).to_have_value("")
@@ -77,7 +77,7 @@ def test_customer_escalates_and_agent_takes_over(gateway: GatewayProcess, new_pa
 
 def test_chat_text_is_shown_as_text_not_html(gateway: GatewayProcess, new_page: NewPage) -> None:
     customer = new_page("customer", token_url(gateway, "u2", "customer", room="r-xss"))
-    expect(customer.locator("#status")).to_have_text("Online")
+    expect(customer.locator("#status")).to_have_text("Agents available on request")
     send(customer, "<img src=x onerror=alert(1)> <b>bold</b>")
     expect(customer.locator(".msg.own .msg-bubble")).to_have_text("<img src=x onerror=alert(1)> <b>bold</b>")
     assert customer.locator(".msg-bubble img, .msg-bubble b").count() == 0
@@ -109,7 +109,10 @@ def test_demo_mode_needs_no_tokens(dev_gateway: GatewayProcess, new_page: NewPag
     expect(agent.locator("#me-name")).to_have_text("Dee Demo")
 
     customer = new_page("customer", dev_gateway.url + "/", viewport={"width": 390, "height": 844})
-    expect(customer.locator("#status")).to_have_text("Online")
+    expect(customer.locator("#status")).to_have_text("Echo bot is answering")
+    expect(customer.locator("#intro")).to_have_text(
+        "Hi! Echo bot answers right away. Press Talk to a human to reach a person."
+    )
     box = customer.locator("#widget").bounding_box()
     assert box is not None and box["width"] == 390  # the widget fills a phone screen
     send(customer, "Is anybody there?")
@@ -121,3 +124,24 @@ def test_demo_mode_needs_no_tokens(dev_gateway: GatewayProcess, new_page: NewPag
     expect(agent.locator("#messages .msg.role-bot .msg-bubble")).to_have_text(["You said: Is anybody there?"])
     send(agent, "Yes, Dee here.")
     expect(customer.locator(".msg.role-agent .msg-bubble")).to_have_text(["Yes, Dee here."])
+
+
+def test_without_a_bot_the_widget_says_how_to_reach_a_person(gateway: GatewayProcess, new_page: NewPage) -> None:
+    """Bug: on a gateway without a bot the widget said "Online" and "Ask us anything about your
+    service", though nobody answers until the customer presses "Talk to a human"."""
+    customer = new_page("customer", token_url(gateway, "u-nobot", "customer", room="r-nobot"))
+    expect(customer.locator("#status")).to_have_text("Agents available on request")
+    expect(customer.locator("#intro")).to_have_text("Hi! Press Talk to a human and an agent will join this chat.")
+    customer.click("#escalate")
+    expect(customer.locator("#status")).to_have_text("Waiting for an agent")
+
+
+def test_agent_console_without_a_token_asks_for_a_sign_in_link(gateway: GatewayProcess, new_page: NewPage) -> None:
+    """Bug: on a production gateway (no --dev) the agent console opened without a token showed the
+    development name form, and after a name was picked claimed that the sign-in link had expired."""
+    agent = new_page("agent", f"{gateway.url}/agent")
+    expect(agent.locator("#need-link")).to_be_visible()
+    expect(agent.locator("#need-link")).to_contain_text("needs a sign-in link from your app")
+    expect(agent.locator("#signin")).to_be_hidden()
+    expect(agent.locator("#console")).to_be_hidden()
+    expect(agent.locator("#banner")).to_be_hidden()

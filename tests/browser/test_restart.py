@@ -33,7 +33,7 @@ def test_the_page_reconnects_by_itself_when_the_gateway_restarts(new_page: NewPa
     second: GatewayProcess | None = None
     try:
         customer = new_page("customer", page_url(first, "u-restart", "customer", "r-restart"))
-        expect(customer.locator("#status")).to_have_text("Online")
+        expect(customer.locator("#status")).to_have_text("Agents available on request")
         customer.fill("#chat-input", "before the restart")
         customer.click("#send")
         expect(customer.locator(".msg.own .msg-bubble")).to_have_text(["before the restart"])
@@ -42,7 +42,7 @@ def test_the_page_reconnects_by_itself_when_the_gateway_restarts(new_page: NewPa
         assert "draining: 1 conversations" in log
         expect(customer.locator("#status")).to_contain_text("Reconnecting")
         second = serve(port)  # the same address, a new process
-        expect(customer.locator("#status")).to_have_text("Online", timeout=20_000)
+        expect(customer.locator("#status")).to_have_text("Agents available on request", timeout=20_000)
         expect(customer.locator("#chat-input")).to_be_enabled()
 
         # The page is back in its conversation on the new process: an agent sees it there.
@@ -64,14 +64,14 @@ def test_a_restarted_browser_finds_its_chat_again(new_page: NewPage) -> None:
     try:
         url = page_url(gw, "u-browser", "customer", "r-browser")
         before = new_page("before", url)
-        expect(before.locator("#status")).to_have_text("Online")
+        expect(before.locator("#status")).to_have_text("Agents available on request")
         before.fill("#chat-input", "my order number is 1234")
         before.click("#send")
         expect(before.locator(".msg.own .msg-bubble")).to_have_text(["my order number is 1234"])
         before.context.close()  # the browser is gone: the conversation empties
 
         after = new_page("after", url)  # a fresh browser context: no state of its own
-        expect(after.locator("#status")).to_have_text("Online")
+        expect(after.locator("#status")).to_have_text("Agents available on request")
         expect(after.locator(".msg.own .msg-bubble")).to_have_text(["my order number is 1234"])
     finally:
         gw.stop()

@@ -5,10 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
+import signal
+import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +23,7 @@ from tests.gateway_process import GatewayProcess
 
 SECRET = "cli-secret-0123456789abcdef-0123456789"
 TALKGATE = [sys.executable, "-m", "gateway"]
+README = Path(__file__).parents[2] / "README.md"
 
 
 @pytest.fixture
@@ -112,3 +118,105 @@ def test_demo_runs_in_dev_mode_and_says_where_to_go() -> None:
         rest = gateway.stop()
     assert "INSECURE" in rest
     assert f"{url}/agent" in rest
+
+
+def lag_observations_over(url: str, seconds: str) -> float:
+    """How often the gateway's event loop was busy for longer than ``seconds`` (its lag histogram)."""
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as response:
+        text = response.read().decode()
+    count = re.search(r"^talkgate_event_loop_lag_seconds_count (\S+)$", text, re.M)
+    within = re.search(rf'^talkgate_event_loop_lag_seconds_bucket{{le="{seconds}"}} (\S+)$', text, re.M)
+    assert count is not None and within is not None, text[:2000]
+    return float(count.group(1)) - float(within.group(1))
+
+
+def test_the_demo_assistant_is_ready_before_the_first_customer() -> None:
+    """Bug: the demo's booking assistant loaded its speech model (≈0.7 s of CPU, seconds from a
+    cold disk) when a conversation dialled it, on the event loop it shares with the gateway:
+    the gateway stalled, and the first dial could time out ("bot unreachable")."""
+    gateway = GatewayProcess("demo")  # the booking assistant, in-process
+    try:
+
+        async def customers() -> None:
+            for n in range(3):
+                client = await Client.open(gateway.ws_url)
+                await client.send({"type": "join", "room": f"early-{n}", "identity": f"early-{n}"})
+                await client.expect("joined")
+                chat = await client.wait_for("chat", timeout=10)
+                # Straight to the greeting: no "Connecting you…" (a failed first dial).
+                assert chat["from"]["role"] == "bot" and "booking assistant" in chat["text"], chat
+                await client.close()
+
+        asyncio.run(customers())
+        assert lag_observations_over(gateway.url, "0.25") == 0  # loading took 0.3-2 s
+    finally:
+        rest = gateway.stop()
+    assert "unreachable" not in rest
+
+
+def readme_blocks() -> list[str]:
+    return re.findall(r"^```sh\n(.*?)^```", README.read_text(), re.S | re.M)
+
+
+def test_readme_runs_talkgate_from_the_venv_it_installs() -> None:
+    """Bug: the README installs talkgate into .venv, but its "Using it from your app" block ran
+    bare `talkgate`, which is not on the PATH after that install."""
+    blocks = readme_blocks()
+    assert any(".venv/bin/pip install" in block for block in blocks)
+    code = [re.sub(r"(^|\s)#.*$", "", block, flags=re.M) for block in blocks]  # comments may say talkgate
+    commands = [m.group(1) for block in code for m in re.finditer(r"(?:^|[\s;&|(])(\S*talkgate) ", block, re.M)]
+    assert commands and set(commands) == {".venv/bin/talkgate"}, commands
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def test_readme_app_commands_work_as_written(tmp_path: Path) -> None:
+    """Bug: the README's "Using it from your app" commands failed as written (`talkgate: command
+    not found` after the README's own install into .venv). Runs that block with bash in a
+    directory whose .venv is the one running these tests, with no venv on the PATH (port 8080
+    becomes a free one), then opens the printed pages' conversations."""
+    (block,) = [b for b in readme_blocks() if "talkgate serve" in b]
+    port = free_port()
+    (tmp_path / ".venv").symlink_to(sys.prefix)
+    venv_bin = str(Path(sys.prefix) / "bin")
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != venv_bin)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TALKGATE_") and k != "VIRTUAL_ENV"}
+    script = block.replace("8080", str(port)) + 'echo "serve_pid=$!"\n'
+    out, err = tmp_path / "out", tmp_path / "err"
+    with out.open("w") as stdout, err.open("w") as stderr:  # files: the server outlives bash
+        result = subprocess.run(
+            ["bash", "-e", "-c", script], cwd=tmp_path, env={**env, "PATH": path}, stdout=stdout, stderr=stderr
+        )
+    printed = out.read_text()
+    pid = re.search(r"serve_pid=(\d+)", printed)
+    try:
+        assert result.returncode == 0, err.read_text()
+        urls = re.findall(r"^(http://\S+\?token=\S+)$", printed, re.M)
+        assert [u.split("?")[0] for u in urls] == [f"http://127.0.0.1:{port}/", f"http://127.0.0.1:{port}/agent"]
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, err.read_text()
+                time.sleep(0.2)
+
+        async def join(url: str) -> dict[str, object]:
+            client = await Client.open(f"ws://127.0.0.1:{port}/ws")
+            await client.send({"type": "join", "token": url.split("token=")[1]})
+            joined = await client.expect("joined")
+            await client.close()
+            return joined
+
+        customer, agent = (asyncio.run(join(url)) for url in urls)
+        assert (customer["name"], customer["conversation"]) == ("Ann Smith", "case-1001")
+        assert (agent["name"], agent["role"]) == ("Sam Lee", "agent")
+    finally:
+        if pid is not None:
+            os.kill(int(pid.group(1)), signal.SIGTERM)

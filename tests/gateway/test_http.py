@@ -34,6 +34,7 @@ async def test_healthz_counts_conversations_and_sessions(server: GatewayServer, 
         "sessions": 0,
         "peer_connections": 0,
         "version": None,
+        "dev": False,
     }
     await join("u1", room="r1")
     await join("u2", room="r2")

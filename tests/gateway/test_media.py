@@ -25,7 +25,7 @@ async def test_customer_and_agent_hear_each_other(party: Party) -> None:
     assert abs(heard_by_agent.dominant_hz() - 440) < 30
     assert abs(heard_by_customer.dominant_hz() - 880) < 30
     media = await customer.wait_for("media", identity="a1")
-    assert media == {"type": "media", "identity": "a1", "audio": True, "video": False}
+    assert media == {"type": "media", "conversation": "call-room", "identity": "a1", "audio": True, "video": False}
 
 
 async def test_agent_joining_mid_call_gets_the_customer_audio(party: Party, server: GatewayServer) -> None:
@@ -207,6 +207,7 @@ async def test_leaving_closes_the_peer_connection_and_its_tasks(party: Party, se
     await agent.client.send({"type": "hangup"})
     assert (await customer.wait_for("media", identity="a1", audio=False)) == {
         "type": "media",
+        "conversation": "call-room",
         "identity": "a1",
         "audio": False,
         "video": False,

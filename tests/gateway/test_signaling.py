@@ -185,6 +185,7 @@ async def test_conversation_is_removed_with_its_last_participant_and_its_chat_is
         "sessions": 0,
         "peer_connections": 0,
         "version": None,
+        "dev": False,
     }
     # Rejoining within --history-retention-seconds (a browser restart) finds the chat again.
     _, joined = await join("u1", room="r1")

@@ -1,75 +1,177 @@
-"""The in-memory store's atomic steps (a Redis store must pass the same tests)."""
+"""The store's atomic steps: one suite, run against every ``Store`` implementation.
+
+Each implementation is a fixture parameter; a Redis store joins ``STORES`` and must
+pass every test here unchanged (the rules rely on exactly these outcomes).
+"""
 
 from __future__ import annotations
 
-from gateway.messages import ChatMessage, Participant, QueueEntry
-from gateway.store import InMemoryStore
+import asyncio
+from collections.abc import Callable
+
+import pytest
+
+from gateway.messages import ChatMessage, Participant
+from gateway.store import Admission, Enqueued, InMemoryStore, Limits, Store
 
 ANN = Participant("u1", "customer", "Ann")
+CID = Participant("u2", "customer", "Cid")
 BOB = Participant("a1", "agent", "Bob")
+EVE = Participant("a2", "agent", "Eve")
+BOT = Participant("bot", "bot", "Assistant")
+ROOMY = Limits(max_conversations=100, max_participants=8)
+
+#: name -> factory(history_limit, retention_seconds, retained_limit, clock)
+STORES: dict[str, Callable[..., Store]] = {
+    "memory": lambda **kw: InMemoryStore(**kw),
+}
 
 
-async def test_last_leave_removes_conversation_history_and_queue_entry() -> None:
-    store = InMemoryStore(history_limit=2)
-    assert await store.add_participant("r1", ANN) == [ANN]
+@pytest.fixture(params=sorted(STORES))
+def make(request: pytest.FixtureRequest) -> Callable[..., Store]:
+    factory: Callable[..., Store] = STORES[request.param]
+    return factory
+
+
+async def test_join_reports_what_it_changed(make: Callable[..., Store]) -> None:
+    store = make()
+    first = await store.join("r1", ANN, ROOMY)
+    assert first.admission is Admission.ADMITTED and first.added and first.opened
+    again = await store.join("r1", ANN, ROOMY)
+    assert again.admission is Admission.ADMITTED and not again.added and not again.opened
+    assert await store.participants("r1") == [ANN]
+    assert await store.conversation_count() == 1
+
+
+async def test_join_within_limits_and_rejoining_is_always_let_in(make: Callable[..., Store]) -> None:
+    store = make()
+    tight = Limits(max_conversations=1, max_participants=2)
+    assert (await store.join("r1", ANN, tight)).admission is Admission.ADMITTED
+    assert (await store.join("r2", CID, tight)).admission is Admission.GATEWAY_FULL
+    assert (await store.join("r1", BOB, tight)).admission is Admission.ADMITTED
+    assert (await store.join("r1", EVE, tight)).admission is Admission.CONVERSATION_FULL
+    assert (await store.join("r1", ANN, tight)).admission is Admission.ADMITTED  # a rejoin
+    assert await store.participants("r2") is None
+    assert [p.identity for p in await store.participants("r1") or []] == ["u1", "a1"]
+
+
+async def test_concurrent_joins_never_pass_the_limits(make: Callable[..., Store]) -> None:
+    """Check-then-act as one step: 20 joins at once into a conversation of 3 admit 3."""
+    store = make()
+    limits = Limits(max_conversations=1, max_participants=3)
+    people = [Participant(f"u{i}", "customer", f"U{i}") for i in range(20)]
+    results = await asyncio.gather(*(store.join("r1", p, limits) for p in people))
+    assert sum(r.admission is Admission.ADMITTED for r in results) == 3
+    assert len(await store.participants("r1") or []) == 3
+
+
+async def test_last_leave_removes_conversation_history_and_queue_entry(make: Callable[..., Store]) -> None:
+    store = make(history_limit=2)
+    await store.join("r1", ANN, ROOMY)
     for i in range(3):
-        await store.append_chat("r1", ChatMessage(str(i), ANN, f"m{i}", i))
+        assert await store.append_chat("r1", ChatMessage(str(i), ANN, f"m{i}", i))
     assert [m.text for m in await store.history("r1")] == ["m1", "m2"]
-    assert await store.enqueue(QueueEntry("r1", ANN, 1, "why"))
-    assert not await store.enqueue(QueueEntry("r1", ANN, 2, "again"))
-    result = await store.remove_participant("r1", "u1")
-    assert result.left and result.conversation_removed and result.queue_changed
+    assert (await store.escalate("r1", "why", 1)).outcome is Enqueued.QUEUED
+    again = await store.escalate("r1", "again", 2)
+    assert again.outcome is Enqueued.ALREADY_WAITING and again.entry is not None and again.entry.reason == "why"
+    result = await store.leave("r1", "u1")
+    assert result.participant == ANN and result.conversation_removed and result.queue_changed
     assert await store.participants("r1") is None
     assert await store.history("r1") == []
     assert await store.waiting() == []
     assert await store.conversation_count() == 0
+    assert not await store.append_chat("r1", ChatMessage("x", ANN, "late", 9))
 
 
-async def test_take_is_won_once_and_queue_is_fifo() -> None:
-    store = InMemoryStore()
+async def test_accept_is_won_once_and_queue_is_fifo(make: Callable[..., Store]) -> None:
+    store = make()
     for room in ("r1", "r2"):
-        await store.add_participant(room, ANN)
-        await store.enqueue(QueueEntry(room, ANN, 0, "x"))
+        await store.join(room, ANN, ROOMY)
+        await store.escalate(room, "x", 0)
     assert [e.conversation for e in await store.waiting()] == ["r1", "r2"]
-    assert (await store.take("r1")) is not None
-    assert (await store.take("r1")) is None
-    assert not await store.enqueue(QueueEntry("nope", ANN, 0, "x"))
+    results = await asyncio.gather(store.accept("r1", BOB, ROOMY), store.accept("r1", EVE, ROOMY))
+    assert sorted(r.admission.value for r in results) == ["admitted", "taken"]
+    winner = next(r for r in results if r.admission is Admission.ADMITTED)
+    assert winner.taken is not None and winner.taken.customer == ANN
+    assert (await store.accept("nope", BOB, ROOMY)).admission is Admission.NOT_WAITING
+    assert [e.conversation for e in await store.waiting()] == ["r2"]
+    assert (await store.escalate("r1", "again", 5)).outcome is Enqueued.AGENT_PRESENT
+    assert (await store.escalate("nope", "x", 0)).outcome is Enqueued.NO_CUSTOMER
 
 
-async def test_queue_entry_goes_when_no_customer_remains() -> None:
-    store = InMemoryStore()
-    await store.add_participant("r1", ANN)
-    await store.add_participant("r1", BOB)
-    await store.enqueue(QueueEntry("r1", ANN, 0, "x"))
-    result = await store.remove_participant("r1", "u1")
+async def test_accept_respects_the_participant_limit(make: Callable[..., Store]) -> None:
+    store = make()
+    tight = Limits(max_conversations=10, max_participants=2)
+    await store.join("r1", ANN, tight)
+    await store.join("r1", CID, tight)
+    await store.escalate("r1", "x", 0)
+    assert (await store.accept("r1", BOB, tight)).admission is Admission.CONVERSATION_FULL
+    assert len(await store.waiting()) == 1  # still waiting for an agent who fits
+
+
+async def test_join_can_take_the_queue_entry(make: Callable[..., Store]) -> None:
+    """An agent entering by a room token takes the conversation off the queue in the same step."""
+    store = make()
+    await store.join("r1", ANN, ROOMY)
+    await store.escalate("r1", "x", 0)
+    result = await store.join("r1", BOB, ROOMY, take_queue=True)
+    assert result.taken is not None and await store.waiting() == []
+
+
+async def test_bot_claims_only_a_customer_conversation_without_agent(make: Callable[..., Store]) -> None:
+    store = make()
+    assert not await store.claim_bot("r1", BOT)  # no conversation
+    await store.join("r1", ANN, ROOMY)
+    claims = await asyncio.gather(store.claim_bot("r1", BOT), store.claim_bot("r1", BOT))
+    assert sorted(claims) == [False, True]
+    await store.join("r2", ANN, ROOMY)
+    await store.join("r2", BOB, ROOMY)
+    assert not await store.claim_bot("r2", BOT)  # an agent is there
+
+
+async def test_escalate_names_the_customer(make: Callable[..., Store]) -> None:
+    store = make()
+    await store.join("r1", BOT, ROOMY)
+    await store.join("r1", ANN, ROOMY)
+    result = await store.escalate("r1", "bot_transfer", 7)
+    assert result.entry is not None and result.entry.customer == ANN and result.entry.since == 7
+
+
+async def test_queue_entry_goes_when_no_customer_remains(make: Callable[..., Store]) -> None:
+    store = make()
+    await store.join("r1", ANN, ROOMY)
+    await store.join("r1", BOT, ROOMY)
+    await store.escalate("r1", "x", 0)
+    result = await store.leave("r1", "u1")
     assert result.left and result.queue_changed and not result.conversation_removed
-    assert await store.participants("r1") == [BOB]
-    assert not (await store.remove_participant("r1", "u1")).left
+    assert result.customers_left == 0
+    assert await store.participants("r1") == [BOT]
+    assert not (await store.leave("r1", "u1")).left
 
 
-async def test_history_outlives_the_last_participant_for_the_retention_time() -> None:
+async def test_history_outlives_the_last_participant_for_the_retention_time(make: Callable[..., Store]) -> None:
     now = [0.0]
-    store = InMemoryStore(retention_seconds=60, retained_limit=2, clock=lambda: now[0])
-    await store.add_participant("r1", ANN)
+    store = make(retention_seconds=60, retained_limit=2, clock=lambda: now[0])
+    await store.join("r1", ANN, ROOMY)
     await store.append_chat("r1", ChatMessage("1", ANN, "my router blinks", 1))
-    assert (await store.remove_participant("r1", "u1")).conversation_removed
+    assert (await store.leave("r1", "u1")).conversation_removed
     assert await store.conversation_count() == 0  # not a live conversation any more
     now[0] = 59.0
     assert [m.text for m in await store.history("r1")] == ["my router blinks"]  # a browser restart finds it
-    await store.add_participant("r1", ANN)  # back: the history is the conversation's again
+    await store.join("r1", ANN, ROOMY)  # back: the history is the conversation's again
     now[0] = 1000.0
     assert [m.text for m in await store.history("r1")] == ["my router blinks"]
-    await store.remove_participant("r1", "u1")
+    await store.leave("r1", "u1")
     now[0] = 1060.0
     assert await store.history("r1") == []  # forgotten after the retention time
 
 
-async def test_only_the_newest_emptied_conversations_are_remembered() -> None:
-    store = InMemoryStore(retention_seconds=60, retained_limit=2)
+async def test_only_the_newest_emptied_conversations_are_remembered(make: Callable[..., Store]) -> None:
+    store = make(retention_seconds=60, retained_limit=2)
     for room in ("r1", "r2", "r3"):
-        await store.add_participant(room, ANN)
+        await store.join(room, ANN, ROOMY)
         await store.append_chat(room, ChatMessage(room, ANN, room, 1))
-        await store.remove_participant(room, "u1")
+        await store.leave(room, "u1")
     assert await store.history("r1") == []
     assert [m.text for m in await store.history("r2")] == ["r2"]
     assert [m.text for m in await store.history("r3")] == ["r3"]

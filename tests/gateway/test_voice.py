@@ -39,8 +39,8 @@ async def test_customer_speech_makes_speaking_events_for_everyone(party: Party) 
 async def test_agents_audio_is_not_segmented(party: Party, server: GatewayServer) -> None:
     customer, _ = await two_way_call(party)
     await customer.hears("audio")
-    [agent_peer] = [p for p in server.broker.router.peers("call-room") if p.identity == "a1"]
-    assert agent_peer.pipeline is None
+    agent_peer = server.broker.calls.get("call-room", "a1")
+    assert agent_peer is not None and agent_peer.pipeline is None
 
 
 async def test_bot_playback_reaches_the_customer(party: Party, server: GatewayServer) -> None:

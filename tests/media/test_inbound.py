@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import struct
+from types import SimpleNamespace
+from typing import Any
 
 from aiortc.rtcrtpparameters import RTCRtpHeaderExtensionParameters, RTCRtpParameters
 from aiortc.rtp import HeaderExtensionsMap, RtpPacket
 from hypothesis import given
 from hypothesis import strategies as st
 
-from media.inbound import InboundAudio, ReorderBuffer, parse_rtp
+from media.inbound import MAX_ROUTES, FastRtp, InboundAudio, ReorderBuffer, parse_rtp
 
 
 def test_in_order_packets_come_straight_out() -> None:
@@ -111,3 +113,18 @@ def test_stream_time_starts_at_zero_and_survives_the_32_bit_wrap() -> None:
     times = [inbound._stream_time((start + k * 960) & 0xFFFFFFFF) for k in range(4)]
     assert times == [0, 960, 1920, 2880]
     assert inbound._stream_time((start + 960) & 0xFFFFFFFF) == 960  # a late one from before the wrap
+
+
+def test_fast_rtp_routes_are_bounded() -> None:
+    """Bug: a route was added per new SSRC and never removed: a client sending a new SSRC
+    per packet grew the gateway for as long as the call lasted."""
+    connection = SimpleNamespace(data_received=lambda data, component: None)  # aioice's ICE connection
+    fast = FastRtp(SimpleNamespace(transport=SimpleNamespace(_connection=connection)))  # type: ignore[arg-type]
+
+    def handler(packet: Any, arrived: float) -> None:
+        pass
+
+    for ssrc in range(1000):
+        fast.add_route(ssrc, handler)
+    fast.add_route(999, handler)  # known: nothing dropped
+    assert list(fast.routes) == list(range(1000 - MAX_ROUTES, 1000))

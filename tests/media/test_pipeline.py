@@ -80,3 +80,20 @@ async def test_barge_in_clears_playback_when_the_customer_starts_talking() -> No
     decoder.decode(bytes(await playback.recv()))  # may ring down the tone
     silence = decoder.decode(bytes(await playback.recv())).astype(np.float64)
     assert np.sqrt(np.mean(silence**2)) < 150  # then silence
+
+
+async def test_a_failing_listener_does_not_deprive_the_others() -> None:
+    """Bug: a listener that raised (a bot connector's bug) cut the event's dispatch short:
+    listeners after it (the ``speaking`` flag) missed it, and the relay lost the frame."""
+    pipeline = VoicePipeline()
+    received: list[Event] = []
+
+    def broken(event: Event) -> None:
+        raise RuntimeError("listener bug")
+
+    pipeline.listeners += [broken, received.append]
+    for frame in to_48k_stereo_frames(FIXTURE.pcm):
+        pipeline.push(frame)
+    pipeline.close()
+    assert isinstance(received[0], SpeechStarted) and isinstance(received[-1], SpeechStopped)
+    assert pipeline.listener_failures.failed == len(received)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 from aiortc.mediastreams import MediaStreamError
 
 from media import opus
-from media.playback import DTX_HANGOVER, FRAME_SAMPLES, IDLE_SECONDS, RATE, SILENCE_PEAK, PlaybackTrack
+from media.playback import DTX_HANGOVER, FRAME_SAMPLES, IDLE_SECONDS, MAX_MARKS, RATE, SILENCE_PEAK, PlaybackTrack
 
 #: RMS below which decoded audio counts as silent: Opus rings down for a few ms after
 #: a tone; the 8000-peak test tone has an RMS of about 5,700.
@@ -192,3 +193,93 @@ async def test_a_pushed_track_stops_delivering_when_stopped_and_recv_reports_the
     assert listener.pushed.empty()  # the timer is gone
     with pytest.raises(RuntimeError):
         track.start(lambda packet: None)
+
+
+class FlakyEncoder:
+    """The track's real encoder, failing on the calls listed (a libopus error)."""
+
+    def __init__(self, encoder: opus.Encoder, fail_on: set[int]) -> None:
+        self.encoder = encoder
+        self.fail_on = fail_on
+        self.calls = 0
+
+    def encode(self, pcm: np.ndarray) -> bytes:
+        self.calls += 1
+        if self.calls in self.fail_on:
+            raise RuntimeError(f"encode {self.calls} failed")
+        return self.encoder.encode(pcm)
+
+
+class Count:
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1) -> None:
+        self.value += amount
+
+
+async def test_a_failing_step_costs_one_slot_and_playback_goes_on(push: bool, caplog: pytest.LogCaptureFixture) -> None:
+    """Bug: an exception in ``_step`` escaped the timer callback, the chain of timers
+    ended and the bot went silent for the rest of the call (pulled: recv() raised and
+    aiortc's sender stopped for good)."""
+    failures = Count()
+    track = PlaybackTrack(step_failures=failures)
+    track._encoder = FlakyEncoder(track._encoder, {3, 4})  # type: ignore[assignment]
+    listener = Listener(track, push)
+    track.enqueue(tone(0.2, 16_000))  # 10 frames
+    with caplog.at_level(logging.ERROR, logger="talkgate.media.playback"):
+        slots: list[int] = []
+        async with asyncio.timeout(2):
+            while track.playing or len(slots) < 8:
+                pts, _ = await listener.next()
+                slots.append(pts // FRAME_SAMPLES)
+    assert slots[:8] == [0, 1, 4, 5, 6, 7, 8, 9]  # slots 2 and 3 lost, nothing else
+    assert track.step_failures.failed == failures.value == 2
+    assert len(caplog.records) == 1 and caplog.records[0].exc_info is not None  # rate-limited
+    more = await listener.next()  # still ticking (the DTX hangover)
+    assert more[0] // FRAME_SAMPLES == 10
+    track.stop()
+
+
+async def test_a_failing_deliver_does_not_stop_the_timer() -> None:
+    """Bug: a ``deliver`` that raised (the relay's) ended the pushed track's timer chain."""
+    got: list[int] = []
+    five = asyncio.Event()
+
+    def deliver(packet: av.Packet[Any]) -> None:
+        assert packet.pts is not None
+        got.append(packet.pts // FRAME_SAMPLES)
+        if len(got) == 5:
+            five.set()
+        if len(got) == 2:
+            raise RuntimeError("relay exploded")
+
+    track = PlaybackTrack()
+    track.enqueue(tone(0.1, 16_000))
+    track.start(deliver)
+    await asyncio.wait_for(five.wait(), 2)
+    assert got[:5] == [0, 1, 2, 3, 4] and track.step_failures.failed == 1
+    track.stop()
+
+
+async def test_pending_marks_are_bounded_and_the_oldest_is_dropped() -> None:
+    """Bug: marks were unbounded; a bot sending 100 000 of them grew the gateway by 79 MB."""
+    dropped: list[str] = []
+    track = PlaybackTrack(max_marks=3, on_mark_dropped=dropped.append)
+    track.enqueue(tone(1.0, 16_000))
+    futures = [track.mark(f"m{i}") for i in range(5)]
+    assert track.pending_marks == 3 and track.marks_dropped == 2
+    assert dropped == ["m0", "m1"]
+    assert [f.done() and f.result() for f in futures[:2]] == [False, False]  # as if cleared
+    assert not any(f.done() for f in futures[2:])
+    assert track.clear() == ["m2", "m3", "m4"]
+    track.stop()
+
+
+async def test_a_flood_of_marks_stays_within_the_default_bound() -> None:
+    track = PlaybackTrack()
+    track.enqueue(tone(0.1, 16_000))
+    for i in range(100_000):
+        track.mark(str(i))
+    assert track.pending_marks == MAX_MARKS and track.marks_dropped == 100_000 - MAX_MARKS
+    track.stop()

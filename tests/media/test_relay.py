@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import fractions
+import logging
 
+import pytest
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import AudioFrame
 
-from media.relay import CATCH_UP_TO, MAX_BACKLOG, QUEUE_FRAMES, OutputTrack, Relay
+from media.relay import CATCH_UP_TO, MAX_BACKLOG, QUEUE_FRAMES, MediaFrame, OutputTrack, Relay
 
 
 class Numbered(MediaStreamTrack):
@@ -87,3 +89,119 @@ async def test_switching_an_output_between_sources() -> None:
     else:
         raise AssertionError("a stopped output must end its recv()")
     await asyncio.gather(a.close(), b.close())
+
+
+class Failing(MediaStreamTrack):
+    """Yields ``count`` frames, then raises what a buggy source might (not MediaStreamError)."""
+
+    kind = "audio"
+
+    def __init__(self, count: int) -> None:
+        super().__init__()
+        self.numbered = Numbered(count)
+
+    async def recv(self) -> AudioFrame:
+        if self.numbered.pts >= self.numbered.count:
+            raise RuntimeError("decoder exploded")
+        return await self.numbered.recv()
+
+
+class BrokenSubscriber:
+    """A subscriber whose push fails on every frame (a tap with a bug)."""
+
+    def __init__(self) -> None:
+        self.relay: Relay | None = None
+        self.pushes = 0
+
+    def push(self, frame: MediaFrame) -> None:
+        self.pushes += 1
+        raise ValueError("cannot take this frame")
+
+    def clear(self) -> None:
+        raise ValueError("cannot clear either")
+
+
+class Count:
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1) -> None:
+        self.value += amount
+
+
+async def test_a_source_that_fails_ends_the_relay_and_calls_on_ended(caplog: pytest.LogCaptureFixture) -> None:
+    """Bug: a reader whose recv() raised anything but MediaStreamError ended without
+    calling on_ended (and the exception vanished): its outputs stayed attached to a
+    dead relay and the peer never learnt its source was gone."""
+    ended: list[Relay] = []
+    done = asyncio.Event()
+
+    def on_ended(relay: Relay) -> None:
+        ended.append(relay)
+        done.set()
+
+    output = OutputTrack("audio")
+    failures = Count()
+    with caplog.at_level(logging.ERROR, logger="talkgate.media.relay"):
+        relay = Relay(Failing(5), on_ended=on_ended, reader_failures=failures)
+        relay.subscribe(output)
+        await asyncio.wait_for(done.wait(), 5)
+        await asyncio.sleep(0)
+    assert ended == [relay] and relay.finished
+    assert output.relay is None and not relay.outputs  # detached, queued frames kept
+    assert [(await output.recv()).pts for _ in range(2)] == [3, 4]
+    assert failures.value == 1
+    [record] = caplog.records
+    assert "decoder exploded" in record.getMessage() and record.exc_info is not None
+    await relay.close()
+
+
+async def test_a_failing_subscriber_does_not_stop_the_relay_for_the_others(caplog: pytest.LogCaptureFixture) -> None:
+    """Bug: one subscriber's push raising ended the reader task (or, pushed, the RTP
+    callback) for every subscriber; now it misses its frames, counted and logged once."""
+    broken = BrokenSubscriber()
+    outputs = [OutputTrack("audio") for _ in range(2)]
+    failures = Count()
+    ended = asyncio.Event()
+    with caplog.at_level(logging.ERROR, logger="talkgate.media.relay"):
+        relay = Relay(Numbered(50), on_ended=lambda _: ended.set(), subscriber_failures=failures)
+        relay.subscribe(outputs[0])
+        relay.subscribe(broken)
+        relay.subscribe(outputs[1])
+        relay.flush()  # clear() raising is survived too (nothing delivered yet)
+        got: list[list[int]] = [[], []]
+
+        async def read(i: int) -> None:
+            while len(got[i]) < 50:
+                got[i].append(int((await outputs[i].recv()).pts or 0))
+
+        await asyncio.wait_for(asyncio.gather(read(0), read(1)), 5)
+        await asyncio.wait_for(ended.wait(), 1)
+    assert got == [list(range(50)), list(range(50))]
+    assert broken.pushes == 50
+    assert relay.subscriber_failures.failed == failures.value == 51
+    assert len(caplog.records) == 1  # rate-limited: not one line per frame
+    assert "BrokenSubscriber" in caplog.records[0].getMessage()
+    await relay.close()
+
+
+async def test_a_subscriber_may_unsubscribe_another_during_a_delivery() -> None:
+    """A push that changes the subscriptions (a barge-in rerouting) must not break the loop."""
+    relay = Relay(Numbered(0))
+    output = OutputTrack("audio")
+
+    class Unsubscriber:
+        relay: Relay | None = None
+
+        def push(self, frame: MediaFrame) -> None:
+            relay.unsubscribe(output)
+            relay.unsubscribe(self)
+
+        def clear(self) -> None:
+            pass
+
+    relay.subscribe(Unsubscriber())
+    relay.subscribe(output)
+    relay.deliver(AudioFrame(format="s16", layout="mono", samples=160))
+    assert not relay.outputs
+    await relay.close()

@@ -1,0 +1,150 @@
+"""Who gets which bytes: this process's connections, and events turned into messages.
+
+``Delivery`` keeps the per-process index of connections (who is connected here, in
+which conversations, which agents are in the lobby) and is the wire encoder: each
+domain event becomes the client message its conversation's local participants get,
+encoded once per fan-out, not once per recipient. Delivery is local today; the
+cluster issue puts a bus behind ``fan_out`` for participants connected elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from . import events as ev
+from . import messages
+from .errors import BadRequest, NotFound
+from .messages import Participant, QueueEntry
+from .protocol import SignalingProtocol
+
+
+@dataclass(eq=False)
+class Membership:
+    """One conversation a connection is in."""
+
+    conversation: str
+
+
+class Connection(Protocol):
+    """What the gateway needs from a client connection (``session.Session``)."""
+
+    protocol: SignalingProtocol
+    participant: Participant | None
+    #: The conversations this connection is in, in the order it entered them.
+    memberships: dict[str, Membership]
+
+    def deliver(self, data: bytes, mtype: str) -> None:
+        """Queue an encoded message for the client without waiting."""
+
+    def close(self, code: int, reason: str) -> None:
+        """Close after the messages already queued have been written."""
+
+
+def target(conn: Connection, requested: str | None) -> str:
+    """The conversation a client message is about: the one it names, or its only one."""
+    if requested is not None:
+        if requested not in conn.memberships:
+            raise NotFound(f"you are not in conversation {requested[:128]!r}")
+        return requested
+    if len(conn.memberships) == 1:
+        return next(iter(conn.memberships))
+    if not conn.memberships:
+        raise BadRequest("you are not in a conversation")
+    raise BadRequest("you are in several conversations: name one in 'conversation'")
+
+
+@dataclass
+class Delivery:
+    #: conversation id -> identity -> the local connection that is that participant
+    rooms: dict[str, dict[str, Connection]] = field(default_factory=dict)
+    #: identity -> the local agent connection (one connection per agent identity)
+    agents: dict[str, Connection] = field(default_factory=dict)
+    #: connections that have joined and are still connected (replaced ones until they close)
+    sessions: set[Connection] = field(default_factory=set)
+
+    def enter(self, conn: Connection, conversation: str) -> None:
+        me = conn.participant
+        assert me is not None
+        conn.memberships.setdefault(conversation, Membership(conversation))
+        self.rooms.setdefault(conversation, {})[me.identity] = conn
+
+    def exit(self, conn: Connection, conversation: str) -> None:
+        conn.memberships.pop(conversation, None)
+        me = conn.participant
+        room = self.rooms.get(conversation)
+        if me is not None and room is not None and room.get(me.identity) is conn:
+            del room[me.identity]
+            if not room:
+                del self.rooms[conversation]
+
+    def local(self, conversation: str, identity: str) -> Connection | None:
+        return self.rooms.get(conversation, {}).get(identity)
+
+    # -- events -> wire ---------------------------------------------------------------
+
+    def __call__(self, event: ev.Event) -> None:
+        """Deliver one event to the conversation's local participants as its client message."""
+        message, skip = wire(event)
+        if message is not None and event.conversation in self.rooms:
+            self.fan_out(event.conversation, messages.encode(message), str(message["type"]), skip=skip)
+
+    def fan_out(self, conversation: str, data: bytes, mtype: str, *, skip: str | None = None) -> None:
+        """Deliver already encoded bytes to every local participant but ``skip`` (an identity)."""
+        for identity, conn in self.rooms.get(conversation, {}).items():
+            if identity != skip:
+                conn.deliver(data, mtype)
+
+    def to_agents(self, entries: Iterable[QueueEntry]) -> None:
+        if self.agents:
+            data = messages.encode(messages.queue(list(entries)))
+            for agent in self.agents.values():
+                agent.deliver(data, "queue")
+
+
+def wire(event: ev.Event) -> tuple[dict[str, Any] | None, str | None]:
+    """The client message for an event (None: nothing on the wire), and whom it skips."""
+    c = event.conversation
+    match event:
+        case ev.ParticipantJoined(participant=who):
+            # The joiner itself gets ``joined`` instead.
+            return messages.participant_event("joined", c, who), who.identity
+        case ev.ParticipantLeft(participant=who):
+            return messages.participant_event("left", c, who), who.identity
+        case ev.ChatPosted(message=message):
+            return message.as_dict(c), None
+        case ev.TranscriptPosted(sender=sender, text=text, final=final):
+            return {
+                "type": "transcript",
+                "conversation": c,
+                "from": sender.as_dict(),
+                "text": text,
+                "final": final,
+            }, None
+        case ev.QueueEntered(entry=entry):
+            return {"type": "queued", "conversation": c, "reason": entry.reason}, None
+        case ev.MediaChanged(identity=identity, audio=audio, video=video):
+            return {"type": "media", "conversation": c, "identity": identity, "audio": audio, "video": video}, None
+        case ev.SpeakingChanged(identity=identity, speaking=speaking):
+            return {"type": "speaking", "conversation": c, "identity": identity, "speaking": speaking}, None
+        case ev.UpgradeRequested(id=rid, media=media, sender=sender):
+            # Everyone gets it, the sender included: the echo carries the id to match replies.
+            return {
+                "type": "upgrade.request",
+                "conversation": c,
+                "id": rid,
+                "media": media,
+                "from": sender.as_dict(),
+            }, None
+        case ev.UpgradeAnswered(id=rid, media=media, replier=replier, accept=accept):
+            reply = {
+                "type": "upgrade.reply",
+                "conversation": c,
+                "id": rid,
+                "media": media,
+                "accept": accept,
+                "from": replier.as_dict(),
+            }
+            return reply, replier.identity
+    return None, None

@@ -1,0 +1,127 @@
+"""Domain events: what happened in a conversation, as typed values.
+
+The conversation rules (``conversation.py``), the calls (``calls.py``) and the bot
+manager return or report these; everything that reacts consumes the same values:
+the wire encoder (``delivery.py``) turns each into the client message its
+participants get, ``metrics.py`` counts them, the bot manager hears customer chat
+and agent arrivals, and the coming durable records, webhook outbox and cluster bus
+attach here too. Events are facts, past tense, frozen; they carry no sockets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .messages import ChatMessage, Participant, QueueEntry
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    conversation: str
+    #: When it happened: the gateway's clock, Unix milliseconds.
+    ts: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConversationOpened(Event):
+    """Its first participant joined (a conversation id that was not live)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConversationClosed(Event):
+    """Its last participant left."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ParticipantJoined(Event):
+    participant: Participant
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ParticipantLeft(Event):
+    participant: Participant
+    #: ``left`` (asked to), ``disconnected`` (connection closed), ``transferred`` (a bot
+    #: handed over), ``customer_left``, ``shutdown``, or a bot's own ending.
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChatPosted(Event):
+    message: ChatMessage
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TranscriptPosted(Event):
+    """A bot's transcript of what it heard (partial or final); not kept in the history."""
+
+    sender: Participant
+    text: str
+    final: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QueueEntered(Event):
+    entry: QueueEntry
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QueueLeft(Event):
+    #: ``accepted`` (an agent took it) or ``abandoned`` (no customer remains).
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentAccepted(Event):
+    """An agent took the conversation from the queue (or entered it with a room token)."""
+
+    agent: Participant
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MediaChanged(Event):
+    """What a participant now sends to the gateway (announced only when it changed)."""
+
+    identity: str
+    audio: bool
+    video: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CallStarted(Event):
+    """A participant's peer connection with the gateway was created (its first offer)."""
+
+    participant: Participant
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CallEnded(Event):
+    participant: Participant
+    #: ``hangup``, ``left``, ``disconnected``, ``replaced``, ``failed``.
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SpeakingChanged(Event):
+    """The voice pipeline heard a participant start or stop talking."""
+
+    identity: str
+    speaking: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpgradeRequested(Event):
+    id: str
+    media: str
+    sender: Participant
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpgradeAnswered(Event):
+    id: str
+    media: str
+    replier: Participant
+    accept: bool
+
+
+#: Events after which every agent gets the new queue.
+QUEUE_EVENTS = (QueueEntered, QueueLeft)
