@@ -11,9 +11,11 @@ manager. Every client-caused failure is raised as a ``ProtocolError`` for the se
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from media.pipeline import VoicePipeline
 from media.playback import PlaybackTrack
@@ -39,6 +41,15 @@ log = logging.getLogger("talkgate.broker")
 _PONG = messages.encode({"type": "pong"})
 
 Consumer = Callable[[ev.Event], None]
+
+
+@dataclass(eq=False)
+class Away:
+    """A participant whose connection was lost, kept in a conversation for the grace time."""
+
+    participant: Participant
+    #: Sleeps out the grace time, then makes the participant leave; cancelled on return.
+    expiry: asyncio.Task[None]
 
 
 class Broker:
@@ -77,6 +88,9 @@ class Broker:
         self.bots = BotManager(config, metrics, self, self.tasks)
         #: Everything that reacts to domain events, in order (records and webhooks join here).
         self.consumers: list[Consumer] = [self.delivery, metrics.event, self._react]
+        #: (conversation, identity) -> a participant whose connection was lost, in its grace time
+        self._away: dict[tuple[str, str], Away] = {}
+        self._closing = False
 
     # -- views used by the server and tests ---------------------------------------------
 
@@ -99,6 +113,13 @@ class Broker:
         return len(self.delivery.rooms)
 
     async def close(self, timeout: float = 2.0) -> None:  # noqa: ASYNC109 (a grace period for owned tasks)
+        """Shutdown: participants still in their grace time leave now (the store stays
+        consistent for other processes), bots stop, owned tasks end."""
+        self._closing = True
+        for (conversation, _), away in list(self._away.items()):
+            if self._away.pop((conversation, away.participant.identity), None) is away:
+                away.expiry.cancel()
+                await self._depart(conversation, away.participant, "disconnected")
         await self.bots.close(timeout)
         await self.tasks.close(timeout)
 
@@ -177,6 +198,7 @@ class Broker:
         room = grant.room
         assert room is not None  # tokens.verify and authorize guarantee it
         events = await self.conversations.join(room, me)  # refused: nothing changed
+        events += self._returned(room, me)
         self._joined(conn, me)
         old = self.delivery.local(room, me.identity)
         if old is not None and old is not conn:
@@ -192,11 +214,15 @@ class Broker:
         without the customers seeing the agent leave."""
         old = self.delivery.agents.get(me.identity)
         inherited = list(old.memberships) if old is not None else []
+        # A reload whose old connection closed first: its conversations wait in their grace time.
+        inherited += [c for (c, identity) in self._away if identity == me.identity and c not in inherited]
         entering = room is not None and room not in inherited
         events: list[ev.Event] = []
         if entering:
             assert room is not None
             events = await self.conversations.join(room, me, take_queue=True)  # refused: nothing changed
+        for conversation in inherited:
+            events += self._returned(conversation, me)
         self._joined(conn, me)
         if old is not None:
             self._evict(old)
@@ -324,20 +350,58 @@ class Broker:
             self.delivery.sessions.discard(conn)
 
     async def disconnect(self, conn: Connection) -> None:
-        """The connection is gone: leave whatever it was part of (unless it was replaced)."""
+        """The connection is gone (unless it was replaced, it is in conversations): its calls
+        end, and it stays in each conversation for ``reconnect_grace_seconds`` so that a
+        reload or a network switch resumes unseen; after that it leaves."""
         self.delivery.sessions.discard(conn)
         me = conn.participant
         if me is None:
             return
         if self.delivery.agents.get(me.identity) is conn:
             del self.delivery.agents[me.identity]
+        grace = self.config.reconnect_grace_seconds
         for conversation in list(conn.memberships):
-            await self._exit(conn, conversation, "disconnected")
+            if grace > 0 and not self._closing:
+                await self._go_away(conn, conversation, grace)
+            else:
+                await self._exit(conn, conversation, "disconnected")
+
+    async def _go_away(self, conn: Connection, conversation: str, grace: float) -> None:
+        me = _me(conn)
+        await self.calls.close(conversation, me.identity, "disconnected", owner=conn)
+        self.delivery.exit(conn, conversation)
+        key = (conversation, me.identity)
+        previous = self._away.pop(key, None)
+        if previous is not None:  # pragma: no cover - a connection in the room replaces the away entry
+            previous.expiry.cancel()
+        expiry = self.tasks.spawn(self._expire(conversation, me, grace), f"away {conversation}/{me.identity}")
+        self._away[key] = Away(me, expiry)
+        self.publish([ev.ParticipantAway(conversation=conversation, ts=now_ms(), participant=me, grace_seconds=grace)])
+
+    async def _expire(self, conversation: str, me: Participant, grace: float) -> None:
+        await asyncio.sleep(grace)
+        away = self._away.get((conversation, me.identity))
+        if away is None or away.expiry is not asyncio.current_task():
+            return
+        del self._away[(conversation, me.identity)]  # from here on a return is a new join
+        await self._depart(conversation, me, "disconnected")
+
+    def _returned(self, conversation: str, me: Participant) -> list[ev.Event]:
+        """``me`` joined again: if it was away from ``conversation``, it never left."""
+        away = self._away.pop((conversation, me.identity), None)
+        if away is None:
+            return []
+        away.expiry.cancel()
+        return [ev.ParticipantReturned(conversation=conversation, ts=now_ms(), participant=me)]
 
     async def _exit(self, conn: Connection, conversation: str, reason: str) -> None:
         me = _me(conn)
         await self.calls.close(conversation, me.identity, reason, owner=conn)
         self.delivery.exit(conn, conversation)
+        await self._depart(conversation, me, reason)
+
+    async def _depart(self, conversation: str, me: Participant, reason: str) -> None:
+        """``me`` leaves the conversation for good (its connection, if any, is out already)."""
         if me.role == Role.CUSTOMER and self.bots.get(conversation) is not None:
             others = await self.store.participants(conversation) or []
             if not any(p.role == Role.CUSTOMER and p.identity != me.identity for p in others):

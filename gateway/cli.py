@@ -44,6 +44,7 @@ _LIMITS: list[tuple[str, str, type, str]] = [
     ("--max-conversations", "max_conversations", int, "Conversations at once; joins opening more get unavailable."),
     ("--max-participants", "max_participants", int, "Participants in one conversation (bot included)."),
     ("--agent-capacity", "agent_capacity", int, "Conversations one agent connection may hold at once."),
+    ("--reconnect-grace-seconds", "reconnect_grace_seconds", float, "How long a lost connection's place is kept."),
     ("--bot-rate", "bot_rate_per_second", float, "Messages per second a bot may send to a conversation."),
     ("--bot-burst", "bot_rate_burst", int, "Messages a bot may send at once before --bot-rate applies."),
     ("--max-peer-connections", "max_peer_connections", int, "WebRTC peer connections this process holds."),

@@ -52,6 +52,10 @@ class Config:
     max_participants: int = 8
     #: Conversations one agent connection may hold at once (the agent desk raises it).
     agent_capacity: int = 1
+    #: A participant whose connection is lost (not one that leaves) stays in its
+    #: conversations this long, so a reload or a network switch resumes them unseen;
+    #: 0 leaves at once.
+    reconnect_grace_seconds: float = 5.0
     #: Messages per second a bot may send that reach the conversation (chat, transcript,
     #: transfer, upgrade), and the burst; more get an error back, never reach the customer.
     bot_rate_per_second: float = 20.0
@@ -126,8 +130,8 @@ class Config:
                 raise ConfigError(f"{name} must be positive")
         if self.rate_per_second <= 0 or self.join_timeout <= 0:
             raise ConfigError("rate_per_second and join_timeout must be positive")
-        if self.drain_seconds < 0 or self.history_retention_seconds < 0:
-            raise ConfigError("drain_seconds and history_retention_seconds must be >= 0")
+        if self.drain_seconds < 0 or self.history_retention_seconds < 0 or self.reconnect_grace_seconds < 0:
+            raise ConfigError("drain_seconds, history_retention_seconds and reconnect_grace_seconds must be >= 0")
         for origin in self.allowed_origins:
             if origin != "*" and not origin.startswith(("http://", "https://")):
                 raise ConfigError(f"an allowed origin is '*' or starts with http:// or https://, not {origin!r}")

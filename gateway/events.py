@@ -46,6 +46,22 @@ class ParticipantLeft(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ParticipantAway(Event):
+    """A participant's connection was lost; it stays in the conversation for the grace
+    time (a reload, a network switch) and leaves (``ParticipantLeft``) if it is not back."""
+
+    participant: Participant
+    grace_seconds: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ParticipantReturned(Event):
+    """A participant that was away joined again within the grace time."""
+
+    participant: Participant
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ChatPosted(Event):
     message: ChatMessage
 

@@ -35,7 +35,15 @@ def _loopback_ice() -> None:
 
 @pytest.fixture
 def config() -> Config:
-    return Config(host="127.0.0.1", port=0, secret=SECRET, **RTC_LOOPBACK)  # type: ignore[arg-type]
+    """Most tests want a lost connection to leave at once; the reconnect grace has its own
+    tests (tests/gateway/test_signaling.py), and the browser tests run the default."""
+    return Config(
+        host="127.0.0.1",
+        port=0,
+        secret=SECRET,
+        reconnect_grace_seconds=0,
+        **RTC_LOOPBACK,  # type: ignore[arg-type]
+    )
 
 
 @pytest.fixture

@@ -166,14 +166,10 @@ def test_the_console_opened_again_takes_over_both_conversations(
         expect(page.locator("#escalate")).to_have_text("An agent is here")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the gateway ends a disconnected agent's conversations at once, and a reload closes the old "
-    "websocket (1001) before the new page joins: it needs a grace period to take them over",
-)
 def test_a_reload_of_the_console_takes_over_both_conversations(desk_gateway: GatewayProcess, new_page: NewPage) -> None:
-    """A reload brings both conversations back, the one on screen still on screen. (The page
-    side is done: it restores the selection from sessionStorage.)"""
+    """A reload brings both conversations back, the one on screen still on screen: the old
+    websocket closes (1001) before the new page joins, and the gateway keeps the agent's
+    place for --reconnect-grace-seconds (default 5). The selection comes from sessionStorage."""
     agent, ann, cid = desk(desk_gateway, new_page, "a-desk3", "ann3", "cid3")
     agent.click(item("r-ann3"))
     send(agent, "Before the reload")

@@ -57,7 +57,7 @@ class Recorder:
 
 @pytest.fixture
 def broker() -> Broker:
-    config = Config(dev=True, agent_capacity=2)
+    config = Config(dev=True, agent_capacity=2, reconnect_grace_seconds=0)
     return Broker(config, InMemoryStore(), Metrics())
 
 
@@ -156,3 +156,24 @@ def test_routing_policy_follows_the_conversation_state() -> None:
     assert not wants(default, ANN, ANN)
     held = RouteState(held=frozenset({"u1"}))
     assert not wants(held, ANN, BOB) and not wants(held, BOB, ANN)
+
+
+async def test_a_lost_connection_is_away_for_the_grace_time_and_returns_unseen() -> None:
+    broker = Broker(Config(dev=True, reconnect_grace_seconds=30), InMemoryStore(), Metrics())
+    seen: list[ev.Event] = []
+    broker.consumers.append(seen.append)
+    ann = await join(broker, ANN, "r1")
+    bob = await join(broker, BOB, "r1")
+    ann.take()
+    await broker.disconnect(bob)
+    assert [type(e) for e in seen[-1:]] == [ev.ParticipantAway]
+    assert await broker.store.participants("r1") == [ANN, BOB]  # still there
+    assert not any(m["type"] == "participant.left" for m in ann.sent)
+    again = await join(broker, BOB)  # the reloaded console, no room in its token
+    assert list(again.memberships) == ["r1"]
+    assert isinstance(seen[-1], ev.ParticipantReturned)
+    assert [m["type"] for m in again.sent] == ["joined", "queue"]
+    assert not any(m["type"] in ("participant.left", "participant.joined") for m in ann.sent)
+    await broker.disconnect(again)
+    await broker.close()  # shutdown: the away agent leaves now
+    assert await broker.store.participants("r1") == [ANN]

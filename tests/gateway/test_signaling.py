@@ -67,6 +67,36 @@ async def test_disconnect_counts_as_leaving(join: Join) -> None:
     await ann.expect("participant.left", identity="u2")
 
 
+async def test_a_lost_connection_keeps_its_place_for_the_grace_time(config: Config) -> None:
+    """A reload or a network switch closes the websocket before the new one joins: within
+    --reconnect-grace-seconds the participant never left, nobody sees a thing, and the
+    agent's console takes its conversations back. Past it, the participant leaves."""
+    async with GatewayServer(dataclasses.replace(config, reconnect_grace_seconds=0.6)) as server:
+        ann = await Client.open(server.ws_url)
+        await ann.send({"type": "join", "token": make_token("u1", "customer", "r1")})
+        await ann.expect("joined")
+        bob = await Client.open(server.ws_url)
+        await bob.send({"type": "join", "token": make_token("a1", "agent", "r1")})
+        await bob.expect("joined", conversation="r1")
+        await ann.expect("participant.joined", identity="a1")
+        await ann.send({"type": "chat", "text": "my router blinks"})
+        await ann.expect("chat")
+        await bob.close()  # the console reloads: its socket closes first
+        again = await Client.open(server.ws_url)
+        await again.send({"type": "join", "token": make_token("a1", "agent")})  # no room in this token
+        joined = await again.expect("joined", conversation="r1")
+        assert joined["history"][-1]["text"] == "my router blinks"
+        await again.expect("queue")
+        await ann.quiet(0.8)  # past the grace time: no participant.left, no participant.joined
+        await again.send({"type": "chat", "text": "still with you"})
+        assert (await ann.expect("chat"))["text"] == "still with you"
+
+        await again.close()  # this time for good
+        await ann.quiet(0.3)  # within the grace time nothing yet
+        await ann.expect("participant.left", identity="a1", timeout=2)
+        await ann.close()
+
+
 async def test_history_on_join_is_bounded_and_ordered(connect: Connect, config: Config) -> None:
     async with GatewayServer(dataclasses.replace(config, history_limit=5)) as small:
         ann = await connect(small.ws_url)
