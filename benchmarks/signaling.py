@@ -158,8 +158,11 @@ async def fanout(gw: GatewayProcess, participants: int, messages: int) -> dict[s
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     # Rate limiting is per connection and this benchmark's sender is one connection; the
-    # fan-out conversation holds more than the default --max-participants.
-    gw = start_gateway(rate=100_000, burst=100_000, extra=["--max-participants", str(max(8, args.fanout))])
+    # fan-out conversation holds more than the default --max-participants; clients close
+    # without leaving, and their places must not be held for a reconnect (the join phases
+    # open --joins conversations each, one after the other).
+    extra = ["--max-participants", str(max(8, args.fanout)), "--reconnect-grace-seconds", "0"]
+    gw = start_gateway(rate=100_000, burst=100_000, extra=extra)
     try:
         return {
             "benchmark": "signaling",
