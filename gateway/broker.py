@@ -16,6 +16,7 @@ import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from media.pipeline import VoicePipeline
 from media.playback import PlaybackTrack
@@ -30,9 +31,10 @@ from .calls import Calls, RtcSettings
 from .config import Config
 from .conversation import MAX_REASON_CHARS, Conversations, Upgrades, now_ms
 from .delivery import Connection, Delivery, target
-from .errors import BadRequest, Conflict, Forbidden, TooLarge, Unauthorized
+from .errors import BadRequest, Conflict, Forbidden, TooLarge, Unauthorized, Unavailable
 from .messages import Participant, Role
 from .metrics import Metrics
+from .records import Records, RecordsError
 from .routing import Router
 from .store import Limits, Store
 
@@ -53,10 +55,13 @@ class Away:
 
 
 class Broker:
-    def __init__(self, config: Config, store: Store, metrics: Metrics) -> None:
+    def __init__(self, config: Config, store: Store, metrics: Metrics, *, records: Records | None = None) -> None:
         self.config = config
         self.store = store
         self.metrics = metrics
+        #: The durable records: every event is written there, and what ``apply`` publishes
+        #: only once it is committed (a chat's echo is its delivery receipt).
+        self.records = records
         #: Tasks the broker starts and does not await at once (a bot stopping, a replaced
         #: call closing): named, failures logged, cancelled on close.
         self.tasks = TaskOwner("broker", log, failures=metrics.task_failures_by_owner["broker"])
@@ -88,6 +93,8 @@ class Broker:
         self.bots = BotManager(config, metrics, self, self.tasks)
         #: Everything that reacts to domain events, in order (records and webhooks join here).
         self.consumers: list[Consumer] = [self.delivery, metrics.event, self._react]
+        #: waiting conversation -> its customer card (for the queue; dropped when it stops waiting)
+        self._queue_cards: dict[str, dict[str, Any]] = {}
         #: (conversation, identity) -> a participant whose connection was lost, in its grace time
         self._away: dict[tuple[str, str], Away] = {}
         self._closing = False
@@ -125,8 +132,11 @@ class Broker:
 
     # -- events -------------------------------------------------------------------------
 
-    def publish(self, events: list[ev.Event]) -> None:
-        """Hand events to every consumer; a failing consumer is logged and the others still run."""
+    def publish(self, events: list[ev.Event], *, recorded: bool = False) -> None:
+        """Hand events to every consumer; a failing consumer is logged and the others still run.
+        Unless ``recorded`` already, they are queued for the records (in order, not awaited)."""
+        if self.records is not None and not recorded:
+            self.records.submit(events)
         for event in events:
             for consumer in self.consumers:
                 try:
@@ -135,8 +145,14 @@ class Broker:
                     log.exception("an event consumer failed on %s", type(event).__name__)
 
     async def apply(self, events: list[ev.Event]) -> None:
-        """``publish``, then give every agent the new queue if it changed."""
-        self.publish(events)
+        """Record (committed before anyone is told), ``publish``, then give every agent the
+        new queue if it changed."""
+        if self.records is not None and events:
+            try:
+                await self.records.write(events)
+            except RecordsError as exc:
+                raise Unavailable("the gateway could not store that; try again") from exc
+        self.publish(events, recorded=True)
         if any(isinstance(event, ev.QUEUE_EVENTS) for event in events):
             await self.publish_queue()
 
@@ -197,7 +213,7 @@ class Broker:
             return
         room = grant.room
         assert room is not None  # tokens.verify and authorize guarantee it
-        events = await self.conversations.join(room, me)  # refused: nothing changed
+        events = await self.conversations.join(room, me, profile=grant.profile)  # refused: nothing changed
         events += self._returned(room, me)
         self._joined(conn, me)
         old = self.delivery.local(room, me.identity)
@@ -241,7 +257,8 @@ class Broker:
             await self._send_joined(conn, conversation)
         await self.apply(events)
         if not any(isinstance(event, ev.QUEUE_EVENTS) for event in events):
-            conn.deliver(messages.encode(messages.queue(await self.store.waiting())), "queue")
+            entries = await self.store.waiting()
+            conn.deliver(messages.encode(messages.queue(entries, await self._cards(entries))), "queue")
 
     def _joined(self, conn: Connection, me: Participant) -> None:
         conn.participant = me
@@ -266,8 +283,12 @@ class Broker:
 
     async def _send_joined(self, conn: Connection, conversation: str) -> None:
         participants = await self.store.participants(conversation) or []
-        history = await self.store.history(conversation)
-        conn.deliver(self._joined_message(conversation, _me(conn), participants, history), "joined")
+        history = await self._history(conversation)
+        me = _me(conn)
+        customer = next((p for p in participants if p.role == Role.CUSTOMER), None)
+        # An agent sees who the customer is and what happened before.
+        card = await self.customer_card(conversation, customer) if me.role == Role.AGENT and customer else None
+        conn.deliver(self._joined_message(conversation, me, participants, history, card), "joined")
 
     def _joined_message(
         self,
@@ -275,6 +296,7 @@ class Broker:
         me: Participant,
         participants: list[Participant],
         history: list[messages.ChatMessage],
+        customer: dict[str, Any] | None = None,
     ) -> bytes:
         media = self.calls.media_list(conversation) if conversation is not None else []
         capacity = self.config.agent_capacity if me.role == Role.AGENT else None
@@ -287,6 +309,7 @@ class Broker:
                 ice_servers=self.ice_servers_json,
                 media=media,
                 capacity=capacity,
+                customer=customer,
             )
         )
 
@@ -331,10 +354,29 @@ class Broker:
         await self._send_joined(conn, msg.conversation)
         await self.apply(events)
 
+    async def _history(self, conversation: str) -> list[messages.ChatMessage]:
+        """The chat a joiner gets: from the records when there are any (they outlive a
+        restart), else the store's."""
+        if self.records is not None:
+            recorded = await self.records.history(conversation, self.config.history_limit)
+            if recorded is not None:
+                return recorded
+        return await self.store.history(conversation)
+
     async def publish_queue(self) -> None:
         entries = await self.store.waiting()
         self.metrics.queue_length.set(len(entries))
-        self.delivery.to_agents(entries)
+        self.delivery.to_agents(entries, await self._cards(entries))
+
+    async def _cards(self, entries: list[messages.QueueEntry]) -> dict[str, dict[str, Any]]:
+        """Customer cards for the waiting conversations, looked up once per queue entry."""
+        waiting = {e.conversation for e in entries}
+        for gone in self._queue_cards.keys() - waiting:
+            del self._queue_cards[gone]
+        for entry in entries:
+            if entry.conversation not in self._queue_cards:
+                self._queue_cards[entry.conversation] = await self.customer_card(entry.conversation, entry.customer)
+        return self._queue_cards
 
     # -- leaving ----------------------------------------------------------------------
 
@@ -468,6 +510,17 @@ class Broker:
 
     def pipelines(self, conversation: str) -> list[tuple[VoicePipeline, list[Subscriber]]]:
         return [(p.pipeline, p.taps) for p in self.calls.peers(conversation) if p.pipeline is not None]
+
+    async def customer_card(self, conversation: str, customer: Participant) -> dict[str, Any]:
+        """Who the customer is, as far as the records know: ``{"identity", "name", "profile",
+        "previous": [earlier conversations…]}`` (agents' ``joined`` and queue, the bot's ``start``)."""
+        card: dict[str, Any] = {"identity": customer.identity, "name": customer.name, "profile": None, "previous": []}
+        if self.records is not None:
+            known = await self.records.customer(customer.identity)
+            if known is not None:
+                card["profile"] = known.profile
+            card["previous"] = await self.records.previous(customer.identity, conversation)
+        return card
 
 
 def _me(conn: Connection) -> Participant:

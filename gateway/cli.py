@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 import click
@@ -18,6 +20,9 @@ from .errors import ConfigError
 from .server import configure_logging, run
 
 log = logging.getLogger("talkgate.cli")
+
+#: Where ``serve`` keeps its records unless --database says otherwise (the current directory).
+DEFAULT_DATABASE = "sqlite:///talkgate.db"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -162,6 +167,15 @@ def _server_options(f: click.decorators.FC) -> click.decorators.FC:
             show_envvar=True,
             help="Clear bot audio when the customer starts talking.",
         ),
+        click.option(
+            "--database",
+            envvar="TALKGATE_DATABASE",
+            default=None,
+            show_envvar=True,
+            show_default=False,
+            help="Durable records: sqlite:///PATH or postgresql://USER@HOST/DB; 'none' keeps them in memory "
+            "only. Default: serve: sqlite:///talkgate.db; demo: a file in its data directory.",
+        ),
         click.option("--log-level", envvar="TALKGATE_LOG_LEVEL", default="INFO", show_envvar=True),
     ]
     for option in reversed(options):
@@ -172,6 +186,8 @@ def _server_options(f: click.decorators.FC) -> click.decorators.FC:
 def _serve(log_level: str, demo_bot: str | None = None, **settings: Any) -> None:
     configure_logging(log_level.upper())
     settings["rtc_addresses"] = settings["rtc_addresses"] or None  # none given: every interface
+    database = settings.get("database") or DEFAULT_DATABASE
+    settings["database"] = "" if database == "none" else database
     try:
         config = Config(**settings)
     except ConfigError as exc:
@@ -207,7 +223,44 @@ def demo(demo_bot: str, **settings: Any) -> None:
     """Run a self-contained demo (dev mode on localhost, with a bot); open the printed URL."""
     if settings.get("bot_url"):
         demo_bot = "none"  # a bot of your own was given
+    if not settings.get("database"):
+        data = demo_data_dir()
+        data.mkdir(parents=True, exist_ok=True)
+        settings["database"] = f"sqlite:///{data / 'demo.db'}"  # named in the start-up lines
     _serve(dev=True, demo_bot=None if demo_bot == "none" else demo_bot, **settings)
+
+
+def demo_data_dir() -> Path:
+    """The demo's data directory: $TALKGATE_DATA, else $XDG_DATA_HOME/talkgate (~/.local/share)."""
+    if os.environ.get("TALKGATE_DATA"):
+        return Path(os.environ["TALKGATE_DATA"])
+    return Path(os.environ.get("XDG_DATA_HOME") or Path("~/.local/share").expanduser()) / "talkgate"
+
+
+@main.group()
+def db() -> None:
+    """The records database."""
+
+
+@db.command()
+@click.option("--database", envvar="TALKGATE_DATABASE", default=DEFAULT_DATABASE, show_envvar=True)
+def upgrade(database: str) -> None:
+    """Create the records database or migrate it to the current schema (serve does it too)."""
+    from .records import create_engine, database_url, migrate
+
+    async def run_upgrade() -> None:
+        engine = create_engine(database_url(database))
+        try:
+            await migrate(engine)
+        finally:
+            await engine.dispose()
+
+    configure_logging("INFO")
+    try:
+        asyncio.run(run_upgrade())
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    click.echo(f"{database}: at the current schema")
 
 
 @main.command()

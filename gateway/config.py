@@ -24,6 +24,9 @@ class Config:
     secret: str = ""
     #: Insecure development mode: joins may name room/identity/role themselves.
     dev: bool = False
+    #: The durable records (customers, conversations, timeline): a SQLAlchemy URL,
+    #: ``sqlite:///PATH`` or ``postgresql://…``; "" keeps everything in memory only.
+    database: str = ""
     #: Chat messages kept per conversation and sent in ``joined``.
     history_limit: int = 100
     #: How long a conversation's chat history outlives its last participant (a customer

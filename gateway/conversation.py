@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from . import events as ev
 from .errors import Conflict, Forbidden, NotFound, Unavailable
@@ -47,7 +48,14 @@ class Conversations:
         self._clock = clock
         self._ids = ids
 
-    async def join(self, conversation: str, participant: Participant, *, take_queue: bool = False) -> list[ev.Event]:
+    async def join(
+        self,
+        conversation: str,
+        participant: Participant,
+        *,
+        take_queue: bool = False,
+        profile: dict[str, Any] | None = None,
+    ) -> list[ev.Event]:
         """Enter (or re-enter) a conversation within the limits; rejoining is always let in."""
         result = await self.store.join(conversation, participant, self.limits, take_queue=take_queue)
         _refuse(result)
@@ -56,7 +64,7 @@ class Conversations:
         if result.opened:
             out.append(ev.ConversationOpened(conversation=conversation, ts=ts))
         if result.added:
-            out.append(ev.ParticipantJoined(conversation=conversation, ts=ts, participant=participant))
+            out.append(ev.ParticipantJoined(conversation=conversation, ts=ts, participant=participant, profile=profile))
         if result.taken is not None:
             out.append(ev.QueueLeft(conversation=conversation, ts=ts, reason="accepted"))
         if participant.role == Role.AGENT and (result.taken is not None or result.added):

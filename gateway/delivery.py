@@ -96,9 +96,9 @@ class Delivery:
             if identity != skip:
                 conn.deliver(data, mtype)
 
-    def to_agents(self, entries: Iterable[QueueEntry]) -> None:
+    def to_agents(self, entries: Iterable[QueueEntry], cards: dict[str, dict[str, Any]] | None = None) -> None:
         if self.agents:
-            data = messages.encode(messages.queue(list(entries)))
+            data = messages.encode(messages.queue(list(entries), cards))
             for agent in self.agents.values():
                 agent.deliver(data, "queue")
 
@@ -114,11 +114,12 @@ def wire(event: ev.Event) -> tuple[dict[str, Any] | None, str | None]:
             return messages.participant_event("left", c, who), who.identity
         case ev.ChatPosted(message=message):
             return message.as_dict(c), None
-        case ev.TranscriptPosted(sender=sender, text=text, final=final):
+        case ev.TranscriptPosted(sender=sender, text=text, final=final, speaker=speaker):
             return {
                 "type": "transcript",
                 "conversation": c,
                 "from": sender.as_dict(),
+                "speaker": speaker.as_dict(),
                 "text": text,
                 "final": final,
             }, None

@@ -11,6 +11,7 @@ attach here too. Events are facts, past tense, frozen; they carry no sockets.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .messages import ChatMessage, Participant, QueueEntry
 
@@ -35,6 +36,8 @@ class ConversationClosed(Event):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ParticipantJoined(Event):
     participant: Participant
+    #: What the app said about a customer in its join token (``profile`` claim).
+    profile: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -73,6 +76,8 @@ class TranscriptPosted(Event):
     sender: Participant
     text: str
     final: bool
+    #: Whose words they are: the customer (what the bot heard) or the bot (what it said).
+    speaker: Participant
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

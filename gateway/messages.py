@@ -185,8 +185,10 @@ def joined(
     ice_servers: list[dict[str, Any]],
     media: list[dict[str, Any]],
     capacity: int | None = None,
+    customer: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """``capacity``: for agents, how many conversations the connection may hold."""
+    """``capacity``: for agents, how many conversations the connection may hold;
+    ``customer``: for agents, the customer's card (profile, earlier conversations)."""
     message: dict[str, Any] = {
         "type": "joined",
         "conversation": conversation,
@@ -200,6 +202,8 @@ def joined(
     }
     if capacity is not None:
         message["capacity"] = capacity
+    if customer is not None:
+        message["customer"] = customer
     return message
 
 
@@ -212,5 +216,13 @@ def shutdown(retry_after_ms: int) -> dict[str, Any]:
     return {"type": "shutdown", "retry_after_ms": retry_after_ms}
 
 
-def queue(entries: list[QueueEntry]) -> dict[str, Any]:
-    return {"type": "queue", "waiting": [e.as_dict() for e in entries]}
+def queue(entries: list[QueueEntry], cards: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """``cards``: conversation -> what the records know of its customer (profile, previous)."""
+    waiting = []
+    for entry in entries:
+        item = entry.as_dict()
+        card = (cards or {}).get(entry.conversation)
+        if card is not None:
+            item["customer"] = {**item["customer"], "profile": card["profile"], "previous": card["previous"]}
+        waiting.append(item)
+    return {"type": "queue", "waiting": waiting}

@@ -146,6 +146,11 @@ class Metrics:
             "Bot messages refused (an error to the bot) for exceeding --bot-rate/--bot-burst.",
             registry=r,
         )
+        self.records_dropped = Counter(
+            "talkgate_records_dropped",
+            "Events not recorded because the records writer was too far behind.",
+            registry=r,
+        )
         self.events = Counter("talkgate_events", "Domain events (docs/architecture.md), by type.", ["type"], registry=r)
         self._events_by_type: dict[type, Counter] = {}
         # Failures that were survived: logged by their owner (media.tasks), counted here.

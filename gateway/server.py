@@ -23,6 +23,7 @@ from .broker import Broker
 from .config import Config
 from .http import WS_PATH, Routes, origin_allowed, response
 from .metrics import Metrics, watch_loop_lag
+from .records import Records, SqlRecords
 from .session import Session
 from .store import InMemoryStore, Store
 
@@ -54,7 +55,17 @@ class GatewayServer:
                 config.history_limit, config.history_retention_seconds, retained_limit=config.max_conversations
             )
         )
-        self.broker = Broker(config, self.store, self.metrics)
+        #: The durable records (None: in memory only, ``--database none``).
+        self.records: Records | None = (
+            SqlRecords(
+                config.database,
+                retention_seconds=config.history_retention_seconds,
+                on_dropped=self.metrics.records_dropped.inc,
+            )
+            if config.database
+            else None
+        )
+        self.broker = Broker(config, self.store, self.metrics, records=self.records)
         self.routes = Routes(self.health, self.render_metrics, self.admit)
         self._ssl = config.ssl_context()
         #: Websocket connections being served (what max_connections bounds).
@@ -64,6 +75,8 @@ class GatewayServer:
         self.port = config.port
 
     async def start(self) -> None:
+        if self.records is not None:
+            await self.records.start()  # migrated before the first client can join
         ice.use_host_addresses(self.config.rtc_addresses)
         audiolevel.install()
         inbound.install_demux()
@@ -156,6 +169,8 @@ class GatewayServer:
             self._server.close()
             await self._server.wait_closed()
         await self.broker.close(BOT_STOP_SECONDS)
+        if self.records is not None:
+            await self.records.close()  # after the broker: what the shutdown wrote is committed
 
     async def __aenter__(self) -> GatewayServer:
         await self.start()
@@ -188,8 +203,10 @@ class GatewayServer:
 
 def configure_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # websockets logs its own "server listening" line; ours, with the URL, must come first.
-    logging.getLogger("websockets").setLevel(logging.WARNING)
+    # websockets logs its own "server listening" line, alembic each migration step: ours,
+    # with the URL, must come first.
+    for name in ("websockets", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     # WebRTC libraries log routine work at INFO (aioice: every ICE check of every call,
     # which drowned the demo's output): warnings only, unless DEBUG was asked for.
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
@@ -211,6 +228,10 @@ async def serve_until_signalled(config: Config, *, demo_bot: str | None = None) 
             config = dataclasses.replace(config, bot_url=f"ws://127.0.0.1:{port}/", bot_name=name)
         server = await stack.enter_async_context(GatewayServer(config))
         log.info("talkgate listening on %s", server.url)
+        if server.records is not None:
+            log.info("records: %s", server.records.describe())
+        else:
+            log.info("records: in memory only (--database none): a restart forgets every conversation")
         if config.dev:
             log.warning(
                 "INSECURE --dev mode: clients may join any room as anyone without a token. "

@@ -9,8 +9,10 @@ honoured, and error messages that never echo the token or the secret.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import jwt
 
@@ -24,6 +26,8 @@ MAX_FIELD_CHARS = 128
 #: Identities the gateway uses itself (the speech bot, gateway notices): never granted,
 #: so a token cannot make its holder the bot or the gateway.
 RESERVED_IDENTITIES = frozenset({"bot", "system"})
+#: The ``profile`` claim's size limit, as compact JSON.
+MAX_PROFILE_BYTES = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +38,8 @@ class Grant:
     role: Role
     room: str | None
     name: str
+    #: What the app says about a customer (phone, email, plan, CRM id…): kept in the records.
+    profile: dict[str, Any] | None = None
 
 
 def issue(
@@ -45,6 +51,7 @@ def issue(
     name: str | None = None,
     ttl: int = 3600,
     now: float | None = None,
+    profile: dict[str, Any] | None = None,
 ) -> str:
     """Mint a join token (used by ``talkgate token`` and by apps' backends)."""
     if role not in (Role.CUSTOMER, Role.AGENT):
@@ -65,6 +72,9 @@ def issue(
     }
     if room:
         claims["room"] = room
+    if profile is not None:
+        _check_profile(profile, ValueError)
+        claims["profile"] = profile
     return jwt.encode(claims, secret, algorithm=ALGORITHM)
 
 
@@ -108,4 +118,17 @@ def verify(secret: str, token: str) -> Grant:
         raise Unauthorized("a customer token must name a room")
     if name is not None and not isinstance(name, str):
         raise Unauthorized("token 'name' must be a string")
-    return Grant(identity=identity, role=Role(role), room=room, name=(name or identity)[:MAX_FIELD_CHARS])
+    profile = claims.get("profile")
+    if profile is not None:
+        _check_profile(profile, Unauthorized)
+    return Grant(
+        identity=identity, role=Role(role), room=room, name=(name or identity)[:MAX_FIELD_CHARS], profile=profile
+    )
+
+
+def _check_profile(profile: object, error: type[Exception]) -> None:
+    """A profile is a JSON object of at most ``MAX_PROFILE_BYTES`` (it is stored per customer)."""
+    if not isinstance(profile, dict):
+        raise error("token 'profile' must be a JSON object")
+    if len(json.dumps(profile, separators=(",", ":"))) > MAX_PROFILE_BYTES:
+        raise error(f"token 'profile' is over {MAX_PROFILE_BYTES} bytes")

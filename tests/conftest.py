@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Awaitable, Callable
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +16,7 @@ from gateway.config import Config
 from gateway.server import GatewayServer
 from media import ice
 from tests.client import Client
+from tests.databases import PostgresCluster, PostgresUnavailable
 from tests.rtc_client import RtcClient, ToneTrack
 
 SECRET = "test-secret-0123456789abcdef-0123456789"
@@ -141,3 +144,38 @@ async def two_way_call(party: Party) -> tuple[RtcClient, RtcClient]:
     await start_audio(agent, 880)
     await agent.hears("audio")
     return customer, agent
+
+
+# -- databases: SQLite, and a real PostgreSQL cluster started for the session -------------
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """One throwaway PostgreSQL cluster per test session (tests/databases.py), started only
+    when a test asks for it, stopped at the end. Where it cannot start, tests that need it
+    fail under CI (a CI run must test PostgreSQL) and are skipped elsewhere."""
+    try:
+        cluster = PostgresCluster.start()
+    except PostgresUnavailable as exc:
+        problem = f"PostgreSQL unavailable: {exc}"
+    else:
+        with cluster:
+            yield cluster
+        return
+    # Outside the except block: the message alone, not a chain of tracebacks.
+    if os.environ.get("CI"):
+        pytest.fail(problem, pytrace=False)
+    pytest.skip(problem)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database for this test alone, as a SQLAlchemy async URL: a SQLite file
+    in tmp_path, or a new database in the session's PostgreSQL cluster (dropped after)."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'talkgate.db'}"
+        return
+    cluster: PostgresCluster = request.getfixturevalue("postgres")
+    name = cluster.create_database()
+    yield cluster.url(name)
+    cluster.drop_database(name)

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -26,6 +27,11 @@ class GatewayProcess:
     def __init__(
         self, *args: str, env: dict[str, str] | None = None, command: list[str] | None = None, drain: bool = False
     ) -> None:
+        #: A fresh records database per process unless the test names one (never the
+        #: repository's working directory, never another test's rows).
+        self.data = tempfile.TemporaryDirectory(prefix="talkgate-records-")
+        if command is None and args and args[0] in ("serve", "demo") and "--database" not in args:
+            args = (*args, "--database", f"sqlite:///{self.data.name}/talkgate.db")
         self.proc = subprocess.Popen(
             [*(command or [sys.executable, "-m", "gateway"]), *args],
             stderr=subprocess.PIPE,

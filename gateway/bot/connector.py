@@ -115,7 +115,9 @@ class BotHost(Protocol):
 
     async def bot_chat(self, conversation: str, bot: Participant, text: str) -> None: ...
 
-    def bot_transcript(self, conversation: str, bot: Participant, text: str, final: bool) -> None: ...
+    def bot_transcript(
+        self, conversation: str, bot: Participant, text: str, final: bool, speaker: Participant
+    ) -> None: ...
 
     async def bot_transfer(self, conversation: str, reason: str) -> None: ...
 
@@ -493,7 +495,8 @@ class BotConnector:
             case native.Clear():
                 self._send(self.protocol.cleared(self._silence()))
             case native.Transcript():
-                self.host.bot_transcript(self.conversation, self.participant, message.text, message.final)
+                speaker = self.customer if message.speaker == "customer" else self.participant
+                self.host.bot_transcript(self.conversation, self.participant, message.text, message.final, speaker)
             case native.Transfer():
                 await self.host.bot_transfer(self.conversation, message.reason[:200])
             case native.BotUpgrade():

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 from media.pipeline import VoicePipeline
 from media.playback import PlaybackTrack
@@ -27,7 +27,7 @@ from ..errors import NotFound
 from ..messages import SYSTEM, Participant
 from ..metrics import Metrics
 from .connector import BotConnector, BotSettings
-from .native import NativeProtocol
+from .native import BotProtocol, NativeProtocol
 from .twilio import TwilioProtocol
 
 log = logging.getLogger("talkgate.bot")
@@ -60,6 +60,9 @@ class BotHost(Protocol):
 
     def pipelines(self, conversation: str) -> list[tuple[VoicePipeline, list[Subscriber]]]:
         """The voice pipelines (and tap lists) of the conversation's callers here."""
+
+    async def customer_card(self, conversation: str, customer: Participant) -> dict[str, Any]:
+        """What the records know of the customer: profile and earlier conversations."""
 
 
 class BotManager:
@@ -101,13 +104,20 @@ class BotManager:
         if self.settings is None or conversation in self._links:
             return
         vad = self.config.vad_settings()
-        protocol_class = TwilioProtocol if self.config.bot_protocol == "twilio" else NativeProtocol
+        protocol: BotProtocol
+        if self.config.bot_protocol == "twilio":
+            protocol = TwilioProtocol(conversation, customer, vad.sample_rate, vad.frame_ms)
+        else:
+            card = await self.host.customer_card(conversation, customer)
+            if self.settings is None or conversation in self._links:
+                return  # started meanwhile
+            protocol = NativeProtocol(conversation, customer, vad.sample_rate, vad.frame_ms, card)
         bot = BotConnector(
             conversation=conversation,
             customer=customer,
             settings=self.settings,
             host=self,
-            protocol=protocol_class(conversation, customer, vad.sample_rate, vad.frame_ms),
+            protocol=protocol,
         )
         self._links[conversation] = bot
         # The bot is a participant: the customer sees it join, and can call it.
@@ -197,14 +207,12 @@ class BotManager:
         with contextlib.suppress(NotFound):  # the conversation ended meanwhile
             await self.host.post(conversation, bot, text)
 
-    def bot_transcript(self, conversation: str, bot: Participant, text: str, final: bool) -> None:
-        self.host.publish(
-            [
-                ev.TranscriptPosted(
-                    conversation=conversation, ts=time.time_ns() // 1_000_000, sender=bot, text=text, final=final
-                )
-            ]
+    def bot_transcript(self, conversation: str, bot: Participant, text: str, final: bool, speaker: Participant) -> None:
+        now = time.time_ns() // 1_000_000
+        transcript = ev.TranscriptPosted(
+            conversation=conversation, ts=now, sender=bot, text=text, final=final, speaker=speaker
         )
+        self.host.publish([transcript])
 
     async def bot_transfer(self, conversation: str, reason: str) -> None:
         await self.host.hand_over(conversation, reason, "Connecting you with a person. An agent will join shortly.")

@@ -41,6 +41,8 @@ class Clear(_BotMsg, tag="clear"):
 class Transcript(_BotMsg, tag="transcript"):
     text: str
     final: bool = True
+    #: Whose words: what the bot heard the customer say (the default), or its own speech.
+    speaker: Literal["customer", "bot"] = "customer"
 
 
 class Transfer(_BotMsg, tag="transfer"):
@@ -82,11 +84,14 @@ def encode(message: dict[str, Any]) -> str:
     return _encoder.encode(message).decode()
 
 
-def start(conversation: str, customer: Participant, sample_rate: int, frame_ms: int) -> dict[str, Any]:
+def start(
+    conversation: str, customer: Participant, sample_rate: int, frame_ms: int, card: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """``card``: what the records know of the customer (profile, earlier conversations)."""
     return {
         "type": "start",
         "conversation": conversation,
-        "customer": {"identity": customer.identity, "name": customer.name},
+        "customer": {**(card or {}), "identity": customer.identity, "name": customer.name},
         "audio": {"encoding": "pcm_s16le", "sample_rate": sample_rate, "channels": 1, "frame_ms": frame_ms},
     }
 
@@ -133,8 +138,15 @@ class NativeProtocol:
     #: Continuous audio rate wanted by the protocol (None: speech segments only).
     continuous_rate: int | None = None
 
-    def __init__(self, conversation: str, customer: Participant, sample_rate: int, frame_ms: int) -> None:
-        self._start = encode(start(conversation, customer, sample_rate, frame_ms))
+    def __init__(
+        self,
+        conversation: str,
+        customer: Participant,
+        sample_rate: int,
+        frame_ms: int,
+        card: dict[str, Any] | None = None,
+    ) -> None:
+        self._start = encode(start(conversation, customer, sample_rate, frame_ms, card))
 
     def opening(self) -> Outgoing:
         return [self._start]

@@ -28,7 +28,8 @@ async def test_start_first_then_chat_both_ways(party: Party, bot: TestBot) -> No
     assert start == {
         "type": "start",
         "conversation": "call-room",
-        "customer": {"identity": "u1", "name": "u1"},
+        # No records here (a --database none gateway): no profile, no earlier conversations.
+        "customer": {"identity": "u1", "name": "u1", "profile": None, "previous": []},
         "audio": {"encoding": "pcm_s16le", "sample_rate": 16000, "channels": 1, "frame_ms": 20},
     }
     await customer.client.send({"type": "chat", "text": "what are your opening hours?"})
@@ -40,6 +41,10 @@ async def test_start_first_then_chat_both_ways(party: Party, bot: TestBot) -> No
     await bot.send({"type": "transcript", "text": "what are your", "final": False})
     caption = await customer.wait_for("transcript")
     assert caption["text"] == "what are your" and caption["final"] is False
+    assert caption["speaker"] == {"identity": "u1", "role": "customer", "name": "u1"}  # what the bot heard
+    await bot.send({"type": "transcript", "text": "We are open", "final": False, "speaker": "bot"})
+    spoken = await customer.wait_for("transcript", text="We are open")
+    assert spoken["speaker"]["identity"] == "bot"
 
 
 async def test_speech_reaches_the_bot_as_frames_between_started_and_stopped(

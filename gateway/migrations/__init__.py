@@ -1,0 +1,1 @@
+"""Alembic migrations of the records database (``gateway/records.py`` holds the schema)."""

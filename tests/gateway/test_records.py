@@ -1,0 +1,220 @@
+"""The durable records against real databases: SQLite and PostgreSQL (each test runs on both).
+
+A real gateway writes the records from its domain events; the tests read them back
+through ``SqlRecords`` and through what clients see after a restart or a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import signal
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from gateway.config import Config
+from gateway.records import SqlRecords, create_engine, metadata, migrate
+from gateway.server import GatewayServer
+from tests.client import Client
+from tests.conftest import SECRET, make_token
+from tests.gateway_process import GatewayProcess
+
+
+@pytest.fixture
+async def recorded(config: Config, database_url: str) -> AsyncIterator[GatewayServer]:
+    async with GatewayServer(dataclasses.replace(config, database=database_url)) as server:
+        yield server
+
+
+def records(server: GatewayServer) -> SqlRecords:
+    assert isinstance(server.records, SqlRecords)
+    return server.records
+
+
+async def joined(
+    server: GatewayServer, identity: str, role: str = "customer", room: str | None = "r1", **kw: Any
+) -> Client:
+    client = await Client.open(server.ws_url)
+    await client.send({"type": "join", "token": make_token(identity, role, room, **kw)})
+    await client.expect("joined")
+    if role == "agent":
+        await client.expect("queue")
+    return client
+
+
+async def _until_closed(rec: SqlRecords, room: str) -> None:
+    """The writer commits the last leave after the client saw ``left``: wait for it."""
+    async with asyncio.timeout(5):
+        while True:
+            found = await rec.conversations_of(room)
+            if found and found[-1]["closed"] is not None:
+                return
+            await asyncio.sleep(0.02)
+
+
+async def test_a_conversation_is_recorded_from_its_events(recorded: GatewayServer) -> None:
+    profile = {"email": "ann@example.com", "plan": "pro", "crm": "C-1042"}
+    ann = await joined(recorded, "u1", name="Ann", profile=profile)
+    await ann.send({"type": "chat", "text": "my router blinks red"})
+    await ann.expect("chat")
+    await ann.send({"type": "escalate", "reason": "billing"})
+    await ann.wait_for("queued")
+    bob = await joined(recorded, "a1", "agent", None, name="Bob")
+    await bob.send({"type": "accept", "conversation": "r1"})
+    await bob.wait_for("joined", conversation="r1")
+    await bob.send({"type": "chat", "text": "let me look"})
+    await bob.wait_for("chat", text="let me look")
+    await bob.close()
+    await ann.wait_for("participant.left", identity="a1")
+    await ann.send({"type": "leave"})
+    await ann.wait_for("left")
+    await ann.close()
+
+    rec = records(recorded)
+    await rec.write([])  # nothing: returns at once
+    await _until_closed(rec, "r1")
+    [conversation] = await rec.conversations_of("r1")
+    assert conversation["customer"] == "u1" and conversation["agents"] == ["a1"]
+    assert conversation["ended"] == "left" and conversation["channels"] == ["chat"]
+    timeline = await rec.timeline(conversation["id"])
+    kinds = [e["type"] for e in timeline]
+    assert kinds == [
+        "participant.joined",
+        "chat",
+        "chat",  # the system notice
+        "queue.entered",
+        "queue.left",
+        "participant.joined",
+        "queue.accepted",
+        "chat",
+        "participant.left",
+        "participant.left",
+    ]
+    assert [e["body"]["text"] for e in timeline if e["type"] == "chat"][0::2] == ["my router blinks red", "let me look"]
+    assert timeline[3]["body"] == {"reason": "billing"}
+    customer = await rec.customer("u1")
+    assert customer is not None and customer.profile == profile and customer.name == "Ann"
+
+
+async def test_history_comes_back_after_a_restart(config: Config, database_url: str) -> None:
+    settings = dataclasses.replace(config, database=database_url)
+    async with GatewayServer(settings) as server:
+        ann = await joined(server, "u1")
+        for i in range(3):
+            await ann.send({"type": "chat", "text": f"message {i}"})
+            await ann.expect("chat")
+        # No leave: the gateway goes away with the conversation open.
+    async with GatewayServer(settings) as server:
+        client = await Client.open(server.ws_url)
+        await client.send({"type": "join", "token": make_token("u1", "customer", "r1")})
+        history = (await client.expect("joined"))["history"]
+        assert [m["text"] for m in history] == ["message 0", "message 1", "message 2"]
+        assert all(m["conversation"] == "r1" and m["from"]["identity"] == "u1" for m in history)
+        await client.close()
+
+
+async def test_a_profile_claim_is_bounded(server: GatewayServer) -> None:
+    with pytest.raises(ValueError, match="profile"):
+        make_token("u1", "customer", "r1", profile={"notes": "x" * 5000})
+
+
+async def test_the_migrations_make_exactly_the_schema(database_url: str) -> None:
+    """The Alembic migrations and ``records.metadata`` describe the same schema, and
+    upgrading a database already at the head changes nothing."""
+    engine = create_engine(database_url)
+    try:
+        await migrate(engine)
+        await migrate(engine)  # again: a no-op
+
+        def differences(connection: sa.Connection) -> list[Any]:
+            return list(compare_metadata(MigrationContext.configure(connection), metadata))
+
+        async with engine.connect() as conn:
+            assert await conn.run_sync(differences) == []
+            version = (await conn.execute(sa.text("SELECT version_num FROM alembic_version"))).scalar_one()
+            assert version == "0001"
+    finally:
+        await engine.dispose()
+
+
+async def test_a_killed_gateway_loses_no_echoed_message(database_url: str) -> None:
+    """SIGKILL in the middle of a burst of chats from several clients: restarted on the same
+    database, every message any client got an echo for is in the history, in order, once."""
+    url = database_url.replace("+aiosqlite", "").replace("+asyncpg", "")  # as a user writes it
+    args = ["serve", "--port", "0", "--database", url, "--history-limit", "5000", "--rate", "1000", "--burst", "1000"]
+    env = {"TALKGATE_SECRET": SECRET}
+    gateway = GatewayProcess(*args, env=env, drain=True)
+    echoed: dict[str, list[str]] = {}
+
+    async def chatter(identity: str) -> None:
+        client = await Client.open(gateway.ws_url)
+        await client.send({"type": "join", "token": make_token(identity, "customer", "crash-room")})
+        await client.expect("joined")
+        echoed[identity] = []
+        try:
+            for i in range(10_000):
+                text = f"{identity}-{i}"
+                await client.send({"type": "chat", "text": text})
+                while True:
+                    message = await client.recv(timeout=5)
+                    if message["type"] == "chat" and message["from"]["identity"] == identity:
+                        echoed[identity].append(message["text"])
+                        break
+        except Exception:
+            return
+
+    tasks = [asyncio.create_task(chatter(f"c{i}")) for i in range(4)]
+    while sum(len(v) for v in echoed.values()) < 200:  # noqa: ASYNC110 (counting echoes as they come)
+        await asyncio.sleep(0.01)
+    gateway.proc.send_signal(signal.SIGKILL)
+    await asyncio.gather(*tasks)
+    gateway.proc.wait(timeout=10)
+    assert sum(len(v) for v in echoed.values()) >= 200
+
+    again = GatewayProcess(*args, env=env, drain=True)
+    try:
+        client = await Client.open(again.ws_url)
+        await client.send({"type": "join", "token": make_token("checker", "customer", "crash-room")})
+        history = [m["text"] for m in (await client.expect("joined", timeout=10))["history"]]
+        await client.close()
+    finally:
+        again.stop()
+    assert len(history) == len(set(history))  # exactly once
+    for identity, texts in echoed.items():
+        mine = [t for t in history if t.startswith(f"{identity}-")]
+        assert mine[: len(texts)] == texts, identity  # every echoed one, in order
+        assert len(mine) <= len(texts) + 1  # at most the one in flight when it died
+    print(json.dumps({k: len(v) for k, v in echoed.items()}))
+
+
+async def test_a_returning_customer_is_known_to_the_agent(recorded: GatewayServer) -> None:
+    """The customer comes back in a new conversation: the queue entry and the agent's
+    ``joined`` carry the profile and the earlier conversation with its last message."""
+    ann = await joined(recorded, "u1", room="monday", name="Ann", profile={"plan": "pro"})
+    await ann.send({"type": "chat", "text": "my router blinks red"})
+    await ann.expect("chat")
+    await ann.send({"type": "leave"})
+    await ann.wait_for("left")
+    await _until_closed(records(recorded), "monday")
+
+    bob = await joined(recorded, "a1", "agent", None, name="Bob")
+    await ann.send({"type": "join", "token": make_token("u1", "customer", "tuesday", name="Ann")})
+    await ann.expect("joined", conversation="tuesday")
+    await ann.send({"type": "escalate"})
+    queue = await bob.wait_for("queue")
+    [entry] = queue["waiting"]
+    customer = entry["customer"]
+    assert customer["identity"] == "u1" and customer["role"] == "customer" and customer["profile"] == {"plan": "pro"}
+    [earlier] = customer["previous"]
+    assert earlier["room"] == "monday" and earlier["last_message"] == "my router blinks red"
+    assert earlier["closed"] is not None and earlier["channels"] == ["chat"]
+
+    await bob.send({"type": "accept", "conversation": "tuesday"})
+    card = (await bob.wait_for("joined", conversation="tuesday"))["customer"]
+    assert card["profile"] == {"plan": "pro"} and [p["room"] for p in card["previous"]] == ["monday"]
