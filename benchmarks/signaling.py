@@ -162,10 +162,15 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     # without leaving, and their places must not be held for a reconnect (the join phases
     # open --joins conversations each, one after the other).
     extra = ["--max-participants", str(max(8, args.fanout)), "--reconnect-grace-seconds", "0"]
+    if args.database == "memory":
+        extra += ["--database", "none"]
+    elif args.database != "sqlite":  # sqlite: a fresh file from GatewayProcess
+        extra += ["--database", args.database]
     gw = start_gateway(rate=100_000, burst=100_000, extra=extra)
     try:
         return {
             "benchmark": "signaling",
+            "database": args.database,
             "join_latency": await join_latency(gw, args.joins),
             "join_rate": await join_rate(gw, args.joins, args.concurrency),
             "fanout": await fanout(gw, args.fanout, args.messages),
@@ -198,6 +203,11 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--fanout", type=int, default=50, help="participants in the fan-out conversation")
     parser.add_argument("--messages", type=int, default=400)
+    parser.add_argument(
+        "--database",
+        default="sqlite",
+        help="the gateway's records: memory (--database none), sqlite (a fresh file), or a database URL",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     arguments = parser.parse_args()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

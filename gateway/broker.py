@@ -282,13 +282,18 @@ class Broker:
         old.close(CLOSE_REPLACED, "replaced")
 
     async def _send_joined(self, conn: Connection, conversation: str) -> None:
-        participants = await self.store.participants(conversation) or []
-        history = await self._history(conversation)
-        me = _me(conn)
-        customer = next((p for p in participants if p.role == Role.CUSTOMER), None)
-        # An agent sees who the customer is and what happened before.
-        card = await self.customer_card(conversation, customer) if me.role == Role.AGENT and customer else None
-        conn.deliver(self._joined_message(conversation, me, participants, history, card), "joined")
+        """``joined`` for a conversation ``conn`` just entered, then what the room said while it
+        was being built (``Delivery.enter`` holds it: building it awaits the records)."""
+        try:
+            participants = await self.store.participants(conversation) or []
+            history = await self._history(conversation)
+            me = _me(conn)
+            customer = next((p for p in participants if p.role == Role.CUSTOMER), None)
+            # An agent sees who the customer is and what happened before.
+            card = await self.customer_card(conversation, customer) if me.role == Role.AGENT and customer else None
+            conn.deliver(self._joined_message(conversation, me, participants, history, card), "joined")
+        finally:
+            self.delivery.ready(conn, conversation)
 
     def _joined_message(
         self,

@@ -19,6 +19,9 @@ from .errors import BadRequest, NotFound
 from .messages import Participant, QueueEntry
 from .protocol import SignalingProtocol
 
+#: Messages held for one member while its ``joined`` is being built (a few ms at most).
+PENDING_LIMIT = 512
+
 
 @dataclass(eq=False)
 class Membership:
@@ -63,16 +66,31 @@ class Delivery:
     agents: dict[str, Connection] = field(default_factory=dict)
     #: connections that have joined and are still connected (replaced ones until they close)
     sessions: set[Connection] = field(default_factory=set)
+    #: (conversation, identity) entered but not yet sent its ``joined``: what the room says
+    #: meanwhile waits here, so ``joined`` always comes first (building it awaits the records)
+    pending: dict[tuple[str, str], list[tuple[bytes, str]]] = field(default_factory=dict)
 
     def enter(self, conn: Connection, conversation: str) -> None:
+        """Make ``conn`` a member; it gets nothing of the room until ``ready`` (after its
+        ``joined``), and nothing it should have got is lost."""
         me = conn.participant
         assert me is not None
         conn.memberships.setdefault(conversation, Membership(conversation))
         self.rooms.setdefault(conversation, {})[me.identity] = conn
+        self.pending[(conversation, me.identity)] = []
+
+    def ready(self, conn: Connection, conversation: str) -> None:
+        """``joined`` went out: deliver what the room said since ``enter``."""
+        me = conn.participant
+        assert me is not None
+        for data, mtype in self.pending.pop((conversation, me.identity), []):
+            conn.deliver(data, mtype)
 
     def exit(self, conn: Connection, conversation: str) -> None:
         conn.memberships.pop(conversation, None)
         me = conn.participant
+        if me is not None:
+            self.pending.pop((conversation, me.identity), None)
         room = self.rooms.get(conversation)
         if me is not None and room is not None and room.get(me.identity) is conn:
             del room[me.identity]
@@ -94,7 +112,11 @@ class Delivery:
         """Deliver already encoded bytes to every local participant but ``skip`` (an identity)."""
         for identity, conn in self.rooms.get(conversation, {}).items():
             if identity != skip:
-                conn.deliver(data, mtype)
+                waiting = self.pending.get((conversation, identity))
+                if waiting is None:
+                    conn.deliver(data, mtype)
+                elif len(waiting) < PENDING_LIMIT:
+                    waiting.append((data, mtype))
 
     def to_agents(self, entries: Iterable[QueueEntry], cards: dict[str, dict[str, Any]] | None = None) -> None:
         if self.agents:

@@ -118,6 +118,14 @@ def database_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
+def recorded(event: ev.Event) -> bool:
+    """Whether an event belongs in the record: speaking and partial transcripts are live
+    signals only (they never reach the writer's queue)."""
+    if isinstance(event, ev.SpeakingChanged):
+        return False
+    return not (isinstance(event, ev.TranscriptPosted) and not event.final)
+
+
 @dataclass(frozen=True, slots=True)
 class Customer:
     identity: str
@@ -234,6 +242,7 @@ class SqlRecords(Records):
             self.engine = None
 
     def submit(self, batch: Sequence[ev.Event]) -> None:
+        batch = [e for e in batch if recorded(e)]
         if not batch:
             return
         try:
@@ -245,6 +254,7 @@ class SqlRecords(Records):
             log.error("the records writer is %d events behind: %d events not recorded", QUEUE_LIMIT, len(batch))
 
     async def write(self, batch: Sequence[ev.Event]) -> None:
+        batch = [e for e in batch if recorded(e)]
         if not batch:
             return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()

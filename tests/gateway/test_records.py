@@ -218,3 +218,25 @@ async def test_a_returning_customer_is_known_to_the_agent(recorded: GatewayServe
     await bob.send({"type": "accept", "conversation": "tuesday"})
     card = (await bob.wait_for("joined", conversation="tuesday"))["customer"]
     assert card["profile"] == {"plan": "pro"} and [p["room"] for p in card["previous"]] == ["monday"]
+
+
+async def test_joined_comes_first_even_while_others_join(recorded: GatewayServer) -> None:
+    """Building ``joined`` awaits the records: what the room says meanwhile (others joining)
+    is held and delivered after it, never before it and never lost."""
+
+    async def join(i: int) -> tuple[dict[str, Any], Client]:
+        client = await Client.open(recorded.ws_url)
+        await client.send({"type": "join", "token": make_token(f"u{i}", "customer", "busy")})
+        return await client.recv(), client
+
+    results = await asyncio.gather(*(join(i) for i in range(8)))
+    assert [first["type"] for first, _ in results] == ["joined"] * 8
+    for first, client in results:
+        # Everyone who joined later than this one's snapshot is announced to it.
+        listed = {p["identity"] for p in first["participants"]}
+        announced: set[str] = set()
+        while len(listed | announced) < 8:
+            message = await client.recv()
+            if message["type"] == "participant.joined":
+                announced.add(message["identity"])
+        await client.close()
