@@ -29,9 +29,10 @@ from .access import CLOSE_REPLACED
 from .bot.manager import BotManager
 from .calls import Calls, RtcSettings
 from .config import Config
-from .conversation import MAX_REASON_CHARS, Conversations, Upgrades, now_ms
+from .conversation import MAX_REASON_CHARS, Conversations, Upgrades
 from .delivery import Connection, Delivery, target
 from .errors import BadRequest, Conflict, Forbidden, TooLarge, Unauthorized, Unavailable
+from .events import now_ms
 from .messages import Participant, Role
 from .metrics import Metrics
 from .records import Records, RecordsError
@@ -123,10 +124,10 @@ class Broker:
         """Shutdown: participants still in their grace time leave now (the store stays
         consistent for other processes), bots stop, owned tasks end."""
         self._closing = True
-        for (conversation, _), away in list(self._away.items()):
-            if self._away.pop((conversation, away.participant.identity), None) is away:
+        for key, away in list(self._away.items()):
+            if self._away.pop(key, None) is away:  # not returned or expired meanwhile
                 away.expiry.cancel()
-                await self._depart(conversation, away.participant, "disconnected")
+                await self._depart(key[0], away.participant, "disconnected")
         await self.bots.close(timeout)
         await self.tasks.close(timeout)
 
@@ -342,19 +343,9 @@ class Broker:
         await self.apply(events)
 
     async def accept(self, conn: Connection, msg: messages.Accept) -> None:
-        me = _me(conn)
-        if me.role != Role.AGENT:
-            raise Forbidden("only agents can accept conversations")
-        if msg.conversation in conn.memberships:
-            raise Conflict("you are already in this conversation")
-        held = len(conn.memberships)
-        if held >= self.config.agent_capacity:
-            if self.config.agent_capacity == 1:
-                raise Conflict(f"leave conversation {next(iter(conn.memberships))!r} before accepting another")
-            raise Conflict(
-                f"you hold {held} conversations, the limit (--agent-capacity) is {self.config.agent_capacity}"
-            )
-        events = await self.conversations.accept(msg.conversation, me)
+        holding = list(conn.memberships)
+        capacity = self.config.agent_capacity
+        events = await self.conversations.accept(msg.conversation, _me(conn), holding=holding, capacity=capacity)
         self.delivery.enter(conn, msg.conversation)
         await self._send_joined(conn, msg.conversation)
         await self.apply(events)

@@ -13,14 +13,14 @@ conversations; it is plain state with the same shape: operations in, events out.
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from . import events as ev
 from .errors import Conflict, Forbidden, NotFound, Unavailable
+from .events import now_ms
 from .messages import SYSTEM, ChatMessage, Participant, QueueEntry, Role
 from .store import Admission, Enqueued, JoinResult, LeaveResult, Limits, Store
 
@@ -29,10 +29,6 @@ MAX_REASON_CHARS = 200
 MAX_PENDING_UPGRADES = 16
 
 ESCALATE_NOTICE = "{name} asked to talk to a person. An agent will join shortly."
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def new_id() -> str:
@@ -71,10 +67,19 @@ class Conversations:
             out.append(ev.AgentAccepted(conversation=conversation, ts=ts, agent=participant))
         return out
 
-    async def accept(self, conversation: str, agent: Participant) -> list[ev.Event]:
-        """An agent takes a conversation waiting in the queue (one of several agents wins)."""
+    async def accept(
+        self, conversation: str, agent: Participant, *, holding: Sequence[str] = (), capacity: int = 1
+    ) -> list[ev.Event]:
+        """An agent takes a conversation waiting in the queue (one of several agents wins);
+        ``holding``: the conversations its connection is in, at most ``capacity``."""
         if agent.role != Role.AGENT:
             raise Forbidden("only agents can accept conversations")
+        if conversation in holding:
+            raise Conflict("you are already in this conversation")
+        if len(holding) >= capacity:
+            if capacity == 1:
+                raise Conflict(f"leave conversation {holding[0]!r} before accepting another")
+            raise Conflict(f"you hold {len(holding)} conversations, the limit (--agent-capacity) is {capacity}")
         result = await self.store.accept(conversation, agent, self.limits)
         if result.admission is Admission.TAKEN:
             raise Conflict("another agent has already accepted this conversation")

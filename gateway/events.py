@@ -10,10 +10,16 @@ attach here too. Events are facts, past tense, frozen; they carry no sockets.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from .messages import ChatMessage, Participant, QueueEntry
+
+
+def now_ms() -> int:
+    """The gateway's clock for events: Unix milliseconds."""
+    return time.time_ns() // 1_000_000
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -27,7 +27,6 @@ import abc
 import asyncio
 import contextlib
 import logging
-import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from . import events as ev
 from .errors import ConfigError
+from .events import now_ms
 from .messages import ChatMessage, Participant, Role
 
 log = logging.getLogger("talkgate.records")
@@ -96,10 +96,6 @@ events = sa.Table(
 QUEUE_LIMIT = 100_000
 #: Rows one transaction takes at most (the rest go in the next).
 BATCH_LIMIT = 2_000
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def database_url(url: str) -> str:
@@ -199,6 +195,7 @@ class SqlRecords(Records):
         on_dropped: Callable[[int], None] | None = None,
     ) -> None:
         self.url = database_url(url)
+        self.dialect = make_url(self.url).get_backend_name()
         self.retention_ms = int(retention_seconds * 1000)
         self._clock = clock
         self._on_dropped = on_dropped
@@ -207,22 +204,13 @@ class SqlRecords(Records):
         self._task: asyncio.Task[None] | None = None
         #: room -> its open conversation record
         self._open: dict[str, _Open] = {}
-        #: Events queued with submit that did not fit (counted, logged).
-        self.dropped = 0
-        #: Transactions committed and events written (for tests and metrics).
-        self.commits = 0
-        self.written = 0
 
     def describe(self) -> str:
         """Where the records are, for the start-up lines (no password)."""
         url = make_url(self.url)
-        if url.get_backend_name() == "sqlite":
+        if self.dialect == "sqlite":
             return f"SQLite file {Path(url.database or '').resolve()}"
         return f"PostgreSQL {url.render_as_string(hide_password=True)}"
-
-    @property
-    def dialect(self) -> str:
-        return make_url(self.url).get_backend_name()
 
     async def start(self) -> None:
         self.engine = create_engine(self.url)
@@ -231,8 +219,7 @@ class SqlRecords(Records):
 
     async def close(self) -> None:
         if self._task is not None:
-            await self._queue.put(_Item(()))  # wake the writer: it finishes what is queued first
-            await self._queue.join()
+            await self._queue.join()  # the writer finishes what is queued first
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
@@ -248,7 +235,6 @@ class SqlRecords(Records):
         try:
             self._queue.put_nowait(_Item(batch))
         except asyncio.QueueFull:
-            self.dropped += len(batch)
             if self._on_dropped is not None:
                 self._on_dropped(len(batch))
             log.error("the records writer is %d events behind: %d events not recorded", QUEUE_LIMIT, len(batch))
@@ -291,33 +277,32 @@ class SqlRecords(Records):
 
     async def previous(self, identity: str, room: str, limit: int = 10) -> list[dict[str, Any]]:
         assert self.engine is not None
+        # Each conversation's last chat or transcript, in the same query (not one per row).
+        last_message = (
+            sa.select(events.c.body)
+            .where(events.c.conversation == conversations.c.id, events.c.type.in_(("chat", "transcript")))
+            .order_by(events.c.id.desc())
+            .limit(1)
+            .correlate(conversations)
+            .scalar_subquery()
+        )
+        query = sa.select(conversations, last_message.label("last")).where(conversations.c.customer == identity)
         current = self._open.get(room)
-        query = sa.select(conversations).where(conversations.c.customer == identity)
         if current is not None:
             query = query.where(conversations.c.id != current.id)
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query.order_by(conversations.c.opened.desc()).limit(limit))).all()
-            found = []
-            for row in rows:
-                last = (
-                    await conn.execute(
-                        sa.select(events.c.body)
-                        .where(events.c.conversation == row.id, events.c.type.in_(("chat", "transcript")))
-                        .order_by(events.c.id.desc())
-                        .limit(1)
-                    )
-                ).scalar()
-                found.append(
-                    {
-                        "conversation": row.id,
-                        "room": row.room,
-                        "opened": row.opened,
-                        "closed": row.closed,
-                        "channels": row.channels,
-                        "last_message": None if last is None else last.get("text"),
-                    }
-                )
-        return found
+        return [
+            {
+                "conversation": row.id,
+                "room": row.room,
+                "opened": row.opened,
+                "closed": row.closed,
+                "channels": row.channels,
+                "last_message": None if row.last is None else row.last.get("text"),
+            }
+            for row in rows
+        ]
 
     async def timeline(self, conversation: str) -> list[dict[str, Any]]:
         """Every event of a conversation record, oldest first (tests, tools)."""
@@ -351,14 +336,13 @@ class SqlRecords(Records):
                 count += len(item.batch)
             try:
                 await self._commit([e for item in items for e in item.batch])
-            except Exception as exc:
+            except Exception:
                 log.exception("the records writer could not commit %d events", count)
                 for item in items:
                     if item.done is not None and not item.done.done():
                         item.done.set_exception(RecordsError("the event could not be recorded"))
                         item.done.exception()  # retrieved: a waiter that was cancelled does not warn
                 self._open.clear()  # the cache may be ahead of the database now
-                del exc
             else:
                 for item in items:
                     if item.done is not None and not item.done.done():
@@ -377,8 +361,6 @@ class SqlRecords(Records):
                 await self._apply(conn, event, rows)
             if rows:
                 await conn.execute(events.insert(), rows)
-        self.commits += 1
-        self.written += len(rows)
 
     async def _apply(self, conn: AsyncConnection, event: ev.Event, rows: list[dict[str, Any]]) -> None:
         """Turn one event into timeline rows (appended) and conversation/customer updates."""
@@ -386,7 +368,7 @@ class SqlRecords(Records):
         if isinstance(event, ev.ConversationOpened):
             await self._open_record(conn, room, event.ts)
             return
-        record = self._open.get(room) or await self._open_record(conn, room, event.ts)
+        record = await self._open_record(conn, room, event.ts)
 
         def row(kind: str, actor: Participant | None, body: dict[str, Any]) -> None:
             rows.append(
@@ -448,7 +430,7 @@ class SqlRecords(Records):
                 )
                 self._open.pop(room, None)
             case _:
-                pass  # speaking and partial transcripts are live signals, not the record
+                pass  # nothing else reaches the writer (see ``recorded``)
 
     async def _open_record(self, conn: AsyncConnection, room: str, ts: int) -> _Open:
         """The room's conversation record: the open one, one closed within the retention

@@ -172,14 +172,14 @@ class BotManager:
             for conversation, link in list(self._links.items())
         }
         if stops:
-            _, pending = await asyncio.wait(stops, timeout=timeout)
+            done, pending = await asyncio.wait(stops, timeout=timeout)
+            for task in done:
+                report_failure(task, logger=log)
             for task in pending:
                 stops[task].abort()
-            if pending:
+            if pending:  # cut links end promptly; what still runs is cancelled (failures logged)
                 await asyncio.wait(pending, timeout=ABORT_GRACE)
-            await cancel_and_wait(pending, log, "bot stop", timeout=ABORT_GRACE)
-            for task in stops:
-                report_failure(task, logger=log)
+                await cancel_and_wait(pending, log, "bot stop", timeout=ABORT_GRACE)
         await cancel_and_wait(self._link_tasks, log, "bot link", timeout=ABORT_GRACE)
 
     # -- the connectors' host -----------------------------------------------------------
@@ -208,9 +208,8 @@ class BotManager:
             await self.host.post(conversation, bot, text)
 
     def bot_transcript(self, conversation: str, bot: Participant, text: str, final: bool, speaker: Participant) -> None:
-        now = time.time_ns() // 1_000_000
         transcript = ev.TranscriptPosted(
-            conversation=conversation, ts=now, sender=bot, text=text, final=final, speaker=speaker
+            conversation=conversation, ts=ev.now_ms(), sender=bot, text=text, final=final, speaker=speaker
         )
         self.host.publish([transcript])
 

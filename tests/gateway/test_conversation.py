@@ -92,6 +92,12 @@ async def test_accept_takes_the_queue_entry_and_one_agent_wins() -> None:
         await rules.accept("r1", ANN)
     with pytest.raises(Conflict, match="already in this conversation"):
         await rules.escalate("r1", ANN, None)
+    with pytest.raises(Conflict, match="already in this conversation"):
+        await rules.accept("r1", BOB, holding=["r1"])
+    with pytest.raises(Conflict, match="leave conversation 'r1'"):
+        await rules.accept("r2", BOB, holding=["r1"])
+    with pytest.raises(Conflict, match="--agent-capacity"):
+        await rules.accept("r3", BOB, holding=["r1", "r2"], capacity=2)
 
 
 async def test_an_agent_entering_by_room_takes_the_queue_entry() -> None:

@@ -13,6 +13,7 @@ import signal
 from collections.abc import AsyncIterator
 from typing import Any
 
+import jwt
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
@@ -119,9 +120,22 @@ async def test_history_comes_back_after_a_restart(config: Config, database_url: 
         await client.close()
 
 
-async def test_a_profile_claim_is_bounded(server: GatewayServer) -> None:
+@pytest.mark.parametrize("profile", [{"notes": "x" * 5000}, ["not", "an", "object"], "text"])
+async def test_a_bad_profile_claim_is_refused_and_nobody_else_notices(server: GatewayServer, profile: object) -> None:
+    """The profile is stored per customer: over 4 KiB or not a JSON object, the token is
+    refused (``unauthorized``, close 4401), whoever minted it; others are not disturbed."""
     with pytest.raises(ValueError, match="profile"):
-        make_token("u1", "customer", "r1", profile={"notes": "x" * 5000})
+        make_token("u1", "customer", "r1", profile=profile)
+    other = await joined(server, "u2")
+    forged = jwt.encode({"sub": "u1", "role": "customer", "room": "r1", "exp": 2**33, "profile": profile}, SECRET)
+    client = await Client.open(server.ws_url)
+    await client.send({"type": "join", "token": forged})
+    error = await client.error("unauthorized")
+    assert "profile" in error["message"]
+    assert await client.closed() == 4401
+    await other.send({"type": "chat", "text": "still here"})
+    await other.expect("chat")
+    await other.close()
 
 
 async def test_the_migrations_make_exactly_the_schema(database_url: str) -> None:
