@@ -1,17 +1,29 @@
-"""Signaling benchmark: join latency and throughput, chat fan-out.
+"""Signaling benchmark: join latency and throughput, chat fan-out, steady chat load,
+with each kind of records side by side in one run.
 
-Starts ``talkgate serve`` in its own process (uvloop) and drives it from this
-one (also uvloop) over loopback websockets. Gateway CPU is read from
+Starts ``talkgate serve`` in its own process (uvloop) once per database and drives it
+from this one (also uvloop) over loopback websockets. Gateway CPU is read from
 /proc/<pid>/stat around each phase, so per-core rates are measured, not guessed.
 
-    python benchmarks/signaling.py                 # full run: 1000 joins, 50-way fan-out
-    python benchmarks/signaling.py --joins 50 --fanout 10 --messages 20 --json   # smoke
+    python benchmarks/signaling.py                 # memory, SQLite, PostgreSQL (if installed)
+    python benchmarks/signaling.py --database memory,sqlite --rounds 3
+    python benchmarks/signaling.py --joins 50 --fanout 10 --messages 20 --load-seconds 2 --json   # smoke
+
+Databases: ``memory`` (no records, ``--database none``), ``sqlite`` (a fresh file),
+``postgresql`` (a throwaway cluster started here, durable settings: fsync and
+synchronous commit on, as a deployment runs it), or a database URL. ``--rounds`` repeats
+the databases in turn (memory, sqlite, … memory, sqlite, …) so a noisy neighbour hits
+them alike; figures are the medians over rounds.
 
 Phases:
   join-latency   N sequential clients: websocket open, then join → joined (median, p95)
   join-rate      N clients joining C at a time: joins per second, per gateway CPU second
   fanout         P participants in one conversation; one sends M chats; time from send
                  to each delivery (median, p95) and deliveries per gateway CPU second
+  load           K conversations of two participants; one of each sends chats so that
+                 R messages a second reach the gateway in all (each conversation evenly
+                 paced, phases spread); send → echo latency at the sender (median, p95)
+                 and deliveries per gateway CPU second
 """
 
 from __future__ import annotations
@@ -31,7 +43,8 @@ from websockets.asyncio.client import ClientConnection, connect
 sys.path.insert(0, str(Path(__file__).parents[1]))  # the repository's tests/ helpers
 
 from gateway import tokens
-from tests.gateway_process import GatewayProcess
+from tests.databases import PostgresCluster, PostgresUnavailable
+from tests.gateway_process import CLK_TCK, GatewayProcess
 
 SECRET = "bench-secret-0123456789abcdef-0123456789"
 
@@ -156,45 +169,189 @@ async def fanout(gw: GatewayProcess, participants: int, messages: int) -> dict[s
     }
 
 
-async def main(args: argparse.Namespace) -> dict[str, Any]:
-    # Rate limiting is per connection and this benchmark's sender is one connection; the
-    # fan-out conversation holds more than the default --max-participants; clients close
-    # without leaving, and their places must not be held for a reconnect (the join phases
-    # open --joins conversations each, one after the other).
+async def load(gw: GatewayProcess, conversations: int, rate: float, seconds: float) -> dict[str, Any]:
+    """Steady chat: ``conversations`` rooms of two, ``rate`` messages a second in all."""
+    pairs = []
+    for i in range(conversations):
+        room = f"load-room-{i}"
+        sender = (await join(gw.ws_url, f"load-s{i}", room))[0]
+        listener = (await join(gw.ws_url, f"load-l{i}", room))[0]
+        pairs.append((sender, listener))
+    await asyncio.sleep(0.5)
+    for pair in pairs:  # drain the participant.joined announcements
+        for ws in pair:
+            while True:
+                try:
+                    await asyncio.wait_for(ws.recv(), 0.001)
+                except TimeoutError:
+                    break
+    interval = conversations / rate  # each conversation's pace
+    per_conversation = max(1, round(seconds / interval))
+    sent_at: dict[str, float] = {}
+    echoes: list[float] = []
+    delivered = 0
+
+    async def receive(ws: ClientConnection, sender: bool) -> None:
+        nonlocal delivered
+        for _ in range(per_conversation):
+            while True:
+                message = json.loads(await ws.recv())
+                if message["type"] == "chat":
+                    break
+            delivered += 1
+            if sender:
+                echoes.append(time.perf_counter() - sent_at[message["text"]])
+
+    async def send(i: int, ws: ClientConnection, start: float) -> None:
+        for n in range(per_conversation):
+            due = start + (i / conversations + n) * interval
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            text = f"c{i}m{n}"
+            sent_at[text] = time.perf_counter()
+            await ws.send(json.dumps({"type": "chat", "text": text}))
+
+    start = time.perf_counter() + 0.05
+    split0 = cpu_split(gw)
+    cpu0, t0 = gw.cpu_seconds(), time.perf_counter()
+    tasks = [send(i, s, start) for i, (s, _) in enumerate(pairs)]
+    tasks += [receive(ws, j == 0) for s, lst in pairs for j, ws in enumerate((s, lst))]
+    await asyncio.wait_for(asyncio.gather(*tasks), seconds * 3 + 30)
+    wall, cpu = time.perf_counter() - t0, gw.cpu_seconds() - cpu0
+    user, system = (b - a for a, b in zip(split0, cpu_split(gw), strict=True))
+    await asyncio.gather(*(ws.close() for pair in pairs for ws in pair))
+    messages = per_conversation * conversations
+    return {
+        "conversations": conversations,
+        "messages": messages,
+        "messages_per_s": round(messages / wall, 1),
+        "deliveries": delivered,
+        "echo": summary_ms(echoes),
+        "gateway_cpu_s": round(cpu, 3),
+        "gateway_cpu_share": round(cpu / wall, 3),
+        "gateway_user_s": round(user, 3),
+        "gateway_system_s": round(system, 3),
+        "deliveries_per_cpu_s": round(delivered / cpu, 1) if cpu else None,
+    }
+
+
+def cpu_split(gw: GatewayProcess) -> tuple[float, float]:
+    """The gateway's user and system CPU seconds so far (system: mostly socket and file writes)."""
+    with open(f"/proc/{gw.proc.pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+async def run_one(args: argparse.Namespace, database: str, url: str) -> dict[str, Any]:
+    # Rate limiting is per connection and this benchmark's senders send fast; the fan-out
+    # conversation holds more than the default --max-participants; clients close without
+    # leaving, and their places must not be held for a reconnect (the join phases open
+    # --joins conversations each, one after the other).
     extra = ["--max-participants", str(max(8, args.fanout)), "--reconnect-grace-seconds", "0"]
-    if args.database == "memory":
-        extra += ["--database", "none"]
-    elif args.database != "sqlite":  # sqlite: a fresh file from GatewayProcess
-        extra += ["--database", args.database]
+    extra += ["--max-conversations", str(max(10_000, 2 * args.joins + args.load_conversations + 10))]
+    extra += ["--database", url] if url else []  # "": a fresh SQLite file from GatewayProcess
     gw = start_gateway(rate=100_000, burst=100_000, extra=extra)
     try:
         return {
-            "benchmark": "signaling",
-            "database": args.database,
+            "database": database,
             "join_latency": await join_latency(gw, args.joins),
             "join_rate": await join_rate(gw, args.joins, args.concurrency),
             "fanout": await fanout(gw, args.fanout, args.messages),
+            "load": await load(gw, args.load_conversations, args.load_rate, args.load_seconds),
         }
     finally:
         gw.stop()
 
 
+#: Figures compared across databases: (name, path into a run's result, higher is better).
+FIGURES: list[tuple[str, tuple[str, ...]]] = [
+    ("join→joined median ms", ("join_latency", "join_to_joined", "median_ms")),
+    ("join→joined p95 ms", ("join_latency", "join_to_joined", "p95_ms")),
+    ("joins per CPU-s", ("join_rate", "joins_per_cpu_s")),
+    ("fan-out delivery median ms", ("fanout", "delivery", "median_ms")),
+    ("fan-out delivery p95 ms", ("fanout", "delivery", "p95_ms")),
+    ("fan-out deliveries per CPU-s", ("fanout", "deliveries_per_cpu_s")),
+    ("load echo median ms", ("load", "echo", "median_ms")),
+    ("load echo p95 ms", ("load", "echo", "p95_ms")),
+    ("load deliveries per CPU-s", ("load", "deliveries_per_cpu_s")),
+    ("load gateway CPU share", ("load", "gateway_cpu_share")),
+    ("load gateway user CPU-s", ("load", "gateway_user_s")),
+    ("load gateway system CPU-s", ("load", "gateway_system_s")),
+]
+
+
+def _get(result: dict[str, Any], path: tuple[str, ...]) -> float:
+    value: Any = result
+    for key in path:
+        value = value[key]
+    return float("nan") if value is None else float(value)
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    names = [d.strip() for d in args.database.split(",") if d.strip()]
+    cluster = None
+    urls: dict[str, str] = {}
+    skipped: dict[str, str] = {}
+    for name in names:
+        if name == "memory":
+            urls[name] = "none"
+        elif name == "sqlite":
+            urls[name] = ""
+        elif name == "postgresql":
+            try:
+                cluster = cluster or PostgresCluster.start(durable=True)
+                urls[name] = cluster.url()
+            except PostgresUnavailable as exc:
+                skipped[name] = str(exc).splitlines()[0]
+        else:
+            urls[name] = name
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in urls}
+    try:
+        for _ in range(args.rounds):
+            for name, url in urls.items():
+                if name == "postgresql" and cluster is not None:
+                    cluster.drop_database("bench")  # the same empty start as a fresh SQLite file
+                    url = cluster.url(cluster.create_database("bench"))
+                rounds[name].append(await run_one(args, name, url))
+    finally:
+        if cluster is not None:
+            cluster.stop()
+    medians = {
+        name: {label: round(statistics.median(_get(r, path) for r in runs), 3) for label, path in FIGURES}
+        for name, runs in rounds.items()
+    }
+    return {
+        "benchmark": "signaling",
+        "rounds": args.rounds,
+        "load_rate": args.load_rate,
+        "runs": rounds,
+        "medians": medians,
+        "skipped": skipped,
+    }
+
+
 def print_table(r: dict[str, Any]) -> None:
-    jl, jr, fo = r["join_latency"], r["join_rate"], r["fanout"]
-    print(
-        f"join latency ({jl['joins']} sequential):"
-        f" open median {jl['open']['median_ms']} ms p95 {jl['open']['p95_ms']} ms;"
-        f" join→joined median {jl['join_to_joined']['median_ms']} ms p95 {jl['join_to_joined']['p95_ms']} ms"
-    )
-    print(
-        f"join rate ({jr['joins']} clients, {jr['concurrency']} at a time): {jr['joins_per_s']} joins/s wall,"
-        f" {jr['joins_per_cpu_s']} joins per gateway CPU-second"
-    )
-    print(
-        f"fan-out ({fo['participants']} participants x {fo['messages']} messages = {fo['deliveries']} deliveries):"
-        f" delivery median {fo['delivery']['median_ms']} ms p95 {fo['delivery']['p95_ms']} ms;"
-        f" {fo['deliveries_per_cpu_s']} deliveries per gateway CPU-second"
-    )
+    names = list(r["medians"])
+    print(f"signaling benchmark, medians over {r['rounds']} round(s); load at {r['load_rate']} messages/s")
+    width = max(len(label) for label, _ in FIGURES) + 2
+    print("".ljust(width) + "".join(n[:14].rjust(16) for n in names))
+    for label, _ in FIGURES:
+        row = [r["medians"][n][label] for n in names]
+        print(label.ljust(width) + "".join(f"{v:16}" for v in row))
+    if "memory" in names:
+        base = r["medians"]["memory"]
+        for n in names:
+            if n == "memory":
+                continue
+            ratios = [
+                f"{label}: {r['medians'][n][label] / base[label]:.2f}"
+                for label in ("joins per CPU-s", "fan-out deliveries per CPU-s", "load deliveries per CPU-s")
+                if base[label]
+            ]
+            print(f"{n} / memory: " + ", ".join(ratios))
+    for name, why in r["skipped"].items():
+        print(f"{name}: skipped ({why})")
 
 
 if __name__ == "__main__":
@@ -203,11 +360,16 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--fanout", type=int, default=50, help="participants in the fan-out conversation")
     parser.add_argument("--messages", type=int, default=400)
+    parser.add_argument("--load-conversations", type=int, default=100)
+    parser.add_argument("--load-rate", type=float, default=1000, help="messages a second over all conversations")
+    parser.add_argument("--load-seconds", type=float, default=10)
     parser.add_argument(
         "--database",
-        default="sqlite",
-        help="the gateway's records: memory (--database none), sqlite (a fresh file), or a database URL",
+        default="memory,sqlite,postgresql",
+        help="comma-separated: memory (--database none), sqlite (a fresh file), postgresql (a throwaway "
+        "cluster), or database URLs",
     )
+    parser.add_argument("--rounds", type=int, default=1, help="repeat every database this many times, in turn")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     arguments = parser.parse_args()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

@@ -3,10 +3,13 @@
 A join is authorised by its token (always) or, on a ``--dev`` server only, by the
 fields it names. Identities the gateway uses itself (``bot``, ``system``) are
 refused in both, so nobody can impersonate the bot or the gateway. How a refused
-join's connection is closed is decided here, once.
+join's connection is closed is decided here, once, and so is who may read which
+recorded conversation (``history``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Collection
 
 from . import messages, tokens
 from .config import Config
@@ -56,6 +59,22 @@ def authorize(config: Config, msg: messages.Join) -> tokens.Grant:
         raise BadRequest("a customer join needs a room")
     name = identity if msg.name is None else field(msg.name, "name")
     return tokens.Grant(identity=identity, role=Role(role), room=room, name=name)
+
+
+def may_read_record(
+    me: messages.Participant, customer: str | None, *, present: bool, serving: Collection[str] = ()
+) -> bool:
+    """Whether ``me`` may page through a conversation record whose customer is ``customer``:
+    anyone the conversation they are in now (``present``); a customer its own conversations;
+    an agent those of the customers it is serving (``serving``: the customers of its
+    conversations and of the queue, whose cards it sees)."""
+    if present:
+        return True
+    if customer is None:
+        return False
+    if me.role == Role.CUSTOMER:
+        return customer == me.identity
+    return me.role == Role.AGENT and customer in serving
 
 
 def field(value: str | None, name: str) -> str:

@@ -31,7 +31,7 @@ from .calls import Calls, RtcSettings
 from .config import Config
 from .conversation import MAX_REASON_CHARS, Conversations, Upgrades
 from .delivery import Connection, Delivery, target
-from .errors import BadRequest, Conflict, Forbidden, TooLarge, Unauthorized, Unavailable
+from .errors import BadRequest, Conflict, Forbidden, NotFound, TooLarge, Unauthorized, Unavailable
 from .events import now_ms
 from .messages import Participant, Role
 from .metrics import Metrics
@@ -157,6 +157,26 @@ class Broker:
         if any(isinstance(event, ev.QUEUE_EVENTS) for event in events):
             await self.publish_queue()
 
+    def apply_soon(self, events: list[ev.Event], conn: Connection, request: str) -> None:
+        """``apply`` without waiting for the commit, for events that change no queue (a
+        chat): the connection's next message is handled meanwhile, and a connection sending
+        fast gets its messages committed together. The writer commits in submission order
+        and publishes each batch once it is committed, so everything is still published in
+        order and nobody hears of a message before it is stored. A failed commit is an
+        error to ``conn`` (``request`` names what failed)."""
+        if self.records is None:
+            self.publish(events, recorded=True)
+            return
+
+        def committed(error: BaseException | None) -> None:
+            if error is None:
+                self.publish(events, recorded=True)
+            else:
+                conn.send_error(Unavailable("the gateway could not store that; try again"), request)
+
+        if not self.records.submit(events, then=committed):
+            raise Unavailable("the gateway is too busy to store that; try again")
+
     def _react(self, event: ev.Event) -> None:
         match event:
             case ev.ChatPosted(message=message) if message.sender.role == Role.CUSTOMER:
@@ -203,6 +223,8 @@ class Broker:
                 await self.request_upgrade(target(conn, msg.conversation), _me(conn), msg.media)
             case messages.UpgradeReply():
                 await self.upgrade_reply(conn, msg)
+            case messages.History():
+                await self.history(conn, msg)
 
     # -- join -------------------------------------------------------------------------
 
@@ -327,7 +349,7 @@ class Broker:
             raise TooLarge(f"chat text is {len(msg.text)} characters; the limit is {self.config.max_chat_chars}")
         if not msg.text.strip():
             raise BadRequest("chat text is empty")
-        await self.post(conversation, _me(conn), msg.text)
+        self.apply_soon(await self.conversations.post(conversation, _me(conn), msg.text), conn, "chat")
 
     async def escalate(self, conn: Connection, msg: messages.Escalate) -> None:
         me = _me(conn)
@@ -358,6 +380,35 @@ class Broker:
             if recorded is not None:
                 return recorded
         return await self.store.history(conversation)
+
+    async def history(self, conn: Connection, msg: messages.History) -> None:
+        """A page of a recorded conversation's timeline, for whoever may read it
+        (``access.may_read_record``)."""
+        if self.records is None:
+            raise Unavailable("this gateway keeps no records (--database none): there is no history to read")
+        record = await self.records.record(msg.conversation) if len(msg.conversation) <= 256 else None
+        if record is None:
+            raise NotFound(f"no recorded conversation {msg.conversation[:128]!r}")
+        me = _me(conn)
+        # The one it is in now: the room's open record (an older record of the room is closed).
+        present = record.room in conn.memberships and record.closed is None
+        serving: set[str] = set()
+        if me.role == Role.AGENT and not present:
+            for conversation in conn.memberships:
+                people = await self.store.participants(conversation) or []
+                serving |= {p.identity for p in people if p.role == Role.CUSTOMER}
+                current = await self.records.record(conversation)  # its customer, even once gone
+                if current is not None and current.customer is not None:
+                    serving.add(current.customer)
+            serving |= {entry.customer.identity for entry in await self.store.waiting()}
+        if not access.may_read_record(me, record.customer, present=present, serving=serving):
+            if me.role == Role.CUSTOMER:
+                raise Forbidden("you may read only your own conversations")
+            raise Forbidden("you may read only the conversations of customers you are serving or who are waiting")
+        events, more = await self.records.page(record.id, msg.before, msg.limit)
+        items = [messages.timeline_event(e.id, e.ts, e.type, e.actor, e.body) for e in events]
+        page = messages.history(msg.conversation, msg.before, record.id, record.room, items, more)
+        conn.deliver(messages.encode(page), "history")
 
     async def publish_queue(self) -> None:
         entries = await self.store.waiting()

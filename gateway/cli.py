@@ -176,6 +176,15 @@ def _server_options(f: click.decorators.FC) -> click.decorators.FC:
             help="Durable records: sqlite:///PATH or postgresql://USER@HOST/DB; 'none' keeps them in memory "
             "only. Default: serve: sqlite:///talkgate.db; demo: a file in its data directory.",
         ),
+        click.option(
+            "--retention-days",
+            envvar="TALKGATE_RETENTION_DAYS",
+            type=click.FloatRange(min=0, min_open=True),
+            default=None,
+            show_envvar=True,
+            help="Delete conversations closed more than this many days ago, with their events, and customers "
+            "left with none and not seen for as long (at start, then hourly). Default: keep everything.",
+        ),
         click.option("--log-level", envvar="TALKGATE_LOG_LEVEL", default="INFO", show_envvar=True),
     ]
     for option in reversed(options):
@@ -261,6 +270,75 @@ def upgrade(database: str) -> None:
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
     click.echo(f"{database}: at the current schema")
+
+
+@main.group()
+def customer() -> None:
+    """Customers in the records."""
+
+
+@customer.command()
+@click.argument("identity")
+@click.option(
+    "--database",
+    envvar="TALKGATE_DATABASE",
+    default=DEFAULT_DATABASE,
+    show_envvar=True,
+    help="The records, as serve takes them: sqlite:///PATH or postgresql://USER@HOST/DB.",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Erase even while a conversation of theirs is open (a crash left it open; see docs/records.md).",
+)
+def erase(identity: str, database: str, force: bool) -> None:
+    """Erase a customer from the records (privacy requests).
+
+    Deletes their profile, their conversations with every event in them, and the events they
+    authored in other conversations, and prints how many of each. Safe while a gateway serves
+    the same database; refused while the customer has an open conversation (erasing is for
+    customers who are not connected)."""
+    import sqlalchemy as sa
+
+    from .records import OpenConversation, Removed, SqlRecords, create_engine, customers
+
+    try:
+        records = SqlRecords(database)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    where = records.describe()
+    path = sa.engine.make_url(records.url).database
+    if records.dialect == "sqlite" and not (path and Path(path).is_file()):  # not a new, empty file
+        raise click.ClickException(f"no such SQLite file: {path or '(in memory)'}")
+
+    async def run_erase() -> Removed:
+        records.engine = create_engine(records.url)
+        try:
+            async with records.engine.connect() as conn:
+                if not await conn.run_sync(lambda sync: sa.inspect(sync).has_table(customers.name)):
+                    raise click.ClickException(f"no talkgate records in {where} (talkgate db upgrade creates them)")
+            return await records.erase_customer(identity, force=force)
+        except (sa.exc.SQLAlchemyError, OSError) as exc:
+            problem = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+            raise click.ClickException(f"cannot use the records in {where}: {problem}") from exc
+        finally:
+            await records.close()
+
+    configure_logging("WARNING")
+    try:
+        removed = asyncio.run(run_erase())
+    except OpenConversation as exc:
+        raise click.ClickException(
+            f"{exc}. Erasing is for customers who are not connected: try again once they have left, or pass "
+            "--force if no gateway is serving it (a crashed gateway leaves its conversations open)"
+        ) from exc
+    if not removed:
+        click.echo(f"{identity}: nothing to erase: no profile, conversation or event of theirs in {where}")
+        return
+    click.echo(
+        f"{identity}: erased profile {removed.customers}, conversations {removed.conversations} "
+        f"(events {removed.events}), events in other conversations {removed.events_elsewhere}"
+    )
 
 
 @main.command()

@@ -27,6 +27,11 @@ class Config:
     #: The durable records (customers, conversations, timeline): a SQLAlchemy URL,
     #: ``sqlite:///PATH`` or ``postgresql://…``; "" keeps everything in memory only.
     database: str = ""
+    #: Closed conversations are deleted from the records (with their events) this many
+    #: days after they closed, and customers with no conversation left once not seen for
+    #: as long; None keeps everything. Not ``history_retention_seconds``, which is how
+    #: long a just-closed room can be resumed.
+    retention_days: float | None = None
     #: Chat messages kept per conversation and sent in ``joined``.
     history_limit: int = 100
     #: How long a conversation's chat history outlives its last participant (a customer
@@ -135,6 +140,11 @@ class Config:
             raise ConfigError("rate_per_second and join_timeout must be positive")
         if self.drain_seconds < 0 or self.history_retention_seconds < 0 or self.reconnect_grace_seconds < 0:
             raise ConfigError("drain_seconds, history_retention_seconds and reconnect_grace_seconds must be >= 0")
+        if self.retention_days is not None:
+            if not self.retention_days * 86400 > self.history_retention_seconds:
+                raise ConfigError("retention_days must be positive and longer than history_retention_seconds")
+            if not self.database:
+                raise ConfigError("retention_days needs a database (--database): without one nothing is kept")
         for origin in self.allowed_origins:
             if origin != "*" and not origin.startswith(("http://", "https://")):
                 raise ConfigError(f"an allowed origin is '*' or starts with http:// or https://, not {origin!r}")

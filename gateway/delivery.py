@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from . import events as ev
 from . import messages
-from .errors import BadRequest, NotFound
+from .errors import BadRequest, NotFound, ProtocolError
 from .messages import Participant, QueueEntry
 from .protocol import SignalingProtocol
 
@@ -43,6 +43,9 @@ class Connection(Protocol):
 
     def close(self, code: int, reason: str) -> None:
         """Close after the messages already queued have been written."""
+
+    def send_error(self, exc: ProtocolError, request: str | None = None) -> None:
+        """Queue an ``error`` for the client (``request``: the type of message that failed)."""
 
 
 def target(conn: Connection, requested: str | None) -> str:

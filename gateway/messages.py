@@ -9,7 +9,7 @@ encoded once per fan-out, not once per recipient.
 from __future__ import annotations
 
 import enum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -97,14 +97,56 @@ class Hangup(_Msg, tag="hangup"):
     conversation: str | None = None
 
 
+#: Events a ``history`` page holds unless the client asks for fewer, and at most.
+HISTORY_PAGE = 50
+HISTORY_PAGE_MAX = 200
+
+
+class History(_Msg, tag="history"):
+    """A page of a recorded conversation's timeline (docs/protocol.md#history)."""
+
+    #: A recorded conversation's id (as in a customer card's ``previous``), or a room id:
+    #: its current (or latest) record.
+    conversation: str
+    #: The page ends just before this event id (None: with the newest event).
+    before: Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)] | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=HISTORY_PAGE_MAX)] = HISTORY_PAGE
+
+
 ClientMessage = (
-    Join | Chat | Escalate | Accept | Leave | Ping | Offer | Answer | Candidate | Upgrade | UpgradeReply | Hangup
+    Join
+    | Chat
+    | Escalate
+    | Accept
+    | Leave
+    | Ping
+    | Offer
+    | Answer
+    | Candidate
+    | Upgrade
+    | UpgradeReply
+    | Hangup
+    | History
 )
 
 #: Client message class -> its ``type`` name (metrics labels, docs).
 TAGS: dict[type, str] = {
     t: str(t.__struct_config__.tag)
-    for t in (Join, Chat, Escalate, Accept, Leave, Ping, Offer, Answer, Candidate, Upgrade, UpgradeReply, Hangup)
+    for t in (
+        Join,
+        Chat,
+        Escalate,
+        Accept,
+        Leave,
+        Ping,
+        Offer,
+        Answer,
+        Candidate,
+        Upgrade,
+        UpgradeReply,
+        Hangup,
+        History,
+    )
 }
 CLIENT_TYPES: tuple[str, ...] = tuple(TAGS.values())
 
@@ -141,6 +183,9 @@ class ChatMessage(msgspec.Struct, frozen=True):
     sender: Participant
     text: str
     ts: int
+    #: A spoken turn (a bot's final transcript: the customer's words or the bot's), kept in
+    #: the recorded history; ``sender`` is whoever spoke.
+    spoken: bool = False
 
     def as_dict(self, conversation: str | None = None) -> dict[str, Any]:
         """The ``chat`` message (naming its conversation when given)."""
@@ -153,6 +198,8 @@ class ChatMessage(msgspec.Struct, frozen=True):
         }
         if conversation is not None:
             message["conversation"] = conversation
+        if self.spoken:
+            message["spoken"] = True
         return message
 
 
@@ -226,3 +273,40 @@ def queue(entries: list[QueueEntry], cards: dict[str, dict[str, Any]] | None = N
             item["customer"] = {**item["customer"], "profile": card["profile"], "previous": card["previous"]}
         waiting.append(item)
     return {"type": "queue", "waiting": waiting}
+
+
+#: Fields of a timeline event on the wire that a recorded body cannot override.
+_TIMELINE_FIELDS = frozenset({"id", "ts", "type", "from"})
+
+
+def timeline_event(
+    event_id: int, ts: int, kind: str, actor: Participant | None, body: dict[str, Any]
+) -> dict[str, Any]:
+    """One recorded event in a ``history`` page: ``{"id", "ts", "type", "from", ...}``, the
+    body's fields flattened (its ``name`` is in ``from``; its own ``id``, a chat message's or
+    an upgrade request's, is ``ref``)."""
+    item: dict[str, Any] = {"id": event_id, "ts": ts, "type": kind, "from": actor.as_dict() if actor else None}
+    for key, value in body.items():
+        if key == "id":
+            item["ref"] = value
+        elif key != "name" and key not in _TIMELINE_FIELDS:
+            item[key] = value
+    return item
+
+
+def history(
+    conversation: str, before: int | None, record: str, room: str, events: list[dict[str, Any]], more: bool
+) -> dict[str, Any]:
+    """A page of a recorded timeline, oldest first; ``more``: older events exist (ask again
+    with ``before`` = the first event's id). ``conversation`` and ``before`` are what the
+    client asked for (it matches answers to requests by them), ``record`` the conversation
+    record it names."""
+    return {
+        "type": "history",
+        "conversation": conversation,
+        "before": before,
+        "record": record,
+        "room": room,
+        "events": events,
+        "more": more,
+    }

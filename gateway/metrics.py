@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import HistogramMetricFamily
@@ -12,6 +13,9 @@ from prometheus_client.registry import Collector
 
 from .errors import ErrorCode
 from .messages import CLIENT_TYPES
+
+if TYPE_CHECKING:
+    from .records import Removed
 
 #: Event-loop lag is sampled with a timer this often (~100 cheap wake-ups a second).
 LAG_INTERVAL = 0.01
@@ -151,6 +155,14 @@ class Metrics:
             "Events not recorded because the records writer was too far behind.",
             registry=r,
         )
+        self.records_expired = Counter(
+            "talkgate_records_expired",
+            "Rows deleted by --retention-days, by kind (conversations, events, customers).",
+            ["kind"],
+            registry=r,
+        )
+        for kind in ("conversations", "events", "customers"):
+            self.records_expired.labels(kind)  # every series from the first scrape
         self.events = Counter("talkgate_events", "Domain events (docs/architecture.md), by type.", ["type"], registry=r)
         self._events_by_type: dict[type, Counter] = {}
         # Failures that were survived: logged by their owner (media.tasks), counted here.
@@ -193,6 +205,12 @@ class Metrics:
         if child is None:
             child = self._out_by_type[mtype] = self.messages_out.labels(mtype)
         child.inc(count)
+
+    def expired(self, removed: Removed) -> None:
+        """A retention pass's callback: counts what it removed."""
+        self.records_expired.labels("conversations").inc(removed.conversations)
+        self.records_expired.labels("events").inc(removed.events)
+        self.records_expired.labels("customers").inc(removed.customers)
 
     def event(self, event: object) -> None:
         """An event consumer: counts every domain event by its type."""

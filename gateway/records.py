@@ -19,17 +19,25 @@ one conversation while it is open; one that emptied less than
 ``--history-retention-seconds`` ago is resumed by its next join (a browser restart
 finds its chat again), and an open one survives a gateway restart (the crash never
 closed it).
+
+Retention and erasure delete from the records, in batches of at most ``PURGE_BATCH``
+rows per transaction so the writer is never held up for long: with ``--retention-days``
+a task owned by ``SqlRecords`` removes, at start and then hourly, conversations closed
+longer ago (with their events) and the customers left with no conversation and not
+seen for as long; ``erase_customer`` (``talkgate customer erase``) removes one
+customer's profile, their conversations and every event they authored elsewhere.
+Open conversations are never removed (docs/records.md says why and what that means
+for a customer who is still connected).
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
-import contextlib
+import datetime
 import logging
-import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,65 +45,28 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from media.tasks import cancel_and_wait
+
 from . import events as ev
 from .errors import ConfigError
 from .events import now_ms
 from .messages import ChatMessage, Participant, Role
+from .schema import conversations as conversations
+from .schema import customers as customers
+from .schema import events as events
+from .schema import metadata as metadata
+from .writer import RecordsError as RecordsError
+from .writer import Then, Writer, latest_query
 
 log = logging.getLogger("talkgate.records")
 
-# -- the schema (the migrations in gateway/migrations create exactly this) ---------------
+# The schema lives in schema.py; its tables are re-exported here for readers of the records.
 
-metadata = sa.MetaData()
-#: Event ids: 64-bit on PostgreSQL; SQLite's INTEGER PRIMARY KEY is already 64-bit.
-EventId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
-
-customers = sa.Table(
-    "customers",
-    metadata,
-    sa.Column("identity", sa.String(128), primary_key=True),
-    sa.Column("name", sa.String(128), nullable=False),
-    sa.Column("profile", sa.JSON(), nullable=True),
-    sa.Column("first_seen", sa.BigInteger(), nullable=False),
-    sa.Column("last_seen", sa.BigInteger(), nullable=False),
-)
-
-conversations = sa.Table(
-    "conversations",
-    metadata,
-    sa.Column("id", sa.String(64), primary_key=True),
-    sa.Column("room", sa.String(128), nullable=False),
-    sa.Column("customer", sa.String(128), nullable=True),
-    sa.Column("opened", sa.BigInteger(), nullable=False),
-    sa.Column("closed", sa.BigInteger(), nullable=True),
-    #: How it ended: the last participant's leaving reason (left, disconnected, ...).
-    sa.Column("ended", sa.String(32), nullable=True),
-    #: Channels used, of "chat", "voice", "video".
-    sa.Column("channels", sa.JSON(), nullable=False),
-    sa.Column("bot", sa.String(128), nullable=True),
-    sa.Column("agents", sa.JSON(), nullable=False),
-    sa.Index("ix_conversations_room_opened", "room", "opened"),
-    sa.Index("ix_conversations_customer_opened", "customer", "opened"),
-)
-
-events = sa.Table(
-    "events",
-    metadata,
-    sa.Column("id", EventId, primary_key=True, autoincrement=True),
-    sa.Column("conversation", sa.String(64), sa.ForeignKey("conversations.id"), nullable=False),
-    sa.Column("ts", sa.BigInteger(), nullable=False),
-    sa.Column("actor", sa.String(128), nullable=True),
-    sa.Column("actor_role", sa.String(16), nullable=True),
-    sa.Column("type", sa.String(32), nullable=False),
-    sa.Column("body", sa.JSON(), nullable=False),
-    sa.Index("ix_events_conversation_id", "conversation", "id"),
-)
-
-#: Events queued for the writer at most; beyond it ``submit`` drops (and counts) the
-#: newest, ``write`` waits. Sized for seconds of a busy gateway, not for a stuck database.
-QUEUE_LIMIT = 100_000
-#: Rows one transaction takes at most (the rest go in the next).
-BATCH_LIMIT = 2_000
+#: Rows one retention or erasure transaction deletes at most (then the writer may go on).
+PURGE_BATCH = 1_000
+#: How often the retention task runs after its first pass at start (seconds).
+RETENTION_INTERVAL = 3600.0
+DAY_MS = 86_400_000
 
 
 def database_url(url: str) -> str:
@@ -131,6 +102,52 @@ class Customer:
     last_seen: int
 
 
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """A conversation record, as the reader sees it (whose it is, when it was open)."""
+
+    id: str
+    room: str
+    customer: str | None
+    opened: int
+    closed: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class TimelineEvent:
+    """One event of a conversation's timeline: ``actor`` is who did it (None: the gateway)."""
+
+    id: int
+    ts: int
+    type: str
+    actor: Participant | None
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Removed:
+    """What retention or an erasure deleted from the records (rows; all 0: nothing)."""
+
+    customers: int = 0
+    conversations: int = 0
+    #: Events of the removed conversations.
+    events: int = 0
+    #: Events the erased customer authored in conversations that stay (others' rooms).
+    events_elsewhere: int = 0
+
+    def __bool__(self) -> bool:
+        return any((self.customers, self.conversations, self.events, self.events_elsewhere))
+
+
+class OpenConversation(Exception):
+    """An erasure refused: the customer has an open conversation (they may be connected,
+    and the gateway serving it would write its next events into a record that is gone)."""
+
+    def __init__(self, identity: str, conversations: list[str]) -> None:
+        super().__init__(f"{identity!r} has {len(conversations)} open conversation(s): {', '.join(conversations)}")
+        self.conversations = conversations
+
+
 class Records(abc.ABC):
     """The durable record, behind a small interface (scales apart from the live ``Store``)."""
 
@@ -143,8 +160,10 @@ class Records(abc.ABC):
         """Write what is queued, stop the writer, close the database."""
 
     @abc.abstractmethod
-    def submit(self, batch: Sequence[ev.Event]) -> None:
-        """Queue events for the writer without waiting (synchronous producers)."""
+    def submit(self, batch: Sequence[ev.Event], then: Then | None = None) -> bool:
+        """Queue events for the writer without waiting (synchronous producers). ``then`` is
+        called once they are committed (with None) or could not be (with the error), in the
+        order of submission; False: the writer is too far behind, they were dropped."""
 
     @abc.abstractmethod
     async def write(self, batch: Sequence[ev.Event]) -> None:
@@ -152,8 +171,18 @@ class Records(abc.ABC):
 
     @abc.abstractmethod
     async def history(self, room: str, limit: int) -> list[ChatMessage] | None:
-        """The room's recent chat (oldest first) if it is open or was closed within the
-        retention time; None if the records have nothing to say about it."""
+        """The room's recent chat and spoken turns (final transcripts, as ``spoken`` chat
+        from whoever spoke), oldest first, if it is open or was closed within the retention
+        time; None if the records have nothing to say about it."""
+
+    @abc.abstractmethod
+    async def record(self, conversation: str) -> Recorded | None:
+        """A conversation record by its id, else a room's current (or latest) one."""
+
+    @abc.abstractmethod
+    async def page(self, conversation: str, before: int | None, limit: int) -> tuple[list[TimelineEvent], bool]:
+        """The newest ``limit`` events of a conversation record with an id below ``before``
+        (None: the newest), oldest first, and whether older ones exist."""
 
     @abc.abstractmethod
     async def customer(self, identity: str) -> Customer | None: ...
@@ -164,25 +193,14 @@ class Records(abc.ABC):
         ``{"conversation", "room", "opened", "closed", "channels", "last_message"}``."""
 
     @abc.abstractmethod
+    async def erase_customer(self, identity: str, *, force: bool = False) -> Removed:
+        """Delete a customer's profile, their conversations with every event in them, and
+        the events they authored in other conversations (privacy requests). Refuses with
+        ``OpenConversation`` while one of their conversations is open, unless ``force``."""
+
+    @abc.abstractmethod
     def describe(self) -> str:
         """Where the records are, for the start-up lines (no password)."""
-
-
-@dataclass(eq=False)
-class _Item:
-    batch: Sequence[ev.Event]
-    done: asyncio.Future[None] | None = None
-
-
-@dataclass
-class _Open:
-    """A conversation record being written (cached per room while it is open)."""
-
-    id: str
-    channels: set[str] = field(default_factory=lambda: {"chat"})
-    agents: list[str] = field(default_factory=list)
-    #: Why the last participant to leave left: how the conversation ended.
-    last_reason: str | None = None
 
 
 class SqlRecords(Records):
@@ -193,17 +211,26 @@ class SqlRecords(Records):
         retention_seconds: float = 600.0,
         clock: Callable[[], int] = now_ms,
         on_dropped: Callable[[int], None] | None = None,
+        retention_days: float | None = None,
+        retention_interval: float = RETENTION_INTERVAL,
+        on_expired: Callable[[Removed], None] | None = None,
     ) -> None:
         self.url = database_url(url)
         self.dialect = make_url(self.url).get_backend_name()
+        #: How long a closed conversation can still be resumed (``--history-retention-seconds``).
         self.retention_ms = int(retention_seconds * 1000)
+        #: ``--retention-days``: how long the records keep a closed conversation (None: for ever).
+        self.retention_days = retention_days
+        if retention_days is not None and not retention_days * DAY_MS > self.retention_ms:
+            # A conversation that can still be resumed is never being deleted.
+            raise ConfigError("retention_days must be positive and longer than history_retention_seconds")
+        self._retention_interval = retention_interval
+        self._on_expired = on_expired
+        self._retention: asyncio.Task[None] | None = None
         self._clock = clock
         self._on_dropped = on_dropped
         self.engine: AsyncEngine | None = None
-        self._queue: asyncio.Queue[_Item] = asyncio.Queue(QUEUE_LIMIT)
-        self._task: asyncio.Task[None] | None = None
-        #: room -> its open conversation record
-        self._open: dict[str, _Open] = {}
+        self._writer: Writer | None = None
 
     def describe(self) -> str:
         """Where the records are, for the start-up lines (no password)."""
@@ -215,37 +242,33 @@ class SqlRecords(Records):
     async def start(self) -> None:
         self.engine = create_engine(self.url)
         await migrate(self.engine)
-        self._task = asyncio.create_task(self._run(), name="talkgate-records-writer")
+        self._writer = Writer(self.engine, retention_ms=self.retention_ms, on_dropped=self._on_dropped)
+        await self._writer.start()
+        if self.retention_days is not None:
+            self._retention = asyncio.create_task(self._retain(), name="talkgate-records-retention")
 
     async def close(self) -> None:
-        if self._task is not None:
-            await self._queue.join()  # the writer finishes what is queued first
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait([self._retention], log, "records retention")
+        self._retention = None
+        if self._writer is not None:
+            await self._writer.close()  # it commits what is queued first
+            self._writer = None
         if self.engine is not None:
             await self.engine.dispose()
             self.engine = None
 
-    def submit(self, batch: Sequence[ev.Event]) -> None:
+    def submit(self, batch: Sequence[ev.Event], then: Then | None = None) -> bool:
         batch = [e for e in batch if recorded(e)]
-        if not batch:
-            return
-        try:
-            self._queue.put_nowait(_Item(batch))
-        except asyncio.QueueFull:
-            if self._on_dropped is not None:
-                self._on_dropped(len(batch))
-            log.error("the records writer is %d events behind: %d events not recorded", QUEUE_LIMIT, len(batch))
+        assert self._writer is not None, "start the records first"
+        if not batch and then is None:
+            return True
+        return self._writer.submit(batch, then)  # an empty one too: ``then`` keeps its place
 
     async def write(self, batch: Sequence[ev.Event]) -> None:
         batch = [e for e in batch if recorded(e)]
-        if not batch:
-            return
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Item(batch, done))
-        await done
+        if batch:
+            assert self._writer is not None, "start the records first"
+            await self._writer.write(batch)
 
     # -- reading ----------------------------------------------------------------------
 
@@ -260,12 +283,42 @@ class SqlRecords(Records):
             rows = (
                 await conn.execute(
                     sa.select(events)
-                    .where(events.c.conversation == record.id, events.c.type == "chat")
+                    .where(events.c.conversation == record.id, events.c.type.in_(("chat", "transcript")))
                     .order_by(events.c.id.desc())
                     .limit(limit)
                 )
             ).all()
         return [_chat(row) for row in reversed(rows)]
+
+    async def record(self, conversation: str) -> Recorded | None:
+        assert self.engine is not None
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(sa.select(conversations).where(conversations.c.id == conversation))).first()
+            if row is None:
+                row = await _latest(conn, conversation)
+        if row is None:
+            return None
+        return Recorded(row.id, row.room, row.customer, row.opened, row.closed)
+
+    async def page(self, conversation: str, before: int | None, limit: int) -> tuple[list[TimelineEvent], bool]:
+        assert self.engine is not None
+        query = sa.select(events).where(events.c.conversation == conversation)
+        if before is not None:
+            query = query.where(events.c.id < before)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query.order_by(events.c.id.desc()).limit(limit + 1))).all()
+            more = len(rows) > limit
+            rows = rows[:limit][::-1]
+            names: dict[str, str] = {}
+            if any(row.actor and not (row.body or {}).get("name") for row in rows):
+                # Leaving, calls and the like name only the actor: its name is where it joined.
+                joins = await conn.execute(
+                    sa.select(events.c.actor, events.c.body).where(
+                        events.c.conversation == conversation, events.c.type == "participant.joined"
+                    )
+                )
+                names = {actor: body.get("name") for actor, body in joins if actor and body.get("name")}
+        return [_event(row, names) for row in rows], more
 
     async def customer(self, identity: str) -> Customer | None:
         assert self.engine is not None
@@ -287,9 +340,9 @@ class SqlRecords(Records):
             .scalar_subquery()
         )
         query = sa.select(conversations, last_message.label("last")).where(conversations.c.customer == identity)
-        current = self._open.get(room)
+        current = self._writer.current(room) if self._writer is not None else None
         if current is not None:
-            query = query.where(conversations.c.id != current.id)
+            query = query.where(conversations.c.id != current)
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query.order_by(conversations.c.opened.desc()).limit(limit))).all()
         return [
@@ -323,158 +376,131 @@ class SqlRecords(Records):
             ).all()
         return [dict(row._mapping) for row in rows]
 
-    # -- the writer -------------------------------------------------------------------
+    # -- retention and erasure --------------------------------------------------------
 
-    async def _run(self) -> None:
+    async def _retain(self) -> None:
+        """The retention task: a pass at start, then one every interval, until cancelled."""
+        assert self.retention_days is not None
         while True:
-            first = await self._queue.get()
-            items = [first]
-            count = len(first.batch)
-            while count < BATCH_LIMIT and not self._queue.empty():
-                item = self._queue.get_nowait()
-                items.append(item)
-                count += len(item.batch)
+            before = self._clock() - int(self.retention_days * DAY_MS)
             try:
-                await self._commit([e for item in items for e in item.batch])
+                removed = await self.expire(before)
             except Exception:
-                log.exception("the records writer could not commit %d events", count)
-                for item in items:
-                    if item.done is not None and not item.done.done():
-                        item.done.set_exception(RecordsError("the event could not be recorded"))
-                        item.done.exception()  # retrieved: a waiter that was cancelled does not warn
-                self._open.clear()  # the cache may be ahead of the database now
+                log.exception("records retention: the pass failed (the next one tries again)")
             else:
-                for item in items:
-                    if item.done is not None and not item.done.done():
-                        item.done.set_result(None)
-            finally:
-                for _ in items:
-                    self._queue.task_done()
-
-    async def _commit(self, batch: list[ev.Event]) -> None:
-        if not batch:
-            return
-        assert self.engine is not None
-        async with self.engine.begin() as conn:
-            rows: list[dict[str, Any]] = []
-            for event in batch:
-                await self._apply(conn, event, rows)
-            if rows:
-                await conn.execute(events.insert(), rows)
-
-    async def _apply(self, conn: AsyncConnection, event: ev.Event, rows: list[dict[str, Any]]) -> None:
-        """Turn one event into timeline rows (appended) and conversation/customer updates."""
-        room = event.conversation
-        if isinstance(event, ev.ConversationOpened):
-            await self._open_record(conn, room, event.ts)
-            return
-        record = await self._open_record(conn, room, event.ts)
-
-        def row(kind: str, actor: Participant | None, body: dict[str, Any]) -> None:
-            rows.append(
-                {
-                    "conversation": record.id,
-                    "ts": event.ts,
-                    "actor": actor.identity if actor else None,
-                    "actor_role": actor.role if actor else None,
-                    "type": kind,
-                    "body": body,
-                }
-            )
-
-        match event:
-            case ev.ParticipantJoined(participant=who):
-                await self._joined(conn, record, who, event)
-                row("participant.joined", who, {"name": who.name})
-            case ev.ParticipantLeft(participant=who, reason=reason):
-                row("participant.left", who, {"reason": reason})
-                record.last_reason = reason
-            case ev.ParticipantAway(participant=who, grace_seconds=grace):
-                row("participant.away", who, {"grace_seconds": grace})
-            case ev.ParticipantReturned(participant=who):
-                row("participant.returned", who, {})
-            case ev.ChatPosted(message=message):
-                row("chat", message.sender, {"id": message.id, "text": message.text, "name": message.sender.name})
-            case ev.TranscriptPosted(sender=sender, text=text, final=True, speaker=speaker):
-                row("transcript", speaker, {"text": text, "name": speaker.name, "via": sender.identity})
-            case ev.QueueEntered(entry=entry):
-                row("queue.entered", entry.customer, {"reason": entry.reason})
-            case ev.QueueLeft(reason=reason):
-                row("queue.left", None, {"reason": reason})
-            case ev.AgentAccepted(agent=agent):
-                row("queue.accepted", agent, {"name": agent.name})
-            case ev.CallStarted(participant=who):
-                row("call.started", who, {})
-            case ev.CallEnded(participant=who, reason=reason):
-                row("call.ended", who, {"reason": reason})
-            case ev.MediaChanged(identity=identity, audio=audio, video=video):
-                used = {"voice"} if audio else set()
-                used |= {"video"} if video else set()
-                if not used <= record.channels:
-                    record.channels |= used
-                    await conn.execute(
-                        conversations.update()
-                        .where(conversations.c.id == record.id)
-                        .values(channels=sorted(record.channels))
+                if removed:
+                    log.info(
+                        "records retention (%g days): removed %d conversations closed before %s with their %d "
+                        "events, and %d customers",
+                        self.retention_days,
+                        removed.conversations,
+                        _utc(before),
+                        removed.events,
+                        removed.customers,
                     )
-                row("media", None, {"identity": identity, "audio": audio, "video": video})
-            case ev.UpgradeRequested(id=rid, media=media, sender=sender):
-                row("upgrade.requested", sender, {"id": rid, "media": media})
-            case ev.UpgradeAnswered(id=rid, media=media, replier=replier, accept=accept):
-                row("upgrade.answered", replier, {"id": rid, "media": media, "accept": accept})
-            case ev.ConversationClosed():
+                if self._on_expired is not None:
+                    self._on_expired(removed)
+            await asyncio.sleep(self._retention_interval)
+
+    async def expire(self, before: int) -> Removed:
+        """One retention pass: delete the conversations closed before ``before`` (Unix ms)
+        with their events, then the customers with no conversation left and not seen since.
+        Open conversations stay, however old."""
+        expired = conversations.alias("expired")
+        old = sa.select(expired.c.id).where(expired.c.closed.is_not(None), expired.c.closed < before)
+        timeline = events.alias("timeline")
+        removed_events = await self._delete_batches(
+            events.delete().where(
+                events.c.id.in_(sa.select(timeline.c.id).where(timeline.c.conversation.in_(old)).limit(PURGE_BATCH))
+            )
+        )
+        emptied = old.where(~sa.exists().where(events.c.conversation == expired.c.id)).limit(PURGE_BATCH)
+        removed_conversations = await self._delete_batches(
+            conversations.delete().where(conversations.c.id.in_(emptied), conversations.c.closed < before)
+        )
+        stale = customers.alias("stale")
+        unseen = (
+            sa.select(stale.c.identity)
+            .where(stale.c.last_seen < before, ~sa.exists().where(conversations.c.customer == stale.c.identity))
+            .limit(PURGE_BATCH)
+        )
+        # last_seen again in the outer statement: a customer who joins meanwhile stays.
+        removed_customers = await self._delete_batches(
+            customers.delete().where(customers.c.identity.in_(unseen), customers.c.last_seen < before)
+        )
+        return Removed(customers=removed_customers, conversations=removed_conversations, events=removed_events)
+
+    async def erase_customer(self, identity: str, *, force: bool = False) -> Removed:
+        assert self.engine is not None
+        theirs = sa.select(conversations.c.id).where(conversations.c.customer == identity)
+        authored = sa.or_(
+            events.c.actor == identity,
+            sa.and_(events.c.type == "media", events.c.body["identity"].as_string() == identity),
+        )
+        async with self.engine.connect() as conn:  # reading only: the writer goes on meanwhile
+            own = (
                 await conn.execute(
-                    conversations.update()
-                    .where(conversations.c.id == record.id)
-                    .values(closed=event.ts, ended=record.last_reason)
+                    sa.select(conversations.c.id, conversations.c.room, conversations.c.closed).where(
+                        conversations.c.customer == identity
+                    )
                 )
-                self._open.pop(room, None)
-            case _:
-                pass  # nothing else reaches the writer (see ``recorded``)
-
-    async def _open_record(self, conn: AsyncConnection, room: str, ts: int) -> _Open:
-        """The room's conversation record: the open one, one closed within the retention
-        time (reopened), or a new one."""
-        cached = self._open.get(room)
-        if cached is not None:
-            return cached
-        latest = await _latest(conn, room)
-        if latest is not None and (latest.closed is None or latest.closed >= ts - self.retention_ms):
-            record = _Open(latest.id, set(latest.channels or ["chat"]), list(latest.agents or []))
-            if latest.closed is not None:
-                await conn.execute(
-                    conversations.update().where(conversations.c.id == latest.id).values(closed=None, ended=None)
-                )
-        else:
-            record = _Open(f"{room}~{uuid.uuid4().hex[:12]}")
-            await conn.execute(
-                conversations.insert().values(
-                    id=record.id, room=room, opened=ts, channels=["chat"], agents=[], customer=None, bot=None
+            ).all()
+            still_open = [row.id for row in own if row.closed is None]
+            if still_open and not force:
+                raise OpenConversation(identity, still_open)
+            elsewhere = list(
+                (await conn.scalars(sa.select(events.c.id).where(authored, events.c.conversation.not_in(theirs)))).all()
+            )
+        ids = {row.id for row in own}
+        if self._writer is not None:
+            for row in own:
+                if row.closed is None:  # forced: this process's writer starts a new record, not a missing one
+                    self._writer.forget(row.room)
+        timeline = events.alias("timeline")
+        removed_events = 0
+        for conversation in ids:
+            removed_events += await self._delete_batches(
+                events.delete().where(
+                    events.c.id.in_(
+                        sa.select(timeline.c.id).where(timeline.c.conversation == conversation).limit(PURGE_BATCH)
+                    )
                 )
             )
-        self._open[room] = record
-        return record
-
-    async def _joined(self, conn: AsyncConnection, record: _Open, who: Participant, event: ev.Event) -> None:
-        if who.role == Role.CUSTOMER:
-            profile = event.profile if isinstance(event, ev.ParticipantJoined) else None
-            await _upsert_customer(conn, self.dialect, who, profile, event.ts)
-            await conn.execute(
-                conversations.update()
-                .where(conversations.c.id == record.id, conversations.c.customer.is_(None))
-                .values(customer=who.identity)
+        removed_elsewhere = 0
+        for start in range(0, len(elsewhere), PURGE_BATCH):
+            async with self.engine.begin() as conn:
+                chunk = elsewhere[start : start + PURGE_BATCH]
+                removed_elsewhere += (await conn.execute(events.delete().where(events.c.id.in_(chunk)))).rowcount
+        async with self.engine.begin() as conn:
+            # Not one that got new events meanwhile (forced, or the customer came back).
+            emptied = ~sa.exists().where(events.c.conversation == conversations.c.id)
+            removed_conversations = (
+                await conn.execute(conversations.delete().where(conversations.c.customer == identity, emptied))
+            ).rowcount
+            removed_customers = (
+                await conn.execute(customers.delete().where(customers.c.identity == identity))
+            ).rowcount
+        removed = Removed(removed_customers, removed_conversations, removed_events, removed_elsewhere)
+        if removed_conversations < len(ids):
+            log.warning(
+                "erasing %r: %d conversations got new events meanwhile and stay",
+                identity,
+                len(ids) - removed_conversations,
             )
-        elif who.role == Role.AGENT and who.identity not in record.agents:
-            record.agents.append(who.identity)
-            await conn.execute(
-                conversations.update().where(conversations.c.id == record.id).values(agents=list(record.agents))
-            )
-        elif who.role == Role.BOT:
-            await conn.execute(conversations.update().where(conversations.c.id == record.id).values(bot=who.name))
+        log.info("erased customer %r from the records: %s", identity, removed)
+        return removed
 
-
-class RecordsError(Exception):
-    """The database refused a write (the caller's operation fails; the writer goes on)."""
+    async def _delete_batches(self, statement: sa.Delete) -> int:
+        """Run a delete that removes at most ``PURGE_BATCH`` rows until it removes fewer,
+        each time in a transaction of its own (the writer's commits get in between)."""
+        assert self.engine is not None
+        total = 0
+        while True:
+            async with self.engine.begin() as conn:
+                count = (await conn.execute(statement)).rowcount
+            total += count
+            if count < PURGE_BATCH:
+                return total
 
 
 def create_engine(url: str) -> AsyncEngine:
@@ -490,6 +516,8 @@ def create_engine(url: str) -> AsyncEngine:
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA busy_timeout=5000")
+            # What retention and erasure delete is overwritten, not left in free pages.
+            cursor.execute("PRAGMA secure_delete=ON")
             cursor.close()
 
     return engine
@@ -511,34 +539,26 @@ async def migrate(engine: AsyncEngine) -> None:
 
 
 async def _latest(conn: AsyncConnection, room: str) -> Any:
-    return (
-        await conn.execute(
-            sa.select(conversations)
-            .where(conversations.c.room == room)
-            .order_by(conversations.c.opened.desc())
-            .limit(1)
-        )
-    ).first()
+    return (await conn.execute(latest_query(room))).first()
 
 
-async def _upsert_customer(
-    conn: AsyncConnection, dialect: str, who: Participant, profile: dict[str, Any] | None, ts: int
-) -> None:
-    values: dict[str, Any] = {"identity": who.identity, "name": who.name, "first_seen": ts, "last_seen": ts}
-    update: dict[str, Any] = {"name": who.name, "last_seen": ts}
-    if profile is not None:
-        values["profile"] = profile
-        update["profile"] = profile
-    insert: Any
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    statement = insert(customers).values(**values)
-    await conn.execute(statement.on_conflict_do_update(index_elements=["identity"], set_=update))
+def _utc(ms: int) -> str:
+    return datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _chat(row: Any) -> ChatMessage:
+    """A chat event as its message; a transcript as a spoken one (its id made from the event's)."""
     body = row.body
     sender = Participant(row.actor or "system", row.actor_role or Role.SYSTEM.value, body.get("name") or row.actor)
+    if row.type == "transcript":
+        return ChatMessage(id=f"spoken-{row.id}", sender=sender, text=body["text"], ts=row.ts, spoken=True)
     return ChatMessage(id=body["id"], sender=sender, text=body["text"], ts=row.ts)
+
+
+def _event(row: Any, names: dict[str, str]) -> TimelineEvent:
+    body = dict(row.body or {})
+    actor = None
+    if row.actor is not None:
+        name = body.get("name") or names.get(row.actor) or row.actor
+        actor = Participant(row.actor, row.actor_role or Role.SYSTEM.value, name)
+    return TimelineEvent(row.id, row.ts, row.type, actor, body)

@@ -61,6 +61,8 @@ class GatewayServer:
                 config.database,
                 retention_seconds=config.history_retention_seconds,
                 on_dropped=self.metrics.records_dropped.inc,
+                retention_days=config.retention_days,
+                on_expired=self.metrics.expired,
             )
             if config.database
             else None

@@ -72,8 +72,10 @@ def _tail(path: Path, lines: int = 20) -> str:
 class PostgresCluster:
     """A running throwaway cluster; also a context manager that stops it on exit."""
 
-    def __init__(self, bin_dir: Path, directory: Path, run_as: str | None) -> None:
+    def __init__(self, bin_dir: Path, directory: Path, run_as: str | None, durable: bool = False) -> None:
         self.bin_dir = bin_dir
+        #: fsync, full-page writes and synchronous commit on, as a deployment runs (benchmarks)
+        self.durable = durable
         self.directory = directory  # holds data/, the unix socket and server.log
         self.run_as = run_as  # the system user the server runs as (None: ourselves)
         self.port = 0
@@ -83,8 +85,9 @@ class PostgresCluster:
     # -- lifecycle ---------------------------------------------------------------------
 
     @classmethod
-    def start(cls, bin_dir: Path | None = None) -> PostgresCluster:
-        """initdb, start, create the database ``talkgate``; raises PostgresUnavailable."""
+    def start(cls, bin_dir: Path | None = None, *, durable: bool = False) -> PostgresCluster:
+        """initdb, start, create the database ``talkgate``; raises PostgresUnavailable.
+        ``durable``: commit as a deployment does (the tests do not need to)."""
         bin_dir = bin_dir or find_bin_dir()
         if bin_dir is None:
             raise PostgresUnavailable(
@@ -107,7 +110,7 @@ class PostgresCluster:
         directory = Path(tempfile.mkdtemp(prefix="talkgate-pg-", dir=tempfile.gettempdir()))
         if run_as is not None:
             os.chown(directory, owner.pw_uid, owner.pw_gid)
-        cluster = cls(bin_dir, directory, run_as)
+        cluster = cls(bin_dir, directory, run_as, durable)
         try:
             cluster._initdb()
             cluster._start_server()
@@ -163,6 +166,8 @@ class PostgresCluster:
         initdb = [str(self.bin_dir / "initdb"), "-D", str(data), "-U", SUPERUSER, "-A", "trust", "-E", "UTF8"]
         self._run([*initdb, "--no-locale", "--no-sync", "--no-instructions"])
         settings = {**SETTINGS, "unix_socket_directories": f"'{self.directory}'"}
+        if self.durable:
+            settings |= {"fsync": "on", "synchronous_commit": "on", "full_page_writes": "on"}
         # Appending keeps the file's owner (the server user).
         with (data / "postgresql.conf").open("a") as conf:
             conf.write("\n# tests/databases.py\n" + "".join(f"{k} = {v}\n" for k, v in settings.items()))

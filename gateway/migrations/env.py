@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from gateway.records import metadata
+from gateway.schema import metadata
 
 connection = context.config.attributes.get("connection")
 if connection is None:  # pragma: no cover - always called through records.migrate

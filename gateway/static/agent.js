@@ -1,9 +1,13 @@
 // Agent console: the live queue, accept, and the chat and call of each conversation the
 // agent holds (several when the gateway allows it: --agent-capacity; then they are listed
-// and the selected one is shown). Token from ?token=...; on a --dev server without a
-// token it asks for a name, on any other server it says that a sign-in link from the app
-// is needed.
-import { connect, el, initials, pageChrome, renderMessage, renderNotice, randomId } from "/static/talkgate.js";
+// and the selected one is shown), with the customer panel beside it (who the customer is,
+// their earlier conversations, each openable as a read-only timeline paged with
+// "history"). Token from ?token=...; on a --dev server without a token it asks for a
+// name, on any other server it says that a sign-in link from the app is needed.
+import {
+  connect, el, formatDate, formatTime, initials, messageNode, noticeNode, pageChrome, renderMessage, renderNotice,
+  renderTranscript, randomId, watchCalls,
+} from "/static/talkgate.js";
 import { mountCall } from "/static/call.js";
 
 const $ = (id) => document.getElementById(id);
@@ -19,7 +23,8 @@ let callUi = null;
 let me = null;
 let waiting = [];
 let capacity = null; // conversations we may hold: from the gateway, or learned from a refusal
-// conversation id -> { id, log (its .messages element), unread, draft, preview, atBottom, scrollTop }
+// conversation id -> { id, log (its .messages element), unread, draft, preview, atBottom, scrollTop,
+//   card (the customer card from its "joined": profile, earlier conversations) }
 const threads = new Map();
 let shown = null; // the thread on screen
 
@@ -37,7 +42,7 @@ function thread(id) {
   if (!t) {
     const log = el("div", { class: "messages", role: "log", "aria-live": "polite", dataset: { conversation: id }, hidden: true });
     threadsArea.append(log);
-    t = { id, log, unread: 0, draft: "", preview: "", atBottom: true, scrollTop: 0 };
+    t = { id, log, unread: 0, draft: "", preview: "", atBottom: true, scrollTop: 0, card: null };
     threads.set(id, t);
   }
   return t;
@@ -133,8 +138,128 @@ function renderConversation() {
   $("customer-name").textContent = customer ? customer.name : "Customer has left";
   $("participants").textContent = participants.map((p) => `${p.name} (${p.role})`).join(" · ");
   input.placeholder = customer && listed() ? `Reply to ${customer.name}…` : "Reply to the customer…";
+  renderPanel(t);
   renderList();
   renderQueue();
+}
+
+// -- the customer panel: who the customer is, and their earlier conversations -------------
+
+const panel = { thread: null, card: null, timeline: null }; // what it shows now
+const CHANNEL_LABELS = { chat: "Chat", voice: "Voice", video: "Video" };
+const PAGE = 30; // timeline events per history request
+
+function profileValue(value) {
+  return value !== null && typeof value === "object" ? JSON.stringify(value) : String(value);
+}
+
+function profileLabel(key) {
+  const words = key.replace(/[_-]+/g, " ").trim();
+  return words.length <= 3 ? words.toUpperCase() : words[0].toUpperCase() + words.slice(1);
+}
+
+// Shows the card of the conversation on screen (unchanged while it stays on screen).
+function renderPanel(t) {
+  const card = t ? t.card : null;
+  $("console").classList.toggle("with-panel", Boolean(card));
+  $("customer-panel").hidden = !card;
+  if (panel.thread === t && panel.card === card) return;
+  panel.thread = t;
+  panel.card = card;
+  closeTimeline();
+  if (!card) return;
+  $("panel-avatar").textContent = initials(card.name);
+  $("panel-name").textContent = card.name;
+  $("panel-identity").textContent = card.identity;
+  const profile = Object.entries(card.profile || {});
+  $("panel-profile").hidden = profile.length === 0;
+  $("panel-profile").replaceChildren(...profile.flatMap(([key, value]) => [
+    el("dt", {}, profileLabel(key)), el("dd", {}, profileValue(value))]));
+  const previous = card.previous || [];
+  $("panel-previous-count").textContent = String(previous.length);
+  $("panel-no-previous").hidden = previous.length > 0;
+  $("panel-previous").replaceChildren(...previous.map((p) => el("li", {},
+    el("button", {
+      type: "button", class: "previous-item", dataset: { conversation: p.conversation },
+      title: "Open this conversation (read-only)", onclick: () => openTimeline(p),
+    },
+    el("span", { class: "previous-when" }, formatDate(p.opened)),
+    el("span", { class: "channels" }, ...(p.channels || []).map((c) => el("span", { class: `channel ${c}` }, CHANNEL_LABELS[c] || c))),
+    el("span", { class: "previous-last muted small" }, p.last_message ? `“${p.last_message}”` : "No messages")))));
+}
+
+function closeTimeline() {
+  panel.timeline = null;
+  $("panel-card").hidden = false;
+  $("panel-timeline").hidden = true;
+  $("timeline").replaceChildren();
+}
+
+// Opens an earlier conversation as a read-only timeline: its newest page, then "Load
+// earlier" pages back while the gateway says there is more.
+async function openTimeline(previous) {
+  const view = { conversation: previous.conversation, first: null, more: false, loading: false };
+  panel.timeline = view;
+  $("panel-card").hidden = true;
+  $("panel-timeline").hidden = false;
+  $("timeline-title").textContent = formatDate(previous.opened);
+  const sameDay = previous.closed && new Date(previous.closed).toDateString() === new Date(previous.opened).toDateString();
+  const ended = previous.closed ? `ended ${sameDay ? formatTime(previous.closed) : formatDate(previous.closed)}` : "not closed";
+  $("timeline-subtitle").textContent = `Read-only · ${(previous.channels || []).join(", ")} · ${ended}`;
+  $("timeline").replaceChildren(el("div", { class: "msg system notice" }, el("span", {}, "Loading…")));
+  await loadTimeline(view);
+  $("timeline").scrollTop = $("timeline").scrollHeight;
+}
+
+async function loadTimeline(view) {
+  if (view.loading) return;
+  view.loading = true;
+  const log = $("timeline");
+  let page;
+  try {
+    page = await client.history(view.conversation, { before: view.first, limit: PAGE });
+  } catch (err) {
+    if (panel.timeline === view) log.replaceChildren(el("div", { class: "msg system notice" }, el("span", {}, `Could not load it: ${err.message}`)));
+    return;
+  } finally {
+    view.loading = false;
+  }
+  if (panel.timeline !== view) return; // closed or replaced meanwhile
+  const height = log.scrollHeight - log.scrollTop;
+  log.querySelector(".load-earlier")?.remove();
+  if (view.first === null) log.replaceChildren();
+  const nodes = page.events.map((e) => timelineNode(e)).filter(Boolean);
+  if (page.events.length) view.first = page.events[0].id;
+  view.more = page.more;
+  if (!view.more) nodes.unshift(el("div", { class: "msg system notice timeline-start" }, el("span", {}, "Start of the conversation")));
+  else nodes.unshift(el("button", { type: "button", class: "btn ghost small load-earlier", onclick: () => loadTimeline(view) }, "Load earlier"));
+  log.prepend(...nodes);
+  log.scrollTop = log.scrollHeight - height; // what was on screen stays there
+}
+
+// One recorded event of a timeline (docs/protocol.md#history) as a node; null: not shown.
+function timelineNode(e) {
+  const who = e.from ? (e.from.identity === me ? "You" : e.from.name || e.from.identity) : "";
+  const role = e.from ? e.from.role : "system";
+  const line = (text) => { const n = noticeNode(text, e.ts); n.dataset.event = String(e.id); return n; };
+  switch (e.type) {
+    case "chat":
+    case "transcript": {
+      const node = messageNode({ id: e.ref || "", from: e.from, text: e.text, ts: e.ts, spoken: e.type === "transcript" }, me);
+      node.dataset.event = String(e.id);
+      return node;
+    }
+    case "participant.joined": return line(role === "bot" ? `${who} (bot) answered` : `${who} joined`);
+    case "participant.left": return line(`${who} left`);
+    case "queue.entered": return line(`Queued for an agent (${String(e.reason || "").replace(/_/g, " ")})`);
+    case "queue.accepted": return line(`${who} accepted the conversation`);
+    case "queue.left": return e.reason === "accepted" ? null : line("Left the queue");
+    case "call.started": return line(`${who} joined the call`);
+    case "call.ended": return line(`${who} left the call`);
+    case "upgrade.requested": return line(`${who} asked for ${e.media === "video" ? "video" : "a voice call"}`);
+    case "upgrade.answered": return line(`${who} ${e.accept ? "accepted" : "declined"} ${e.media === "video" ? "video" : "the call"}`);
+    default: return null; // media, away/returned and later kinds: not in the read-only view
+  }
 }
 
 // Something new in a conversation: mark it unread unless it is on screen.
@@ -167,6 +292,7 @@ function start(options) {
     if (client.capacity !== null) capacity = client.capacity;
     if (msg.conversation != null) {
       const t = thread(msg.conversation);
+      t.card = msg.customer || null;
       t.log.replaceChildren();
       for (const m of msg.history) renderMessage(t.log, m, me);
       const last = msg.history[msg.history.length - 1];
@@ -186,6 +312,20 @@ function start(options) {
     if (!t) return;
     renderMessage(t.log, msg, me);
     if (msg.from.identity === me) { t.preview = `You: ${msg.text}`; renderList(); } else touched(msg.conversation, msg.text);
+  });
+
+  // Spoken turns on a call with the bot (its transcripts), as spoken bubbles.
+  client.on("transcript", (msg) => {
+    const t = threads.get(msg.conversation);
+    if (!t) return;
+    renderTranscript(t.log, msg, me);
+    if (msg.final) touched(msg.conversation, msg.text);
+  });
+
+  // Call start and end, who joined or hung up: quiet lines in the thread.
+  watchCalls(client, (conversation, text) => {
+    const t = threads.get(conversation);
+    if (t) renderNotice(t.log, text);
   });
 
   client.on("participant.joined", (p) => {
@@ -243,6 +383,7 @@ function start(options) {
 
 ui.bindComposer(() => client);
 $("leave").addEventListener("click", () => client.leave());
+$("timeline-back").addEventListener("click", closeTimeline);
 setInterval(() => {
   for (const node of queueList.querySelectorAll(".waited")) node.textContent = waitedFor(Number(node.dataset.since));
 }, 1000);

@@ -1,6 +1,6 @@
 // Customer page: a support chat widget. Token from ?token=...; on a --dev
 // server without a token it joins a fresh conversation as a random guest.
-import { connect, pageChrome, renderMessage, renderNotice, randomId } from "/static/talkgate.js";
+import { connect, pageChrome, renderMessage, renderNotice, renderTranscript, randomId, watchCalls } from "/static/talkgate.js";
 import { mountCall } from "/static/call.js";
 
 const $ = (id) => document.getElementById(id);
@@ -73,6 +73,10 @@ client.on("joined", (msg) => {
 client.on("chat", (msg) => {
   if (!messages.querySelector(`.msg[data-id="${CSS.escape(msg.id)}"]`)) renderMessage(messages, msg, me);
 });
+
+// What was said aloud on a call with the bot (its transcripts), as spoken bubbles.
+client.on("transcript", (msg) => renderTranscript(messages, msg, me));
+watchCalls(client, (_, text) => renderNotice(messages, text));
 
 client.on("queued", () => { waiting = true; refreshControls(); });
 

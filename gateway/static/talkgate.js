@@ -13,6 +13,9 @@
 //   c.chat("hi"); await c.startVoice(); c.hangUp(); c.leave(); c.on("chat", (m) => ...);
 //   tg.select("r2"); tg.current;                      // the one the short forms above act on
 //
+//   // A recorded conversation's timeline, a page at a time (newest page first):
+//   const page = await tg.history(id, { before: null, limit: 50 }); // page.events, page.more
+//
 // Every server message is emitted as an event named after its "type" (the
 // message is the listener's argument); conversation-scoped ones also go to that
 // Conversation's listeners, and carry its id in "conversation". "status" events
@@ -28,6 +31,7 @@
 // is rolled back, theirs answered, and the browser offers again by itself.
 
 const KEEPALIVE_MS = 25000;
+const HISTORY_TIMEOUT_MS = 10000;
 const BACKOFF_MS = [500, 1000, 2000, 4000, 8000];
 // Close codes after which reconnecting cannot help (see docs/protocol.md).
 const FINAL_CLOSE_CODES = new Set([1000, 4401, 4403, 4409]);
@@ -272,6 +276,7 @@ export class TalkgateClient {
     this._listeners = new Map();
     this._attempt = 0;
     this._closedByUser = false;
+    this._historyWaiting = []; // { resolve, reject, timer } per history request, in the order sent
     this._open();
   }
 
@@ -320,6 +325,33 @@ export class TalkgateClient {
   replyUpgrade(id, accept) { return this._need().replyUpgrade(id, accept); }
   mute(kind, muted) { if (this.current) this.current.mute(kind, muted); }
   hangUp() { if (this.current) this.current.hangUp(); }
+
+  // A page of a recorded conversation's timeline (a record id, as in a customer card's
+  // "previous", or a room id): resolves to the "history" message ({events, more, record,
+  // ...}; events oldest first; `before` = the first event's id gets the page before it);
+  // rejects with an Error whose `code` is the gateway's (forbidden, not_found, unavailable).
+  history(conversation, { before = null, limit = 50 } = {}) {
+    return new Promise((resolve, reject) => {
+      if (!this.send({ type: "history", conversation, before, limit })) {
+        reject(Object.assign(new Error("not connected"), { code: "offline" }));
+        return;
+      }
+      const waiter = { resolve, reject, conversation, before };
+      // An answer that never comes (the frame was refused before it was read) ends in a timeout.
+      waiter.timer = setTimeout(() => this._settleHistory(waiter, null, { code: "timeout", message: "no answer" }),
+        HISTORY_TIMEOUT_MS);
+      this._historyWaiting.push(waiter);
+    });
+  }
+
+  _settleHistory(waiter, page, error) {
+    const index = this._historyWaiting.indexOf(waiter);
+    if (index < 0) return;
+    this._historyWaiting.splice(index, 1);
+    clearTimeout(waiter.timer);
+    if (page) waiter.resolve(page);
+    else waiter.reject(Object.assign(new Error(error.message), { code: error.code }));
+  }
 
   // -- events and the websocket -----------------------------------------------
 
@@ -380,6 +412,14 @@ export class TalkgateClient {
       this._retryAfterMs = message.retry_after_ms;
     }
     const conversation = this._route(message);
+    if (message.type === "history") {
+      // The answer to the oldest request it echoes (one refused unread, e.g. rate-limited, gets none).
+      const waiter = this._historyWaiting.find((w) => w.conversation === message.conversation && w.before === message.before);
+      if (waiter) this._settleHistory(waiter, message);
+    }
+    if (message.type === "error" && message.request === "history" && this._historyWaiting.length) {
+      this._settleHistory(this._historyWaiting[0], null, message);
+    }
     if (message.type === "joined") {
       this._attempt = 0;
       this._lastJoined = message;
@@ -441,6 +481,9 @@ export class TalkgateClient {
     ws.onclose = (event) => {
       clearInterval(this._keepalive);
       if (this.ws !== ws) return;
+      for (const waiter of [...this._historyWaiting]) {
+        this._settleHistory(waiter, null, { code: "offline", message: "the connection closed" });
+      }
       if (this._closedByUser || FINAL_CLOSE_CODES.has(event.code)) {
         for (const conversation of this.conversations.values()) conversation._endCall(false);
         this._setStatus("closed", { code: event.code, reason: event.reason });
@@ -518,29 +561,120 @@ export function initials(name) {
   return (name || "?").split(/\s+/).filter(Boolean).slice(0, 2).map((w) => w[0].toUpperCase()).join("");
 }
 
-// Renders one chat message (or a system line) into a message list; `mine` is
-// the identity of whoever is looking at the page.
-export function renderMessage(list, message, mine) {
+export function formatDate(ts) {
+  return new Date(ts).toLocaleString([], { weekday: "short", day: "numeric", month: "short", hour: "2-digit", minute: "2-digit" });
+}
+
+const MIC_SVG = '<svg viewBox="0 0 24 24" aria-hidden="true"><path d="M12 14a3 3 0 0 0 3-3V5a3 3 0 0 0-6 0v6a3 3 0 0 0 3 3zm5-3a5 5 0 0 1-10 0H5a7 7 0 0 0 6 6.92V21h2v-3.08A7 7 0 0 0 19 11z" fill="currentColor"/></svg>';
+
+// The mark of a spoken turn: a microphone and a word ("spoken", or "speaking…" while partial).
+function spokenLabel(text) {
+  const mic = el("span", { class: "mic" });
+  mic.innerHTML = MIC_SVG;
+  return el("span", { class: "spoken-label", title: "Said aloud on the call (transcript)" }, mic, text);
+}
+
+// One chat message as a node: a bubble, or a system line. A spoken turn (`spoken`: a final
+// transcript of what the customer or the bot said aloud) is a bubble marked as spoken.
+// `mine` is the identity of whoever is looking at the page.
+export function messageNode(message, mine) {
   const from = message.from || {};
-  let node;
   if (from.role === "system") {
-    node = el("div", { class: "msg system", dataset: { id: message.id || "" } }, message.text);
-  } else {
-    const own = from.identity === mine;
-    node = el("div", { class: `msg ${own ? "own" : "other"} role-${from.role}`, dataset: { id: message.id || "" } },
-      own ? null : el("div", { class: "msg-author" }, from.name || from.identity),
-      el("div", { class: "msg-bubble" }, message.text),
-      el("div", { class: "msg-meta" }, formatTime(message.ts)));
+    return el("div", { class: "msg system notice", dataset: { id: message.id || "" } }, el("span", {}, message.text));
   }
+  const own = from.identity === mine;
+  const spoken = message.spoken ? " spoken" : "";
+  return el("div", { class: `msg ${own ? "own" : "other"} role-${from.role}${spoken}`, dataset: { id: message.id || "" } },
+    own ? null : el("div", { class: "msg-author" }, from.name || from.identity),
+    el("div", { class: "msg-bubble" }, message.text),
+    el("div", { class: "msg-meta" },
+      message.spoken ? spokenLabel("spoken") : null,
+      message.spoken ? " · " : null,
+      formatTime(message.ts)));
+}
+
+// Appends a node to a message list, following the newest unless the reader scrolled up.
+function appendToLog(list, node, follow = false) {
   const nearBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 80;
   list.append(node);
-  if (nearBottom || (from.identity === mine)) list.scrollTop = list.scrollHeight;
+  if (nearBottom || follow) list.scrollTop = list.scrollHeight;
   return node;
 }
 
-export function renderNotice(list, text) {
-  list.append(el("div", { class: "msg system" }, text));
-  list.scrollTop = list.scrollHeight;
+// Renders one chat message (or a system line) into a message list.
+export function renderMessage(list, message, mine) {
+  return appendToLog(list, messageNode(message, mine), (message.from || {}).identity === mine);
+}
+
+// A live "transcript" message: a final one becomes a spoken bubble from whoever spoke;
+// a partial one is a single in-progress line per speaker, updated in place and replaced
+// by its final one (partials never pile up).
+export function renderTranscript(list, message, mine) {
+  const speaker = message.speaker || message.from || {};
+  const live = [...list.querySelectorAll(".msg.transcript-live")].find((n) => n.dataset.speaker === speaker.identity);
+  if (!message.final) {
+    if (live) {
+      live.querySelector(".msg-bubble").textContent = message.text;
+      return live;
+    }
+    const own = speaker.identity === mine;
+    return appendToLog(list, el("div", {
+      class: `msg ${own ? "own" : "other"} role-${speaker.role} spoken transcript-live`,
+      dataset: { id: "", speaker: speaker.identity },
+    },
+    own ? null : el("div", { class: "msg-author" }, speaker.name || speaker.identity),
+    el("div", { class: "msg-bubble" }, message.text),
+    el("div", { class: "msg-meta" }, spokenLabel("speaking…"))));
+  }
+  if (live) live.remove();
+  return renderMessage(list, { from: speaker, text: message.text, ts: message.ts || Date.now(), spoken: true }, mine);
+}
+
+// A quiet system line (someone joined or left, a call started or ended, a hand-over).
+export function noticeNode(text, ts = null) {
+  return el("div", { class: "msg system notice", title: ts ? formatDate(ts) : null }, el("span", {}, text));
+}
+
+export function renderNotice(list, text, ts = null) {
+  return appendToLog(list, noticeNode(text, ts), true);
+}
+
+// Calls seen from the thread: who started, joined or hung up a conversation's call and
+// when it ended (from the gateway's "media" messages: who sends audio or video), reported
+// as `notice(conversation id, text)` for a quiet system line. What is on when a
+// conversation is joined (or joined again) is the starting point, not news.
+export function watchCalls(client, notice) {
+  const calls = new Map(); // conversation id -> { on: Set of identities sending, since }
+  const nameOf = (id, identity) => {
+    if (client.me && identity === client.me.identity) return "You";
+    const p = client.conversation(id)?.participants.find((x) => x.identity === identity);
+    return p ? p.name || p.identity : identity;
+  };
+  const duration = (ms) => {
+    const seconds = Math.max(0, Math.round(ms / 1000));
+    return `${Math.floor(seconds / 60)}:${String(seconds % 60).padStart(2, "0")}`;
+  };
+  client.on("joined", (m) => {
+    if (m.conversation == null) return;
+    const on = new Set((m.media || []).filter((x) => x.audio || x.video).map((x) => x.identity));
+    calls.set(m.conversation, { on, since: on.size ? Date.now() : null });
+  });
+  client.on("left", (m) => calls.delete(m.conversation));
+  client.on("media", (m) => {
+    const call = calls.get(m.conversation);
+    if (!call) return;
+    const sending = Boolean(m.audio || m.video);
+    if (sending === call.on.has(m.identity)) return; // audio to video and the like: the same call
+    const who = nameOf(m.conversation, m.identity);
+    if (sending) {
+      notice(m.conversation, call.on.size ? `${who} joined the call` : `${who} started a call`);
+      if (!call.on.size) call.since = Date.now();
+      call.on.add(m.identity);
+    } else {
+      call.on.delete(m.identity);
+      notice(m.conversation, call.on.size ? `${who} hung up` : `Call ended · ${duration(Date.now() - call.since)}`);
+    }
+  });
 }
 
 // The bundled pages' shared chrome: a status line, a banner that can dismiss

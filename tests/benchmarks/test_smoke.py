@@ -25,13 +25,24 @@ def run_benchmark(script: str, *args: str, timeout: float = 180) -> dict[str, An
 
 
 def test_signaling_benchmark_runs_and_reports_every_figure() -> None:
-    result = run_benchmark("signaling.py", "--joins", "20", "--concurrency", "5", "--fanout", "5", "--messages", "10")
-    assert result["join_latency"]["joins"] == 20
-    assert result["join_latency"]["join_to_joined"]["median_ms"] > 0
-    assert result["join_rate"]["joins_per_s"] > 0
-    fanout = result["fanout"]
-    assert fanout["deliveries"] == 5 * 10  # every chat reached every participant, sender included
-    assert fanout["delivery"]["p95_ms"] >= fanout["delivery"]["median_ms"] > 0
+    result = run_benchmark(
+        "signaling.py",
+        *("--joins", "20", "--concurrency", "5", "--fanout", "5", "--messages", "10"),
+        *("--load-conversations", "5", "--load-rate", "50", "--load-seconds", "1"),
+        *("--database", "memory,sqlite,postgresql"),
+    )
+    assert not result["skipped"], result["skipped"]  # tests/run installs PostgreSQL
+    assert set(result["medians"]) == {"memory", "sqlite", "postgresql"}
+    for database, (run,) in result["runs"].items():
+        assert run["join_latency"]["joins"] == 20, database
+        assert run["join_latency"]["join_to_joined"]["median_ms"] > 0
+        assert run["join_rate"]["joins_per_s"] > 0
+        fanout = run["fanout"]
+        assert fanout["deliveries"] == 5 * 10  # every chat reached every participant, sender included
+        assert fanout["delivery"]["p95_ms"] >= fanout["delivery"]["median_ms"] > 0
+        load = run["load"]
+        assert load["deliveries"] == 2 * load["messages"] == 2 * 5 * 10  # both participants, every message
+        assert load["echo"]["p95_ms"] >= load["echo"]["median_ms"] > 0
 
 
 def test_calls_benchmark_runs_and_reports_every_figure() -> None:

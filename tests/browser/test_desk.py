@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 from playwright.sync_api import Page, expect
@@ -10,9 +11,13 @@ from playwright.sync_api import Page, expect
 from tests.browser.conftest import NewPage
 from tests.browser.test_calls import growing, stats
 from tests.browser.test_pages import VIEWPORT, send, token_url
+from tests.browser.test_records import earlier_conversation
 from tests.gateway_process import GatewayProcess
 
 pytestmark = pytest.mark.browser
+
+#: What the app says about Cid in his token (the customer panel shows it).
+CID_PROFILE = {"email": "cid.moreau@example.fr", "plan": "Fiber 1000", "customer_since": "2021"}
 
 #: The agent's log of one conversation, and the one on screen.
 THREAD = '#messages .messages[data-conversation="{}"]'
@@ -24,8 +29,11 @@ def item(room: str) -> str:
     return f'.mine-item[data-conversation="{room}"]'
 
 
-def waiting_customer(gw: GatewayProcess, new_page: NewPage, who: str, name: str, first: str) -> Page:
-    page = new_page(who, token_url(gw, f"u-{who}", "customer", room=f"r-{who}", name=name), viewport=VIEWPORT)
+def waiting_customer(
+    gw: GatewayProcess, new_page: NewPage, who: str, name: str, first: str, profile: dict[str, Any] | None = None
+) -> Page:
+    url = token_url(gw, f"u-{who}", "customer", room=f"r-{who}", name=name, profile=profile)
+    page = new_page(who, url, viewport=VIEWPORT)
     expect(page.locator("#status")).to_have_text("Agents available on request")
     send(page, first)
     page.click("#escalate")
@@ -38,7 +46,7 @@ def desk(gw: GatewayProcess, new_page: NewPage, agent_id: str, ann: str, cid: st
     agent = new_page("agent", token_url(gw, agent_id, "agent", name="Sam Lee"), viewport=VIEWPORT)
     expect(agent.locator("#status")).to_have_text("Available")
     ann_page = waiting_customer(gw, new_page, ann, "Ann Smith", "My router blinks red")
-    cid_page = waiting_customer(gw, new_page, cid, "Cid Moreau", "I was billed twice")
+    cid_page = waiting_customer(gw, new_page, cid, "Cid Moreau", "I was billed twice", CID_PROFILE)
 
     agent.locator(".queue-item", has_text="Ann Smith").locator("button.accept").click()
     expect(agent.locator("#customer-name")).to_have_text("Ann Smith")
@@ -59,6 +67,7 @@ def desk(gw: GatewayProcess, new_page: NewPage, agent_id: str, ann: str, cid: st
 
 
 def test_an_agent_chats_and_calls_in_two_conversations(desk_gateway: GatewayProcess, new_page: NewPage) -> None:
+    earlier_conversation(desk_gateway, new_page, "u-cid", "Cid Moreau", ["My invoice shows an old address"])
     agent, ann, cid = desk(desk_gateway, new_page, "a-desk", "ann", "cid")
 
     # Chat goes to the conversation on screen, and only its customer sees it.
@@ -113,6 +122,10 @@ def test_an_agent_chats_and_calls_in_two_conversations(desk_gateway: GatewayProc
     send(ann, "I can hear you fine")
     expect(agent.locator(f"{item('r-ann')} .unread-count")).to_have_text("1")
     agent.fill("#chat-input", "Let me check the refund date")  # a draft stays with its conversation
+    # The customer panel shows the customer on screen: who they are, what they wrote before.
+    expect(agent.locator("#panel-name")).to_have_text("Cid Moreau")
+    expect(agent.locator("#customer-panel .profile dd")).to_have_text(list(CID_PROFILE.values()))
+    expect(agent.locator("#customer-panel .previous-last")).to_have_text(["“My invoice shows an old address”"])
     if folder := os.environ.get("TALKGATE_SCREENSHOTS"):  # how docs/img is made
         agent.screenshot(path=f"{folder}/agent-desk.png")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Any
 
 import pytest
 from playwright.sync_api import Page, expect
@@ -16,8 +17,15 @@ pytestmark = pytest.mark.browser
 VIEWPORT = {"width": 1100, "height": 680}
 
 
-def token_url(gw: GatewayProcess, identity: str, role: str, room: str | None = None, name: str | None = None) -> str:
-    token = tokens.issue(SECRET, identity=identity, role=role, room=room, name=name)
+def token_url(
+    gw: GatewayProcess,
+    identity: str,
+    role: str,
+    room: str | None = None,
+    name: str | None = None,
+    profile: dict[str, Any] | None = None,
+) -> str:
+    token = tokens.issue(SECRET, identity=identity, role=role, room=room, name=name, profile=profile)
     return f"{gw.url}{'/agent' if role == 'agent' else '/'}?token={token}"
 
 

@@ -17,7 +17,7 @@ from gateway import messages
 from gateway.broker import Broker
 from gateway.config import Config
 from gateway.delivery import Membership
-from gateway.errors import BadRequest, Conflict, Forbidden, NotFound
+from gateway.errors import BadRequest, Conflict, Forbidden, NotFound, ProtocolError
 from gateway.messages import Participant
 from gateway.metrics import Metrics
 from gateway.protocol import SignalingProtocol
@@ -46,6 +46,9 @@ class Recorder:
 
     def close(self, code: int, reason: str) -> None:
         self.closed = (code, reason)
+
+    def send_error(self, exc: ProtocolError, request: str | None = None) -> None:
+        self.sent.append(messages.error(exc.code.value, exc.message, request))
 
     def types(self) -> list[str]:
         return [m["type"] for m in self.sent]

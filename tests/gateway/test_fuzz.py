@@ -58,6 +58,7 @@ def valid_messages(sdp: str) -> list[dict[str, Any]]:
         {"type": "upgrade", "media": "video"},
         {"type": "upgrade.reply", "id": "nope", "accept": True},
         {"type": "hangup"},
+        {"type": "history", "conversation": "fuzz-room", "before": None, "limit": 10},
     ]
 
 

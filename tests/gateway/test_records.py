@@ -20,7 +20,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
 from gateway.config import Config
-from gateway.records import SqlRecords, create_engine, metadata, migrate
+from gateway.records import SqlRecords, create_engine, migrate
+from gateway.schema import metadata
 from gateway.server import GatewayServer
 from tests.client import Client
 from tests.conftest import SECRET, make_token
@@ -209,10 +210,13 @@ async def test_a_killed_gateway_loses_no_echoed_message(database_url: str) -> No
 
 async def test_a_returning_customer_is_known_to_the_agent(recorded: GatewayServer) -> None:
     """The customer comes back in a new conversation: the queue entry and the agent's
-    ``joined`` carry the profile and the earlier conversation with its last message."""
+    ``joined`` carry the profile and the earlier conversation with its last message, and
+    the agent pages through that conversation with ``history``."""
     ann = await joined(recorded, "u1", room="monday", name="Ann", profile={"plan": "pro"})
-    await ann.send({"type": "chat", "text": "my router blinks red"})
-    await ann.expect("chat")
+    said = ["hello", "it is the router", "the light is orange", "now it is off", "my router blinks red"]
+    for text in said:
+        await ann.send({"type": "chat", "text": text})
+        await ann.expect("chat")
     await ann.send({"type": "leave"})
     await ann.wait_for("left")
     await _until_closed(records(recorded), "monday")
@@ -232,6 +236,107 @@ async def test_a_returning_customer_is_known_to_the_agent(recorded: GatewayServe
     await bob.send({"type": "accept", "conversation": "tuesday"})
     card = (await bob.wait_for("joined", conversation="tuesday"))["customer"]
     assert card["profile"] == {"plan": "pro"} and [p["room"] for p in card["previous"]] == ["monday"]
+
+    # The agent opens the earlier conversation: newest page first, each page oldest first.
+    pages = await page_through(bob, earlier["conversation"], limit=2)
+    assert [len(p["events"]) for p in pages] == [2, 2, 2, 1]  # joined, 5 chats, left: 7 events
+    assert [p["more"] for p in pages] == [True, True, True, False]
+    assert all(p["conversation"] == p["record"] == earlier["conversation"] and p["room"] == "monday" for p in pages)
+    timeline = [e for p in reversed(pages) for e in p["events"]]
+    assert [e["type"] for e in timeline] == ["participant.joined", *["chat"] * 5, "participant.left"]
+    assert [e["text"] for e in timeline if e["type"] == "chat"] == said
+    ids = [e["id"] for e in timeline]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    ann_card = {"identity": "u1", "role": "customer", "name": "Ann"}
+    first, chat, last = timeline[0], timeline[1], timeline[-1]
+    assert first == {"id": ids[0], "ts": first["ts"], "type": "participant.joined", "from": ann_card}
+    assert chat["from"] == ann_card and isinstance(chat["ref"], str) and chat["ts"] >= first["ts"]
+    assert last["from"] == ann_card and last["reason"] == "left"  # the name from where she joined
+
+
+async def page_through(client: Client, conversation: str, limit: int) -> list[dict[str, Any]]:
+    """Every ``history`` page of a conversation, newest first."""
+    pages: list[dict[str, Any]] = []
+    before = None
+    while not pages or pages[-1]["more"]:
+        await client.send({"type": "history", "conversation": conversation, "before": before, "limit": limit})
+        pages.append(await client.wait_for("history", before=before))  # the request's, echoed
+        before = pages[-1]["events"][0]["id"]
+    return pages
+
+
+async def test_history_is_read_only_by_those_serving_the_customer(recorded: GatewayServer) -> None:
+    """Who may read a recorded conversation: the customer whose it is; an agent serving that
+    customer (in a conversation with them, or with them in the queue); whoever is in it now.
+    Others get ``forbidden``; an unknown id ``not_found``; bad fields ``bad_request``."""
+    ann = await joined(recorded, "u1", room="first", name="Ann")
+    await ann.send({"type": "chat", "text": "first words"})
+    await ann.expect("chat")
+    await ann.send({"type": "leave"})
+    await ann.wait_for("left")
+    await _until_closed(records(recorded), "first")
+    [record] = await records(recorded).conversations_of("first")
+    earlier = record["id"]
+
+    async def read(client: Client, conversation: str, **fields: Any) -> dict[str, Any]:
+        await client.send({"type": "history", "conversation": conversation, **fields})
+        return await client.wait_for("history")
+
+    async def refused(client: Client, conversation: Any, code: str = "forbidden", **fields: Any) -> None:
+        await client.send({"type": "history", "conversation": conversation, **fields})
+        error = await client.wait_for("error")
+        assert error["code"] == code, error
+        assert error["request"] == (None if code == "bad_request" else "history"), error  # None: did not validate
+
+    # The customer reads her own earlier conversation (from her next one), another customer may not.
+    await ann.send({"type": "join", "token": make_token("u1", "customer", "second", name="Ann")})
+    await ann.expect("joined", conversation="second")
+    mine = await read(ann, earlier)
+    assert [e["text"] for e in mine["events"] if e["type"] == "chat"] == ["first words"] and not mine["more"]
+    dan = await joined(recorded, "u2", room="elsewhere", name="Dan")
+    await refused(dan, earlier)
+    await refused(dan, "first")  # a room id names its latest record: the same
+    await refused(dan, "no-such-conversation", "not_found")
+    own = await read(dan, "elsewhere")  # the one he is in (a room id: its current record)
+    assert own["conversation"] == "elsewhere" and own["record"].startswith("elsewhere~")
+
+    # An agent in the lobby serves nobody yet; a customer in the queue is served by all agents.
+    bob = await joined(recorded, "a1", "agent", None, name="Bob")
+    cid = await joined(recorded, "a2", "agent", None, name="Cid")
+    await refused(bob, earlier)
+    await ann.send({"type": "escalate"})
+    await bob.wait_for("queue")
+    await cid.wait_for("queue")
+    assert len((await read(cid, earlier))["events"]) == 3
+    await bob.send({"type": "accept", "conversation": "second"})
+    await bob.wait_for("joined", conversation="second")
+    await cid.wait_for("queue", waiting=[])
+    await refused(cid, earlier)  # Bob serves Ann now, not Cid
+    await refused(cid, "second")
+    page = await read(bob, earlier, limit=1)
+    assert page["more"] and [e["type"] for e in page["events"]] == ["participant.left"]
+    older = await read(bob, earlier, before=page["events"][0]["id"], limit=200)
+    assert [e["type"] for e in older["events"]] == ["participant.joined", "chat"] and not older["more"]
+    live = await read(bob, "second")  # the conversation he is in, by its room id
+    assert live["record"] != earlier and "participant.joined" in [e["type"] for e in live["events"]]
+    await ann.send({"type": "leave"})
+    await bob.wait_for("participant.left", identity="u1")
+    assert (await read(bob, earlier))["events"]  # wrapping up after she left: still her agent
+
+    for bad in ({"limit": 0}, {"limit": 201}, {"limit": "10"}, {"before": "x"}, {"before": 0}):
+        await refused(bob, earlier, "bad_request", **bad)
+    await refused(bob, 5, "bad_request")
+    for client in (ann, dan, bob, cid):
+        await client.close()
+
+
+async def test_history_without_records_is_unavailable(server: GatewayServer) -> None:
+    """``--database none``: nothing is recorded, and ``history`` says so."""
+    ann = await joined(server, "u1")
+    await ann.send({"type": "history", "conversation": "r1"})
+    error = await ann.error("unavailable")
+    assert "--database none" in error["message"] and error["request"] == "history"
+    await ann.close()
 
 
 async def test_joined_comes_first_even_while_others_join(recorded: GatewayServer) -> None:
