@@ -11,7 +11,8 @@ from this one (also uvloop) over loopback websockets. Gateway CPU is read from
 
 Databases: ``memory`` (no records, ``--database none``), ``sqlite`` (a fresh file),
 ``postgresql`` (a throwaway cluster started here, durable settings: fsync and
-synchronous commit on, as a deployment runs it), or a database URL. ``--rounds`` repeats
+synchronous commit on, as a deployment runs it), or a database URL; ``NAME@MS`` runs that
+one with ``--commit-interval-ms MS`` (``sqlite@3``). ``--rounds`` repeats
 the databases in turn (memory, sqlite, … memory, sqlite, …) so a noisy neighbour hits
 them alike; figures are the medians over rounds.
 
@@ -236,6 +237,12 @@ async def load(gw: GatewayProcess, conversations: int, rate: float, seconds: flo
     }
 
 
+def commit_interval(database: str) -> str | None:
+    """The MS of a ``NAME@MS`` database name (not the user of a URL's ``user@host``)."""
+    _, at, suffix = database.rpartition("@")
+    return suffix if at and suffix.replace(".", "", 1).isdigit() else None
+
+
 def cpu_split(gw: GatewayProcess) -> tuple[float, float]:
     """The gateway's user and system CPU seconds so far (system: mostly socket and file writes)."""
     with open(f"/proc/{gw.proc.pid}/stat") as f:
@@ -251,6 +258,9 @@ async def run_one(args: argparse.Namespace, database: str, url: str) -> dict[str
     extra = ["--max-participants", str(max(8, args.fanout)), "--reconnect-grace-seconds", "0"]
     extra += ["--max-conversations", str(max(10_000, 2 * args.joins + args.load_conversations + 10))]
     extra += ["--database", url] if url else []  # "": a fresh SQLite file from GatewayProcess
+    interval = commit_interval(database)
+    if interval is not None:  # sqlite@3: --commit-interval-ms 3
+        extra += ["--commit-interval-ms", interval]
     gw = start_gateway(rate=100_000, burst=100_000, extra=extra)
     try:
         return {
@@ -294,11 +304,12 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     urls: dict[str, str] = {}
     skipped: dict[str, str] = {}
     for name in names:
-        if name == "memory":
+        kind = name.rpartition("@")[0] if commit_interval(name) is not None else name
+        if kind == "memory":
             urls[name] = "none"
-        elif name == "sqlite":
+        elif kind == "sqlite":
             urls[name] = ""
-        elif name == "postgresql":
+        elif kind == "postgresql":
             try:
                 cluster = cluster or PostgresCluster.start(durable=True)
                 urls[name] = cluster.url()
@@ -310,7 +321,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     try:
         for _ in range(args.rounds):
             for name, url in urls.items():
-                if name == "postgresql" and cluster is not None:
+                if name.startswith("postgresql") and cluster is not None:
                     cluster.drop_database("bench")  # the same empty start as a fresh SQLite file
                     url = cluster.url(cluster.create_database("bench"))
                 rounds[name].append(await run_one(args, name, url))
@@ -367,7 +378,7 @@ if __name__ == "__main__":
         "--database",
         default="memory,sqlite,postgresql",
         help="comma-separated: memory (--database none), sqlite (a fresh file), postgresql (a throwaway "
-        "cluster), or database URLs",
+        "cluster), or database URLs; NAME@MS adds --commit-interval-ms MS (sqlite@3)",
     )
     parser.add_argument("--rounds", type=int, default=1, help="repeat every database this many times, in turn")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")

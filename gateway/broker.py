@@ -5,8 +5,10 @@ may be in several), asks the rules (``conversation.py``), the calls (``calls.py`
 the consent requests for the change, and hands the resulting domain events to their
 consumers: the wire encoder (``delivery.py``), metrics, and its own reactions (a
 customer's chat goes to the bot; an agent's arrival stops the bot; an ended
-conversation's per-process state is dropped). It implements ``BotHost`` for the bot
-manager. Every client-caused failure is raised as a ``ProtocolError`` for the session.
+conversation's per-process state is dropped). What clients read of the past (the chat
+in ``joined``, customer cards, ``history`` pages) comes from ``history.py``. It
+implements ``BotHost`` for the bot manager. Every client-caused failure is raised as a
+``ProtocolError`` for the session.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ from .calls import Calls, RtcSettings
 from .config import Config
 from .conversation import MAX_REASON_CHARS, Conversations, Upgrades
 from .delivery import Connection, Delivery, target
-from .errors import BadRequest, Conflict, Forbidden, NotFound, TooLarge, Unauthorized, Unavailable
+from .errors import BadRequest, Conflict, Forbidden, TooLarge, Unauthorized, Unavailable
 from .events import now_ms
+from .history import History
 from .messages import Participant, Role
 from .metrics import Metrics
 from .records import Records, RecordsError
@@ -94,8 +97,8 @@ class Broker:
         self.bots = BotManager(config, metrics, self, self.tasks)
         #: Everything that reacts to domain events, in order (records and webhooks join here).
         self.consumers: list[Consumer] = [self.delivery, metrics.event, self._react]
-        #: waiting conversation -> its customer card (for the queue; dropped when it stops waiting)
-        self._queue_cards: dict[str, dict[str, Any]] = {}
+        #: What clients read of the past: the chat in ``joined``, customer cards, history pages.
+        self.history = History(records, store, history_limit=config.history_limit)
         #: (conversation, identity) -> a participant whose connection was lost, in its grace time
         self._away: dict[tuple[str, str], Away] = {}
         self._closing = False
@@ -147,15 +150,25 @@ class Broker:
 
     async def apply(self, events: list[ev.Event]) -> None:
         """Record (committed before anyone is told), ``publish``, then give every agent the
-        new queue if it changed."""
+        new queue if it changed.
+
+        If the records refuse the write, the live state has changed already (someone joined,
+        left, was queued): that is published all the same, so nobody sees a ghost, and the
+        writer has logged what the records miss. A chat is not: nothing unrecorded is
+        acknowledged, and the caller gets ``unavailable``."""
+        withheld = False
         if self.records is not None and events:
             try:
                 await self.records.write(events)
-            except RecordsError as exc:
-                raise Unavailable("the gateway could not store that; try again") from exc
+            except RecordsError:
+                kept = [e for e in events if not isinstance(e, ev.ChatPosted)]
+                withheld = len(kept) < len(events)
+                events = kept
         self.publish(events, recorded=True)
         if any(isinstance(event, ev.QUEUE_EVENTS) for event in events):
             await self.publish_queue()
+        if withheld:
+            raise Unavailable("the gateway could not store that; try again")
 
     def apply_soon(self, events: list[ev.Event], conn: Connection, request: str) -> None:
         """``apply`` without waiting for the commit, for events that change no queue (a
@@ -224,7 +237,8 @@ class Broker:
             case messages.UpgradeReply():
                 await self.upgrade_reply(conn, msg)
             case messages.History():
-                await self.history(conn, msg)
+                page = await self.history.page(_me(conn), conn.memberships, msg)
+                conn.deliver(messages.encode(page), "history")
 
     # -- join -------------------------------------------------------------------------
 
@@ -281,7 +295,8 @@ class Broker:
         await self.apply(events)
         if not any(isinstance(event, ev.QUEUE_EVENTS) for event in events):
             entries = await self.store.waiting()
-            conn.deliver(messages.encode(messages.queue(entries, await self._cards(entries))), "queue")
+            cards = await self.history.queue_cards(entries)
+            conn.deliver(messages.encode(messages.queue(entries, cards)), "queue")
 
     def _joined(self, conn: Connection, me: Participant) -> None:
         conn.participant = me
@@ -309,11 +324,11 @@ class Broker:
         was being built (``Delivery.enter`` holds it: building it awaits the records)."""
         try:
             participants = await self.store.participants(conversation) or []
-            history = await self._history(conversation)
+            history = await self.history.chat(conversation)
             me = _me(conn)
             customer = next((p for p in participants if p.role == Role.CUSTOMER), None)
             # An agent sees who the customer is and what happened before.
-            card = await self.customer_card(conversation, customer) if me.role == Role.AGENT and customer else None
+            card = await self.history.card(conversation, customer) if me.role == Role.AGENT and customer else None
             conn.deliver(self._joined_message(conversation, me, participants, history, card), "joined")
         finally:
             self.delivery.ready(conn, conversation)
@@ -372,58 +387,10 @@ class Broker:
         await self._send_joined(conn, msg.conversation)
         await self.apply(events)
 
-    async def _history(self, conversation: str) -> list[messages.ChatMessage]:
-        """The chat a joiner gets: from the records when there are any (they outlive a
-        restart), else the store's."""
-        if self.records is not None:
-            recorded = await self.records.history(conversation, self.config.history_limit)
-            if recorded is not None:
-                return recorded
-        return await self.store.history(conversation)
-
-    async def history(self, conn: Connection, msg: messages.History) -> None:
-        """A page of a recorded conversation's timeline, for whoever may read it
-        (``access.may_read_record``)."""
-        if self.records is None:
-            raise Unavailable("this gateway keeps no records (--database none): there is no history to read")
-        record = await self.records.record(msg.conversation) if len(msg.conversation) <= 256 else None
-        if record is None:
-            raise NotFound(f"no recorded conversation {msg.conversation[:128]!r}")
-        me = _me(conn)
-        # The one it is in now: the room's open record (an older record of the room is closed).
-        present = record.room in conn.memberships and record.closed is None
-        serving: set[str] = set()
-        if me.role == Role.AGENT and not present:
-            for conversation in conn.memberships:
-                people = await self.store.participants(conversation) or []
-                serving |= {p.identity for p in people if p.role == Role.CUSTOMER}
-                current = await self.records.record(conversation)  # its customer, even once gone
-                if current is not None and current.customer is not None:
-                    serving.add(current.customer)
-            serving |= {entry.customer.identity for entry in await self.store.waiting()}
-        if not access.may_read_record(me, record.customer, present=present, serving=serving):
-            if me.role == Role.CUSTOMER:
-                raise Forbidden("you may read only your own conversations")
-            raise Forbidden("you may read only the conversations of customers you are serving or who are waiting")
-        events, more = await self.records.page(record.id, msg.before, msg.limit)
-        items = [messages.timeline_event(e.id, e.ts, e.type, e.actor, e.body) for e in events]
-        page = messages.history(msg.conversation, msg.before, record.id, record.room, items, more)
-        conn.deliver(messages.encode(page), "history")
-
     async def publish_queue(self) -> None:
         entries = await self.store.waiting()
         self.metrics.queue_length.set(len(entries))
-        self.delivery.to_agents(entries, await self._cards(entries))
-
-    async def _cards(self, entries: list[messages.QueueEntry]) -> dict[str, dict[str, Any]]:
-        """Customer cards for the waiting conversations, looked up once per queue entry."""
-        waiting = {e.conversation for e in entries}
-        for gone in self._queue_cards.keys() - waiting:
-            del self._queue_cards[gone]
-        for entry in entries:
-            if entry.conversation not in self._queue_cards:
-                self._queue_cards[entry.conversation] = await self.customer_card(entry.conversation, entry.customer)
-        return self._queue_cards
+        self.delivery.to_agents(entries, await self.history.queue_cards(entries))
 
     # -- leaving ----------------------------------------------------------------------
 
@@ -559,15 +526,8 @@ class Broker:
         return [(p.pipeline, p.taps) for p in self.calls.peers(conversation) if p.pipeline is not None]
 
     async def customer_card(self, conversation: str, customer: Participant) -> dict[str, Any]:
-        """Who the customer is, as far as the records know: ``{"identity", "name", "profile",
-        "previous": [earlier conversations…]}`` (agents' ``joined`` and queue, the bot's ``start``)."""
-        card: dict[str, Any] = {"identity": customer.identity, "name": customer.name, "profile": None, "previous": []}
-        if self.records is not None:
-            known = await self.records.customer(customer.identity)
-            if known is not None:
-                card["profile"] = known.profile
-            card["previous"] = await self.records.previous(customer.identity, conversation)
-        return card
+        """``History.card``: the customer card in the bot's ``start``."""
+        return await self.history.card(conversation, customer)
 
 
 def _me(conn: Connection) -> Participant:

@@ -11,6 +11,7 @@ from typing import Any
 from media.vad import VadSettings
 
 from .errors import ConfigError
+from .tokens import MAX_FIELD_CHARS
 
 MIN_SECRET_BYTES = 32
 
@@ -32,6 +33,10 @@ class Config:
     #: as long; None keeps everything. Not ``history_retention_seconds``, which is how
     #: long a just-closed room can be resumed.
     retention_days: float | None = None
+    #: SQLite records: the least time between two commits while they are frequent (what
+    #: arrives meanwhile shares the commit); 0 commits every loop iteration that has
+    #: something to write. Trades the echo's latency for CPU (docs/records.md).
+    commit_interval_ms: float = 0.0
     #: Chat messages kept per conversation and sent in ``joined``.
     history_limit: int = 100
     #: How long a conversation's chat history outlives its last participant (a customer
@@ -169,6 +174,9 @@ class Config:
             raise ConfigError(f"the bot URL must start with ws:// or wss://, not {self.bot_url!r}")
         if self.bot_protocol not in ("native", "twilio"):
             raise ConfigError("bot_protocol must be native or twilio")
+        if not 0 < len(self.bot_name) <= MAX_FIELD_CHARS:
+            # Like every participant's name (the records keep it, as the conversation's bot).
+            raise ConfigError(f"the bot's name must be 1 to {MAX_FIELD_CHARS} characters")
         if self.bot_connect_seconds < 0 or self.bot_max_buffer_seconds <= 0 or self.bot_max_backlog_seconds <= 0:
             raise ConfigError(
                 "bot_connect_seconds must be >= 0, bot_max_buffer_seconds and bot_max_backlog_seconds > 0"

@@ -39,7 +39,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
@@ -59,6 +59,7 @@ from .writer import RecordsError as RecordsError
 from .writer import Then, Writer, latest_query
 
 log = logging.getLogger("talkgate.records")
+_T = TypeVar("_T")
 
 # The schema lives in schema.py; its tables are re-exported here for readers of the records.
 
@@ -214,6 +215,7 @@ class SqlRecords(Records):
         retention_days: float | None = None,
         retention_interval: float = RETENTION_INTERVAL,
         on_expired: Callable[[Removed], None] | None = None,
+        commit_interval: float = 0.0,
     ) -> None:
         self.url = database_url(url)
         self.dialect = make_url(self.url).get_backend_name()
@@ -229,6 +231,7 @@ class SqlRecords(Records):
         self._retention: asyncio.Task[None] | None = None
         self._clock = clock
         self._on_dropped = on_dropped
+        self._commit_interval = commit_interval
         self.engine: AsyncEngine | None = None
         self._writer: Writer | None = None
 
@@ -242,7 +245,12 @@ class SqlRecords(Records):
     async def start(self) -> None:
         self.engine = create_engine(self.url)
         await migrate(self.engine)
-        self._writer = Writer(self.engine, retention_ms=self.retention_ms, on_dropped=self._on_dropped)
+        self._writer = Writer(
+            self.engine,
+            retention_ms=self.retention_ms,
+            on_dropped=self._on_dropped,
+            commit_interval=self._commit_interval,
+        )
         await self._writer.start()
         if self.retention_days is not None:
             self._retention = asyncio.create_task(self._retain(), name="talkgate-records-retention")
@@ -273,22 +281,31 @@ class SqlRecords(Records):
     # -- reading ----------------------------------------------------------------------
 
     async def history(self, room: str, limit: int) -> list[ChatMessage] | None:
-        assert self.engine is not None
-        async with self.engine.connect() as conn:
-            record = await _latest(conn, room)
-            if record is None:
+        cutoff = self._clock() - self.retention_ms
+
+        def read(conn: sa.Connection) -> list[ChatMessage] | None:
+            record = conn.execute(latest_query(room)).first()
+            if record is None or (record.closed is not None and record.closed < cutoff):
                 return None
-            if record.closed is not None and record.closed < self._clock() - self.retention_ms:
-                return None
-            rows = (
-                await conn.execute(
-                    sa.select(events)
-                    .where(events.c.conversation == record.id, events.c.type.in_(("chat", "transcript")))
-                    .order_by(events.c.id.desc())
-                    .limit(limit)
-                )
+            rows = conn.execute(
+                sa.select(events)
+                .where(events.c.conversation == record.id, events.c.type.in_(("chat", "transcript")))
+                .order_by(events.c.id.desc())
+                .limit(limit)
             ).all()
-        return [_chat(row) for row in reversed(rows)]
+            return [_chat(row) for row in reversed(rows)]
+
+        return await self._read(read)
+
+    async def _read(self, read: Callable[[sa.Connection], _T]) -> _T:
+        """Run a small read (what a join needs). SQLite: on the writer's connection, at once
+        (an indexed read costs less than the thread hand-offs of the async driver, and sees
+        every commit); PostgreSQL: on a pooled connection."""
+        assert self.engine is not None and self._writer is not None
+        if self._writer.sqlite:
+            return self._writer.read(read)
+        async with self.engine.connect() as conn:
+            return await conn.run_sync(read)
 
     async def record(self, conversation: str) -> Recorded | None:
         assert self.engine is not None
@@ -321,15 +338,13 @@ class SqlRecords(Records):
         return [_event(row, names) for row in rows], more
 
     async def customer(self, identity: str) -> Customer | None:
-        assert self.engine is not None
-        async with self.engine.connect() as conn:
-            row = (await conn.execute(sa.select(customers).where(customers.c.identity == identity))).first()
+        query = sa.select(customers).where(customers.c.identity == identity)
+        row = await self._read(lambda conn: conn.execute(query).first())
         if row is None:
             return None
         return Customer(row.identity, row.name, row.profile, row.first_seen, row.last_seen)
 
     async def previous(self, identity: str, room: str, limit: int = 10) -> list[dict[str, Any]]:
-        assert self.engine is not None
         # Each conversation's last chat or transcript, in the same query (not one per row).
         last_message = (
             sa.select(events.c.body)
@@ -343,8 +358,8 @@ class SqlRecords(Records):
         current = self._writer.current(room) if self._writer is not None else None
         if current is not None:
             query = query.where(conversations.c.id != current)
-        async with self.engine.connect() as conn:
-            rows = (await conn.execute(query.order_by(conversations.c.opened.desc()).limit(limit))).all()
+        query = query.order_by(conversations.c.opened.desc()).limit(limit)
+        rows = await self._read(lambda conn: conn.execute(query).all())
         return [
             {
                 "conversation": row.id,
@@ -433,10 +448,6 @@ class SqlRecords(Records):
     async def erase_customer(self, identity: str, *, force: bool = False) -> Removed:
         assert self.engine is not None
         theirs = sa.select(conversations.c.id).where(conversations.c.customer == identity)
-        authored = sa.or_(
-            events.c.actor == identity,
-            sa.and_(events.c.type == "media", events.c.body["identity"].as_string() == identity),
-        )
         async with self.engine.connect() as conn:  # reading only: the writer goes on meanwhile
             own = (
                 await conn.execute(
@@ -449,7 +460,11 @@ class SqlRecords(Records):
             if still_open and not force:
                 raise OpenConversation(identity, still_open)
             elsewhere = list(
-                (await conn.scalars(sa.select(events.c.id).where(authored, events.c.conversation.not_in(theirs)))).all()
+                (
+                    await conn.scalars(
+                        sa.select(events.c.id).where(authored(identity), events.c.conversation.not_in(theirs))
+                    )
+                ).all()
             )
         ids = {row.id for row in own}
         if self._writer is not None:
@@ -523,19 +538,51 @@ def create_engine(url: str) -> AsyncEngine:
     return engine
 
 
-async def migrate(engine: AsyncEngine) -> None:
-    """Bring the database to the current schema with the Alembic migrations."""
+async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
+    """Bring the database to the current schema (or to ``revision``, for tests) with the
+    Alembic migrations, in one transaction.
+
+    SQLite: the transaction is begun explicitly (the driver would commit each DDL
+    statement on its own: a failed migration would leave half-copied tables), and
+    foreign keys are off while it runs (which only works outside a transaction): a
+    migration that changes a column copies its table (``batch_alter_table``) and drops
+    the original, which others refer to. They are checked before the commit."""
     from alembic import command
     from alembic.config import Config as AlembicConfig
+
+    sqlite = engine.dialect.name == "sqlite"
 
     def upgrade(connection: sa.Connection) -> None:
         config = AlembicConfig()
         config.set_main_option("script_location", "gateway:migrations")
         config.attributes["connection"] = connection
-        command.upgrade(config, "head")
+        command.upgrade(config, revision)
+        if sqlite and (broken := connection.exec_driver_sql("PRAGMA foreign_key_check").all()):
+            raise RuntimeError(f"the migration left {len(broken)} rows without the row they refer to: {broken[:5]}")
 
-    async with engine.begin() as conn:
-        await conn.run_sync(upgrade)
+    async with engine.connect() as conn:
+        if sqlite:
+            await conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            await conn.commit()
+        try:
+            async with conn.begin():
+                if sqlite:
+                    await conn.exec_driver_sql("BEGIN")
+                await conn.run_sync(upgrade)
+        finally:
+            if sqlite:  # the connection goes back to the pool: as create_engine made it
+                await conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+                await conn.commit()
+
+
+def authored(identity: str) -> sa.ColumnElement[bool]:
+    """The events someone authored: those they are the actor of, and the ``media`` events
+    about them (the gateway's, without an actor). No index serves it: erasure reads the
+    events table once (an index on ``actor`` would cost every chat's commit; schema.py)."""
+    return sa.or_(
+        events.c.actor == identity,
+        sa.and_(events.c.type == "media", events.c.body["identity"].as_string() == identity),
+    )
 
 
 async def _latest(conn: AsyncConnection, room: str) -> Any:

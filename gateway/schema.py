@@ -8,12 +8,17 @@ import sqlalchemy as sa
 metadata = sa.MetaData()
 #: Event ids: 64-bit on PostgreSQL; SQLite's INTEGER PRIMARY KEY is already 64-bit.
 EventId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+#: Rooms, identities and names: at most ``tokens.MAX_FIELD_CHARS`` characters (what a join
+#: may carry; the bot's name is held to it too).
+FIELD_CHARS = 128
+#: A conversation record's id: its room, "~" and 12 hex digits (``writer.Writer._record``).
+RECORD_ID_CHARS = FIELD_CHARS + 1 + 12
 
 customers = sa.Table(
     "customers",
     metadata,
-    sa.Column("identity", sa.String(128), primary_key=True),
-    sa.Column("name", sa.String(128), nullable=False),
+    sa.Column("identity", sa.String(FIELD_CHARS), primary_key=True),
+    sa.Column("name", sa.String(FIELD_CHARS), nullable=False),
     sa.Column("profile", sa.JSON(), nullable=True),
     sa.Column("first_seen", sa.BigInteger(), nullable=False),
     sa.Column("last_seen", sa.BigInteger(), nullable=False),
@@ -22,30 +27,37 @@ customers = sa.Table(
 conversations = sa.Table(
     "conversations",
     metadata,
-    sa.Column("id", sa.String(64), primary_key=True),
-    sa.Column("room", sa.String(128), nullable=False),
-    sa.Column("customer", sa.String(128), nullable=True),
+    sa.Column("id", sa.String(RECORD_ID_CHARS), primary_key=True),
+    sa.Column("room", sa.String(FIELD_CHARS), nullable=False),
+    sa.Column("customer", sa.String(FIELD_CHARS), nullable=True),
     sa.Column("opened", sa.BigInteger(), nullable=False),
     sa.Column("closed", sa.BigInteger(), nullable=True),
-    #: How it ended: the last participant's leaving reason (left, disconnected, ...).
+    #: How it ended: the last participant's leaving reason (left, disconnected, ...): the
+    #: gateway's own words, never a client's.
     sa.Column("ended", sa.String(32), nullable=True),
     #: Channels used, of "chat", "voice", "video".
     sa.Column("channels", sa.JSON(), nullable=False),
-    sa.Column("bot", sa.String(128), nullable=True),
+    sa.Column("bot", sa.String(FIELD_CHARS), nullable=True),
     sa.Column("agents", sa.JSON(), nullable=False),
     sa.Index("ix_conversations_room_opened", "room", "opened"),
     sa.Index("ix_conversations_customer_opened", "customer", "opened"),
+    #: Retention: the conversations closed before its cut-off.
+    sa.Index("ix_conversations_closed", "closed"),
 )
 
 events = sa.Table(
     "events",
     metadata,
     sa.Column("id", EventId, primary_key=True, autoincrement=True),
-    sa.Column("conversation", sa.String(64), sa.ForeignKey("conversations.id"), nullable=False),
+    sa.Column("conversation", sa.String(RECORD_ID_CHARS), sa.ForeignKey("conversations.id"), nullable=False),
     sa.Column("ts", sa.BigInteger(), nullable=False),
-    sa.Column("actor", sa.String(128), nullable=True),
+    #: Who did it: an identity, or None (the gateway).
+    sa.Column("actor", sa.String(FIELD_CHARS), nullable=True),
     sa.Column("actor_role", sa.String(16), nullable=True),
     sa.Column("type", sa.String(32), nullable=False),
     sa.Column("body", sa.JSON(), nullable=False),
     sa.Index("ix_events_conversation_id", "conversation", "id"),
+    # No index on ``actor`` for erasure: it would cost every chat's commit about 14 µs
+    # (a second index page per insert) to speed up a rare request, which reads the
+    # events table once, off the event loop.
 )

@@ -63,6 +63,7 @@ class GatewayServer:
                 on_dropped=self.metrics.records_dropped.inc,
                 retention_days=config.retention_days,
                 on_expired=self.metrics.expired,
+                commit_interval=config.commit_interval_ms / 1000,
             )
             if config.database
             else None

@@ -236,6 +236,8 @@ def test_bad_limit_settings_are_refused(config: Config, tmp_path: Path) -> None:
         {"ping_timeout": 0},
         {"allowed_origins": ("app.example",)},
         {"tls_cert": "cert.pem"},  # without a key
+        {"bot_name": "B" * 129},  # longer than any participant's name (the records keep it)
+        {"bot_name": ""},
     ):
         with pytest.raises(ConfigError):
             dataclasses.replace(config, **bad)

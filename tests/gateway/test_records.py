@@ -10,7 +10,9 @@ import asyncio
 import dataclasses
 import json
 import signal
+import sqlite3
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -19,7 +21,9 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
+from gateway import tokens, writer
 from gateway.config import Config
+from gateway.conversation import MAX_REASON_CHARS
 from gateway.records import SqlRecords, create_engine, migrate
 from gateway.schema import metadata
 from gateway.server import GatewayServer
@@ -153,7 +157,7 @@ async def test_the_migrations_make_exactly_the_schema(database_url: str) -> None
         async with engine.connect() as conn:
             assert await conn.run_sync(differences) == []
             version = (await conn.execute(sa.text("SELECT version_num FROM alembic_version"))).scalar_one()
-            assert version == "0001"
+            assert version == "0002"
     finally:
         await engine.dispose()
 
@@ -330,6 +334,36 @@ async def test_history_is_read_only_by_those_serving_the_customer(recorded: Gate
         await client.close()
 
 
+async def test_the_longest_room_identities_and_names_are_recorded(recorded: GatewayServer) -> None:
+    """Regression: a record id (ROOM~12 hex digits) had 64 characters, so on PostgreSQL every
+    write into a room of more than 51 characters failed and its clients got ``unavailable``.
+    Rooms, identities and names may have ``tokens.MAX_FIELD_CHARS`` (128) characters."""
+    longest = tokens.MAX_FIELD_CHARS
+    room, customer, agent = ("room-" * 26)[:longest], ("u" * longest), ("a" * longest)
+    ann = await joined(recorded, customer, room=room, name="A" * longest, profile={"plan": "pro"})
+    await ann.send({"type": "chat", "text": "my router blinks red"})
+    await ann.expect("chat")
+    await ann.send({"type": "escalate", "reason": "r" * MAX_REASON_CHARS})
+    await ann.wait_for("queued")
+    bob = await joined(recorded, agent, "agent", None, name="B" * longest)
+    await bob.send({"type": "accept", "conversation": room})
+    await bob.wait_for("joined", conversation=room)
+    await bob.send({"type": "chat", "text": "let me look"})
+    await bob.wait_for("chat", text="let me look")
+    await ann.wait_for("chat", text="let me look")
+
+    await ann.send({"type": "history", "conversation": room})
+    page = await ann.wait_for("history")
+    chats = [(e["from"]["identity"], e["text"]) for e in page["events"] if e["type"] == "chat"]
+    assert chats[0] == (customer, "my router blinks red") and chats[-1] == (agent, "let me look")
+    assert chats[1][0] == "system" and len(chats) == 3  # between them: queued for an agent
+    [record] = await records(recorded).conversations_of(room)
+    assert len(record["id"]) == longest + 13 and page["record"] == record["id"]
+    assert record["customer"] == customer and record["agents"] == [agent]
+    await bob.close()
+    await ann.close()
+
+
 async def test_history_without_records_is_unavailable(server: GatewayServer) -> None:
     """``--database none``: nothing is recorded, and ``history`` says so."""
     ann = await joined(server, "u1")
@@ -359,3 +393,39 @@ async def test_joined_comes_first_even_while_others_join(recorded: GatewayServer
             if message["type"] == "participant.joined":
                 announced.add(message["identity"])
         await client.close()
+
+
+async def test_a_chat_waits_out_another_writer_and_fails_cleanly_past_the_limit(
+    config: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite: the writer never blocks the loop on a lock. While another connection holds
+    the write lock (an erasure, retention), chats are retried and echoed once it is free;
+    held past the limit, the sender gets ``unavailable`` and the gateway goes on."""
+    path = tmp_path / "talkgate.db"
+    async with GatewayServer(dataclasses.replace(config, database=f"sqlite:///{path}")) as server:
+        ann = await joined(server, "u1")
+        await ann.send({"type": "chat", "text": "before"})
+        await ann.wait_for("chat", text="before")
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # the write lock
+        await ann.send({"type": "chat", "text": "while locked"})
+        with pytest.raises(TimeoutError):
+            await ann.wait_for("chat", text="while locked", timeout=0.3)  # not echoed: not stored
+        await ann.send({"type": "ping"})
+        await ann.expect("pong")  # the loop is not blocked meanwhile
+        other.execute("COMMIT")
+        await ann.wait_for("chat", text="while locked")
+
+        monkeypatch.setattr(writer, "BUSY_RETRY_SECONDS", 0.2)
+        other.execute("BEGIN IMMEDIATE")
+        await ann.send({"type": "chat", "text": "never stored"})
+        error = await ann.wait_for("error")
+        assert (error["code"], error["request"]) == ("unavailable", "chat")
+        other.execute("COMMIT")
+        other.close()
+        await ann.send({"type": "chat", "text": "after"})
+        await ann.wait_for("chat", text="after")
+        rec = records(server)
+        (conversation,) = await rec.conversations_of("r1")
+        texts = [e["body"]["text"] for e in await rec.timeline(conversation["id"]) if e["type"] == "chat"]
+        assert texts == ["before", "while locked", "after"]
