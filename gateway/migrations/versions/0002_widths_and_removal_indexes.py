@@ -30,6 +30,7 @@ down_revision = "0001"
 branch_labels = None
 depends_on = None
 
+
 def upgrade() -> None:
     with op.batch_alter_table("conversations") as batch:
         batch.alter_column("id", existing_type=sa.String(64), type_=sa.String(141), existing_nullable=False)
