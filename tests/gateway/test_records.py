@@ -11,6 +11,7 @@ import dataclasses
 import json
 import signal
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,11 @@ from alembic.migration import MigrationContext
 from gateway import tokens, writer
 from gateway.config import Config
 from gateway.conversation import MAX_REASON_CHARS
+from gateway.events import now_ms
 from gateway.records import SqlRecords, create_engine, migrate
 from gateway.schema import metadata
 from gateway.server import GatewayServer
+from gateway.store import InMemoryStore
 from tests.client import Client
 from tests.conftest import SECRET, make_token
 from tests.gateway_process import GatewayProcess
@@ -429,3 +432,44 @@ async def test_a_chat_waits_out_another_writer_and_fails_cleanly_past_the_limit(
         (conversation,) = await rec.conversations_of("r1")
         texts = [e["body"]["text"] for e in await rec.timeline(conversation["id"]) if e["type"] == "chat"]
         assert texts == ["before", "while locked", "after"]
+
+
+async def test_a_customer_back_in_the_same_room_a_day_later_starts_a_new_conversation(
+    recorded: GatewayServer,
+) -> None:
+    """Clock injected: the room's conversation closed a day ago is past resuming, so the
+    customer's return opens a new record, and the agent's card lists the earlier one."""
+    day = 86_400_000
+    offset = 0
+
+    def clock() -> int:
+        return now_ms() + offset
+
+    recorded.broker.conversations._clock = clock  # what the events are stamped with
+    records(recorded)._clock = clock  # what the records compare with
+    store = recorded.store
+    assert isinstance(store, InMemoryStore)
+    store._clock = lambda: time.monotonic() + offset / 1000  # when the live history expires
+    ann = await joined(recorded, "u1", room="support-u1", name="Ann")
+    await ann.send({"type": "chat", "text": "yesterday's question"})
+    await ann.expect("chat")
+    await ann.send({"type": "leave"})
+    await ann.wait_for("left")
+    await _until_closed(records(recorded), "support-u1")
+
+    offset = day  # a day later
+    await ann.send({"type": "join", "token": make_token("u1", "customer", "support-u1", name="Ann")})
+    back = await ann.expect("joined", conversation="support-u1")
+    assert back["history"] == []  # a new conversation: yesterday's is not resumed
+    async with asyncio.timeout(5):  # joined goes out before the join's commit
+        while True:
+            found = await records(recorded).conversations_of("support-u1")
+            if len(found) == 2:
+                break
+            await asyncio.sleep(0.02)
+    earlier, today = found
+    assert today["opened"] - earlier["closed"] >= day and today["closed"] is None
+    bob = await Client.open(recorded.ws_url)
+    await bob.send({"type": "join", "token": make_token("a1", "agent", "support-u1", name="Bob")})
+    [previous] = (await bob.expect("joined", conversation="support-u1"))["customer"]["previous"]
+    assert previous["conversation"] == earlier["id"] and previous["last_message"] == "yesterday's question"
