@@ -7,6 +7,7 @@ from this one (also uvloop) over loopback websockets. Gateway CPU is read from
 
     python benchmarks/signaling.py                 # memory, SQLite, PostgreSQL (if installed)
     python benchmarks/signaling.py --database memory,sqlite --rounds 3
+    python benchmarks/signaling.py --database memory,sqlite --rounds 8 --phases load   # the ratio, tighter
     python benchmarks/signaling.py --joins 50 --fanout 10 --messages 20 --load-seconds 2 --json   # smoke
 
 Databases: ``memory`` (no records, ``--database none``), ``sqlite`` (a fresh file),
@@ -263,13 +264,15 @@ async def run_one(args: argparse.Namespace, database: str, url: str) -> dict[str
         extra += ["--commit-interval-ms", interval]
     gw = start_gateway(rate=100_000, burst=100_000, extra=extra)
     try:
-        return {
-            "database": database,
-            "join_latency": await join_latency(gw, args.joins),
-            "join_rate": await join_rate(gw, args.joins, args.concurrency),
-            "fanout": await fanout(gw, args.fanout, args.messages),
-            "load": await load(gw, args.load_conversations, args.load_rate, args.load_seconds),
-        }
+        result: dict[str, Any] = {"database": database}
+        if "joins" in args.phases:
+            result["join_latency"] = await join_latency(gw, args.joins)
+            result["join_rate"] = await join_rate(gw, args.joins, args.concurrency)
+        if "fanout" in args.phases:
+            result["fanout"] = await fanout(gw, args.fanout, args.messages)
+        if "load" in args.phases:
+            result["load"] = await load(gw, args.load_conversations, args.load_rate, args.load_seconds)
+        return result
     finally:
         gw.stop()
 
@@ -294,6 +297,8 @@ FIGURES: list[tuple[str, tuple[str, ...]]] = [
 def _get(result: dict[str, Any], path: tuple[str, ...]) -> float:
     value: Any = result
     for key in path:
+        if key not in value:
+            return float("nan")  # a phase not run
         value = value[key]
     return float("nan") if value is None else float(value)
 
@@ -332,8 +337,18 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         name: {label: round(statistics.median(_get(r, path) for r in runs), 3) for label, path in FIGURES}
         for name, runs in rounds.items()
     }
+    # Each database against memory in the same round (neighbours in time), then the median.
+    paired: dict[str, dict[str, float]] = {}
+    if "memory" in rounds:
+        for name, runs in rounds.items():
+            paired[name] = {}
+            for label, path in FIGURES:
+                if "per CPU-s" in label:
+                    each = [_get(r, path) / _get(m, path) for r, m in zip(runs, rounds["memory"], strict=True)]
+                    paired[name][label] = round(statistics.median(each), 3)
     return {
         "benchmark": "signaling",
+        "paired_ratios": paired,
         "rounds": args.rounds,
         "load_rate": args.load_rate,
         "runs": rounds,
@@ -361,6 +376,10 @@ def print_table(r: dict[str, Any]) -> None:
                 if base[label]
             ]
             print(f"{n} / memory: " + ", ".join(ratios))
+    for n, ratios in r["paired_ratios"].items():
+        if n != "memory":
+            each = ", ".join(f"{label}: {value:.2f}" for label, value in ratios.items())
+            print(f"{n} / memory, median of per-round ratios: {each}")
     for name, why in r["skipped"].items():
         print(f"{name}: skipped ({why})")
 
@@ -381,6 +400,12 @@ if __name__ == "__main__":
         "cluster), or database URLs; NAME@MS adds --commit-interval-ms MS (sqlite@3)",
     )
     parser.add_argument("--rounds", type=int, default=1, help="repeat every database this many times, in turn")
+    parser.add_argument(
+        "--phases",
+        type=lambda text: set(text.split(",")),
+        default={"joins", "fanout", "load"},
+        help="comma-separated, of joins, fanout, load (default: all)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     arguments = parser.parse_args()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

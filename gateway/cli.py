@@ -190,10 +190,11 @@ def _server_options(f: click.decorators.FC) -> click.decorators.FC:
             "commit_interval_ms",
             envvar="TALKGATE_COMMIT_INTERVAL_MS",
             type=click.FloatRange(min=0, max=1000),
-            default=0.0,
+            default=2.0,
+            show_default=True,
             show_envvar=True,
             help="SQLite: while commits are frequent, commit at most this often; what arrives meanwhile "
-            "shares the commit (less CPU per chat, a later echo). 0: commit at once.",
+            "shares the commit (less CPU per chat, a later echo under load). 0: commit at once.",
         ),
         click.option("--log-level", envvar="TALKGATE_LOG_LEVEL", default="INFO", show_envvar=True),
     ]

@@ -35,8 +35,8 @@ class Config:
     retention_days: float | None = None
     #: SQLite records: the least time between two commits while they are frequent (what
     #: arrives meanwhile shares the commit); 0 commits every loop iteration that has
-    #: something to write. Trades the echo's latency for CPU (docs/records.md).
-    commit_interval_ms: float = 0.0
+    #: something to write. Trades the echo's latency under load for CPU (docs/records.md).
+    commit_interval_ms: float = 2.0
     #: Chat messages kept per conversation and sent in ``joined``.
     history_limit: int = 100
     #: How long a conversation's chat history outlives its last participant (a customer

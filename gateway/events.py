@@ -150,5 +150,17 @@ class UpgradeAnswered(Event):
     accept: bool
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MetaRecorded(Event):
+    """Something the app or a later feature notes in a conversation's timeline (a card, a
+    reminder, a callback): recorded as a ``meta`` event, not sent to clients by itself."""
+
+    #: What it is (``card``, ``reminder``, …): the record's ``body.kind``.
+    kind: str
+    body: dict[str, Any]
+    #: Who did it (None: the gateway or the app).
+    actor: Participant | None = None
+
+
 #: Events after which every agent gets the new queue.
 QUEUE_EVENTS = (QueueEntered, QueueLeft)

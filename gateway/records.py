@@ -55,8 +55,8 @@ from .schema import conversations as conversations
 from .schema import customers as customers
 from .schema import events as events
 from .schema import metadata as metadata
+from .writer import LATEST, Then, Writer
 from .writer import RecordsError as RecordsError
-from .writer import Then, Writer, latest_query
 
 log = logging.getLogger("talkgate.records")
 _T = TypeVar("_T")
@@ -284,15 +284,10 @@ class SqlRecords(Records):
         cutoff = self._clock() - self.retention_ms
 
         def read(conn: sa.Connection) -> list[ChatMessage] | None:
-            record = conn.execute(latest_query(room)).first()
+            record = conn.execute(LATEST, {"room": room}).first()
             if record is None or (record.closed is not None and record.closed < cutoff):
                 return None
-            rows = conn.execute(
-                sa.select(events)
-                .where(events.c.conversation == record.id, events.c.type.in_(("chat", "transcript")))
-                .order_by(events.c.id.desc())
-                .limit(limit)
-            ).all()
+            rows = conn.execute(_RECENT_SAID, {"rid": record.id, "limit": limit}).all()
             return [_chat(row) for row in reversed(rows)]
 
         return await self._read(read)
@@ -338,28 +333,16 @@ class SqlRecords(Records):
         return [_event(row, names) for row in rows], more
 
     async def customer(self, identity: str) -> Customer | None:
-        query = sa.select(customers).where(customers.c.identity == identity)
-        row = await self._read(lambda conn: conn.execute(query).first())
+        row = await self._read(lambda conn: conn.execute(_CUSTOMER, {"identity": identity}).first())
         if row is None:
             return None
         return Customer(row.identity, row.name, row.profile, row.first_seen, row.last_seen)
 
     async def previous(self, identity: str, room: str, limit: int = 10) -> list[dict[str, Any]]:
-        # Each conversation's last chat or transcript, in the same query (not one per row).
-        last_message = (
-            sa.select(events.c.body)
-            .where(events.c.conversation == conversations.c.id, events.c.type.in_(("chat", "transcript")))
-            .order_by(events.c.id.desc())
-            .limit(1)
-            .correlate(conversations)
-            .scalar_subquery()
-        )
-        query = sa.select(conversations, last_message.label("last")).where(conversations.c.customer == identity)
         current = self._writer.current(room) if self._writer is not None else None
-        if current is not None:
-            query = query.where(conversations.c.id != current)
-        query = query.order_by(conversations.c.opened.desc()).limit(limit)
-        rows = await self._read(lambda conn: conn.execute(query).all())
+        # Not the room's current record ("" matches none).
+        parameters = {"identity": identity, "current": current or "", "limit": limit}
+        rows = await self._read(lambda conn: conn.execute(_PREVIOUS, parameters).all())
         return [
             {
                 "conversation": row.id,
@@ -585,8 +568,38 @@ def authored(identity: str) -> sa.ColumnElement[bool]:
     )
 
 
+# The reads a join makes, built once (building a statement per call cost more than running it).
+
+_SAID = ("chat", "transcript")
+#: The newest ``:limit`` chats and spoken turns of the record ``:rid``, newest first.
+_RECENT_SAID = (
+    sa.select(events)
+    .where(events.c.conversation == sa.bindparam("rid"), events.c.type.in_(_SAID))
+    .order_by(events.c.id.desc())
+    .limit(sa.bindparam("limit"))
+)
+_CUSTOMER = sa.select(customers).where(customers.c.identity == sa.bindparam("identity"))
+#: A customer's conversations but ``:current``, newest first, each with its last chat or
+#: spoken turn (a correlated subquery: one query, not one per conversation).
+_PREVIOUS = (
+    sa.select(
+        conversations,
+        sa.select(events.c.body)
+        .where(events.c.conversation == conversations.c.id, events.c.type.in_(_SAID))
+        .order_by(events.c.id.desc())
+        .limit(1)
+        .correlate(conversations)
+        .scalar_subquery()
+        .label("last"),
+    )
+    .where(conversations.c.customer == sa.bindparam("identity"), conversations.c.id != sa.bindparam("current"))
+    .order_by(conversations.c.opened.desc())
+    .limit(sa.bindparam("limit"))
+)
+
+
 async def _latest(conn: AsyncConnection, room: str) -> Any:
-    return (await conn.execute(latest_query(room))).first()
+    return (await conn.execute(LATEST, {"room": room})).first()
 
 
 def _utc(ms: int) -> str:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import sqlite3
 import time
@@ -59,6 +60,14 @@ CHECKPOINT_INTERVAL = 1.0
 BUSY_RETRY_SECONDS = 10.0
 
 _T = TypeVar("_T")
+#: Events that update a conversation or customer (not only add timeline rows).
+_UPDATES = (ev.ParticipantJoined, ev.MediaChanged, ev.ConversationClosed)
+#: PostgreSQL: a batch of timeline rows as one statement (the columns as arrays).
+_PG_INSERT = (
+    "INSERT INTO events (conversation, ts, actor, actor_role, type, body) "
+    "SELECT c, t, a, r, k, b::json FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], "
+    "$6::text[]) AS u(c, t, a, r, k, b)"
+)
 _EVENT_COLUMNS = ("conversation", "ts", "actor", "actor_role", "type", "body")
 _json = msgspec.json.Encoder()
 
@@ -87,6 +96,10 @@ class _Open:
     agents: list[str] = field(default_factory=list)
     #: Why the last participant to leave left: how the conversation ended.
     last_reason: str | None = None
+    #: identity -> when its call started (its duration goes in ``call.ended``)
+    calls: dict[str, int] = field(default_factory=dict)
+    #: identity -> what it sent during its current call, of "audio", "video"
+    sent: dict[str, set[str]] = field(default_factory=dict)
 
 
 class _Busy(Exception):
@@ -330,8 +343,19 @@ class Writer:
         if self._async is None:
             self._async = await self.engine.connect()
         try:
-            async with self._async.begin():
-                await self._async.run_sync(self._transaction, batch)
+            if all(type(e) not in _UPDATES and e.conversation in self._open for e in batch):
+                # Only rows to add (chats, calls, queue steps of open conversations): one
+                # statement, one round trip, atomic on its own.
+                rows: list[tuple[Any, ...]] = []
+                for event in batch:
+                    self._apply(None, event, rows)
+                if rows:
+                    raw = (await self._async.get_raw_connection()).driver_connection
+                    assert raw is not None
+                    await raw.execute(_PG_INSERT, *_pg_columns(rows))
+            else:
+                async with self._async.begin():
+                    await self._async.run_sync(self._transaction, batch)
         except Exception:
             # The connection may be broken (a restarted server): a fresh one next time.
             connection, self._async = self._async, None
@@ -377,8 +401,9 @@ class Writer:
         if rows:
             conn.execute(events.insert(), [dict(zip(_EVENT_COLUMNS, row, strict=True)) for row in rows])
 
-    def _apply(self, conn: sa.Connection, event: ev.Event, rows: list[tuple[Any, ...]]) -> None:
-        """Turn one event into timeline rows (appended) and conversation/customer updates."""
+    def _apply(self, conn: Any, event: ev.Event, rows: list[tuple[Any, ...]]) -> None:
+        """Turn one event into timeline rows (appended) and conversation/customer updates
+        (``conn``: a SQLAlchemy connection; None when the batch has no update to make)."""
         room = event.conversation
         if type(event) is ev.ChatPosted and (cached := self._open.get(room)) is not None:
             # The common case, kept short: one row, no update.
@@ -397,17 +422,13 @@ class Writer:
             rows.append((record.id, event.ts, actor_id, actor_role, kind, body_json))
 
         def update(**values: Any) -> None:
-            conn.execute(conversations.update().where(conversations.c.id == record.id).values(**values))
+            conn.execute(_update(*values), {"rid": record.id, **values})
 
         match event:
             case ev.ParticipantJoined(participant=who):
                 if who.role == Role.CUSTOMER:
                     _upsert_customer(conn, who, event.profile, event.ts)
-                    conn.execute(
-                        conversations.update()
-                        .where(conversations.c.id == record.id, conversations.c.customer.is_(None))
-                        .values(customer=who.identity)
-                    )
+                    conn.execute(_SET_CUSTOMER, {"rid": record.id, "customer": who.identity})
                 elif who.role == Role.AGENT and who.identity not in record.agents:
                     record.agents.append(who.identity)
                     update(agents=list(record.agents))
@@ -432,10 +453,20 @@ class Writer:
             case ev.AgentAccepted(agent=agent):
                 row("queue.accepted", agent, {"name": agent.name})
             case ev.CallStarted(participant=who):
+                record.calls[who.identity] = event.ts
+                record.sent[who.identity] = set()
                 row("call.started", who, {})
             case ev.CallEnded(participant=who, reason=reason):
-                row("call.ended", who, {"reason": reason})
+                started = record.calls.pop(who.identity, None)
+                sent = record.sent.pop(who.identity, set())
+                # None: the call started before this process's writer knew the conversation.
+                duration = None if started is None else event.ts - started
+                ended: dict[str, Any] = {"reason": reason, "duration_ms": duration}
+                row("call.ended", who, {**ended, "audio": "audio" in sent, "video": "video" in sent})
             case ev.MediaChanged(identity=identity, audio=audio, video=video):
+                sending = {"audio"} if audio else set()
+                sending |= {"video"} if video else set()
+                record.sent.setdefault(identity, set()).update(sending)
                 used = {"voice"} if audio else set()
                 used |= {"video"} if video else set()
                 if not used <= record.channels:
@@ -446,6 +477,8 @@ class Writer:
                 row("upgrade.requested", sender, {"id": rid, "media": media})
             case ev.UpgradeAnswered(id=rid, media=media, replier=replier, accept=accept):
                 row("upgrade.answered", replier, {"id": rid, "media": media, "accept": accept})
+            case ev.MetaRecorded(kind=kind, body=body, actor=actor):
+                row("meta", actor, {**body, "kind": kind})
             case ev.ConversationClosed():
                 update(closed=event.ts, ended=record.last_reason)
                 self._open.pop(room, None)
@@ -458,20 +491,15 @@ class Writer:
         cached = self._open.get(room)
         if cached is not None:
             return cached
-        latest = conn.execute(latest_query(room)).first()
+        latest = conn.execute(LATEST, {"room": room}).first()
         if latest is not None and (latest.closed is None or latest.closed >= ts - self.retention_ms):
             record = _Open(latest.id, set(latest.channels or ["chat"]), list(latest.agents or []))
             if latest.closed is not None:
-                conn.execute(
-                    conversations.update().where(conversations.c.id == latest.id).values(closed=None, ended=None)
-                )
+                conn.execute(_update("closed", "ended"), {"rid": latest.id, "closed": None, "ended": None})
         else:
             record = _Open(f"{room}~{uuid.uuid4().hex[:12]}")
-            conn.execute(
-                conversations.insert().values(
-                    id=record.id, room=room, opened=ts, channels=["chat"], agents=[], customer=None, bot=None
-                )
-            )
+            values = {"room": room, "opened": ts, "channels": ["chat"], "agents": [], "customer": None, "bot": None}
+            conn.execute(_INSERT_CONVERSATION, {"id": record.id, **values})
         self._open[room] = record
         return record
 
@@ -495,9 +523,56 @@ class Writer:
             log.warning("a records checkpoint failed (the next one catches up)", exc_info=True)
 
 
-def latest_query(room: str) -> sa.Select[Any]:
-    """The room's most recent conversation record."""
-    return sa.select(conversations).where(conversations.c.room == room).order_by(conversations.c.opened.desc()).limit(1)
+def _pg_columns(rows: list[tuple[Any, ...]]) -> list[list[Any]]:
+    """Rows as the six column arrays of ``_PG_INSERT`` (bodies as JSON text)."""
+    columns: list[list[Any]] = [list(column) for column in zip(*rows, strict=True)]
+    columns[5] = [body if isinstance(body, str) else _json.encode(body).decode() for body in columns[5]]
+    return columns
+
+
+# Statements built once, with bind parameters: building one per call (``.values``,
+# ``.where``, its cache key) cost more than running it.
+
+#: The most recent conversation record of ``:room``.
+LATEST = (
+    sa.select(conversations)
+    .where(conversations.c.room == sa.bindparam("room"))
+    .order_by(conversations.c.opened.desc())
+    .limit(1)
+)
+_INSERT_CONVERSATION = conversations.insert()
+#: The record's customer: the first customer to join it.
+_SET_CUSTOMER = (
+    conversations.update()
+    .where(conversations.c.id == sa.bindparam("rid"), conversations.c.customer.is_(None))
+    .values(customer=sa.bindparam("customer"))
+)
+
+
+@functools.cache
+def _update(*columns: str) -> sa.Update:
+    """``UPDATE conversations SET <columns> WHERE id = :rid`` (one per set of columns)."""
+    return (
+        conversations.update()
+        .where(conversations.c.id == sa.bindparam("rid"))
+        .values({column: sa.bindparam(column) for column in columns})
+    )
+
+
+@functools.cache
+def _customer_upsert(dialect: str, with_profile: bool) -> Any:
+    """Insert a customer, or update the name, last seen (and profile) of a known one."""
+    insert: Any
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    columns = ["identity", "name", "first_seen", "last_seen", *(["profile"] if with_profile else [])]
+    statement = insert(customers).values({column: sa.bindparam(column) for column in columns})
+    updated = ["name", "last_seen", *(["profile"] if with_profile else [])]
+    return statement.on_conflict_do_update(
+        index_elements=["identity"], set_={column: statement.excluded[column] for column in updated}
+    )
 
 
 def _writer_pragmas(dbapi_connection: Any, _: Any) -> None:
@@ -522,14 +597,6 @@ def _busy(exc: BaseException) -> bool:
 
 def _upsert_customer(conn: sa.Connection, who: Participant, profile: dict[str, Any] | None, ts: int) -> None:
     values: dict[str, Any] = {"identity": who.identity, "name": who.name, "first_seen": ts, "last_seen": ts}
-    update: dict[str, Any] = {"name": who.name, "last_seen": ts}
     if profile is not None:
         values["profile"] = profile
-        update["profile"] = profile
-    insert: Any
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    statement = insert(customers).values(**values)
-    conn.execute(statement.on_conflict_do_update(index_elements=["identity"], set_=update))
+    conn.execute(_customer_upsert(conn.dialect.name, profile is not None), values)

@@ -255,7 +255,11 @@ function timelineNode(e) {
     case "queue.accepted": return line(`${who} accepted the conversation`);
     case "queue.left": return e.reason === "accepted" ? null : line("Left the queue");
     case "call.started": return line(`${who} joined the call`);
-    case "call.ended": return line(`${who} left the call`);
+    case "call.ended": {
+      const seconds = Math.round((e.duration_ms || 0) / 1000);
+      const lasted = e.duration_ms == null ? "" : ` · ${Math.floor(seconds / 60)}:${String(seconds % 60).padStart(2, "0")}`;
+      return line(`${who} left the call${lasted}`);
+    }
     case "upgrade.requested": return line(`${who} asked for ${e.media === "video" ? "video" : "a voice call"}`);
     case "upgrade.answered": return line(`${who} ${e.accept ? "accepted" : "declined"} ${e.media === "video" ? "video" : "the call"}`);
     default: return null; // media, away/returned and later kinds: not in the read-only view

@@ -22,10 +22,12 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
+from gateway import events as ev
 from gateway import tokens, writer
 from gateway.config import Config
 from gateway.conversation import MAX_REASON_CHARS
 from gateway.events import now_ms
+from gateway.messages import Participant
 from gateway.records import SqlRecords, create_engine, migrate
 from gateway.schema import metadata
 from gateway.server import GatewayServer
@@ -473,3 +475,35 @@ async def test_a_customer_back_in_the_same_room_a_day_later_starts_a_new_convers
     await bob.send({"type": "join", "token": make_token("a1", "agent", "support-u1", name="Bob")})
     [previous] = (await bob.expect("joined", conversation="support-u1"))["customer"]["previous"]
     assert previous["conversation"] == earlier["id"] and previous["last_message"] == "yesterday's question"
+
+
+async def test_a_call_is_recorded_with_its_length_and_media_and_meta_events_with_their_kind(database_url: str) -> None:
+    """From the events as the gateway emits them: ``call.ended`` carries how long the call
+    lasted and what the caller sent; ``meta`` events keep their kind and body."""
+    rec = SqlRecords(database_url)
+    await rec.start()
+    try:
+        ann = Participant("u1", "customer", "Ann")
+        t = 1_700_000_000_000
+        await rec.write(
+            [
+                ev.ConversationOpened(conversation="r1", ts=t),
+                ev.ParticipantJoined(conversation="r1", ts=t, participant=ann, profile=None),
+                ev.CallStarted(conversation="r1", ts=t + 1_000, participant=ann),
+                ev.MediaChanged(conversation="r1", ts=t + 1_100, identity="u1", audio=True, video=False),
+                ev.MediaChanged(conversation="r1", ts=t + 30_000, identity="u1", audio=True, video=True),
+                ev.MediaChanged(conversation="r1", ts=t + 60_000, identity="u1", audio=False, video=False),
+                ev.CallEnded(conversation="r1", ts=t + 96_000, participant=ann, reason="hangup"),
+                ev.MetaRecorded(conversation="r1", ts=t + 97_000, kind="reminder", body={"at": t + 86_400_000}),
+            ]
+        )
+        (conversation,) = await rec.conversations_of("r1")
+        assert conversation["channels"] == ["chat", "video", "voice"]
+        timeline = {e["type"]: e for e in await rec.timeline(conversation["id"])}
+        ended = timeline["call.ended"]
+        assert ended["actor"] == "u1"
+        assert ended["body"] == {"reason": "hangup", "duration_ms": 95_000, "audio": True, "video": True}
+        meta = timeline["meta"]
+        assert meta["actor"] is None and meta["body"] == {"kind": "reminder", "at": t + 86_400_000}
+    finally:
+        await rec.close()
