@@ -259,6 +259,8 @@ async def run_one(args: argparse.Namespace, database: str, url: str) -> dict[str
     extra = ["--max-participants", str(max(8, args.fanout)), "--reconnect-grace-seconds", "0"]
     extra += ["--max-conversations", str(max(10_000, 2 * args.joins + args.load_conversations + 10))]
     extra += ["--database", url] if url else []  # "": a fresh SQLite file from GatewayProcess
+    # The server API on (its own port, a free one): to check it costs signaling nothing.
+    extra += ["--api-key", args.api_key, "--api-port", "0"] if args.api_key else []
     interval = commit_interval(database)
     if interval is not None:  # sqlite@3: --commit-interval-ms 3
         extra += ["--commit-interval-ms", interval]
@@ -405,6 +407,9 @@ if __name__ == "__main__":
         type=lambda text: set(text.split(",")),
         default={"joins", "fanout", "load"},
         help="comma-separated, of joins, fanout, load (default: all)",
+    )
+    parser.add_argument(
+        "--api-key", default="", help="run the gateway with the server API on (this key, on a free port of its own)"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     arguments = parser.parse_args()

@@ -45,6 +45,8 @@ from .store import Limits, Store
 log = logging.getLogger("talkgate.broker")
 
 _PONG = messages.encode({"type": "pong"})
+#: What the customer reads when the app puts the conversation in the agent queue.
+ESCALATE_APP_NOTICE = "An agent will join shortly."
 
 Consumer = Callable[[ev.Event], None]
 
@@ -497,6 +499,60 @@ class Broker:
             requested = self.upgrades.conversation_of(msg.id)  # the id says which
         conversation = target(conn, requested)
         self.publish(self.upgrades.reply(conversation, msg.id, _me(conn), msg.accept))
+
+    # -- the server API (gateway/api.py): the app's operations ---------------------------
+
+    async def app_post(
+        self, conversation: str, sender: Participant, text: str, meta: dict[str, Any] | None
+    ) -> messages.ChatMessage:
+        """The app's chat message, recorded (with ``meta`` as a ``meta`` event in the same
+        batch) before everyone in the conversation gets it; the message. ``NotFound`` if
+        the conversation is not live."""
+        events: list[ev.Event] = list(await self.conversations.post(conversation, sender, text))
+        posted = events[0]
+        assert isinstance(posted, ev.ChatPosted)
+        if meta is not None:
+            body = {"message": posted.message.id, "meta": meta}
+            events.append(ev.MetaRecorded(conversation=conversation, ts=posted.ts, kind="message", body=body))
+        await self.apply(events)
+        return posted.message
+
+    async def app_close(self, conversation: str) -> bool:
+        """Everyone leaves (reason ``closed``): the bot stops, each connected participant gets
+        ``left``, one in its grace time or on another process is removed. False: not live."""
+        participants = await self.store.participants(conversation)
+        if not participants:
+            return False
+        await self.bots.stop(conversation, "closed")
+        for participant in participants:
+            if participant.role == Role.BOT:
+                continue  # stopped above (or another process's: removed by the store below)
+            away = self._away.pop((conversation, participant.identity), None)
+            if away is not None:
+                away.expiry.cancel()
+            conn = self.delivery.local(conversation, participant.identity)
+            if conn is None:
+                await self._depart(conversation, participant, "closed")
+                continue
+            await self._exit(conn, conversation, "closed")
+            conn.deliver(messages.encode({"type": "left", "conversation": conversation}), "left")
+            if participant.role == Role.CUSTOMER and not conn.memberships:
+                conn.protocol.left()
+                conn.participant = None
+                self.delivery.sessions.discard(conn)
+        return True
+
+    async def app_escalate(self, conversation: str, reason: str) -> bool:
+        """Put a conversation in the agent queue for the app (as a bot's hand-over); False if
+        nothing changed (it waits already, an agent is in it, or it has no customer)."""
+        events = await self.conversations.hand_over(conversation, reason, ESCALATE_APP_NOTICE)
+        await self.apply(events)
+        return bool(events)
+
+    async def queue_snapshot(self) -> dict[str, Any]:
+        """The ``queue`` client message: the waiting entries with their customer cards."""
+        entries = await self.store.waiting()
+        return messages.queue(entries, await self.history.queue_cards(entries))
 
     # -- BotHost ------------------------------------------------------------------------
 

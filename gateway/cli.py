@@ -196,6 +196,59 @@ def _server_options(f: click.decorators.FC) -> click.decorators.FC:
             help="SQLite: while commits are frequent, commit at most this often; what arrives meanwhile "
             "shares the commit (less CPU per chat, a later echo under load). 0: commit at once.",
         ),
+        click.option(
+            "--webhook-url",
+            "webhook_urls",
+            envvar="TALKGATE_WEBHOOK_URLS",
+            multiple=True,
+            show_envvar=True,
+            help="Send signed webhooks (docs/api.md) to this URL (repeatable; env: space-separated). "
+            "Needs --webhook-secret and a database.",
+        ),
+        click.option(
+            "--webhook-secret",
+            envvar="TALKGATE_WEBHOOK_SECRET",
+            default="",
+            show_envvar=True,
+            show_default=False,
+            help="Standard Webhooks signing secret: whsec_ and base64 of 24 to 64 random bytes.",
+        ),
+        click.option(
+            "--webhook-retry-hours",
+            envvar="TALKGATE_WEBHOOK_RETRY_HOURS",
+            type=click.FloatRange(min=0, min_open=True),
+            default=24.0,
+            show_envvar=True,
+            help="Retry a webhook delivery (exponential backoff with jitter) for this long, then mark it failed.",
+        ),
+        click.option(
+            "--webhook-timeout",
+            envvar="TALKGATE_WEBHOOK_TIMEOUT",
+            type=click.FloatRange(min=0, min_open=True),
+            default=10.0,
+            show_envvar=True,
+            help="Seconds one webhook try may take; slower counts as a failure (and is retried).",
+        ),
+        click.option(
+            "--api-key",
+            "api_keys",
+            envvar="TALKGATE_API_KEYS",
+            multiple=True,
+            show_envvar=True,
+            help="Turn on the server API (docs/api.md) with this key, at least 24 characters (repeatable, "
+            "e.g. while rotating; env: space-separated). Apps send it as 'Authorization: Bearer KEY'.",
+        ),
+        click.option(
+            "--api-host", envvar="TALKGATE_API_HOST", default="127.0.0.1", show_envvar=True, help="API address."
+        ),
+        click.option(
+            "--api-port",
+            envvar="TALKGATE_API_PORT",
+            type=click.IntRange(0, 65535),
+            default=8081,
+            show_envvar=True,
+            help="API port, apart from the signaling port; 0 picks a free one.",
+        ),
         click.option("--log-level", envvar="TALKGATE_LOG_LEVEL", default="INFO", show_envvar=True),
     ]
     for option in reversed(options):

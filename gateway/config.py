@@ -12,8 +12,13 @@ from media.vad import VadSettings
 
 from .errors import ConfigError
 from .tokens import MAX_FIELD_CHARS
+from .webhooks import signer
 
 MIN_SECRET_BYTES = 32
+#: The outbox's ``endpoint`` column holds a webhook URL.
+MAX_WEBHOOK_URL_CHARS = 2000
+#: An API key is a bearer secret: long enough not to be guessed.
+MIN_API_KEY_CHARS = 24
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -37,6 +42,14 @@ class Config:
     #: arrives meanwhile shares the commit); 0 commits every loop iteration that has
     #: something to write. Trades the echo's latency under load for CPU (docs/records.md).
     commit_interval_ms: float = 2.0
+    #: Webhooks (docs/api.md): endpoints that hear about every conversation's events,
+    #: from the records' outbox (so they need a database), signed with the Standard
+    #: Webhooks secret ``whsec_<base64>``; retried for ``webhook_retry_hours``, each try
+    #: given ``webhook_timeout`` seconds.
+    webhook_urls: tuple[str, ...] = ()
+    webhook_secret: str = ""
+    webhook_retry_hours: float = 24.0
+    webhook_timeout: float = 10.0
     #: Chat messages kept per conversation and sent in ``joined``.
     history_limit: int = 100
     #: How long a conversation's chat history outlives its last participant (a customer
@@ -114,10 +127,21 @@ class Config:
     #: Opus encoder complexity for audio the gateway encodes (a bot's voice): 0-10,
     #: CPU against quality; 5 costs about half of 10 (docs/media.md).
     opus_complexity: int = 5
+    #: The server API (gateway/api.py, docs/api.md): off unless a key is given. Its own
+    #: address, apart from the signaling port (which stays untouched; the API can stay private).
+    api_keys: tuple[str, ...] = ()
+    api_host: str = "127.0.0.1"
+    #: 0 picks a free port; the server logs the URL it got.
+    api_port: int = 8081
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be 0..65535, not {self.port}")
+        if not 0 <= self.api_port <= 65535:
+            raise ConfigError(f"api_port must be 0..65535, not {self.api_port}")
+        for key in self.api_keys:
+            if len(key) < MIN_API_KEY_CHARS:
+                raise ConfigError(f"an API key must be at least {MIN_API_KEY_CHARS} characters")
         if not self.secret and not self.dev:
             raise ConfigError("a token secret is required: pass --secret or set TALKGATE_SECRET (or use --dev)")
         if self.secret and len(self.secret.encode()) < MIN_SECRET_BYTES:
@@ -150,6 +174,7 @@ class Config:
                 raise ConfigError("retention_days must be positive and longer than history_retention_seconds")
             if not self.database:
                 raise ConfigError("retention_days needs a database (--database): without one nothing is kept")
+        self._check_webhooks()
         for origin in self.allowed_origins:
             if origin != "*" and not origin.startswith(("http://", "https://")):
                 raise ConfigError(f"an allowed origin is '*' or starts with http:// or https://, not {origin!r}")
@@ -187,6 +212,21 @@ class Config:
             self.vad_settings()
         except ValueError as exc:
             raise ConfigError(f"bad VAD setting: {exc}") from exc
+
+    def _check_webhooks(self) -> None:
+        for url in self.webhook_urls:
+            if not url.startswith(("http://", "https://")) or len(url) > MAX_WEBHOOK_URL_CHARS:
+                raise ConfigError(f"a webhook URL starts with http:// or https://, not {url[:100]!r}")
+        if len(set(self.webhook_urls)) != len(self.webhook_urls):
+            raise ConfigError("a webhook URL is given twice")
+        if self.webhook_urls and not self.database:
+            raise ConfigError("webhooks need a database (--database): they are sent from its outbox")
+        if self.webhook_urls and not self.webhook_secret:
+            raise ConfigError("webhooks need --webhook-secret (TALKGATE_WEBHOOK_SECRET): whsec_ and base64")
+        if self.webhook_secret:
+            signer(self.webhook_secret)  # ConfigError if it is not whsec_ and base64
+        if not self.webhook_retry_hours > 0 or not self.webhook_timeout > 0:
+            raise ConfigError("webhook_retry_hours and webhook_timeout must be positive")
 
     def vad_settings(self) -> VadSettings:
         return VadSettings(

@@ -132,7 +132,7 @@ class Conversations:
         result = await self.store.escalate(conversation, reason[:MAX_REASON_CHARS], self._clock())
         if result.outcome is not Enqueued.QUEUED:
             return []
-        return await self._queued(result.entry, notice)
+        return await self._queued(result.entry, notice, by_bot=True)
 
     async def claim_bot(self, conversation: str, bot: Participant) -> list[ev.Event]:
         """The bot joins a conversation that has a customer and no agent (and no bot yet)."""
@@ -140,9 +140,11 @@ class Conversations:
             return []
         return [ev.ParticipantJoined(conversation=conversation, ts=self._clock(), participant=bot)]
 
-    async def _queued(self, entry: QueueEntry | None, notice: str) -> list[ev.Event]:
+    async def _queued(self, entry: QueueEntry | None, notice: str, *, by_bot: bool = False) -> list[ev.Event]:
         assert entry is not None  # the store returns the entry with QUEUED
-        out: list[ev.Event] = [ev.QueueEntered(conversation=entry.conversation, ts=entry.since, entry=entry)]
+        out: list[ev.Event] = [
+            ev.QueueEntered(conversation=entry.conversation, ts=entry.since, entry=entry, by_bot=by_bot)
+        ]
         # The notice is best effort: the conversation may have just ended.
         message = ChatMessage(id=self._ids(), sender=SYSTEM, text=notice, ts=self._clock())
         if await self.store.append_chat(entry.conversation, message):

@@ -89,6 +89,8 @@ class TranscriptPosted(Event):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class QueueEntered(Event):
     entry: QueueEntry
+    #: A bot handed the conversation over (``Conversations.hand_over``), not the customer.
+    by_bot: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -91,6 +91,17 @@ class Metrics:
             buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25),
             registry=r,
         )
+        # The server API: the route is its pattern (``/api/v1/conversations/{id}``), never a raw path.
+        self.api_requests = Counter(
+            "talkgate_api_requests", "Server API requests, by route and status.", ["route", "status"], registry=r
+        )
+        self.api_seconds = Histogram(
+            "talkgate_api_seconds",
+            "Time to answer one server API request, by route.",
+            ["route"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            registry=r,
+        )
         self.peer_connections = Gauge("talkgate_peer_connections", "Live WebRTC peer connections.", registry=r)
         self.offer_collisions = Counter(
             "talkgate_offer_collisions",
@@ -148,6 +159,21 @@ class Metrics:
         self.bot_rate_limited = Counter(
             "talkgate_bot_rate_limited",
             "Bot messages refused (an error to the bot) for exceeding --bot-rate/--bot-burst.",
+            registry=r,
+        )
+        # Webhooks (gateway/webhook_delivery.py): each try's result, and the outbox's backlog.
+        self.webhook_deliveries = Counter(
+            "talkgate_webhook_deliveries",
+            "Webhook delivery tries, by result (delivered, retry, failed).",
+            ["result"],
+            registry=r,
+        )
+        self.webhook_outbox_depth = Gauge(
+            "talkgate_webhook_outbox_depth", "Webhook deliveries pending in the outbox.", registry=r
+        )
+        self.webhook_oldest_pending_seconds = Gauge(
+            "talkgate_webhook_oldest_pending_seconds",
+            "Age of the oldest pending webhook delivery (0: none pending).",
             registry=r,
         )
         self.records_dropped = Counter(

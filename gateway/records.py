@@ -35,6 +35,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import datetime
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from media.tasks import cancel_and_wait
 
 from . import events as ev
+from . import outbox
 from .errors import ConfigError
 from .events import now_ms
 from .messages import ChatMessage, Participant, Role
@@ -203,6 +205,35 @@ class Records(abc.ABC):
     def describe(self) -> str:
         """Where the records are, for the start-up lines (no password)."""
 
+    # The server API's reads (gateway/api.py) and its one write outside the writer.
+
+    @abc.abstractmethod
+    async def conversation(self, conversation: str) -> dict[str, Any] | None:
+        """A conversation record's row (``conversations`` columns) by its id, else a room's
+        current (or latest) one; None if there is none."""
+
+    @abc.abstractmethod
+    async def list_conversations(
+        self,
+        *,
+        customer: str | None,
+        open_: bool | None,
+        since: int | None,
+        after: tuple[int, str] | None,
+        limit: int,
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """Conversation rows, newest opened first, after the (opened, id) ``after`` of the
+        previous page; and whether more follow."""
+
+    @abc.abstractmethod
+    async def events_after(self, conversation: str, after: int | None, limit: int) -> tuple[list[TimelineEvent], bool]:
+        """The oldest ``limit`` events of a record with an id above ``after``, oldest first,
+        and whether more follow."""
+
+    @abc.abstractmethod
+    async def set_profile(self, identity: str, profile: dict[str, Any], name: str | None = None) -> Customer:
+        """Replace a customer's profile (a customer not seen yet is created)."""
+
 
 class SqlRecords(Records):
     def __init__(
@@ -216,7 +247,13 @@ class SqlRecords(Records):
         retention_interval: float = RETENTION_INTERVAL,
         on_expired: Callable[[Removed], None] | None = None,
         commit_interval: float = 0.0,
+        webhook_endpoints: Sequence[str] = (),
+        on_outbox: Callable[[], None] | None = None,
     ) -> None:
+        #: Webhook endpoints the writer adds outbox rows for; ``on_outbox`` is called after a
+        #: commit that added some (``webhook_delivery.WebhookDelivery.committed``).
+        self.webhook_endpoints = tuple(webhook_endpoints)
+        self._on_outbox = on_outbox
         self.url = database_url(url)
         self.dialect = make_url(self.url).get_backend_name()
         #: How long a closed conversation can still be resumed (``--history-retention-seconds``).
@@ -250,6 +287,8 @@ class SqlRecords(Records):
             retention_ms=self.retention_ms,
             on_dropped=self._on_dropped,
             commit_interval=self._commit_interval,
+            webhook_endpoints=self.webhook_endpoints,
+            on_outbox=self._on_outbox,
         )
         await self._writer.start()
         if self.retention_days is not None:
@@ -291,6 +330,31 @@ class SqlRecords(Records):
             return [_chat(row) for row in reversed(rows)]
 
         return await self._read(read)
+
+    # -- the webhook outbox (gateway/outbox.py) ----------------------------------------
+
+    async def deliveries(
+        self, status: str | None = None, after: int | None = None, limit: int = 100
+    ) -> tuple[list[outbox.Delivery], bool]:
+        """Webhook deliveries (of one status of ``outbox.STATUSES``, or all), by id above
+        ``after`` (the previous page's last id); and whether more follow."""
+        return await self._read(functools.partial(outbox.listing, status=status, after=after, limit=limit))
+
+    async def retry_delivery(self, delivery: int) -> outbox.Delivery | None:
+        """Make a delivery (a failed one, usually) pending and due now, its attempts kept:
+        the worker tries it once more, and it fails again at once if that try fails after
+        its retry window. None: no such delivery."""
+        return await self.change(functools.partial(outbox.retry, row_id=delivery, now=self._clock()))
+
+    async def change(self, change: Callable[[sa.Connection], _T]) -> _T:
+        """Run a small write outside the writer's queue (the webhook worker's, the API's
+        retry) and commit it. SQLite: on the writer's connection between its transactions
+        (no second writer to wait for the lock); PostgreSQL: on a pooled connection."""
+        assert self.engine is not None and self._writer is not None
+        if self._writer.sqlite:
+            return self._writer.change(change)
+        async with self.engine.begin() as conn:
+            return await conn.run_sync(change)
 
     async def _read(self, read: Callable[[sa.Connection], _T]) -> _T:
         """Run a small read (what a join needs). SQLite: on the writer's connection, at once
@@ -354,6 +418,66 @@ class SqlRecords(Records):
             }
             for row in rows
         ]
+
+    async def conversation(self, conversation: str) -> dict[str, Any] | None:
+        assert self.engine is not None
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(sa.select(conversations).where(conversations.c.id == conversation))).first()
+            if row is None:
+                row = await _latest(conn, conversation)
+        return None if row is None else dict(row._mapping)
+
+    async def list_conversations(
+        self,
+        *,
+        customer: str | None,
+        open_: bool | None,
+        since: int | None,
+        after: tuple[int, str] | None,
+        limit: int,
+    ) -> tuple[list[dict[str, Any]], bool]:
+        assert self.engine is not None
+        c = conversations.c
+        query = sa.select(conversations)
+        if customer is not None:
+            query = query.where(c.customer == customer)
+        if open_ is not None:
+            query = query.where(c.closed.is_(None) if open_ else c.closed.is_not(None))
+        if since is not None:
+            query = query.where(c.opened >= since)
+        if after is not None:
+            query = query.where(sa.or_(c.opened < after[0], sa.and_(c.opened == after[0], c.id < after[1])))
+        query = query.order_by(c.opened.desc(), c.id.desc()).limit(limit + 1)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [dict(row._mapping) for row in rows[:limit]], len(rows) > limit
+
+    async def events_after(self, conversation: str, after: int | None, limit: int) -> tuple[list[TimelineEvent], bool]:
+        parameters = {"rid": conversation, "after": -1 if after is None else after, "limit": limit + 1}
+
+        def read(conn: sa.Connection) -> tuple[list[TimelineEvent], bool]:
+            rows = conn.execute(_EVENTS_AFTER, parameters).all()
+            names = _names(conn, conversation, rows[:limit])
+            return [_event(row, names) for row in rows[:limit]], len(rows) > limit
+
+        return await self._read(read)
+
+    async def set_profile(self, identity: str, profile: dict[str, Any], name: str | None = None) -> Customer:
+        """One short transaction through ``change`` (SQLite: on the writer's connection)."""
+        now = self._clock()
+
+        def replace(conn: sa.Connection) -> Any:
+            changes: dict[str, Any] = {"profile": profile, **({"name": name} if name else {})}
+            done = conn.execute(sa.update(customers).where(customers.c.identity == identity).values(changes))
+            if not done.rowcount:
+                # PostgreSQL: a race with the writer's first upsert of the same customer fails
+                # one of the two; the API answers 409 to an IntegrityError (try again).
+                values = {"identity": identity, "name": name or identity, "first_seen": now, "last_seen": now}
+                conn.execute(sa.insert(customers).values(profile=profile, **values))
+            return conn.execute(_CUSTOMER, {"identity": identity}).one()
+
+        row = await self.change(replace)
+        return Customer(row.identity, row.name, row.profile, row.first_seen, row.last_seen)
 
     async def timeline(self, conversation: str) -> list[dict[str, Any]]:
         """Every event of a conversation record, oldest first (tests, tools)."""
@@ -422,6 +546,7 @@ class SqlRecords(Records):
             .where(stale.c.last_seen < before, ~sa.exists().where(conversations.c.customer == stale.c.identity))
             .limit(PURGE_BATCH)
         )
+        await self._delete_batches(outbox.settled_before(before, PURGE_BATCH))  # delivered or failed webhooks
         # last_seen again in the outer statement: a customer who joins meanwhile stays.
         removed_customers = await self._delete_batches(
             customers.delete().where(customers.c.identity.in_(unseen), customers.c.last_seen < before)
@@ -464,6 +589,8 @@ class SqlRecords(Records):
                     )
                 )
             )
+        for conversation in ids:  # webhooks about them, sent or not: they carry what was said
+            await self._delete_batches(outbox.about(conversation, PURGE_BATCH))
         removed_elsewhere = 0
         for start in range(0, len(elsewhere), PURGE_BATCH):
             async with self.engine.begin() as conn:
@@ -579,6 +706,13 @@ _RECENT_SAID = (
     .limit(sa.bindparam("limit"))
 )
 _CUSTOMER = sa.select(customers).where(customers.c.identity == sa.bindparam("identity"))
+#: The API's timeline page: the oldest ``:limit`` events of ``:rid`` after the id ``:after``.
+_EVENTS_AFTER = (
+    sa.select(events)
+    .where(events.c.conversation == sa.bindparam("rid"), events.c.id > sa.bindparam("after"))
+    .order_by(events.c.id)
+    .limit(sa.bindparam("limit"))
+)
 #: A customer's conversations but ``:current``, newest first, each with its last chat or
 #: spoken turn (a correlated subquery: one query, not one per conversation).
 _PREVIOUS = (
@@ -596,6 +730,18 @@ _PREVIOUS = (
     .order_by(conversations.c.opened.desc())
     .limit(sa.bindparam("limit"))
 )
+
+
+def _names(conn: sa.Connection, conversation: str, rows: Sequence[Any]) -> dict[str, str]:
+    """Actors' names where they joined, for events that name only the actor (leaving, calls)."""
+    if not any(row.actor and not (row.body or {}).get("name") for row in rows):
+        return {}
+    joins = conn.execute(
+        sa.select(events.c.actor, events.c.body).where(
+            events.c.conversation == conversation, events.c.type == "participant.joined"
+        )
+    )
+    return {actor: body.get("name") for actor, body in joins if actor and body.get("name")}
 
 
 async def _latest(conn: AsyncConnection, room: str) -> Any:

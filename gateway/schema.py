@@ -61,3 +61,34 @@ events = sa.Table(
     # (a second index page per insert) to speed up a rare request, which reads the
     # events table once, off the event loop.
 )
+
+#: Webhook deliveries waiting, done or given up (``webhooks.py``, ``webhook_delivery.py``):
+#: one row per event and endpoint, written by the records writer in the transaction of
+#: the change it reports.
+webhook_outbox = sa.Table(
+    "webhook_outbox",
+    metadata,
+    sa.Column("id", EventId, primary_key=True, autoincrement=True),
+    #: The endpoint's URL (``--webhook-url``).
+    sa.Column("endpoint", sa.String(2000), nullable=False),
+    #: The ``webhook-id``: one per event, the same for every endpoint.
+    sa.Column("msg_id", sa.String(64), nullable=False),
+    sa.Column("type", sa.String(32), nullable=False),
+    #: The conversation record it is about (no foreign key: retention and erasure delete
+    #: records, while what was already said about them stays to be delivered).
+    sa.Column("conversation", sa.String(RECORD_ID_CHARS), nullable=True),
+    sa.Column("created", sa.BigInteger(), nullable=False),
+    #: The body: ``{"type", "id", "timestamp", "data"}``.
+    sa.Column("payload", sa.JSON(), nullable=False),
+    #: ``pending``, ``delivered`` or ``failed``.
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer(), nullable=False),
+    #: When a pending delivery is tried next (Unix ms).
+    sa.Column("next_attempt", sa.BigInteger(), nullable=False),
+    sa.Column("last_error", sa.String(500), nullable=True),
+    sa.Column("delivered", sa.BigInteger(), nullable=True),
+    #: The worker: an endpoint's oldest pending delivery.
+    sa.Index("ix_webhook_outbox_endpoint_status_id", "endpoint", "status", "id"),
+    #: The API: deliveries by status, by id.
+    sa.Index("ix_webhook_outbox_status_id", "status", "id"),
+)

@@ -18,6 +18,7 @@ from media import audiolevel, ice, inbound
 from media.tasks import cancel_and_wait
 
 from . import __version__, messages
+from .api import Api
 from .bot import BotHandler, echo, serve_bot
 from .broker import Broker
 from .config import Config
@@ -26,6 +27,7 @@ from .metrics import Metrics, watch_loop_lag
 from .records import Records, SqlRecords
 from .session import Session
 from .store import InMemoryStore, Store
+from .webhook_delivery import WebhookDelivery
 
 log = logging.getLogger("talkgate.server")
 
@@ -55,6 +57,8 @@ class GatewayServer:
                 config.history_limit, config.history_retention_seconds, retained_limit=config.max_conversations
             )
         )
+        #: The webhook delivery worker (None: no ``--webhook-url``); the records' writer wakes it.
+        self.webhooks = WebhookDelivery(config, self.metrics) if config.webhook_urls else None
         #: The durable records (None: in memory only, ``--database none``).
         self.records: Records | None = (
             SqlRecords(
@@ -64,12 +68,27 @@ class GatewayServer:
                 retention_days=config.retention_days,
                 on_expired=self.metrics.expired,
                 commit_interval=config.commit_interval_ms / 1000,
+                webhook_endpoints=config.webhook_urls,
+                on_outbox=None if self.webhooks is None else self.webhooks.committed,
             )
             if config.database
             else None
         )
         self.broker = Broker(config, self.store, self.metrics, records=self.records)
         self.routes = Routes(self.health, self.render_metrics, self.admit)
+        #: The server API on its own port (None: no ``--api-key``, it is off).
+        self.api: Api | None = (
+            Api(
+                config,
+                self.broker,
+                self.records,
+                self.metrics,
+                page_url=lambda: self.url,
+                wake_webhooks=None if self.webhooks is None else self.webhooks.wake,
+            )
+            if config.api_keys
+            else None
+        )
         self._ssl = config.ssl_context()
         #: Websocket connections being served (what max_connections bounds).
         self.connections = 0
@@ -80,6 +99,9 @@ class GatewayServer:
     async def start(self) -> None:
         if self.records is not None:
             await self.records.start()  # migrated before the first client can join
+        if self.webhooks is not None:
+            assert isinstance(self.records, SqlRecords)  # Config: webhooks need a database
+            await self.webhooks.start(self.records)  # resumes what a restart left pending
         ice.use_host_addresses(self.config.rtc_addresses)
         audiolevel.install()
         inbound.install_demux()
@@ -98,12 +120,19 @@ class GatewayServer:
             close_timeout=5,
         )
         self.port = self._server.sockets[0].getsockname()[1]
+        if self.api is not None:
+            await self.api.start()
         self._lag_task = asyncio.create_task(watch_loop_lag(self.metrics.loop_lag), name="talkgate-loop-lag")
 
     @property
     def url(self) -> str:
         host = self.config.host if ":" not in self.config.host else f"[{self.config.host}]"
         return f"{'https' if self._ssl else 'http'}://{host}:{self.port}"
+
+    @property
+    def api_url(self) -> str | None:
+        """The server API's base URL (``…/api/v1``); None while it is off."""
+        return self.api.url if self.api is not None else None
 
     @property
     def ws_url(self) -> str:
@@ -166,12 +195,16 @@ class GatewayServer:
     async def close(self) -> None:
         """Stop accepting, close every connection (1001 going away), wait for their handlers,
         then for the tasks the broker still owns."""
+        if self.api is not None:
+            await self.api.close()  # first: no app request starts changing a conversation from here on
         await self.broker.bots.close(BOT_STOP_SECONDS)
         await cancel_and_wait([self._lag_task], log, "loop lag")
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
         await self.broker.close(BOT_STOP_SECONDS)
+        if self.webhooks is not None:
+            await self.webhooks.close()  # rows being sent stay pending for the next start
         if self.records is not None:
             await self.records.close()  # after the broker: what the shutdown wrote is committed
 
@@ -231,6 +264,8 @@ async def serve_until_signalled(config: Config, *, demo_bot: str | None = None) 
             config = dataclasses.replace(config, bot_url=f"ws://127.0.0.1:{port}/", bot_name=name)
         server = await stack.enter_async_context(GatewayServer(config))
         log.info("talkgate listening on %s", server.url)
+        if server.api_url is not None:
+            log.info("api listening on %s", server.api_url)
         if server.records is not None:
             log.info("records: %s", server.records.describe())
         else:

@@ -21,6 +21,12 @@ the records cost; it is kept small:
   through ``run_sync``. A broken connection is replaced on the next batch.
 
 The open conversation records are cached per room (``current``), so a chat costs no read.
+
+With webhook endpoints (``--webhook-url``), every event that makes webhooks
+(``webhooks.webhook_payloads``) also adds one ``webhook_outbox`` row per endpoint, in the
+same transaction as its own rows (SQLite: one more ``executemany``; PostgreSQL's
+rows-only path: a second ``unnest`` insert, both in one transaction); after the commit
+the delivery worker is woken (``on_outbox``). Without endpoints nothing of it runs.
 """
 
 from __future__ import annotations
@@ -44,8 +50,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from media.tasks import cancel_and_wait
 
 from . import events as ev
+from . import outbox
 from .messages import Participant, Role
-from .schema import conversations, customers, events
+from .schema import conversations, customers, events, webhook_outbox
+from .webhooks import new_msg_id, webhook_body, webhook_payloads
 
 log = logging.getLogger("talkgate.records")
 
@@ -121,7 +129,16 @@ class Writer:
         retention_ms: int,
         on_dropped: Callable[[int], None] | None = None,
         commit_interval: float = 0.0,
+        webhook_endpoints: Sequence[str] = (),
+        on_outbox: Callable[[], None] | None = None,
     ) -> None:
+        #: Webhook endpoints (``--webhook-url``): every committed event that makes webhooks
+        #: adds one outbox row per endpoint to its transaction; none costs nothing.
+        self.webhook_endpoints = tuple(webhook_endpoints)
+        #: Called after a commit that added outbox rows (wakes the delivery worker).
+        self._on_outbox = on_outbox
+        #: The outbox rows of the transaction being built (``outbox.COLUMNS``, payload a dict).
+        self._hooks: list[tuple[Any, ...]] = []
         #: SQLite: the least time between two commits while they are frequent (seconds;
         #: ``--commit-interval-ms``): what arrives meanwhile shares the commit.
         self.commit_interval = commit_interval
@@ -149,6 +166,7 @@ class Writer:
         self._raw: Any = None  # SQLite: its driver (sqlite3) connection
         self._async: AsyncConnection | None = None  # PostgreSQL: the writer's connection
         self._insert_sql = ""
+        self._outbox_sql = outbox.insert_sql("?")
         #: SQLite: commits since the last checkpoint
         self._commits = 0
         #: SQLite: loop time of the last commit
@@ -207,6 +225,20 @@ class Writer:
         finally:
             if conn.in_transaction():
                 conn.rollback()
+
+    def change(self, change: Callable[[sa.Connection], _T]) -> _T:
+        """SQLite: run a small write on the writer's connection now, between its
+        transactions, and commit it (the webhook worker's updates: no second connection
+        competes for the write lock)."""
+        conn = self._sync
+        assert conn is not None
+        try:
+            with conn.begin():
+                return change(conn)
+        except (sa.exc.OperationalError, sqlite3.OperationalError) as exc:
+            if _busy(exc):
+                raise RecordsError("the database is busy (another connection writes)") from exc
+            raise
 
     def submit(self, batch: Sequence[ev.Event], then: Then | None = None) -> bool:
         """Queue without waiting; ``then`` runs once the batch is committed (or failed).
@@ -342,6 +374,7 @@ class Writer:
             return
         if self._async is None:
             self._async = await self.engine.connect()
+        self._hooks = []
         try:
             if all(type(e) not in _UPDATES and e.conversation in self._open for e in batch):
                 # Only rows to add (chats, calls, queue steps of open conversations): one
@@ -349,7 +382,15 @@ class Writer:
                 rows: list[tuple[Any, ...]] = []
                 for event in batch:
                     self._apply(None, event, rows)
-                if rows:
+                if self._hooks:
+                    # Webhooks: the outbox rows too, in one transaction with the events.
+                    raw = (await self._async.get_raw_connection()).driver_connection
+                    assert raw is not None
+                    async with raw.transaction():
+                        if rows:
+                            await raw.execute(_PG_INSERT, *_pg_columns(rows))
+                        await raw.execute(outbox.PG_INSERT, *_pg_outbox_columns(self._hooks))
+                elif rows:
                     raw = (await self._async.get_raw_connection()).driver_connection
                     assert raw is not None
                     await raw.execute(_PG_INSERT, *_pg_columns(rows))
@@ -357,6 +398,7 @@ class Writer:
                 async with self._async.begin():
                     await self._async.run_sync(self._transaction, batch)
         except Exception:
+            self._hooks = []
             # The connection may be broken (a restarted server): a fresh one next time.
             connection, self._async = self._async, None
             try:
@@ -364,6 +406,7 @@ class Writer:
             except Exception:  # pragma: no cover - best effort on a broken connection
                 log.debug("invalidating the writer's connection failed", exc_info=True)
             raise
+        self._outbox_written()
 
     def _sqlite_transaction(self, batch: list[ev.Event]) -> None:
         """One SQLite transaction. A batch of chats needs no SQLAlchemy transaction: the rows
@@ -374,17 +417,21 @@ class Writer:
         if not batch:
             return
         rows: list[tuple[Any, ...]] = []
+        self._hooks = []
         try:
             for event in batch:
                 self._apply(conn, event, rows)
             if rows:
                 raw.executemany(self._insert_sql, rows)
+            if self._hooks:
+                raw.executemany(self._outbox_sql, [(*h[:5], _json.encode(h[5]).decode(), *h[6:]) for h in self._hooks])
             if conn.in_transaction():
                 conn.commit()
             else:
                 raw.commit()
             self._commits += 1
         except BaseException as exc:
+            self._hooks = []
             if conn.in_transaction():
                 conn.rollback()
             else:
@@ -392,14 +439,33 @@ class Writer:
             if isinstance(exc, sa.exc.OperationalError | sqlite3.OperationalError) and _busy(exc):
                 raise _Busy() from exc
             raise
+        self._outbox_written()
+
+    def _outbox_written(self) -> None:
+        """After a commit: wake the delivery worker if it has new rows."""
+        if self._hooks:
+            self._hooks = []
+            if self._on_outbox is not None:
+                self._on_outbox()
+
+    def _webhooks(self, event: ev.Event, record_id: str) -> None:
+        """The outbox rows an event makes: one per webhook and endpoint."""
+        for kind, data in webhook_payloads(event, record_id):
+            msg_id = new_msg_id()
+            body = webhook_body(kind, msg_id, event.ts, data)
+            for endpoint in self.webhook_endpoints:
+                self._hooks.append((endpoint, msg_id, kind, record_id, event.ts, body, outbox.PENDING, 0, event.ts))
 
     def _transaction(self, conn: sa.Connection, batch: list[ev.Event]) -> None:
         """The statements of one PostgreSQL transaction (run through ``run_sync``)."""
         rows: list[tuple[Any, ...]] = []
+        self._hooks = []
         for event in batch:
             self._apply(conn, event, rows)
         if rows:
             conn.execute(events.insert(), [dict(zip(_EVENT_COLUMNS, row, strict=True)) for row in rows])
+        if self._hooks:
+            conn.execute(webhook_outbox.insert(), [dict(zip(outbox.COLUMNS, h, strict=True)) for h in self._hooks])
 
     def _apply(self, conn: Any, event: ev.Event, rows: list[tuple[Any, ...]]) -> None:
         """Turn one event into timeline rows (appended) and conversation/customer updates
@@ -411,8 +477,12 @@ class Writer:
             body = {"id": message.id, "text": message.text, "name": sender.name}
             json = _json.encode(body).decode() if self.sqlite else body
             rows.append((cached.id, event.ts, sender.identity, sender.role, "chat", json))
+            if self.webhook_endpoints:
+                self._webhooks(event, cached.id)
             return
         record = self._record(conn, room, event.ts)
+        if self.webhook_endpoints:
+            self._webhooks(event, record.id)
         if isinstance(event, ev.ConversationOpened):
             return
 
@@ -521,6 +591,13 @@ class Writer:
                 conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
         except sa.exc.SQLAlchemyError:
             log.warning("a records checkpoint failed (the next one catches up)", exc_info=True)
+
+
+def _pg_outbox_columns(rows: list[tuple[Any, ...]]) -> list[list[Any]]:
+    """Outbox rows as the nine column arrays of ``outbox.PG_INSERT`` (payloads as JSON text)."""
+    columns: list[list[Any]] = [list(column) for column in zip(*rows, strict=True)]
+    columns[5] = [_json.encode(body).decode() for body in columns[5]]
+    return columns
 
 
 def _pg_columns(rows: list[tuple[Any, ...]]) -> list[list[Any]]:

@@ -88,3 +88,10 @@ def test_capacity_steps_both_targets_and_reports_a_ratio() -> None:
     assert [r["sessions"] for r in talkgate["runs"]] == [2] == [r["sessions"] for r in baseline["runs"]]
     assert all(isinstance(r["holds"], bool) for r in talkgate["runs"] + baseline["runs"])
     assert talkgate["capacity"] in (0, 2) and baseline["capacity"] in (0, 2)
+
+
+def test_api_benchmark_runs_and_reports_every_figure() -> None:
+    result = run_benchmark("api.py", "--requests", "20", "--messages", "10")
+    for name in ("tokens", "messages", "events_page_of_100"):
+        assert result[name]["p99_ms"] >= result[name]["p50_ms"] > 0, name
+    assert result["tokens"]["requests"] == 20 and result["messages"]["requests"] == 10

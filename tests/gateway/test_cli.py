@@ -14,6 +14,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -180,7 +181,7 @@ def test_readme_app_commands_work_as_written(tmp_path: Path) -> None:
     not found` after the README's own install into .venv). Runs that block with bash in a
     directory whose .venv is the one running these tests, with no venv on the PATH (port 8080
     becomes a free one), then opens the printed pages' conversations."""
-    (block,) = [b for b in readme_blocks() if "talkgate serve" in b]
+    (block,) = [b for b in readme_blocks() if "talkgate serve" in b and "talkgate token" in b]
     port = free_port()
     (tmp_path / ".venv").symlink_to(sys.prefix)
     venv_bin = str(Path(sys.prefix) / "bin")
@@ -217,6 +218,68 @@ def test_readme_app_commands_work_as_written(tmp_path: Path) -> None:
         customer, agent = (asyncio.run(join(url)) for url in urls)
         assert (customer["name"], customer["conversation"]) == ("Ann Smith", "case-1001")
         assert (agent["name"], agent["role"]) == ("Sam Lee", "agent")
+    finally:
+        if pid is not None:
+            os.kill(int(pid.group(1)), signal.SIGTERM)
+
+
+def json_values(text: str) -> list[Any]:
+    """The JSON values in ``text``, one after another (``curl -s`` ends none with a newline)."""
+    decoder, values, at = json.JSONDecoder(), [], 0
+    while text[at:].strip():
+        at += len(text[at:]) - len(text[at:].lstrip())
+        value, at = decoder.raw_decode(text, at)
+        values.append(value)
+    return values
+
+
+def test_readme_api_commands_work_as_written(tmp_path: Path) -> None:
+    """The README's "Using it from your app" shows the server API first: its two blocks run
+    as written with bash (ports 8080 and 8081 become free ones): tokens minted, the customer
+    joins with its page's token, then the app writes to her, reads the timeline, escalates."""
+    start, *_ = [b for b in readme_blocks() if "talkgate serve" in b and "--api-port" in b]
+    (app,) = [b for b in readme_blocks() if "/messages" in b]
+    port, api_port = free_port(), free_port()
+    (tmp_path / ".venv").symlink_to(sys.prefix)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TALKGATE_") and k != "VIRTUAL_ENV"}
+    script = start.replace("8080", str(port)).replace("8081", str(api_port))
+    script += 'echo "serve_pid=$!"\necho "key=$TALKGATE_API_KEYS"\n'
+    out, err = tmp_path / "out", tmp_path / "err"
+    with out.open("w") as stdout, err.open("w") as stderr:  # files: the server outlives bash
+        result = subprocess.run(["bash", "-e", "-c", script], cwd=tmp_path, env=env, stdout=stdout, stderr=stderr)
+    printed = out.read_text()
+    pid = re.search(r"serve_pid=(\d+)", printed)
+    try:
+        assert result.returncode == 0, err.read_text()
+        key = re.search(r"^key=(\S+)$", printed, re.M)
+        assert key is not None
+        minted = json_values(printed.split("serve_pid=")[0])
+        urls = [m["url"] for m in minted]
+        assert [u.split("?")[0] for u in urls] == [f"http://127.0.0.1:{port}/", f"http://127.0.0.1:{port}/agent"]
+        api = f"http://127.0.0.1:{api_port}/api/v1"
+
+        async def customer_hears_the_app() -> tuple[dict[str, object], str]:
+            client = await Client.open(f"ws://127.0.0.1:{port}/ws")
+            await client.send({"type": "join", "token": urls[0].split("token=")[1]})
+            joined = await client.expect("joined")
+            assert (joined["name"], joined["conversation"]) == ("Ann Smith", "case-1001")
+            bash = await asyncio.to_thread(
+                subprocess.run,
+                ["bash", "-e", "-c", app],
+                env={**env, "API": api, "AUTH": f"Authorization: Bearer {key.group(1)}"},
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            chat = await client.wait_for("chat", text="Your router ships today.")
+            await client.close()
+            return chat, bash.stdout
+
+        chat, answers = asyncio.run(customer_hears_the_app())
+        message, timeline, escalated = json_values(answers)
+        assert message["id"] == chat["id"] and message["from"]["role"] == "system"
+        assert "Your router ships today." in [e.get("text") for e in timeline["events"]]
+        assert escalated == {"conversation": "case-1001", "status": "queued"}
     finally:
         if pid is not None:
             os.kill(int(pid.group(1)), signal.SIGTERM)

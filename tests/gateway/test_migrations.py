@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from gateway import tokens
 from gateway.messages import Role
 from gateway.records import SqlRecords, create_engine, migrate
-from gateway.schema import conversations, customers, events, metadata
+from gateway.schema import conversations, customers, events, metadata, webhook_outbox
 
 #: A record id as the gateway makes them for the longest room: ROOM~12 hex digits.
 LONGEST_ID = "r" * tokens.MAX_FIELD_CHARS + "~0123456789ab"
@@ -83,8 +83,9 @@ async def test_a_database_of_the_first_migration_upgrades_with_its_rows(engine: 
     await migrate(engine)
 
     async with engine.connect() as conn:
-        assert await version(conn) == "0002"
+        assert await version(conn) == "0003"  # the head: 0003 adds the (empty) webhook outbox
         assert await everything(conn) == before
+        assert (await conn.execute(sa.select(sa.func.count()).select_from(webhook_outbox))).scalar_one() == 0
 
         def differences(connection: sa.Connection) -> list[Any]:
             return list(compare_metadata(MigrationContext.configure(connection), metadata))
@@ -178,3 +179,32 @@ def test_the_columns_hold_what_the_gateway_writes() -> None:
         assert width[name] >= tokens.MAX_FIELD_CHARS, name
     assert width["conversations.id"] == width["events.conversation"] >= len(LONGEST_ID)
     assert width["events.actor_role"] >= max(len(role) for role in Role)
+
+
+async def test_the_outbox_migration_goes_down_and_up_again(engine: AsyncEngine) -> None:
+    """0003 only adds ``webhook_outbox`` (and its indexes): down to 0002 removes it, up again
+    restores exactly the head's schema."""
+    await migrate(engine)
+    async with engine.begin() as conn:
+        await conn.run_sync(lambda c: _downgrade(c, "0002"))
+    async with engine.connect() as conn:
+        assert await version(conn) == "0002"
+        assert "webhook_outbox" not in await conn.run_sync(lambda c: sa.inspect(c).get_table_names())
+    await migrate(engine)
+    async with engine.connect() as conn:
+        assert await version(conn) == "0003"
+
+        def differences(connection: sa.Connection) -> list[Any]:
+            return list(compare_metadata(MigrationContext.configure(connection), metadata))
+
+        assert await conn.run_sync(differences) == []
+
+
+def _downgrade(connection: sa.Connection, revision: str) -> None:
+    from alembic import command
+    from alembic.config import Config as AlembicConfig
+
+    config = AlembicConfig()
+    config.set_main_option("script_location", "gateway:migrations")
+    config.attributes["connection"] = connection
+    command.downgrade(config, revision)

@@ -162,7 +162,7 @@ async def test_the_migrations_make_exactly_the_schema(database_url: str) -> None
         async with engine.connect() as conn:
             assert await conn.run_sync(differences) == []
             version = (await conn.execute(sa.text("SELECT version_num FROM alembic_version"))).scalar_one()
-            assert version == "0002"
+            assert version == "0003"
     finally:
         await engine.dispose()
 
