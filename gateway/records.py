@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import datetime
 import functools
 import logging
 from collections.abc import Callable, Sequence
@@ -44,15 +43,25 @@ from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from media.tasks import cancel_and_wait
 
 from . import events as ev
-from . import outbox
+from . import outbox, removal
+from .database import create_engine as create_engine
+from .database import database_url as database_url
+from .database import migrate as migrate
 from .errors import ConfigError
 from .events import now_ms
 from .messages import ChatMessage, Participant, Role
+from .removal import DAY_MS as DAY_MS
+from .removal import PURGE_BATCH as PURGE_BATCH
+from .removal import RETENTION_INTERVAL as RETENTION_INTERVAL
+from .removal import OpenConversation as OpenConversation
+from .removal import Removed as Removed
+from .removal import authored as authored
+from .removal import utc
 from .schema import conversations as conversations
 from .schema import customers as customers
 from .schema import events as events
@@ -64,28 +73,6 @@ log = logging.getLogger("talkgate.records")
 _T = TypeVar("_T")
 
 # The schema lives in schema.py; its tables are re-exported here for readers of the records.
-
-#: Rows one retention or erasure transaction deletes at most (then the writer may go on).
-PURGE_BATCH = 1_000
-#: How often the retention task runs after its first pass at start (seconds).
-RETENTION_INTERVAL = 3600.0
-DAY_MS = 86_400_000
-
-
-def database_url(url: str) -> str:
-    """The async driver for a database URL: ``sqlite:///x.db`` and ``postgresql://…`` as
-    users write them become ``sqlite+aiosqlite`` and ``postgresql+asyncpg``."""
-    try:
-        parsed = make_url(url)
-    except sa.exc.ArgumentError as exc:
-        raise ConfigError(f"not a database URL: {url!r}") from exc
-    drivers = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg", "postgres": "postgresql+asyncpg"}
-    backend = parsed.get_backend_name()
-    if backend not in ("sqlite", "postgresql", "postgres"):
-        raise ConfigError(f"the database must be SQLite or PostgreSQL, not {backend!r}")
-    if parsed.drivername in drivers:
-        parsed = parsed.set(drivername=drivers[parsed.drivername])
-    return parsed.render_as_string(hide_password=False)
 
 
 def recorded(event: ev.Event) -> bool:
@@ -125,30 +112,6 @@ class TimelineEvent:
     type: str
     actor: Participant | None
     body: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class Removed:
-    """What retention or an erasure deleted from the records (rows; all 0: nothing)."""
-
-    customers: int = 0
-    conversations: int = 0
-    #: Events of the removed conversations.
-    events: int = 0
-    #: Events the erased customer authored in conversations that stay (others' rooms).
-    events_elsewhere: int = 0
-
-    def __bool__(self) -> bool:
-        return any((self.customers, self.conversations, self.events, self.events_elsewhere))
-
-
-class OpenConversation(Exception):
-    """An erasure refused: the customer has an open conversation (they may be connected,
-    and the gateway serving it would write its next events into a record that is gone)."""
-
-    def __init__(self, identity: str, conversations: list[str]) -> None:
-        super().__init__(f"{identity!r} has {len(conversations)} open conversation(s): {', '.join(conversations)}")
-        self.conversations = conversations
 
 
 class Records(abc.ABC):
@@ -500,6 +463,15 @@ class SqlRecords(Records):
 
     # -- retention and erasure --------------------------------------------------------
 
+    async def expire(self, before: int) -> Removed:
+        """One retention pass (``removal.expire``)."""
+        assert self.engine is not None
+        return await removal.expire(self.engine, before)
+
+    async def erase_customer(self, identity: str, *, force: bool = False) -> Removed:
+        assert self.engine is not None
+        return await removal.erase_customer(self.engine, self._writer, identity, force=force)
+
     async def _retain(self) -> None:
         """The retention task: a pass at start, then one every interval, until cancelled."""
         assert self.retention_days is not None
@@ -516,183 +488,13 @@ class SqlRecords(Records):
                         "events, and %d customers",
                         self.retention_days,
                         removed.conversations,
-                        _utc(before),
+                        utc(before),
                         removed.events,
                         removed.customers,
                     )
                 if self._on_expired is not None:
                     self._on_expired(removed)
             await asyncio.sleep(self._retention_interval)
-
-    async def expire(self, before: int) -> Removed:
-        """One retention pass: delete the conversations closed before ``before`` (Unix ms)
-        with their events, then the customers with no conversation left and not seen since.
-        Open conversations stay, however old."""
-        expired = conversations.alias("expired")
-        old = sa.select(expired.c.id).where(expired.c.closed.is_not(None), expired.c.closed < before)
-        timeline = events.alias("timeline")
-        removed_events = await self._delete_batches(
-            events.delete().where(
-                events.c.id.in_(sa.select(timeline.c.id).where(timeline.c.conversation.in_(old)).limit(PURGE_BATCH))
-            )
-        )
-        emptied = old.where(~sa.exists().where(events.c.conversation == expired.c.id)).limit(PURGE_BATCH)
-        removed_conversations = await self._delete_batches(
-            conversations.delete().where(conversations.c.id.in_(emptied), conversations.c.closed < before)
-        )
-        stale = customers.alias("stale")
-        unseen = (
-            sa.select(stale.c.identity)
-            .where(stale.c.last_seen < before, ~sa.exists().where(conversations.c.customer == stale.c.identity))
-            .limit(PURGE_BATCH)
-        )
-        await self._delete_batches(outbox.settled_before(before, PURGE_BATCH))  # delivered or failed webhooks
-        # last_seen again in the outer statement: a customer who joins meanwhile stays.
-        removed_customers = await self._delete_batches(
-            customers.delete().where(customers.c.identity.in_(unseen), customers.c.last_seen < before)
-        )
-        return Removed(customers=removed_customers, conversations=removed_conversations, events=removed_events)
-
-    async def erase_customer(self, identity: str, *, force: bool = False) -> Removed:
-        assert self.engine is not None
-        theirs = sa.select(conversations.c.id).where(conversations.c.customer == identity)
-        async with self.engine.connect() as conn:  # reading only: the writer goes on meanwhile
-            own = (
-                await conn.execute(
-                    sa.select(conversations.c.id, conversations.c.room, conversations.c.closed).where(
-                        conversations.c.customer == identity
-                    )
-                )
-            ).all()
-            still_open = [row.id for row in own if row.closed is None]
-            if still_open and not force:
-                raise OpenConversation(identity, still_open)
-            elsewhere = list(
-                (
-                    await conn.scalars(
-                        sa.select(events.c.id).where(authored(identity), events.c.conversation.not_in(theirs))
-                    )
-                ).all()
-            )
-        ids = {row.id for row in own}
-        if self._writer is not None:
-            for row in own:
-                if row.closed is None:  # forced: this process's writer starts a new record, not a missing one
-                    self._writer.forget(row.room)
-        timeline = events.alias("timeline")
-        removed_events = 0
-        for conversation in ids:
-            removed_events += await self._delete_batches(
-                events.delete().where(
-                    events.c.id.in_(
-                        sa.select(timeline.c.id).where(timeline.c.conversation == conversation).limit(PURGE_BATCH)
-                    )
-                )
-            )
-        for conversation in ids:  # webhooks about them, sent or not: they carry what was said
-            await self._delete_batches(outbox.about(conversation, PURGE_BATCH))
-        removed_elsewhere = 0
-        for start in range(0, len(elsewhere), PURGE_BATCH):
-            async with self.engine.begin() as conn:
-                chunk = elsewhere[start : start + PURGE_BATCH]
-                removed_elsewhere += (await conn.execute(events.delete().where(events.c.id.in_(chunk)))).rowcount
-        async with self.engine.begin() as conn:
-            # Not one that got new events meanwhile (forced, or the customer came back).
-            emptied = ~sa.exists().where(events.c.conversation == conversations.c.id)
-            removed_conversations = (
-                await conn.execute(conversations.delete().where(conversations.c.customer == identity, emptied))
-            ).rowcount
-            removed_customers = (
-                await conn.execute(customers.delete().where(customers.c.identity == identity))
-            ).rowcount
-        removed = Removed(removed_customers, removed_conversations, removed_events, removed_elsewhere)
-        if removed_conversations < len(ids):
-            log.warning(
-                "erasing %r: %d conversations got new events meanwhile and stay",
-                identity,
-                len(ids) - removed_conversations,
-            )
-        log.info("erased customer %r from the records: %s", identity, removed)
-        return removed
-
-    async def _delete_batches(self, statement: sa.Delete) -> int:
-        """Run a delete that removes at most ``PURGE_BATCH`` rows until it removes fewer,
-        each time in a transaction of its own (the writer's commits get in between)."""
-        assert self.engine is not None
-        total = 0
-        while True:
-            async with self.engine.begin() as conn:
-                count = (await conn.execute(statement)).rowcount
-            total += count
-            if count < PURGE_BATCH:
-                return total
-
-
-def create_engine(url: str) -> AsyncEngine:
-    engine = create_async_engine(url, pool_pre_ping=make_url(url).get_backend_name() == "postgresql")
-    if engine.dialect.name == "sqlite":
-
-        @sa.event.listens_for(engine.sync_engine, "connect")
-        def _pragmas(dbapi_connection: Any, _: Any) -> None:
-            cursor = dbapi_connection.cursor()
-            # WAL: readers do not block the writer; NORMAL: a commit survives a killed
-            # process (the WAL is in the OS's cache), not a power cut (FULL would).
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.execute("PRAGMA busy_timeout=5000")
-            # What retention and erasure delete is overwritten, not left in free pages.
-            cursor.execute("PRAGMA secure_delete=ON")
-            cursor.close()
-
-    return engine
-
-
-async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
-    """Bring the database to the current schema (or to ``revision``, for tests) with the
-    Alembic migrations, in one transaction.
-
-    SQLite: the transaction is begun explicitly (the driver would commit each DDL
-    statement on its own: a failed migration would leave half-copied tables), and
-    foreign keys are off while it runs (which only works outside a transaction): a
-    migration that changes a column copies its table (``batch_alter_table``) and drops
-    the original, which others refer to. They are checked before the commit."""
-    from alembic import command
-    from alembic.config import Config as AlembicConfig
-
-    sqlite = engine.dialect.name == "sqlite"
-
-    def upgrade(connection: sa.Connection) -> None:
-        config = AlembicConfig()
-        config.set_main_option("script_location", "gateway:migrations")
-        config.attributes["connection"] = connection
-        command.upgrade(config, revision)
-        if sqlite and (broken := connection.exec_driver_sql("PRAGMA foreign_key_check").all()):
-            raise RuntimeError(f"the migration left {len(broken)} rows without the row they refer to: {broken[:5]}")
-
-    async with engine.connect() as conn:
-        if sqlite:
-            await conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
-            await conn.commit()
-        try:
-            async with conn.begin():
-                if sqlite:
-                    await conn.exec_driver_sql("BEGIN")
-                await conn.run_sync(upgrade)
-        finally:
-            if sqlite:  # the connection goes back to the pool: as create_engine made it
-                await conn.exec_driver_sql("PRAGMA foreign_keys=ON")
-                await conn.commit()
-
-
-def authored(identity: str) -> sa.ColumnElement[bool]:
-    """The events someone authored: those they are the actor of, and the ``media`` events
-    about them (the gateway's, without an actor). No index serves it: erasure reads the
-    events table once (an index on ``actor`` would cost every chat's commit; schema.py)."""
-    return sa.or_(
-        events.c.actor == identity,
-        sa.and_(events.c.type == "media", events.c.body["identity"].as_string() == identity),
-    )
 
 
 # The reads a join makes, built once (building a statement per call cost more than running it).
@@ -746,10 +548,6 @@ def _names(conn: sa.Connection, conversation: str, rows: Sequence[Any]) -> dict[
 
 async def _latest(conn: AsyncConnection, room: str) -> Any:
     return (await conn.execute(LATEST, {"room": room})).first()
-
-
-def _utc(ms: int) -> str:
-    return datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _chat(row: Any) -> ChatMessage:
