@@ -95,3 +95,11 @@ def test_api_benchmark_runs_and_reports_every_figure() -> None:
     for name in ("tokens", "messages", "events_page_of_100"):
         assert result[name]["p99_ms"] >= result[name]["p50_ms"] > 0, name
     assert result["tokens"]["requests"] == 20 and result["messages"]["requests"] == 10
+
+
+def test_webhooks_benchmark_runs_and_every_delivery_verifies() -> None:
+    result = run_benchmark("webhooks.py", "--messages", "40", "--conversations", "4")
+    assert result["bad_signatures"] == 0
+    assert result["deliveries"] >= result["chats"] == 40  # each chat's message.created, and the openings
+    assert result["echo_to_webhook"]["p95_ms"] >= result["echo_to_webhook"]["median_ms"] > 0
+    assert result["deliveries_per_s_until_drained"] > 0
