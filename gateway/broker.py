@@ -397,9 +397,14 @@ class Broker:
     # -- leaving ----------------------------------------------------------------------
 
     async def leave(self, conn: Connection, msg: messages.Leave) -> None:
-        me = _me(conn)
         conversation = target(conn, msg.conversation)
-        await self._exit(conn, conversation, "left")
+        await self._removed(conn, conversation, "left")
+
+    async def _removed(self, conn: Connection, conversation: str, reason: str) -> None:
+        """``conn`` leaves ``conversation`` (its own ``leave``, or the app closing it) and is
+        told so with ``left``."""
+        me = _me(conn)
+        await self._exit(conn, conversation, reason)
         conn.deliver(messages.encode({"type": "left", "conversation": conversation}), "left")
         if me.role == Role.CUSTOMER and not conn.memberships:
             # A customer without a conversation has nothing to do until it joins again.
@@ -534,12 +539,7 @@ class Broker:
             if conn is None:
                 await self._depart(conversation, participant, "closed")
                 continue
-            await self._exit(conn, conversation, "closed")
-            conn.deliver(messages.encode({"type": "left", "conversation": conversation}), "left")
-            if participant.role == Role.CUSTOMER and not conn.memberships:
-                conn.protocol.left()
-                conn.participant = None
-                self.delivery.sessions.discard(conn)
+            await self._removed(conn, conversation, "closed")
         return True
 
     async def app_escalate(self, conversation: str, reason: str) -> bool:

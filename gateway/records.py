@@ -330,14 +330,10 @@ class SqlRecords(Records):
             return await conn.run_sync(read)
 
     async def record(self, conversation: str) -> Recorded | None:
-        assert self.engine is not None
-        async with self.engine.connect() as conn:
-            row = (await conn.execute(sa.select(conversations).where(conversations.c.id == conversation))).first()
-            if row is None:
-                row = await _latest(conn, conversation)
+        row = await self.conversation(conversation)
         if row is None:
             return None
-        return Recorded(row.id, row.room, row.customer, row.opened, row.closed)
+        return Recorded(row["id"], row["room"], row["customer"], row["opened"], row["closed"])
 
     async def page(self, conversation: str, before: int | None, limit: int) -> tuple[list[TimelineEvent], bool]:
         assert self.engine is not None

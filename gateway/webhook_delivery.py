@@ -173,42 +173,25 @@ class WebhookDelivery:
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         now = now_ms()
         attempts = row.attempts + 1
+        status, next_attempt, delivered_at = outbox.PENDING, now, None
         if error is None:
-            settle = functools.partial(
-                outbox.settle,
-                row_id=row.id,
-                status=outbox.DELIVERED,
-                attempts=attempts,
-                next_attempt=now,
-                error=None,
-                delivered_at=now,
-            )
-            result = "delivered"
+            status, delivered_at, result = outbox.DELIVERED, now, "delivered"
         elif now >= row.created + self.retry_ms:
-            settle = functools.partial(
-                outbox.settle,
-                row_id=row.id,
-                status=outbox.FAILED,
-                attempts=attempts,
-                next_attempt=now,
-                error=error,
-                delivered_at=None,
-            )
-            result = "failed"
+            status, result = outbox.FAILED, "failed"
             log.warning("webhook %s to an endpoint failed for good after %d tries: %s", row.msg_id, attempts, error)
         else:
             delay = retry_delay(attempts, FIRST_RETRY_SECONDS, MAX_RETRY_SECONDS)
-            settle = functools.partial(
-                outbox.settle,
-                row_id=row.id,
-                status=outbox.PENDING,
-                attempts=attempts,
-                next_attempt=now + math.ceil(delay * 1000),
-                error=error,
-                delivered_at=None,
-            )
-            result = "retry"
+            next_attempt, result = now + math.ceil(delay * 1000), "retry"
             log.info("webhook %s: try %d failed (%s); again within %.1f s", row.msg_id, attempts, error, delay)
+        settle = functools.partial(
+            outbox.settle,
+            row_id=row.id,
+            status=status,
+            attempts=attempts,
+            next_attempt=next_attempt,
+            error=error,
+            delivered_at=delivered_at,
+        )
         await self._records.change(settle)
         self._metrics.webhook_deliveries.labels(result).inc()
         return result != "retry"

@@ -389,7 +389,7 @@ class Writer:
                     async with raw.transaction():
                         if rows:
                             await raw.execute(_PG_INSERT, *_pg_columns(rows))
-                        await raw.execute(outbox.PG_INSERT, *_pg_outbox_columns(self._hooks))
+                        await raw.execute(outbox.PG_INSERT, *_pg_columns(self._hooks))
                 elif rows:
                     raw = (await self._async.get_raw_connection()).driver_connection
                     assert raw is not None
@@ -593,15 +593,9 @@ class Writer:
             log.warning("a records checkpoint failed (the next one catches up)", exc_info=True)
 
 
-def _pg_outbox_columns(rows: list[tuple[Any, ...]]) -> list[list[Any]]:
-    """Outbox rows as the nine column arrays of ``outbox.PG_INSERT`` (payloads as JSON text)."""
-    columns: list[list[Any]] = [list(column) for column in zip(*rows, strict=True)]
-    columns[5] = [_json.encode(body).decode() for body in columns[5]]
-    return columns
-
-
 def _pg_columns(rows: list[tuple[Any, ...]]) -> list[list[Any]]:
-    """Rows as the six column arrays of ``_PG_INSERT`` (bodies as JSON text)."""
+    """Rows as column arrays for an ``INSERT … SELECT FROM unnest(…)`` (``_PG_INSERT``,
+    ``outbox.PG_INSERT``): the sixth column, a JSON body, as JSON text."""
     columns: list[list[Any]] = [list(column) for column in zip(*rows, strict=True)]
     columns[5] = [body if isinstance(body, str) else _json.encode(body).decode() for body in columns[5]]
     return columns
