@@ -238,9 +238,15 @@ async def load(gw: GatewayProcess, conversations: int, rate: float, seconds: flo
     }
 
 
+#: A target named ``NAME+api`` runs NAME with the server API on (its own port).
+API_SUFFIX = "+api"
+#: The API key of a ``+api`` target when ``--api-key`` gives none.
+DEFAULT_API_KEY = "benchmark-api-key-0123456789abcdef"
+
+
 def commit_interval(database: str) -> str | None:
     """The MS of a ``NAME@MS`` database name (not the user of a URL's ``user@host``)."""
-    _, at, suffix = database.rpartition("@")
+    _, at, suffix = database.removesuffix(API_SUFFIX).rpartition("@")
     return suffix if at and suffix.replace(".", "", 1).isdigit() else None
 
 
@@ -260,13 +266,14 @@ async def run_one(args: argparse.Namespace, database: str, url: str) -> dict[str
     extra += ["--max-conversations", str(max(10_000, 2 * args.joins + args.load_conversations + 10))]
     extra += ["--database", url] if url else []  # "": a fresh SQLite file from GatewayProcess
     # The server API on (its own port, a free one): to check it costs signaling nothing.
-    extra += ["--api-key", args.api_key, "--api-port", "0"] if args.api_key else []
+    api = bool(args.api_key) or database.endswith(API_SUFFIX)
+    extra += ["--api-key", args.api_key or DEFAULT_API_KEY, "--api-port", "0"] if api else []
     interval = commit_interval(database)
     if interval is not None:  # sqlite@3: --commit-interval-ms 3
         extra += ["--commit-interval-ms", interval]
     gw = start_gateway(rate=100_000, burst=100_000, extra=extra)
     try:
-        result: dict[str, Any] = {"database": database}
+        result: dict[str, Any] = {"database": database, "api": api}
         if "joins" in args.phases:
             result["join_latency"] = await join_latency(gw, args.joins)
             result["join_rate"] = await join_rate(gw, args.joins, args.concurrency)
@@ -311,7 +318,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     urls: dict[str, str] = {}
     skipped: dict[str, str] = {}
     for name in names:
-        kind = name.rpartition("@")[0] if commit_interval(name) is not None else name
+        kind = name.removesuffix(API_SUFFIX)
+        kind = kind.rpartition("@")[0] if commit_interval(name) is not None else kind
         if kind == "memory":
             urls[name] = "none"
         elif kind == "sqlite":
@@ -399,7 +407,8 @@ if __name__ == "__main__":
         "--database",
         default="memory,sqlite,postgresql",
         help="comma-separated: memory (--database none), sqlite (a fresh file), postgresql (a throwaway "
-        "cluster), or database URLs; NAME@MS adds --commit-interval-ms MS (sqlite@3)",
+        "cluster), or database URLs; NAME@MS adds --commit-interval-ms MS (sqlite@3); NAME+api runs it "
+        "with the server API on (memory+api)",
     )
     parser.add_argument("--rounds", type=int, default=1, help="repeat every database this many times, in turn")
     parser.add_argument(
@@ -409,7 +418,9 @@ if __name__ == "__main__":
         help="comma-separated, of joins, fanout, load (default: all)",
     )
     parser.add_argument(
-        "--api-key", default="", help="run the gateway with the server API on (this key, on a free port of its own)"
+        "--api-key",
+        default="",
+        help="run every target with the server API on (this key, on a free port of its own); NAME+api: one",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     arguments = parser.parse_args()

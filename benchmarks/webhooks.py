@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))  # the repository's tests/ he
 from benchmarks.signaling import SECRET, pct
 from gateway import tokens
 from tests.client import Client
+from tests.databases import PostgresCluster
 from tests.gateway_process import GatewayProcess
 
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"bench-webhook-secret-0123456789").decode()
@@ -71,6 +72,16 @@ class Receiver:
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
+    if args.database != "postgresql":
+        return await run(args, args.database)
+    cluster = PostgresCluster.start(durable=True)  # throwaway, durable (fsync on) as a real one
+    try:
+        return {**await run(args, cluster.url(cluster.create_database("bench"))), "database": "postgresql"}
+    finally:
+        cluster.stop()
+
+
+async def run(args: argparse.Namespace, url: str) -> dict[str, Any]:
     receiver = Receiver()
     app = web.Application()
     app.router.add_post("/hook", receiver.handle)
@@ -79,7 +90,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    extra = ["--database", args.database] if args.database else []
+    extra = ["--database", url] if url else []
     gateway = GatewayProcess(
         "serve",
         *("--port", "0", "--rate", "100000", "--burst", "100000", "--reconnect-grace-seconds", "0"),
@@ -124,7 +135,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     lags = [receiver.arrived[text] - echoed[text] for text in echoed if text in receiver.arrived]
     return {
         "benchmark": "webhooks",
-        "database": args.database or "sqlite",
+        "database": url or "sqlite",
         "chats": expected,
         "deliveries": delivered,  # until the outbox was drained (the closes come after)
         "unique_webhook_ids": len(receiver.ids),
@@ -152,7 +163,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--conversations", type=int, default=20)
-    parser.add_argument("--database", default="", help="a database URL (default: a fresh SQLite file)")
+    parser.add_argument(
+        "--database",
+        default="",
+        help="a database URL or postgresql (a throwaway cluster); default: a fresh SQLite file",
+    )
     parser.add_argument("--timeout", type=float, default=120, help="seconds to wait for the outbox to drain")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the line")
     arguments = parser.parse_args()

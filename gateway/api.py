@@ -300,12 +300,36 @@ class Api:
         if not body.text.strip():
             raise BadRequest("the text is empty")
         room = await self._room(conversation)
-        message = await self.broker.app_post(room, APP, body.text, body.meta)
-        return _json(message.as_dict(room), 201)
+        customer = None
+        if self.records is not None and not await self.broker.store.participants(room):
+            customer = await self._unattended_customer(room, body.customer)
+        message, live = await self.broker.app_post(room, APP, body.text, body.meta, customer)
+        return _json({**message.as_dict(room), "live": live}, 201)
+
+    async def _unattended_customer(self, room: str, named: str | None) -> str:
+        """Whose conversation the app writes to while nobody is in it: the customer it names
+        or else the one of the room's latest record; a known one (NotFound otherwise)."""
+        assert self.records is not None
+        if len(room) > tokens.MAX_FIELD_CHARS:
+            raise NotFound("no such conversation")  # not a room a token can name
+        latest = await self.records.record(room)
+        latest = latest if latest is not None and latest.room == room else None
+        customer = named or (latest.customer if latest is not None else None)
+        if customer is None:
+            raise NotFound("nobody is in that conversation: name a known 'customer' to start it")
+        if latest is not None and latest.closed is None and latest.customer not in (None, customer):
+            raise Conflict(f"the room's open conversation is another customer's ({latest.customer!r})")
+        if await self.records.customer(customer) is None:
+            raise NotFound(f"no such customer {customer!r} (a customer is known once they have joined)")
+        return customer
 
     async def close_conversation(self, request: web.Request) -> web.StreamResponse:
         room = await self._room(_id(request.match_info["id"]))
-        if not await self.broker.app_close(room):
+        recorded_open = False
+        if self.records is not None:
+            latest = await self.records.record(room)
+            recorded_open = latest is not None and latest.room == room and latest.closed is None
+        if not await self.broker.app_close(room, recorded_open=recorded_open):
             raise NotFound("that conversation is not live")
         return _json(Done(room, "closed"))
 

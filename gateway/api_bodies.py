@@ -42,6 +42,9 @@ class MessageRequest(msgspec.Struct, forbid_unknown_fields=True):
     text: Annotated[str, msgspec.Meta(min_length=1)]
     #: Recorded with the message (a ``meta`` event), never shown to participants.
     meta: dict[str, Any] | None = None
+    #: Nobody is in the conversation: start it (or continue its open record) for this known
+    #: customer, who finds the message when they join (default: the room's last customer).
+    customer: Field | None = None
 
 
 class EscalateRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -107,7 +110,7 @@ class EventPage(msgspec.Struct):
 
 
 class MessageBody(msgspec.Struct):
-    """The ``chat`` message the participants got."""
+    """The ``chat`` message the participants got (or will find when they join)."""
 
     type: Literal["chat"]
     id: str
@@ -116,6 +119,8 @@ class MessageBody(msgspec.Struct):
     ts: int
     #: ``{"identity": "system", "role": "system", "name": ...}``
     from_: ParticipantBody = msgspec.field(name="from")
+    #: Someone was in the conversation and got it (false: recorded for the customer's next join).
+    live: bool = True
 
 
 class QueueBody(msgspec.Struct):

@@ -33,7 +33,7 @@ from .calls import Calls, RtcSettings
 from .config import Config
 from .conversation import MAX_REASON_CHARS, Conversations, Upgrades
 from .delivery import Connection, Delivery, target
-from .errors import BadRequest, Conflict, Forbidden, TooLarge, Unauthorized, Unavailable
+from .errors import BadRequest, Conflict, Forbidden, NotFound, TooLarge, Unauthorized, Unavailable
 from .events import now_ms
 from .history import History
 from .messages import Participant, Role
@@ -508,27 +508,44 @@ class Broker:
     # -- the server API (gateway/api.py): the app's operations ---------------------------
 
     async def app_post(
-        self, conversation: str, sender: Participant, text: str, meta: dict[str, Any] | None
-    ) -> messages.ChatMessage:
+        self,
+        conversation: str,
+        sender: Participant,
+        text: str,
+        meta: dict[str, Any] | None,
+        customer: str | None = None,
+    ) -> tuple[messages.ChatMessage, bool]:
         """The app's chat message, recorded (with ``meta`` as a ``meta`` event in the same
-        batch) before everyone in the conversation gets it; the message. ``NotFound`` if
-        the conversation is not live."""
-        events: list[ev.Event] = list(await self.conversations.post(conversation, sender, text))
-        posted = events[0]
+        batch) before everyone in the conversation gets it; the message and whether anyone
+        was there. Nobody there: recorded for ``customer`` (a known one; the caller checks)
+        for whoever joins next, else ``NotFound``."""
+        try:
+            events: list[ev.Event] = list(await self.conversations.post(conversation, sender, text))
+            live = True
+        except NotFound:
+            if customer is None or self.records is None:
+                raise
+            events = self.conversations.post_unattended(conversation, customer, sender, text)
+            live = False
+        posted = events[-1]
         assert isinstance(posted, ev.ChatPosted)
         if meta is not None:
             body = {"message": posted.message.id, "meta": meta}
             events.append(ev.MetaRecorded(conversation=conversation, ts=posted.ts, kind="message", body=body))
         await self.apply(events)
-        return posted.message
+        return posted.message, live
 
-    async def app_close(self, conversation: str) -> bool:
+    async def app_close(self, conversation: str, *, recorded_open: bool = False) -> bool:
         """Everyone leaves (reason ``closed``): the bot stops, each connected participant gets
-        ``left``, one in its grace time or on another process is removed. False: not live."""
+        ``left``, one in its grace time or on another process is removed. Nobody in it: its
+        open record is closed if ``recorded_open`` (one the app opened with a message).
+        False: neither live nor open."""
         participants = await self.store.participants(conversation)
         if not participants:
-            return False
-        await self.bots.stop(conversation, "closed")
+            if recorded_open:
+                await self.apply(self.conversations.close_unattended(conversation))
+            return recorded_open
+        await self.bots.stop(conversation, ev.CLOSED_BY_APP)
         for participant in participants:
             if participant.role == Role.BOT:
                 continue  # stopped above (or another process's: removed by the store below)
@@ -537,9 +554,9 @@ class Broker:
                 away.expiry.cancel()
             conn = self.delivery.local(conversation, participant.identity)
             if conn is None:
-                await self._depart(conversation, participant, "closed")
+                await self._depart(conversation, participant, ev.CLOSED_BY_APP)
                 continue
-            await self._removed(conn, conversation, "closed")
+            await self._removed(conn, conversation, ev.CLOSED_BY_APP)
         return True
 
     async def app_escalate(self, conversation: str, reason: str) -> bool:

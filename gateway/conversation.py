@@ -114,6 +114,20 @@ class Conversations:
             raise NotFound("that conversation has ended")
         return [ev.ChatPosted(conversation=conversation, ts=message.ts, message=message)]
 
+    def post_unattended(self, conversation: str, customer: str, sender: Participant, text: str) -> list[ev.Event]:
+        """A chat for a conversation nobody is in (the app writing to a known customer):
+        its record is opened for the customer (or their open one continued) and the message
+        recorded for whoever joins next. Nothing live changes: there is nobody to tell."""
+        message = ChatMessage(id=self._ids(), sender=sender, text=text, ts=self._clock())
+        return [
+            ev.ConversationOpened(conversation=conversation, ts=message.ts, customer=customer),
+            ev.ChatPosted(conversation=conversation, ts=message.ts, message=message),
+        ]
+
+    def close_unattended(self, conversation: str) -> list[ev.Event]:
+        """The app closes a recorded conversation nobody is in (one it opened with a message)."""
+        return [ev.ConversationClosed(conversation=conversation, ts=self._clock(), reason=ev.CLOSED_BY_APP)]
+
     async def escalate(self, conversation: str, customer: Participant, reason: str | None) -> list[ev.Event]:
         """A customer asks for a person. Asking again while waiting changes nothing (no events)."""
         if customer.role != Role.CUSTOMER:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import time
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from .errors import ConfigError
+
+log = logging.getLogger("talkgate.records")
 
 
 def database_url(url: str) -> str:
@@ -82,3 +87,58 @@ async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
             if sqlite:  # the connection goes back to the pool: as create_engine made it
                 await conn.exec_driver_sql("PRAGMA foreign_keys=ON")
                 await conn.commit()
+
+
+class Lock:
+    """A lock several gateway processes sharing one database agree on (who sends one
+    endpoint's webhooks): on PostgreSQL a session advisory lock, held by a connection of
+    its own until ``release`` or until that connection dies (a killed process frees it);
+    on SQLite, held at once (one process writes a SQLite file)."""
+
+    #: ``held`` asks the database at most this often (seconds).
+    CHECK_SECONDS = 1.0
+
+    def __init__(self, conn: AsyncConnection | None) -> None:
+        self._conn = conn
+        self._checked = time.monotonic()
+
+    async def held(self) -> bool:
+        """Whether it is still held (PostgreSQL: its connection still answered within
+        ``CHECK_SECONDS``)."""
+        if self._conn is None:
+            return True
+        if time.monotonic() - self._checked < self.CHECK_SECONDS:
+            return True
+        self._checked = time.monotonic()
+        try:
+            await self._conn.exec_driver_sql("SELECT 1")
+        except Exception:
+            log.warning("a database lock's connection broke: the lock is lost", exc_info=True)
+            return False
+        return True
+
+    async def release(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            try:
+                await conn.close()  # ends the session: the lock goes with it
+            except Exception:
+                await conn.invalidate()
+
+
+async def try_lock(engine: AsyncEngine, name: str) -> Lock | None:
+    """Take the lock called ``name`` if no other process holds it (None if one does)."""
+    if engine.dialect.name != "postgresql":
+        return Lock(None)
+    key = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
+    conn = await engine.connect()
+    try:
+        taken = (await conn.execute(sa.select(sa.func.pg_try_advisory_lock(key)))).scalar()
+        await conn.commit()  # the lock is the session's, not the transaction's
+    except BaseException:
+        await conn.close()
+        raise
+    if not taken:
+        await conn.close()
+        return None
+    return Lock(conn)

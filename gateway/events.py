@@ -29,14 +29,26 @@ class Event:
     ts: int
 
 
+#: The leaving reason of everyone in a conversation the app closes; such a record is not
+#: resumed by the room's next join (``--history-retention-seconds``): that opens a new one.
+CLOSED_BY_APP = "closed"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ConversationOpened(Event):
-    """Its first participant joined (a conversation id that was not live)."""
+    """Its first participant joined (a conversation id that was not live), or the app
+    wrote to it for a known customer before anyone joined (``customer``)."""
+
+    #: The app opened it for this customer (their identity); None: opened by a join.
+    customer: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ConversationClosed(Event):
-    """Its last participant left."""
+    """Its last participant left, or the app closed one nobody was in (``reason``)."""
+
+    #: How it ended when no participant's leaving says so (the app closed it unattended).
+    reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -289,6 +289,8 @@ class SqlRecords(Records):
             record = conn.execute(LATEST, {"room": room}).first()
             if record is None or (record.closed is not None and record.closed < cutoff):
                 return None
+            if record.closed is not None and record.ended == ev.CLOSED_BY_APP:
+                return []  # the app closed it: the next join starts a new one
             rows = conn.execute(_RECENT_SAID, {"rid": record.id, "limit": limit}).all()
             return [_chat(row) for row in reversed(rows)]
 

@@ -21,9 +21,13 @@ signed per Standard Webhooks, and retries them.
   The writer wakes the worker after each commit that added rows (``committed``); it also
   looks every ``POLL_SECONDS``, which resumes what a restart left pending.
 
-Limitation: several gateway processes sharing one PostgreSQL database each send every
-pending row (duplicates, never losses); one process per database should own the
-webhooks until rows are claimed (``FOR UPDATE SKIP LOCKED``).
+- **One sender per endpoint** among gateway processes sharing a PostgreSQL database: an
+  endpoint's task delivers only while it holds the endpoint's advisory lock
+  (``database.try_lock``), so the endpoint's rows are sent once and in order, whichever
+  process wrote them. The others look every ``POLL_SECONDS`` whether the lock is free (a
+  process that stops or dies frees it with its connection). Rows another process writes
+  are seen by the owner's next look (within ``POLL_SECONDS``): the writer's wake-up is
+  in-process.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from media.tasks import TaskOwner
 
 from . import __version__, outbox
 from .config import Config
+from .database import Lock, try_lock
 from .events import now_ms
 from .metrics import Metrics
 from .records import SqlRecords
@@ -122,8 +127,26 @@ class WebhookDelivery:
         return row
 
     async def _endpoint(self, endpoint: str) -> None:
-        new, urgent = self._new[endpoint], self._urgent[endpoint]
+        """Deliver an endpoint's rows while this process holds its lock; else wait for it."""
+        assert self._records is not None and self._records.engine is not None
         while True:
+            lock = None
+            try:
+                lock = await try_lock(self._records.engine, f"talkgate webhooks {endpoint}")
+            except Exception:
+                log.warning("webhooks: the endpoint's lock could not be asked for (retrying)", exc_info=True)
+            if lock is None:
+                await asyncio.sleep(POLL_SECONDS)  # another process sends this endpoint's rows
+                continue
+            try:
+                await self._own(endpoint, lock)
+            finally:
+                await lock.release()
+
+    async def _own(self, endpoint: str, lock: Lock) -> None:
+        """Send the endpoint's rows until the lock is lost."""
+        new, urgent = self._new[endpoint], self._urgent[endpoint]
+        while await lock.held():
             new.clear()
             urgent.clear()
             try:

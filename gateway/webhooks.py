@@ -50,8 +50,8 @@ def webhook_payloads(event: ev.Event, record_id: str) -> list[tuple[str, dict[st
     ``bot.transferred``)."""
     base: dict[str, Any] = {"conversation": record_id, "room": event.conversation}
     match event:
-        case ev.ConversationOpened():
-            return [("conversation.opened", base)]
+        case ev.ConversationOpened(customer=customer):
+            return [("conversation.opened", base if customer is None else {**base, "customer": customer})]
         case ev.ConversationClosed():
             return [("conversation.closed", base)]
         case ev.ChatPosted(message=message):

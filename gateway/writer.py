@@ -69,7 +69,7 @@ BUSY_RETRY_SECONDS = 10.0
 
 _T = TypeVar("_T")
 #: Events that update a conversation or customer (not only add timeline rows).
-_UPDATES = (ev.ParticipantJoined, ev.MediaChanged, ev.ConversationClosed)
+_UPDATES = (ev.ConversationOpened, ev.ParticipantJoined, ev.MediaChanged, ev.ConversationClosed)
 #: PostgreSQL: a batch of timeline rows as one statement (the columns as arrays).
 _PG_INSERT = (
     "INSERT INTO events (conversation, ts, actor, actor_role, type, body) "
@@ -480,11 +480,16 @@ class Writer:
             if self.webhook_endpoints:
                 self._webhooks(event, cached.id)
             return
-        record = self._record(conn, room, event.ts)
+        record, fresh = self._record(conn, room, event.ts)
+        if isinstance(event, ev.ConversationOpened):
+            if event.customer is not None:
+                conn.execute(_SET_CUSTOMER, {"rid": record.id, "customer": event.customer})
+            if fresh and self.webhook_endpoints:
+                # Once per record: not again when a join continues one the app opened.
+                self._webhooks(event, record.id)
+            return
         if self.webhook_endpoints:
             self._webhooks(event, record.id)
-        if isinstance(event, ev.ConversationOpened):
-            return
 
         def row(kind: str, actor: Participant | None, body: dict[str, Any]) -> None:
             actor_id, actor_role = (actor.identity, actor.role) if actor else (None, None)
@@ -549,29 +554,35 @@ class Writer:
                 row("upgrade.answered", replier, {"id": rid, "media": media, "accept": accept})
             case ev.MetaRecorded(kind=kind, body=body, actor=actor):
                 row("meta", actor, {**body, "kind": kind})
-            case ev.ConversationClosed():
-                update(closed=event.ts, ended=record.last_reason)
+            case ev.ConversationClosed(reason=reason):
+                update(closed=event.ts, ended=reason or record.last_reason)
                 self._open.pop(room, None)
             case _:
                 pass  # nothing else reaches the writer (see ``records.recorded``)
 
-    def _record(self, conn: sa.Connection, room: str, ts: int) -> _Open:
+    def _record(self, conn: sa.Connection, room: str, ts: int) -> tuple[_Open, bool]:
         """The room's conversation record: the open one, one closed within the retention
-        time (reopened), or a new one."""
+        time (reopened; not one the app closed), or a new one; and whether it was opened now
+        (new or reopened)."""
         cached = self._open.get(room)
         if cached is not None:
-            return cached
+            return cached, False
         latest = conn.execute(LATEST, {"room": room}).first()
-        if latest is not None and (latest.closed is None or latest.closed >= ts - self.retention_ms):
+        fresh = True
+        if latest is not None and (
+            latest.closed is None or (latest.closed >= ts - self.retention_ms and latest.ended != ev.CLOSED_BY_APP)
+        ):
             record = _Open(latest.id, set(latest.channels or ["chat"]), list(latest.agents or []))
             if latest.closed is not None:
                 conn.execute(_update("closed", "ended"), {"rid": latest.id, "closed": None, "ended": None})
+            else:
+                fresh = False
         else:
             record = _Open(f"{room}~{uuid.uuid4().hex[:12]}")
             values = {"room": room, "opened": ts, "channels": ["chat"], "agents": [], "customer": None, "bot": None}
             conn.execute(_INSERT_CONVERSATION, {"id": record.id, **values})
         self._open[room] = record
-        return record
+        return record, fresh
 
     # -- SQLite checkpoints -----------------------------------------------------------
 

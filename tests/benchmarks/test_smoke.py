@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 BENCHMARKS = Path(__file__).parents[2] / "benchmarks"
 
 
@@ -29,10 +31,11 @@ def test_signaling_benchmark_runs_and_reports_every_figure() -> None:
         "signaling.py",
         *("--joins", "20", "--concurrency", "5", "--fanout", "5", "--messages", "10"),
         *("--load-conversations", "5", "--load-rate", "50", "--load-seconds", "1"),
-        *("--database", "memory,sqlite,postgresql"),
+        *("--database", "memory,memory+api,sqlite,postgresql"),
     )
     assert not result["skipped"], result["skipped"]  # tests/run installs PostgreSQL
-    assert set(result["medians"]) == {"memory", "sqlite", "postgresql"}
+    assert set(result["medians"]) == {"memory", "memory+api", "sqlite", "postgresql"}
+    assert [name for name, (run,) in result["runs"].items() if run["api"]] == ["memory+api"]
     for database, (run,) in result["runs"].items():
         assert run["join_latency"]["joins"] == 20, database
         assert run["join_latency"]["join_to_joined"]["median_ms"] > 0
@@ -97,8 +100,10 @@ def test_api_benchmark_runs_and_reports_every_figure() -> None:
     assert result["tokens"]["requests"] == 20 and result["messages"]["requests"] == 10
 
 
-def test_webhooks_benchmark_runs_and_every_delivery_verifies() -> None:
-    result = run_benchmark("webhooks.py", "--messages", "40", "--conversations", "4")
+@pytest.mark.parametrize("database", ["", "postgresql"])
+def test_webhooks_benchmark_runs_and_every_delivery_verifies(database: str) -> None:
+    result = run_benchmark("webhooks.py", "--messages", "40", "--conversations", "4", "--database", database)
+    assert result["database"] == (database or "sqlite")
     assert result["bad_signatures"] == 0
     assert result["deliveries"] >= result["chats"] == 40  # each chat's message.created, and the openings
     assert result["echo_to_webhook"]["p95_ms"] >= result["echo_to_webhook"]["median_ms"] > 0

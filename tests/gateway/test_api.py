@@ -80,12 +80,20 @@ async def api(gateway: GatewayServer) -> AsyncIterator[Api]:
 
 
 async def joined(server: GatewayServer, identity: str, role: str = "customer", room: str | None = "r1") -> Client:
+    client, _ = await joining(server, identity, role, room)
+    return client
+
+
+async def joining(
+    server: GatewayServer, identity: str, role: str = "customer", room: str | None = "r1"
+) -> tuple[Client, dict[str, Any]]:
+    """A client that has joined, and its ``joined`` message."""
     client = await Client.open(server.ws_url)
     await client.send({"type": "join", "token": make_token(identity, role, room)})
-    await client.expect("joined")
+    message = await client.expect("joined")
     if role == "agent":
         await client.expect("queue")
-    return client
+    return client, message
 
 
 # -- auth, configuration -------------------------------------------------------------------
@@ -299,10 +307,8 @@ async def test_the_apps_message_reaches_the_customer_and_the_timeline(api: Api, 
     assert status == 201
     await ann.wait_for("chat", text="By record id")
     for body, code in (({"text": ""}, 400), ({"text": "   "}, 400), ({"text": "x" * 5000}, 413), ({}, 400)):
-        status, problem = await api.call("POST", "/conversations/r1/messages", body)
+        status, _ = await api.call("POST", "/conversations/r1/messages", body)
         assert status == code, body
-    status, problem = await api.call("POST", "/conversations/nobody-here/messages", {"text": "hi"})
-    assert (status, problem["code"]) == (404, "not_found")
     await ann.close()
 
 
@@ -325,11 +331,65 @@ async def test_close_makes_everyone_leave(api: Api, gateway: GatewayServer) -> N
     assert (status, problem["code"]) == (404, "not_found")
     status, problem = await api.call("POST", f"/conversations/{record['id']}/messages", {"text": "late"})
     assert (status, problem["code"]) == (404, "not_found")
-    # The customer may join again: a new conversation.
+    # The customer may join again: a new conversation (a closed one is not resumed).
     await ann.send({"type": "join", "token": make_token("u1", "customer", "r1")})
-    await ann.expect("joined", conversation="r1")
+    again = await ann.expect("joined", conversation="r1")
+    assert again["history"] == []
+    await until(lambda: api.ok("/conversations/r1", lambda fresh: fresh["id"] != record["id"]))
     await ann.close()
     await bob.close()
+
+
+async def test_the_app_writes_to_a_customer_who_is_not_connected(api: Api, gateway: GatewayServer) -> None:
+    ann = await joined(gateway, "u1", room="support")
+    await ann.close()
+    await until(lambda: api.ok("/customers/u1", bool))  # known once the join is committed
+    status, message = await api.call(
+        "POST", "/conversations/appt-5/messages", {"text": "Confirmed: Tue 10:00", "customer": "u1", "meta": {"a": 5}}
+    )
+    assert status == 201 and message["live"] is False and message["conversation"] == "appt-5"
+    status, record = await api.call("GET", "/conversations/appt-5")
+    assert (record["state"], record["customer"], record["participants"]) == ("open", "u1", [])
+    # Nobody named: the room's customer. The same record goes on.
+    status, reminder = await api.call("POST", "/conversations/appt-5/messages", {"text": "Reminder: tomorrow"})
+    assert status == 201 and reminder["live"] is False
+    status, same = await api.call("GET", "/conversations/appt-5")
+    assert same["id"] == record["id"]
+    status, page = await api.call("GET", f"/conversations/{record['id']}/events")
+    assert [e["type"] for e in page["events"]] == ["chat", "meta", "chat"]
+    # The customer finds both when they come, in the same conversation.
+    ann, hello = await joining(gateway, "u1", room="appt-5")
+    assert [m["text"] for m in hello["history"]] == ["Confirmed: Tue 10:00", "Reminder: tomorrow"]
+    status, now = await api.call("GET", "/conversations/appt-5")
+    assert now["id"] == record["id"] and [p["identity"] for p in now["participants"]] == ["u1"]
+    status, live = await api.call("POST", "/conversations/appt-5/messages", {"text": "See you", "customer": "u2"})
+    assert status == 201 and live["live"] is True  # someone is there: delivered, ``customer`` unused
+    await ann.wait_for("chat", text="See you")
+    await ann.close()
+    # Refusals: nobody to write for, a stranger, another customer's open conversation.
+    for path, body, code in (
+        ("/conversations/nobody-here/messages", {"text": "hi"}, 404),
+        ("/conversations/nobody-here/messages", {"text": "hi", "customer": "stranger"}, 404),
+        ("/conversations/" + "r" * 129 + "/messages", {"text": "hi", "customer": "u1"}, 404),
+    ):
+        status, problem = await api.call("POST", path, body)
+        assert (status, problem["code"]) == (code, "not_found"), path
+    bea = await joined(gateway, "u2", room="elsewhere")
+    await bea.close()
+    await until(lambda: api.ok("/customers/u2", bool))
+    status, _ = await api.call("POST", "/conversations/appt-6/messages", {"text": "For Ann", "customer": "u1"})
+    assert status == 201
+    status, problem = await api.call("POST", "/conversations/appt-6/messages", {"text": "For Bea", "customer": "u2"})
+    assert (status, problem["code"]) == (409, "conflict")
+    # Closing one nobody is in closes its record; the room's next join starts afresh.
+    status, done = await api.call("POST", "/conversations/appt-6/close")
+    assert (status, done) == (200, {"conversation": "appt-6", "status": "closed"})
+    await until(lambda: api.ok("/conversations/appt-6", lambda r: r["state"] == "closed" and r["ended"] == "closed"))
+    status, problem = await api.call("POST", "/conversations/appt-6/close")
+    assert (status, problem["code"]) == (404, "not_found")
+    ann, hello = await joining(gateway, "u1", room="appt-6")
+    assert hello["history"] == []
+    await ann.close()
 
 
 async def test_escalate_puts_it_in_the_queue_for_agents(api: Api, gateway: GatewayServer) -> None:

@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import pytest
 import sqlalchemy as sa
 import standardwebhooks
@@ -375,3 +376,59 @@ async def test_a_call_is_call_started_and_call_ended(config: Config, database_ur
     assert [p["type"] for p in got] == ["conversation.opened", "call.started", "call.ended"]
     assert got[1]["data"]["participant"] == {"identity": "u1", "role": "customer", "name": "Ann"}
     assert got[2]["data"]["reason"] == "hangup"
+
+
+async def test_a_conversation_the_app_starts_opens_once(config: Config, database_url: str, receiver: Receiver) -> None:
+    """The app writes to a customer nobody is with: ``conversation.opened`` names them, and
+    their join later continues that conversation (not a second ``opened``)."""
+    key = "api-key-0123456789abcdef-0123"
+    settings = dataclasses.replace(hooked(config, database_url, receiver.url), api_keys=(key,), api_port=0)
+    async with GatewayServer(settings) as server, aiohttp.ClientSession() as http:
+        ann = await joined(server.ws_url, "u1", room="support")
+        await ann.close()
+        for _ in range(250):  # known once the join is committed
+            if server.records is not None and await server.records.customer("u1") is not None:
+                break
+            await asyncio.sleep(0.02)
+        url = f"{server.api_url}/conversations/appt-1/messages"
+        body = {"text": "Booked: Tue 10:00", "customer": "u1"}
+        async with http.post(url, json=body, headers={"Authorization": f"Bearer {key}"}) as response:
+            assert response.status == 201
+        ann = await joined(server.ws_url, "u1", room="appt-1")
+        await ann.send({"type": "chat", "text": "thanks"})
+        await ann.wait_for("chat", text="thanks")
+        await ann.send({"type": "leave"})
+        await ann.wait_for("left")
+        await ann.close()
+        got = await receiver.until(4, room="appt-1")
+    assert [p["type"] for p in got] == [
+        "conversation.opened",
+        "message.created",
+        "message.created",
+        "conversation.closed",
+    ]
+    assert got[0]["data"]["customer"] == "u1"
+    assert {p["data"]["conversation"] for p in got} == {got[0]["data"]["conversation"]}
+    assert [p["data"].get("text") for p in got[1:3]] == ["Booked: Tue 10:00", "thanks"]
+
+
+async def test_gateways_sharing_a_database_send_each_webhook_once(
+    config: Config, database_url: str, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two gateways on one PostgreSQL database: one of them owns the endpoint (an advisory
+    lock) and sends every event once, in order, whichever wrote it; when it stops, the
+    other takes over."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("one process writes a SQLite file")
+    monkeypatch.setattr(webhook_delivery, "POLL_SECONDS", 0.1)
+    settings = hooked(config, database_url, receiver.url)
+    async with GatewayServer(settings) as two:
+        async with GatewayServer(settings) as one:
+            await a_conversation(one.ws_url, room="ra")
+            await a_conversation(two.ws_url, room="rb")
+            for room in ("ra", "rb"):
+                assert [p["type"] for p in await receiver.until(len(CONVERSATION), room)] == CONVERSATION
+        await a_conversation(two.ws_url, room="rc")
+        assert [p["type"] for p in await receiver.until(len(CONVERSATION), "rc")] == CONVERSATION
+    await asyncio.sleep(0.3)  # anything sent twice would have arrived by now
+    assert len(receiver.got) == len(receiver.unique()) == 3 * len(CONVERSATION)
