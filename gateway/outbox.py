@@ -57,28 +57,24 @@ def heads(conn: sa.Connection, endpoint: str, limit: int) -> list[Delivery]:
     return [Delivery(**row._mapping) for row in rows]
 
 
-def settle(
-    conn: sa.Connection,
-    row_id: int,
-    *,
-    status: str,
-    attempts: int,
-    next_attempt: int,
-    error: str | None,
-    delivered_at: int | None,
-) -> None:
-    """Record a try: delivered, to be retried at ``next_attempt``, or failed for good."""
-    conn.execute(
-        _SETTLE,
-        {
-            "rid": row_id,
-            "status": status,
-            "attempts": attempts,
-            "next_attempt": next_attempt,
-            "last_error": None if error is None else error[:500],
-            "delivered": delivered_at,
-        },
-    )
+def settle(conn: sa.Connection, tries: list[dict[str, Any]]) -> None:
+    """Record tries (``try_params``): delivered, to be retried at ``next_attempt``, or failed
+    for good; one statement for them all."""
+    conn.execute(_SETTLE, tries)
+
+
+def try_params(
+    row_id: int, *, status: str, attempts: int, next_attempt: int, error: str | None, delivered_at: int | None
+) -> dict[str, Any]:
+    """The outcome of one try, as ``settle`` takes it."""
+    return {
+        "rid": row_id,
+        "status": status,
+        "attempts": attempts,
+        "next_attempt": next_attempt,
+        "last_error": None if error is None else error[:500],
+        "delivered": delivered_at,
+    }
 
 
 def listing(conn: sa.Connection, status: str | None, after: int | None, limit: int) -> tuple[list[Delivery], bool]:

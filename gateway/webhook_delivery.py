@@ -16,8 +16,10 @@ signed per Standard Webhooks, and retries them.
   ``FIRST_RETRY_SECONDS`` doubling, at most ``MAX_RETRY_SECONDS``) until the row is
   ``--webhook-retry-hours`` old; a try after that marks it ``failed`` (the API can
   make it pending again).
-- **At least once**: a row is marked delivered after its 2xx; a crash in between sends
-  it again after the restart, with the same ``webhook-id`` (receivers dedupe by it).
+- **At least once**: a row is marked delivered after its 2xx, in batches (one statement
+  per look at the outbox, at most ``BATCH`` rows, not a transaction per delivery); a
+  crash before that sends those rows again after the restart, in order, with the same
+  ``webhook-id`` (receivers dedupe by it).
   The writer wakes the worker after each commit that added rows (``committed``); it also
   looks every ``POLL_SECONDS``, which resumes what a restart left pending.
 
@@ -38,6 +40,7 @@ import datetime
 import functools
 import logging
 import math
+from typing import Any
 
 import aiohttp
 import msgspec
@@ -161,24 +164,43 @@ class WebhookDelivery:
 
     async def _deliver_due(self, endpoint: str) -> tuple[float, bool]:
         """Send an endpoint's due rows, oldest first, until one must wait: how long to wait,
-        and whether it is a backoff (True) or nothing is pending (False)."""
-        assert self._records is not None
-        while True:
-            rows = await self._records.change(functools.partial(outbox.heads, endpoint=endpoint, limit=BATCH))
-            if not rows:
-                return POLL_SECONDS, False
-            for row in rows:
-                now = now_ms()
-                if row.next_attempt > now:
-                    return (row.next_attempt - now) / 1000, True
-                if not await self._send(row):
-                    return 0.0, False  # settled as a retry: the head is read again
-            if len(rows) < BATCH:
-                return POLL_SECONDS, False
+        and whether it is a backoff (True) or nothing is pending (False).
 
-    async def _send(self, row: outbox.Delivery) -> bool:
-        """One try; True if the head moved on (delivered or failed for good)."""
-        assert self._session is not None and self._records is not None
+        Tries are recorded in batches (one statement per look at the outbox, not one
+        transaction per delivery): before the outbox is read again, and on the way out. A
+        crash in between sends the unrecorded ones again (at least once, in order)."""
+        assert self._records is not None
+        tries: list[dict[str, Any]] = []
+        try:
+            while True:
+                if tries:
+                    await self._settle(tries)
+                rows = await self._records.change(functools.partial(outbox.heads, endpoint=endpoint, limit=BATCH))
+                if not rows:
+                    return POLL_SECONDS, False
+                for row in rows:
+                    now = now_ms()
+                    if row.next_attempt > now:
+                        return (row.next_attempt - now) / 1000, True
+                    outcome, moved_on = await self._send(row)
+                    tries.append(outcome)
+                    if not moved_on:
+                        return 0.0, False  # to be retried: the head is read again
+                if len(rows) < BATCH:
+                    return POLL_SECONDS, False
+        finally:
+            if tries:
+                await self._settle(tries)
+
+    async def _settle(self, tries: list[dict[str, Any]]) -> None:
+        assert self._records is not None
+        await self._records.change(functools.partial(outbox.settle, tries=list(tries)))
+        tries.clear()
+
+    async def _send(self, row: outbox.Delivery) -> tuple[dict[str, Any], bool]:
+        """One try: its outcome (for ``outbox.settle``), and whether the head moved on
+        (delivered or failed for good)."""
+        assert self._session is not None
         body = _json.encode(row.payload)
         moment = datetime.datetime.now(datetime.UTC)
         headers = {
@@ -206,18 +228,16 @@ class WebhookDelivery:
             delay = retry_delay(attempts, FIRST_RETRY_SECONDS, MAX_RETRY_SECONDS)
             next_attempt, result = now + math.ceil(delay * 1000), "retry"
             log.info("webhook %s: try %d failed (%s); again within %.1f s", row.msg_id, attempts, error, delay)
-        settle = functools.partial(
-            outbox.settle,
-            row_id=row.id,
+        self._metrics.webhook_deliveries.labels(result).inc()
+        outcome = outbox.try_params(
+            row.id,
             status=status,
             attempts=attempts,
             next_attempt=next_attempt,
             error=error,
             delivered_at=delivered_at,
         )
-        await self._records.change(settle)
-        self._metrics.webhook_deliveries.labels(result).inc()
-        return result != "retry"
+        return outcome, result != "retry"
 
     async def _housekeeping(self) -> None:
         """The outbox gauges every ``GAUGE_SECONDS``; delivered rows older than the retry
