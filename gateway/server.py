@@ -50,6 +50,8 @@ class GatewayServer:
     def __init__(self, config: Config, store: Store | None = None) -> None:
         self.config = config
         self.metrics = Metrics()
+        #: A store passed in is its giver's to close.
+        self._owns_store = store is None
         self.store = (
             store
             if store is not None
@@ -207,6 +209,8 @@ class GatewayServer:
             await self.webhooks.close()  # rows being sent stay pending for the next start
         if self.records is not None:
             await self.records.close()  # after the broker: what the shutdown wrote is committed
+        if self._owns_store:
+            await self.store.close()
 
     async def __aenter__(self) -> GatewayServer:
         await self.start()

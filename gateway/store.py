@@ -135,6 +135,9 @@ class Store(abc.ABC):
     async def conversation_count(self) -> int:
         """How many conversations exist."""
 
+    async def close(self) -> None:  # noqa: B027 (most stores hold nothing to close)
+        """Release what the store holds (a shared store's connections)."""
+
 
 class InMemoryStore(Store):
     """The default store: plain dicts; every method completes without yielding.

@@ -17,6 +17,7 @@ from gateway.server import GatewayServer
 from media import ice
 from tests.client import Client
 from tests.databases import PostgresCluster, PostgresUnavailable
+from tests.redis_server import RedisServer, RedisUnavailable
 from tests.rtc_client import RtcClient, ToneTrack
 
 SECRET = "test-secret-0123456789abcdef-0123456789"
@@ -163,6 +164,24 @@ def postgres() -> Iterator[PostgresCluster]:
             yield cluster
         return
     # Outside the except block: the message alone, not a chain of tracebacks.
+    if os.environ.get("CI"):
+        pytest.fail(problem, pytrace=False)
+    pytest.skip(problem)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One throwaway Redis server per test session (tests/redis_server.py), started only
+    when a test asks for it. Where it cannot start, tests that need it fail under CI and
+    are skipped elsewhere. Tests share it: each uses a key prefix of its own."""
+    try:
+        server = RedisServer.start()
+    except RedisUnavailable as exc:
+        problem = f"Redis unavailable: {exc}"
+    else:
+        with server:
+            yield server
+        return
     if os.environ.get("CI"):
         pytest.fail(problem, pytrace=False)
     pytest.skip(problem)

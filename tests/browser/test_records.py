@@ -71,7 +71,13 @@ def earlier_conversation(gw: GatewayProcess, new_page: NewPage, identity: str, n
     page.evaluate("(texts) => texts.forEach((t) => window.talkgate.chat(t))", texts)
     expect(page.locator(".msg.own .msg-bubble")).to_have_count(len(texts))
     page.evaluate("window.talkgate.leave()")
-    page.wait_for_function("window.talkgate.conversations.size === 0")
+    # Polled with evaluate: wait_for_function polls by eval, which the page's CSP forbids.
+    for _ in range(200):
+        if page.evaluate("window.talkgate.conversations.size") == 0:
+            break
+        page.wait_for_timeout(25)
+    else:
+        raise AssertionError("the customer page did not leave its conversation")
     page.close()
 
 

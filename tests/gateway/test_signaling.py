@@ -7,15 +7,41 @@ import dataclasses
 import json
 import logging
 import time
+import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import jwt
 import pytest
 
 from gateway.config import Config
+from gateway.redis_store import RedisStore
 from gateway.server import GatewayServer
 from tests.client import Client
 from tests.conftest import SECRET, Connect, Join, make_token
+from tests.redis_server import RedisServer
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def server(request: pytest.FixtureRequest, config: Config) -> AsyncIterator[GatewayServer]:
+    """The protocol runs the same on the in-memory store and on Redis (RedisStore): this
+    module's gateway is one of each."""
+    store = None
+    if request.param == "redis":
+        redis: RedisServer = request.getfixturevalue("redis_server")
+        store = RedisStore(
+            redis.url(),
+            prefix=f"test-{uuid.uuid4().hex[:8]}:",
+            history_limit=config.history_limit,
+            retention_seconds=config.history_retention_seconds,
+            retained_limit=config.max_conversations,
+        )
+    try:
+        async with GatewayServer(config, store=store) as srv:
+            yield srv
+    finally:
+        if store is not None:
+            await store.close()
 
 
 async def test_join_returns_conversation_and_participants(join: Join) -> None:

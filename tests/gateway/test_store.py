@@ -7,12 +7,18 @@ pass every test here unchanged (the rules rely on exactly these outcomes).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 
+from gateway.errors import Unavailable
 from gateway.messages import ChatMessage, Participant
+from gateway.redis_store import RedisStore
 from gateway.store import Admission, Enqueued, InMemoryStore, Limits, Store
+from tests.databases import free_port
+from tests.redis_server import RedisServer
 
 ANN = Participant("u1", "customer", "Ann")
 CID = Participant("u2", "customer", "Cid")
@@ -21,16 +27,30 @@ EVE = Participant("a2", "agent", "Eve")
 BOT = Participant("bot", "bot", "Assistant")
 ROOMY = Limits(max_conversations=100, max_participants=8)
 
-#: name -> factory(history_limit, retention_seconds, retained_limit, clock)
-STORES: dict[str, Callable[..., Store]] = {
-    "memory": lambda **kw: InMemoryStore(**kw),
-}
+#: The store implementations every test here runs against.
+STORES = ["memory", "redis"]
 
 
-@pytest.fixture(params=sorted(STORES))
-def make(request: pytest.FixtureRequest) -> Callable[..., Store]:
-    factory: Callable[..., Store] = STORES[request.param]
-    return factory
+@pytest.fixture(params=STORES)
+async def make(request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., Store]]:
+    """factory(history_limit, retention_seconds, retained_limit, clock) of one kind of
+    store; two made in one test share their state (one Redis, one key prefix), as the
+    stores of several gateway processes do."""
+    if request.param == "memory":
+        yield lambda **kw: InMemoryStore(**kw)
+        return
+    server: RedisServer = request.getfixturevalue("redis_server")
+    prefix = f"test-{uuid.uuid4().hex[:8]}:"
+    made: list[RedisStore] = []
+
+    def factory(**kw: Any) -> Store:
+        store = RedisStore(server.url(), prefix=prefix, **kw)
+        made.append(store)
+        return store
+
+    yield factory
+    for store in made:
+        await store.close()
 
 
 async def test_join_reports_what_it_changed(make: Callable[..., Store]) -> None:
@@ -175,3 +195,41 @@ async def test_only_the_newest_emptied_conversations_are_remembered(make: Callab
     assert await store.history("r1") == []
     assert [m.text for m in await store.history("r2")] == ["r2"]
     assert [m.text for m in await store.history("r3")] == ["r3"]
+
+
+# -- Redis only: several processes' stores are one store ------------------------------------
+
+
+async def test_stores_of_several_processes_share_one_state(redis_server: RedisServer) -> None:
+    """Three gateway processes, three ``RedisStore`` clients on one Redis: the limits are
+    cluster-wide and one of many agents on different processes wins an accept."""
+    prefix = f"test-{uuid.uuid4().hex[:8]}:"
+    stores = [RedisStore(redis_server.url(), prefix=prefix) for _ in range(3)]
+    try:
+        one, two, three = stores
+        tight = Limits(max_conversations=2, max_participants=8)
+        assert (await one.join("r1", ANN, tight)).opened
+        assert (await two.join("r2", CID, tight)).opened
+        assert (await three.join("r3", ANN, tight)).admission is Admission.GATEWAY_FULL
+        assert (await three.join("r1", CID, tight)).admission is Admission.ADMITTED
+        await one.escalate("r1", "x", 1)
+        agents = [Participant(f"a{n}", "agent", f"Agent {n}") for n in range(9)]
+        results = await asyncio.gather(*(stores[n % 3].accept("r1", a, ROOMY) for n, a in enumerate(agents)))
+        assert sorted(r.admission.value for r in results) == ["admitted"] + ["taken"] * 8
+        assert await two.waiting() == []
+        assert [p.identity for p in await three.participants("r1") or []][:2] == ["u1", "u2"]
+    finally:
+        for store in stores:
+            await store.close()
+
+
+async def test_an_unreachable_redis_is_unavailable_not_a_crash() -> None:
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0")
+    try:
+        with pytest.raises(Unavailable):
+            await store.join("r1", ANN, ROOMY)
+        with pytest.raises(Unavailable):
+            await store.conversation_count()
+        assert not await store.ping()
+    finally:
+        await store.close()

@@ -1,0 +1,331 @@
+"""``RedisStore``: the live state (``store.Store``) in Redis, shared by gateway processes.
+
+Each ``Store`` method is one Lua script, so a rule that reads and then writes (join
+within the cluster-wide limits, one agent of many winning an accept, escalate, the
+bot's claim) runs atomically in Redis: no other process can interleave. The scripts
+build their keys from a prefix (``talkgate:`` by default) and the conversation id, so
+this is for a single Redis server (or a primary with replicas), not Redis Cluster.
+
+Keys (``P`` is the prefix, ``C`` a conversation id):
+
+- ``P convs``: the set of live conversations (``max_conversations`` is its size);
+- ``P m:C``: identity -> participant JSON; ``P o:C``: identity by join order (a sorted set);
+- ``P h:C``: the chat history, a list of message JSON capped at ``history_limit``;
+- ``P exp``: emptied conversations by when their history is forgotten (the retention
+  time, at most ``retained_limit`` of them, as ``InMemoryStore`` does);
+- ``P q``: waiting conversations by arrival; ``P qe``: conversation -> queue entry JSON;
+- ``P seq``: a counter for join and arrival order.
+
+The retention clock is wall time by default (``time.time``): several processes must
+agree on it, which their monotonic clocks do not. A Redis error is ``Unavailable`` to
+the caller (the client gets ``unavailable``; nobody else's session is disturbed).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from .errors import Unavailable
+from .messages import ChatMessage, Participant, QueueEntry
+from .store import (
+    Admission,
+    Enqueued,
+    EnqueueResult,
+    JoinResult,
+    LeaveResult,
+    Limits,
+    Store,
+)
+
+_encode = msgspec.json.Encoder().encode
+_participant = msgspec.json.Decoder(Participant).decode
+_entry = msgspec.json.Decoder(QueueEntry).decode
+_message = msgspec.json.Decoder(ChatMessage).decode
+
+#: Shared by every script: ARGV[1] is the key prefix.
+_PRELUDE = """
+local P = ARGV[1]
+local function forget_expired(now)
+  local gone = redis.call('ZRANGEBYSCORE', P..'exp', '-inf', now)
+  for _, c in ipairs(gone) do redis.call('DEL', P..'h:'..c) end
+  if #gone > 0 then redis.call('ZREMRANGEBYSCORE', P..'exp', '-inf', now) end
+end
+local function add(conv, ident, pjson, now)
+  forget_expired(now)
+  redis.call('ZREM', P..'exp', conv)
+  local added = redis.call('HSET', P..'m:'..conv, ident, pjson)
+  if added == 1 then redis.call('ZADD', P..'o:'..conv, redis.call('INCR', P..'seq'), ident) end
+  redis.call('SADD', P..'convs', conv)
+  return added
+end
+local function has_role(conv, role)
+  for _, v in ipairs(redis.call('HVALS', P..'m:'..conv)) do
+    if cjson.decode(v).role == role then return true end
+  end
+  return false
+end
+local function unqueue(conv)
+  local entry = redis.call('HGET', P..'qe', conv)
+  if entry then
+    redis.call('HDEL', P..'qe', conv)
+    redis.call('ZREM', P..'q', conv)
+  end
+  return entry
+end
+"""
+
+# ARGV: prefix, conversation, identity, participant JSON, max conversations,
+# max participants, take queue (0/1), now
+_JOIN = """
+local conv, ident = ARGV[2], ARGV[3]
+local mkey = P..'m:'..conv
+local exists = redis.call('EXISTS', mkey) == 1
+if not exists then
+  if redis.call('SCARD', P..'convs') >= tonumber(ARGV[5]) then return {'gateway_full'} end
+elseif redis.call('HEXISTS', mkey, ident) == 0 and redis.call('HLEN', mkey) >= tonumber(ARGV[6]) then
+  return {'conversation_full'}
+end
+local taken = false
+if ARGV[7] == '1' then taken = unqueue(conv) end
+local added = add(conv, ident, ARGV[4], ARGV[8])
+return {'admitted', added, exists and 0 or 1, taken or ''}
+"""
+
+# ARGV: prefix, conversation, identity, participant JSON, max participants, now
+_ACCEPT = """
+local conv, ident = ARGV[2], ARGV[3]
+local mkey = P..'m:'..conv
+if redis.call('HEXISTS', P..'qe', conv) == 0 then
+  if has_role(conv, 'agent') then return {'taken'} end
+  return {'not_waiting'}
+end
+if redis.call('HEXISTS', mkey, ident) == 0 and redis.call('HLEN', mkey) >= tonumber(ARGV[5]) then
+  return {'conversation_full'}
+end
+local taken = unqueue(conv)
+local added = add(conv, ident, ARGV[4], ARGV[6])
+return {'admitted', added, 0, taken}
+"""
+
+# ARGV: prefix, conversation, identity, participant JSON, now
+_CLAIM_BOT = """
+local conv, ident = ARGV[2], ARGV[3]
+local mkey = P..'m:'..conv
+if redis.call('EXISTS', mkey) == 0 or redis.call('HEXISTS', mkey, ident) == 1 then return 0 end
+if not has_role(conv, 'customer') or has_role(conv, 'agent') or has_role(conv, 'bot') then return 0 end
+add(conv, ident, ARGV[4], ARGV[5])
+return 1
+"""
+
+# ARGV: prefix, conversation, reason JSON string, since (digits), customer identity ('' = first)
+_ESCALATE = """
+local conv = ARGV[2]
+if has_role(conv, 'agent') then return {'agent_present'} end
+local waiting = redis.call('HGET', P..'qe', conv)
+if waiting then return {'already_waiting', waiting} end
+local who = false
+for _, ident in ipairs(redis.call('ZRANGE', P..'o:'..conv, 0, -1)) do
+  local v = redis.call('HGET', P..'m:'..conv, ident)
+  if cjson.decode(v).role == 'customer' and (ARGV[5] == '' or ident == ARGV[5]) then
+    who = v
+    break
+  end
+end
+if not who then return {'no_customer'} end
+local entry = '{"conversation":'..cjson.encode(conv)..',"customer":'..who
+entry = entry..',"since":'..ARGV[4]..',"reason":'..ARGV[3]..'}'
+redis.call('HSET', P..'qe', conv, entry)
+redis.call('ZADD', P..'q', redis.call('INCR', P..'seq'), conv)
+return {'queued', entry}
+"""
+
+# ARGV: prefix, conversation, identity, now, retention seconds, retained limit
+_LEAVE = """
+local conv, ident = ARGV[2], ARGV[3]
+local mkey = P..'m:'..conv
+local gone = redis.call('HGET', mkey, ident)
+if not gone then return {false} end
+redis.call('HDEL', mkey, ident)
+redis.call('ZREM', P..'o:'..conv, ident)
+local removed = redis.call('HLEN', mkey) == 0
+if removed then
+  redis.call('SREM', P..'convs', conv)
+  redis.call('DEL', P..'o:'..conv)
+  local retention = tonumber(ARGV[5])
+  if retention > 0 and redis.call('EXISTS', P..'h:'..conv) == 1 then
+    redis.call('ZADD', P..'exp', tonumber(ARGV[4]) + retention, conv)
+    while redis.call('ZCARD', P..'exp') > tonumber(ARGV[6]) do
+      local oldest = redis.call('ZPOPMIN', P..'exp')
+      redis.call('DEL', P..'h:'..oldest[1])
+    end
+  else
+    redis.call('DEL', P..'h:'..conv)
+  end
+  forget_expired(ARGV[4])
+end
+local customers = 0
+for _, v in ipairs(redis.call('HVALS', mkey)) do
+  if cjson.decode(v).role == 'customer' then customers = customers + 1 end
+end
+local queue_changed = 0
+if customers == 0 and unqueue(conv) then queue_changed = 1 end
+return {gone, removed and 1 or 0, queue_changed, customers}
+"""
+
+# ARGV: prefix, conversation
+_PARTICIPANTS = """
+local ids = redis.call('ZRANGE', P..'o:'..ARGV[2], 0, -1)
+if #ids == 0 then return false end
+return redis.call('HMGET', P..'m:'..ARGV[2], unpack(ids))
+"""
+
+# ARGV: prefix, conversation, message JSON, history limit
+_APPEND = """
+local conv = ARGV[2]
+if redis.call('EXISTS', P..'m:'..conv) == 0 then return 0 end
+redis.call('RPUSH', P..'h:'..conv, ARGV[3])
+redis.call('LTRIM', P..'h:'..conv, -tonumber(ARGV[4]), -1)
+return 1
+"""
+
+# ARGV: prefix, conversation, now
+_HISTORY = """
+forget_expired(ARGV[3])
+return redis.call('LRANGE', P..'h:'..ARGV[2], 0, -1)
+"""
+
+# ARGV: prefix
+_WAITING = """
+local ids = redis.call('ZRANGE', P..'q', 0, -1)
+if #ids == 0 then return {} end
+return redis.call('HMGET', P..'qe', unpack(ids))
+"""
+
+
+class RedisStore(Store):
+    """``Store`` on a Redis server (see the module's docstring); ``close`` ends its
+    connections. Several stores with the same ``prefix`` on one server are one store."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        history_limit: int = 100,
+        retention_seconds: float = 0.0,
+        retained_limit: int = 1000,
+        clock: Callable[[], float] = time.time,
+        prefix: str = "talkgate:",
+    ) -> None:
+        self.url = url
+        self.history_limit = history_limit
+        self.retention_seconds = retention_seconds
+        self.retained_limit = retained_limit
+        self.prefix = prefix
+        self._clock = clock
+        self.redis: aioredis.Redis = aioredis.Redis.from_url(url)
+        scripts = {
+            "join": _JOIN,
+            "accept": _ACCEPT,
+            "claim_bot": _CLAIM_BOT,
+            "escalate": _ESCALATE,
+            "leave": _LEAVE,
+            "participants": _PARTICIPANTS,
+            "append": _APPEND,
+            "history": _HISTORY,
+            "waiting": _WAITING,
+        }
+        self._scripts = {name: self.redis.register_script(_PRELUDE + body) for name, body in scripts.items()}
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    async def ping(self) -> bool:
+        """Whether Redis answers (``/healthz``)."""
+        try:
+            return bool(await self.redis.ping())
+        except RedisError:
+            return False
+
+    async def _run(self, script: str, *args: Any) -> Any:
+        try:
+            return await self._scripts[script](args=[self.prefix, *args])
+        except RedisError as exc:
+            raise Unavailable("the gateway's shared state (Redis) is unreachable; try again") from exc
+
+    async def join(
+        self, conversation: str, participant: Participant, limits: Limits, *, take_queue: bool = False
+    ) -> JoinResult:
+        reply = await self._run(
+            "join",
+            conversation,
+            participant.identity,
+            _encode(participant),
+            limits.max_conversations,
+            limits.max_participants,
+            int(take_queue),
+            self._clock(),
+        )
+        outcome = _text(reply[0])
+        if outcome != "admitted":
+            return JoinResult(Admission(outcome))
+        taken = _entry(reply[3]) if reply[3] else None
+        return JoinResult(Admission.ADMITTED, added=bool(reply[1]), opened=bool(reply[2]), taken=taken)
+
+    async def accept(self, conversation: str, agent: Participant, limits: Limits) -> JoinResult:
+        reply = await self._run(
+            "accept", conversation, agent.identity, _encode(agent), limits.max_participants, self._clock()
+        )
+        outcome = _text(reply[0])
+        if outcome != "admitted":
+            return JoinResult(Admission(outcome))
+        return JoinResult(Admission.ADMITTED, added=bool(reply[1]), taken=_entry(reply[3]))
+
+    async def claim_bot(self, conversation: str, bot: Participant) -> bool:
+        return bool(await self._run("claim_bot", conversation, bot.identity, _encode(bot), self._clock()))
+
+    async def escalate(self, conversation: str, reason: str, since: int, customer: str | None = None) -> EnqueueResult:
+        reply = await self._run("escalate", conversation, _encode(reason), str(int(since)), customer or "")
+        outcome = Enqueued(_text(reply[0]))
+        return EnqueueResult(outcome, _entry(reply[1]) if len(reply) > 1 else None)
+
+    async def leave(self, conversation: str, identity: str) -> LeaveResult:
+        reply = await self._run(
+            "leave", conversation, identity, self._clock(), self.retention_seconds, self.retained_limit
+        )
+        if not reply or reply[0] is None:
+            return LeaveResult(None)
+        return LeaveResult(
+            _participant(reply[0]),
+            conversation_removed=bool(reply[1]),
+            queue_changed=bool(reply[2]),
+            customers_left=int(reply[3]),
+        )
+
+    async def participants(self, conversation: str) -> list[Participant] | None:
+        reply = await self._run("participants", conversation)
+        return None if reply is None else [_participant(v) for v in reply if v is not None]
+
+    async def append_chat(self, conversation: str, message: ChatMessage) -> bool:
+        return bool(await self._run("append", conversation, _encode(message), self.history_limit))
+
+    async def history(self, conversation: str) -> list[ChatMessage]:
+        return [_message(v) for v in await self._run("history", conversation, self._clock())]
+
+    async def waiting(self) -> list[QueueEntry]:
+        return [_entry(v) for v in await self._run("waiting") if v is not None]
+
+    async def conversation_count(self) -> int:
+        try:
+            return int(await self.redis.scard(self.prefix + "convs"))
+        except RedisError as exc:
+            raise Unavailable("the gateway's shared state (Redis) is unreachable; try again") from exc
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
