@@ -40,13 +40,15 @@ from .messages import Participant, Role
 from .metrics import Metrics
 from .records import Records, RecordsError
 from .routing import Router
-from .store import Limits, Store
+from .store import LeaveResult, Limits, Store
 
 log = logging.getLogger("talkgate.broker")
 
 _PONG = messages.encode({"type": "pong"})
 #: What the customer reads when the app puts the conversation in the agent queue.
 ESCALATE_APP_NOTICE = "An agent will join shortly."
+#: The leaving reason of the participants a dead node held (``node_lost``).
+NODE_LOST = "node_lost"
 
 Consumer = Callable[[ev.Event], None]
 
@@ -558,6 +560,12 @@ class Broker:
                 continue
             await self._removed(conn, conversation, ev.CLOSED_BY_APP)
         return True
+
+    async def node_lost(self, node: str, results: list[tuple[str, LeaveResult]]) -> None:
+        """A dead node's participants were reaped from the shared store: their leaves
+        (reason ``node_lost``) are recorded and told to whoever is here."""
+        for conversation, result in results:
+            await self.apply(self.conversations.left(conversation, result, NODE_LOST))
 
     async def app_escalate(self, conversation: str, reason: str) -> bool:
         """Put a conversation in the agent queue for the app (as a bot's hand-over); False if

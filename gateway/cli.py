@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -249,6 +252,23 @@ def _server_options(f: click.decorators.FC) -> click.decorators.FC:
             show_envvar=True,
             help="API port, apart from the signaling port; 0 picks a free one.",
         ),
+        click.option(
+            "--redis",
+            envvar="TALKGATE_REDIS",
+            default="",
+            show_envvar=True,
+            show_default=False,
+            help="Keep the live state (conversations, participants, the agent queue) in this Redis, "
+            "redis://HOST:PORT/DB, and register this node there (docs/cluster.md). One node per Redis for now.",
+        ),
+        click.option(
+            "--node-id",
+            envvar="TALKGATE_NODE_ID",
+            default="",
+            show_envvar=True,
+            show_default=False,
+            help="This node's id in the cluster registry (default: the host name and a random suffix).",
+        ),
         click.option("--log-level", envvar="TALKGATE_LOG_LEVEL", default="INFO", show_envvar=True),
     ]
     for option in reversed(options):
@@ -270,6 +290,9 @@ def _serve(log_level: str, demo_bot: str | None = None, **settings: Any) -> None
     except OSError as exc:  # e.g. the port is taken
         log.error("cannot serve on %s:%s: %s", config.host, config.port, exc)
         sys.exit(1)
+    except ConfigError as exc:  # found at start: Redis unreachable, another node live on it
+        log.error("cannot start: %s", exc)
+        sys.exit(2)
 
 
 @main.command()
@@ -281,6 +304,39 @@ def _serve(log_level: str, demo_bot: str | None = None, **settings: Any) -> None
 def serve(**settings: Any) -> None:
     """Run the gateway. The first log line is the URL it listens on."""
     _serve(**settings)
+
+
+@main.group()
+def cluster() -> None:
+    """The gateway nodes sharing a Redis (docs/cluster.md)."""
+
+
+@cluster.command()
+@click.option("--redis", envvar="TALKGATE_REDIS", required=True, show_envvar=True, help="redis://HOST:PORT/DB")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per node instead of the table.")
+def status(redis: str, as_json: bool) -> None:
+    """Print the live nodes: id, URL, load, whether draining, when last seen."""
+    from .cluster import read_status
+    from .redis_store import PREFIX
+
+    try:
+        nodes = asyncio.run(read_status(redis, PREFIX))
+    except Exception as exc:  # unreachable, refused, a bad URL: say so, no traceback
+        raise click.ClickException(f"could not read the registry at {redis}: {exc}") from None
+    if as_json:
+        for node in nodes:
+            click.echo(json.dumps(dataclasses.asdict(node)))
+        return
+    now = time.time() * 1000
+    click.echo(f"{'node':28} {'url':30} {'conv':>6} {'sessions':>8} {'peers':>6} {'state':9} seen")
+    for node in nodes:
+        state = "draining" if node.draining else "serving"
+        seen = f"{(now - node.seen) / 1000:.1f} s ago"
+        click.echo(
+            f"{node.id[:28]:28} {node.url[:30]:30} {node.conversations:>6} {node.sessions:>8} "
+            f"{node.peer_connections:>6} {state:9} {seen}"
+        )
+    click.echo(f"{len(nodes)} live node(s)")
 
 
 @main.command()

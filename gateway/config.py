@@ -50,6 +50,12 @@ class Config:
     webhook_secret: str = ""
     webhook_retry_hours: float = 24.0
     webhook_timeout: float = 10.0
+    #: The live state (who is in which conversation, the queue) in this Redis
+    #: (``redis://HOST:PORT/DB``) instead of this process's memory, with this node
+    #: registered there (docs/cluster.md); "" keeps it in memory.
+    redis: str = ""
+    #: This node's id in the registry ("" makes one: the host name and a random suffix).
+    node_id: str = ""
     #: Chat messages kept per conversation and sent in ``joined``.
     history_limit: int = 100
     #: How long a conversation's chat history outlives its last participant (a customer
@@ -175,6 +181,10 @@ class Config:
             if not self.database:
                 raise ConfigError("retention_days needs a database (--database): without one nothing is kept")
         self._check_webhooks()
+        if self.redis and not self.redis.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(f"the Redis URL starts with redis://, rediss:// or unix://, not {self.redis[:100]!r}")
+        if len(self.node_id) > MAX_FIELD_CHARS or any(ch.isspace() for ch in self.node_id):
+            raise ConfigError(f"a node id is at most {MAX_FIELD_CHARS} characters without spaces")
         for origin in self.allowed_origins:
             if origin != "*" and not origin.startswith(("http://", "https://")):
                 raise ConfigError(f"an allowed origin is '*' or starts with http:// or https://, not {origin!r}")

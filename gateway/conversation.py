@@ -95,8 +95,12 @@ class Conversations:
 
     async def leave(self, conversation: str, identity: str, reason: str) -> tuple[LeaveResult, list[ev.Event]]:
         result = await self.store.leave(conversation, identity)
+        return result, self.left(conversation, result, reason)
+
+    def left(self, conversation: str, result: LeaveResult, reason: str) -> list[ev.Event]:
+        """The events of a leave the store made (``leave``, or a dead node's reaped one)."""
         if result.participant is None:
-            return result, []
+            return []
         ts = self._clock()
         out: list[ev.Event] = [
             ev.ParticipantLeft(conversation=conversation, ts=ts, participant=result.participant, reason=reason)
@@ -105,7 +109,7 @@ class Conversations:
             out.append(ev.QueueLeft(conversation=conversation, ts=ts, reason="abandoned"))
         if result.conversation_removed:
             out.append(ev.ConversationClosed(conversation=conversation, ts=ts))
-        return result, out
+        return out
 
     async def post(self, conversation: str, sender: Participant, text: str) -> list[ev.Event]:
         """Keep a chat message in the history; everyone gets it, the sender included."""

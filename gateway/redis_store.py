@@ -14,6 +14,9 @@ Keys (``P`` is the prefix, ``C`` a conversation id):
 - ``P exp``: emptied conversations by when their history is forgotten (the retention
   time, at most ``retained_limit`` of them, as ``InMemoryStore`` does);
 - ``P q``: waiting conversations by arrival; ``P qe``: conversation -> queue entry JSON;
+- ``P at:C``: identity -> the node (process) that holds the participant; ``P np:N``: the
+  participants node N holds, as conversation and identity joined by a newline (``reap``
+  removes them when N is dead);
 - ``P seq``: a counter for join and arrival order.
 
 The retention clock is wall time by default (``time.time``): several processes must
@@ -23,13 +26,19 @@ the caller (the client gets ``unavailable``; nobody else's session is disturbed)
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import socket
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .errors import Unavailable
 from .messages import ChatMessage, Participant, QueueEntry
@@ -43,12 +52,18 @@ from .store import (
     Store,
 )
 
+log = logging.getLogger("talkgate.redis")
+#: The default key prefix: every key of a deployment starts with it.
+PREFIX = "talkgate:"
+#: How long one step may take before it is ``Unavailable`` (seconds).
+COMMAND_SECONDS = 5.0
 _encode = msgspec.json.Encoder().encode
 _participant = msgspec.json.Decoder(Participant).decode
 _entry = msgspec.json.Decoder(QueueEntry).decode
 _message = msgspec.json.Decoder(ChatMessage).decode
 
-#: Shared by every script: ARGV[1] is the key prefix.
+#: Shared by every script: ARGV[1] is the key prefix, ARGV[2] this node's id; the
+#: scripts' own arguments follow.
 _PRELUDE = """
 local P = ARGV[1]
 local function forget_expired(now)
@@ -56,12 +71,24 @@ local function forget_expired(now)
   for _, c in ipairs(gone) do redis.call('DEL', P..'h:'..c) end
   if #gone > 0 then redis.call('ZREMRANGEBYSCORE', P..'exp', '-inf', now) end
 end
+local NODE = ARGV[2]
+local function untag(conv, ident)
+  local node = redis.call('HGET', P..'at:'..conv, ident)
+  if node then
+    redis.call('HDEL', P..'at:'..conv, ident)
+    redis.call('SREM', P..'np:'..node, conv..'\\n'..ident)
+  end
+end
 local function add(conv, ident, pjson, now)
   forget_expired(now)
   redis.call('ZREM', P..'exp', conv)
   local added = redis.call('HSET', P..'m:'..conv, ident, pjson)
   if added == 1 then redis.call('ZADD', P..'o:'..conv, redis.call('INCR', P..'seq'), ident) end
   redis.call('SADD', P..'convs', conv)
+  -- Which node holds the participant (the websocket, or the bot's link): reaped with it.
+  untag(conv, ident)
+  redis.call('HSET', P..'at:'..conv, ident, NODE)
+  redis.call('SADD', P..'np:'..NODE, conv..'\\n'..ident)
   return added
 end
 local function has_role(conv, role)
@@ -78,129 +105,148 @@ local function unqueue(conv)
   end
   return entry
 end
+local function leave(conv, ident, now, retention, retained_limit)
+  local mkey = P..'m:'..conv
+  local gone = redis.call('HGET', mkey, ident)
+  if not gone then return {false} end
+  redis.call('HDEL', mkey, ident)
+  redis.call('ZREM', P..'o:'..conv, ident)
+  untag(conv, ident)
+  local removed = redis.call('HLEN', mkey) == 0
+  if removed then
+    redis.call('SREM', P..'convs', conv)
+    redis.call('DEL', P..'o:'..conv, P..'at:'..conv)
+    if tonumber(retention) > 0 and redis.call('EXISTS', P..'h:'..conv) == 1 then
+      redis.call('ZADD', P..'exp', tonumber(now) + tonumber(retention), conv)
+      while redis.call('ZCARD', P..'exp') > tonumber(retained_limit) do
+        local oldest = redis.call('ZPOPMIN', P..'exp')
+        redis.call('DEL', P..'h:'..oldest[1])
+      end
+    else
+      redis.call('DEL', P..'h:'..conv)
+    end
+    forget_expired(now)
+  end
+  local customers = 0
+  for _, v in ipairs(redis.call('HVALS', mkey)) do
+    if cjson.decode(v).role == 'customer' then customers = customers + 1 end
+  end
+  local queue_changed = 0
+  if customers == 0 and unqueue(conv) then queue_changed = 1 end
+  return {gone, removed and 1 or 0, queue_changed, customers}
+end
 """
 
-# ARGV: prefix, conversation, identity, participant JSON, max conversations,
+# ARGV (after the prelude's): conversation, identity, participant JSON, max conversations,
 # max participants, take queue (0/1), now
 _JOIN = """
-local conv, ident = ARGV[2], ARGV[3]
+local conv, ident = ARGV[3], ARGV[4]
 local mkey = P..'m:'..conv
 local exists = redis.call('EXISTS', mkey) == 1
 if not exists then
-  if redis.call('SCARD', P..'convs') >= tonumber(ARGV[5]) then return {'gateway_full'} end
-elseif redis.call('HEXISTS', mkey, ident) == 0 and redis.call('HLEN', mkey) >= tonumber(ARGV[6]) then
+  if redis.call('SCARD', P..'convs') >= tonumber(ARGV[6]) then return {'gateway_full'} end
+elseif redis.call('HEXISTS', mkey, ident) == 0 and redis.call('HLEN', mkey) >= tonumber(ARGV[7]) then
   return {'conversation_full'}
 end
 local taken = false
-if ARGV[7] == '1' then taken = unqueue(conv) end
-local added = add(conv, ident, ARGV[4], ARGV[8])
+if ARGV[8] == '1' then taken = unqueue(conv) end
+local added = add(conv, ident, ARGV[5], ARGV[9])
 return {'admitted', added, exists and 0 or 1, taken or ''}
 """
 
-# ARGV: prefix, conversation, identity, participant JSON, max participants, now
+# ARGV: conversation, identity, participant JSON, max participants, now
 _ACCEPT = """
-local conv, ident = ARGV[2], ARGV[3]
+local conv, ident = ARGV[3], ARGV[4]
 local mkey = P..'m:'..conv
 if redis.call('HEXISTS', P..'qe', conv) == 0 then
   if has_role(conv, 'agent') then return {'taken'} end
   return {'not_waiting'}
 end
-if redis.call('HEXISTS', mkey, ident) == 0 and redis.call('HLEN', mkey) >= tonumber(ARGV[5]) then
+if redis.call('HEXISTS', mkey, ident) == 0 and redis.call('HLEN', mkey) >= tonumber(ARGV[6]) then
   return {'conversation_full'}
 end
 local taken = unqueue(conv)
-local added = add(conv, ident, ARGV[4], ARGV[6])
+local added = add(conv, ident, ARGV[5], ARGV[7])
 return {'admitted', added, 0, taken}
 """
 
-# ARGV: prefix, conversation, identity, participant JSON, now
+# ARGV: conversation, identity, participant JSON, now
 _CLAIM_BOT = """
-local conv, ident = ARGV[2], ARGV[3]
+local conv, ident = ARGV[3], ARGV[4]
 local mkey = P..'m:'..conv
 if redis.call('EXISTS', mkey) == 0 or redis.call('HEXISTS', mkey, ident) == 1 then return 0 end
 if not has_role(conv, 'customer') or has_role(conv, 'agent') or has_role(conv, 'bot') then return 0 end
-add(conv, ident, ARGV[4], ARGV[5])
+add(conv, ident, ARGV[5], ARGV[6])
 return 1
 """
 
-# ARGV: prefix, conversation, reason JSON string, since (digits), customer identity ('' = first)
+# ARGV: conversation, reason JSON string, since (digits), customer identity ('' = first)
 _ESCALATE = """
-local conv = ARGV[2]
+local conv = ARGV[3]
 if has_role(conv, 'agent') then return {'agent_present'} end
 local waiting = redis.call('HGET', P..'qe', conv)
 if waiting then return {'already_waiting', waiting} end
 local who = false
 for _, ident in ipairs(redis.call('ZRANGE', P..'o:'..conv, 0, -1)) do
   local v = redis.call('HGET', P..'m:'..conv, ident)
-  if cjson.decode(v).role == 'customer' and (ARGV[5] == '' or ident == ARGV[5]) then
+  if cjson.decode(v).role == 'customer' and (ARGV[6] == '' or ident == ARGV[6]) then
     who = v
     break
   end
 end
 if not who then return {'no_customer'} end
 local entry = '{"conversation":'..cjson.encode(conv)..',"customer":'..who
-entry = entry..',"since":'..ARGV[4]..',"reason":'..ARGV[3]..'}'
+entry = entry..',"since":'..ARGV[5]..',"reason":'..ARGV[4]..'}'
 redis.call('HSET', P..'qe', conv, entry)
 redis.call('ZADD', P..'q', redis.call('INCR', P..'seq'), conv)
 return {'queued', entry}
 """
 
-# ARGV: prefix, conversation, identity, now, retention seconds, retained limit
+# ARGV: conversation, identity, now, retention seconds, retained limit
 _LEAVE = """
-local conv, ident = ARGV[2], ARGV[3]
-local mkey = P..'m:'..conv
-local gone = redis.call('HGET', mkey, ident)
-if not gone then return {false} end
-redis.call('HDEL', mkey, ident)
-redis.call('ZREM', P..'o:'..conv, ident)
-local removed = redis.call('HLEN', mkey) == 0
-if removed then
-  redis.call('SREM', P..'convs', conv)
-  redis.call('DEL', P..'o:'..conv)
-  local retention = tonumber(ARGV[5])
-  if retention > 0 and redis.call('EXISTS', P..'h:'..conv) == 1 then
-    redis.call('ZADD', P..'exp', tonumber(ARGV[4]) + retention, conv)
-    while redis.call('ZCARD', P..'exp') > tonumber(ARGV[6]) do
-      local oldest = redis.call('ZPOPMIN', P..'exp')
-      redis.call('DEL', P..'h:'..oldest[1])
-    end
-  else
-    redis.call('DEL', P..'h:'..conv)
+return leave(ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7])
+"""
+
+# ARGV: the node whose participants go, now, retention seconds, retained limit. Returns
+# [conversation, leave result, …] for each participant it held.
+_REAP = """
+local out = {}
+local node = ARGV[3]
+for _, entry in ipairs(redis.call('SMEMBERS', P..'np:'..node)) do
+  local cut = string.find(entry, '\\n', 1, true)
+  local conv, ident = string.sub(entry, 1, cut - 1), string.sub(entry, cut + 1)
+  if redis.call('HGET', P..'at:'..conv, ident) == node then
+    table.insert(out, conv)
+    table.insert(out, leave(conv, ident, ARGV[4], ARGV[5], ARGV[6]))
   end
-  forget_expired(ARGV[4])
 end
-local customers = 0
-for _, v in ipairs(redis.call('HVALS', mkey)) do
-  if cjson.decode(v).role == 'customer' then customers = customers + 1 end
-end
-local queue_changed = 0
-if customers == 0 and unqueue(conv) then queue_changed = 1 end
-return {gone, removed and 1 or 0, queue_changed, customers}
+redis.call('DEL', P..'np:'..node)
+return out
 """
 
-# ARGV: prefix, conversation
+# ARGV: conversation
 _PARTICIPANTS = """
-local ids = redis.call('ZRANGE', P..'o:'..ARGV[2], 0, -1)
+local ids = redis.call('ZRANGE', P..'o:'..ARGV[3], 0, -1)
 if #ids == 0 then return false end
-return redis.call('HMGET', P..'m:'..ARGV[2], unpack(ids))
+return redis.call('HMGET', P..'m:'..ARGV[3], unpack(ids))
 """
 
-# ARGV: prefix, conversation, message JSON, history limit
+# ARGV: conversation, message JSON, history limit
 _APPEND = """
-local conv = ARGV[2]
+local conv = ARGV[3]
 if redis.call('EXISTS', P..'m:'..conv) == 0 then return 0 end
-redis.call('RPUSH', P..'h:'..conv, ARGV[3])
-redis.call('LTRIM', P..'h:'..conv, -tonumber(ARGV[4]), -1)
+redis.call('RPUSH', P..'h:'..conv, ARGV[4])
+redis.call('LTRIM', P..'h:'..conv, -tonumber(ARGV[5]), -1)
 return 1
 """
 
-# ARGV: prefix, conversation, now
+# ARGV: conversation, now
 _HISTORY = """
-forget_expired(ARGV[3])
-return redis.call('LRANGE', P..'h:'..ARGV[2], 0, -1)
+forget_expired(ARGV[4])
+return redis.call('LRANGE', P..'h:'..ARGV[3], 0, -1)
 """
 
-# ARGV: prefix
+# (no arguments)
 _WAITING = """
 local ids = redis.call('ZRANGE', P..'q', 0, -1)
 if #ids == 0 then return {} end
@@ -220,21 +266,25 @@ class RedisStore(Store):
         retention_seconds: float = 0.0,
         retained_limit: int = 1000,
         clock: Callable[[], float] = time.time,
-        prefix: str = "talkgate:",
+        prefix: str = PREFIX,
+        node: str = "",
     ) -> None:
         self.url = url
+        #: This process's node id: the participants it adds are its own (``reap``).
+        self.node = node or new_node_id()
         self.history_limit = history_limit
         self.retention_seconds = retention_seconds
         self.retained_limit = retained_limit
         self.prefix = prefix
         self._clock = clock
-        self.redis: aioredis.Redis = aioredis.Redis.from_url(url)
+        self.redis: aioredis.Redis = connect(url)
         scripts = {
             "join": _JOIN,
             "accept": _ACCEPT,
             "claim_bot": _CLAIM_BOT,
             "escalate": _ESCALATE,
             "leave": _LEAVE,
+            "reap": _REAP,
             "participants": _PARTICIPANTS,
             "append": _APPEND,
             "history": _HISTORY,
@@ -245,18 +295,29 @@ class RedisStore(Store):
     async def close(self) -> None:
         await self.redis.aclose()
 
+    def describe(self) -> str:
+        """Where the state is, for the start-up lines (no password)."""
+        kw = self.redis.connection_pool.connection_kwargs
+        where = kw.get("path") or f"{kw.get('host')}:{kw.get('port')}"
+        return f"{where} db {kw.get('db', 0)}, keys {self.prefix}*"
+
     async def ping(self) -> bool:
         """Whether Redis answers (``/healthz``)."""
         try:
-            return bool(await self.redis.ping())
-        except RedisError:
+            async with asyncio.timeout(COMMAND_SECONDS):
+                return bool(await self.redis.ping())
+        except (RedisError, TimeoutError):
             return False
 
     async def _run(self, script: str, *args: Any) -> Any:
         try:
-            return await self._scripts[script](args=[self.prefix, *args])
-        except RedisError as exc:
+            async with asyncio.timeout(COMMAND_SECONDS):
+                return await self._scripts[script](args=[self.prefix, self.node, *args])
+        except (RedisConnectionError, RedisTimeoutError, TimeoutError) as exc:
             raise Unavailable("the gateway's shared state (Redis) is unreachable; try again") from exc
+        except RedisError as exc:  # a refusal (out of memory, read-only replica) or a bug
+            log.error("redis refused the %s step: %s", script, exc)
+            raise Unavailable("the gateway's shared state (Redis) refused that; try again") from exc
 
     async def join(
         self, conversation: str, participant: Participant, limits: Limits, *, take_queue: bool = False
@@ -298,14 +359,14 @@ class RedisStore(Store):
         reply = await self._run(
             "leave", conversation, identity, self._clock(), self.retention_seconds, self.retained_limit
         )
-        if not reply or reply[0] is None:
-            return LeaveResult(None)
-        return LeaveResult(
-            _participant(reply[0]),
-            conversation_removed=bool(reply[1]),
-            queue_changed=bool(reply[2]),
-            customers_left=int(reply[3]),
-        )
+        return _left(reply)
+
+    async def reap(self, node: str) -> list[tuple[str, LeaveResult]]:
+        """Every participant ``node`` (a dead process) held leaves, as ``leave`` does; what
+        each leave did, by conversation. Another node's participants, and anyone who has
+        rejoined through another node since, stay."""
+        reply = await self._run("reap", node, self._clock(), self.retention_seconds, self.retained_limit)
+        return [(_text(reply[i]), _left(reply[i + 1])) for i in range(0, len(reply), 2)]
 
     async def participants(self, conversation: str) -> list[Participant] | None:
         reply = await self._run("participants", conversation)
@@ -322,10 +383,35 @@ class RedisStore(Store):
 
     async def conversation_count(self) -> int:
         try:
-            return int(await self.redis.scard(self.prefix + "convs"))
-        except RedisError as exc:
+            async with asyncio.timeout(COMMAND_SECONDS):
+                return int(await self.redis.scard(self.prefix + "convs"))
+        except (RedisError, TimeoutError) as exc:
             raise Unavailable("the gateway's shared state (Redis) is unreachable; try again") from exc
 
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _left(reply: list[Any]) -> LeaveResult:
+    if not reply or reply[0] is None:
+        return LeaveResult(None)
+    return LeaveResult(
+        _participant(reply[0]),
+        conversation_removed=bool(reply[1]),
+        queue_changed=bool(reply[2]),
+        customers_left=int(reply[3]),
+    )
+
+
+def connect(url: str) -> aioredis.Redis:
+    """A client for ``url``. Its commands get no socket timeout of their own: redis-py
+    would wrap each in ``asyncio.wait_for``, which on Python 3.11 can swallow a task's
+    cancellation (a shutdown then hangs); callers bound them with ``asyncio.timeout``
+    (``COMMAND_SECONDS``) instead."""
+    return aioredis.Redis.from_url(url, socket_timeout=None, socket_connect_timeout=COMMAND_SECONDS)
+
+
+def new_node_id() -> str:
+    """A node id unique per process start: the host's name and a random suffix."""
+    return f"{socket.gethostname()[:40]}-{uuid.uuid4().hex[:6]}"

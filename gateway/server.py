@@ -8,6 +8,7 @@ import dataclasses
 import http
 import logging
 import signal
+import time
 from types import TracebackType
 
 import uvloop
@@ -21,10 +22,12 @@ from . import __version__, messages
 from .api import Api
 from .bot import BotHandler, echo, serve_bot
 from .broker import Broker
+from .cluster import NodeInfo, Registry, only_node
 from .config import Config
 from .http import WS_PATH, Routes, origin_allowed, response
 from .metrics import Metrics, watch_loop_lag
 from .records import Records, SqlRecords
+from .redis_store import RedisStore
 from .session import Session
 from .store import InMemoryStore, Store
 from .webhook_delivery import WebhookDelivery
@@ -52,13 +55,25 @@ class GatewayServer:
         self.metrics = Metrics()
         #: A store passed in is its giver's to close.
         self._owns_store = store is None
-        self.store = (
+        if store is None and config.redis:
+            store = RedisStore(
+                config.redis,
+                node=config.node_id,
+                history_limit=config.history_limit,
+                retention_seconds=config.history_retention_seconds,
+                retained_limit=config.max_conversations,
+            )
+        self.store: Store = (
             store
             if store is not None
             else InMemoryStore(
                 config.history_limit, config.history_retention_seconds, retained_limit=config.max_conversations
             )
         )
+        #: On a shared store, this node's entry in the registry (docs/cluster.md).
+        self.registry: Registry | None = None
+        if isinstance(self.store, RedisStore):
+            self.registry = Registry(self.store.redis, self.store.prefix, self._describe, self._reap)
         #: The webhook delivery worker (None: no ``--webhook-url``); the records' writer wakes it.
         self.webhooks = WebhookDelivery(config, self.metrics) if config.webhook_urls else None
         #: The durable records (None: in memory only, ``--database none``).
@@ -97,8 +112,11 @@ class GatewayServer:
         self._server: Server | None = None
         self._lag_task: asyncio.Task[None] | None = None
         self.port = config.port
+        self._started = int(time.time() * 1000)
 
     async def start(self) -> None:
+        if self.registry is not None:
+            await self._one_node()
         if self.records is not None:
             await self.records.start()  # migrated before the first client can join
         if self.webhooks is not None:
@@ -122,6 +140,8 @@ class GatewayServer:
             close_timeout=5,
         )
         self.port = self._server.sockets[0].getsockname()[1]
+        if self.registry is not None:
+            await self.registry.start()  # registers, and reaps the nodes that died meanwhile
         if self.api is not None:
             await self.api.start()
         self._lag_task = asyncio.create_task(watch_loop_lag(self.metrics.loop_lag), name="talkgate-loop-lag")
@@ -209,6 +229,8 @@ class GatewayServer:
             await self.webhooks.close()  # rows being sent stay pending for the next start
         if self.records is not None:
             await self.records.close()  # after the broker: what the shutdown wrote is committed
+        if self.registry is not None:
+            await self.registry.close()
         if self._owns_store:
             await self.store.close()
 
@@ -224,7 +246,39 @@ class GatewayServer:
     async def _handle(self, ws: ServerConnection) -> None:
         await Session(ws, self.broker, self.config, self.metrics).run()
 
+    async def _one_node(self) -> None:
+        """Refuse to start beside another live node: delivery between nodes is not built
+        yet, so a second node would leave its clients deaf to the first one's."""
+        assert isinstance(self.store, RedisStore)
+        await only_node(self.store.redis, self.store.prefix, self.store.node, self.store.url)
+
+    async def _describe(self) -> NodeInfo:
+        assert isinstance(self.store, RedisStore)
+        return NodeInfo(
+            id=self.store.node,
+            url=self.url,
+            rtc=",".join(self.config.rtc_addresses or ()),
+            version=__version__,
+            started=self._started,
+            conversations=self.broker.local_conversations,
+            sessions=len(self.broker.sessions),
+            peer_connections=len(self.broker.router),
+        )
+
+    async def _reap(self, node: str) -> None:
+        assert isinstance(self.store, RedisStore)
+        await self.broker.node_lost(node, await self.store.reap(node))
+
     async def health(self) -> dict[str, object]:
+        if isinstance(self.store, RedisStore):
+            return {
+                **await self._health(),
+                "node": self.store.node,
+                "redis": await self.store.ping(),
+            }
+        return await self._health()
+
+    async def _health(self) -> dict[str, object]:
         return {
             "status": "ok",
             "conversations": await self.store.conversation_count(),
@@ -270,6 +324,8 @@ async def serve_until_signalled(config: Config, *, demo_bot: str | None = None) 
         log.info("talkgate listening on %s", server.url)
         if server.api_url is not None:
             log.info("api listening on %s", server.api_url)
+        if isinstance(server.store, RedisStore):
+            log.info("live state: Redis %s, node %s", server.store.describe(), server.store.node)
         if server.records is not None:
             log.info("records: %s", server.records.describe())
         else:

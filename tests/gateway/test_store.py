@@ -233,3 +233,32 @@ async def test_an_unreachable_redis_is_unavailable_not_a_crash() -> None:
         assert not await store.ping()
     finally:
         await store.close()
+
+
+async def test_a_dead_nodes_participants_are_reaped(redis_server: RedisServer) -> None:
+    """Each participant is held by the node that added it; when a node dies another reaps
+    what it held (as leaves), once, and not whoever rejoined through another node since."""
+    prefix = f"test-{uuid.uuid4().hex[:8]}:"
+    dead = RedisStore(redis_server.url(), prefix=prefix, node="dead")
+    alive = RedisStore(redis_server.url(), prefix=prefix, node="alive")
+    try:
+        await dead.join("r1", ANN, ROOMY)
+        await alive.join("r1", BOB, ROOMY)
+        await dead.join("r2", CID, ROOMY)
+        await dead.escalate("r2", "x", 1)
+        await dead.join("r3", ANN, ROOMY)
+        await alive.join("r3", ANN, ROOMY)  # reconnected through the other node
+        reaped = sorted((conversation, result) for conversation, result in await alive.reap("dead"))
+        assert [(c, r.participant) for c, r in reaped] == [("r1", ANN), ("r2", CID)]
+        (_, in_r1), (_, in_r2) = reaped
+        assert not in_r1.conversation_removed and in_r1.customers_left == 0
+        assert in_r2.conversation_removed and in_r2.queue_changed
+        assert await alive.participants("r1") == [BOB]
+        assert await alive.participants("r3") == [ANN]
+        assert await alive.waiting() == []
+        assert await alive.reap("dead") == []  # once
+        assert (await alive.leave("r3", "u1")).conversation_removed  # the tag moved with the rejoin
+        assert await dead.reap("alive") != []  # BOB, still held by "alive"
+    finally:
+        await dead.close()
+        await alive.close()
