@@ -203,6 +203,8 @@ class Broker:
             case ev.AgentAccepted():
                 # Not awaited: the agent gets its conversation while the bot says goodbye.
                 self.bots.stop_soon(event.conversation, "transferred")
+            case ev.CallEnded(participant=who, reason=reason) if who.role == Role.CUSTOMER:
+                self.bots.call_ended(event.conversation, reason)
             case ev.ConversationClosed():
                 self.upgrades.forget(event.conversation)
                 self.calls.forget(event.conversation)

@@ -163,6 +163,15 @@ def _server_options(f: click.decorators.FC) -> click.decorators.FC:
             help="How the bot is spoken to.",
         ),
         click.option(
+            "--bot-secret",
+            envvar="TALKGATE_BOT_SECRET",
+            default="",
+            show_envvar=True,
+            show_default=False,
+            help="Sign a short-lived token (HS256, 32+ bytes secret) sent as 'Authorization: Bearer' on every "
+            "bot link, so the bot can tell the gateway from anyone else (docs/bot-protocol.md).",
+        ),
+        click.option(
             "--bot-barge-in/--no-bot-barge-in",
             "bot_barge_in",
             envvar="TALKGATE_BOT_BARGE_IN",

@@ -123,6 +123,8 @@ class Config:
     bot_url: str = ""
     #: "native" (docs/bot-protocol.md) or "twilio" (Twilio Media Streams, bidirectional).
     bot_protocol: str = "native"
+    #: Signs the token the gateway sends on each bot link (docs/bot-protocol.md); "": none.
+    bot_secret: str = ""
     bot_name: str = "Assistant"
     bot_connect_seconds: float = 8.0
     bot_barge_in: bool = True
@@ -207,6 +209,8 @@ class Config:
             raise ConfigError(f"bad RTC address or network: {exc}") from exc
         if self.bot_url and not self.bot_url.startswith(("ws://", "wss://")):
             raise ConfigError(f"the bot URL must start with ws:// or wss://, not {self.bot_url!r}")
+        if self.bot_secret and len(self.bot_secret.encode()) < MIN_SECRET_BYTES:
+            raise ConfigError(f"the bot secret must be at least {MIN_SECRET_BYTES} bytes")
         if self.bot_protocol not in ("native", "twilio"):
             raise ConfigError("bot_protocol must be native or twilio")
         if not 0 < len(self.bot_name) <= MAX_FIELD_CHARS:

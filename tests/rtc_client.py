@@ -223,6 +223,12 @@ class RtcClient:
                         return received
                 await asyncio.sleep(0.05)
 
+    async def renew(self) -> None:
+        """A fresh peer connection for the next call (after a hangup); signaling goes on."""
+        await self.pc.close()
+        self.pc = RTCPeerConnection()
+        self.pc.on("track", self._on_track)
+
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()

@@ -174,14 +174,20 @@ class Conversation:
         self.speaking = False
         self.replies = 0
         self.warned_tts = False
+        #: The customer is in a voice call with us (between call.started and call.ended):
+        #: answers are spoken too, not only written.
+        self.in_call = False
 
-    async def say(self, intent: Intent, heard: str | None = None) -> None:
+    async def say(self, intent: Intent, heard: str | None = None, *, write: bool = True) -> None:
         if heard is not None:
             await self.send({"type": "transcript", "text": heard or "(unclear)", "final": True})
-        await self.send({"type": "chat", "text": intent.reply})
+        if write:
+            await self.send({"type": "chat", "text": intent.reply})
         if intent.transfer:
             # Hand over now; the gateway keeps playing this answer until an agent accepts.
             await self.send({"type": "transfer", "reason": "customer_asked_for_a_person"})
+        if not self.in_call:
+            return  # a chat: nobody to speak to
         pcm = await asyncio.to_thread(synthesize, intent.reply)
         if pcm is None and not self.warned_tts:
             self.warned_tts = True
@@ -200,6 +206,11 @@ class Conversation:
         kind = message.get("type")
         if kind == "start":
             await self.say(Intent("greeting", GREETING))
+        elif kind == "call.started":
+            self.in_call = True
+            await self.say(Intent("greeting", GREETING), write=False)  # the caller hears it
+        elif kind == "call.ended":
+            self.in_call = False
         elif kind == "speech.started":
             self.speaking, self.segment = True, []
         elif kind == "speech.stopped":

@@ -40,7 +40,7 @@ from media.vad import Event, SpeechFrame, SpeechStarted, SpeechStopped
 
 from ..messages import Participant, Role
 from ..protocol import TokenBucket
-from . import native
+from . import link_token, native
 from .native import BotProtocol
 
 log = logging.getLogger("talkgate.bot")
@@ -85,6 +85,9 @@ class BotSettings:
     #: customer's outbox (which would disconnect the customer).
     rate_per_second: float = 20.0
     rate_burst: int = 60
+    #: ``--bot-secret``: each connection attempt carries a fresh signed token
+    #: (``link_token``) in its ``Authorization`` header; "" sends none.
+    secret: str = ""
 
 
 #: Errors sent to a bot: a burst, then at most this many a second (the rest are counted
@@ -234,8 +237,14 @@ class BotConnector:
         """
         if self.state is BotState.STOPPED:
             return
+        previous = self._pipeline
+        if previous is not None and previous is not pipeline:
+            self.end_call("replaced")  # a new call without the old one's end: end it first
         if self._pipeline is not pipeline or self._taps is not taps:
             self.detach()
+        if previous is not pipeline and self._ws is not None:
+            # The call with the bot begins (sent by ``_serve`` instead if the link is not up yet).
+            self._send(self.protocol.call_started())
         self._pipeline = pipeline
         if self._on_speech not in pipeline.listeners:
             pipeline.listeners.append(self._on_speech)
@@ -262,6 +271,22 @@ class BotConnector:
                     taps.remove(tap)
             if tap.relay is not None:
                 tap.relay.unsubscribe(tap)
+
+    def end_call(self, reason: str) -> None:
+        """The customer's call with the bot ended: the bot hears of it (``call.ended``, or a
+        Twilio stream's ``stop``), what it was saying is dropped, its speech is no longer
+        listened to. Nothing if no call was attached."""
+        if self._pipeline is None:
+            return
+        self._silence()
+        self.detach()
+        if self._ws is not None:
+            self._send(self.protocol.call_ended(reason))
+
+    @property
+    def in_call(self) -> bool:
+        """The customer is in a voice call with the bot (its speech is attached)."""
+        return self._pipeline is not None
 
     def customer_chat(self, message: dict[str, Any]) -> None:
         self._send(self.protocol.chat(message))
@@ -370,8 +395,18 @@ class BotConnector:
         told = False
         while self._stop_reason is None:
             try:
+                headers = {}
+                if self.settings.secret:
+                    token = link_token.issue(
+                        self.settings.secret,
+                        url=self.settings.url,
+                        conversation=self.conversation,
+                        customer=self.customer.identity,
+                    )
+                    headers["Authorization"] = f"Bearer {token}"
                 ws = await connect(
                     self.settings.url,
+                    additional_headers=headers,
                     open_timeout=2,
                     # A bot that does not answer the close handshake costs at most this.
                     close_timeout=STOP_GRACE_SECONDS,
@@ -403,7 +438,10 @@ class BotConnector:
     async def _serve(self, ws: ClientConnection) -> str:
         self._ws = ws
         self.state = BotState.ACTIVE
-        for item in reversed(self.protocol.opening()):
+        opening = self.protocol.opening()
+        if self._pipeline is not None:
+            opening += self.protocol.call_started()  # a call began before the link was up
+        for item in reversed(opening):
             self._outbox.appendleft((item, False, 0.0, 0.0))
         self._wake.set()
         writer = self.tasks.spawn(self._write(ws), f"talkgate-bot-writer-{self.conversation}")
@@ -483,6 +521,11 @@ class BotConnector:
             )
             return None
         match message:
+            case native.Audio() if self._pipeline is None:
+                self.host.bot_problem("bad_message")  # counted: a Twilio stream has no error channel
+                self._error(
+                    "no_call", "no voice call with the customer: audio plays only between call.started and call.ended"
+                )
             case native.Audio():
                 self._play(message.pcm, message.sample_rate or self._rate)
             case native.BotChat():

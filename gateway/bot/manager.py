@@ -83,6 +83,7 @@ class BotManager:
                 opus_complexity=config.opus_complexity,
                 rate_per_second=config.bot_rate_per_second,
                 rate_burst=config.bot_rate_burst,
+                secret=config.bot_secret,
             )
             if config.bot_url
             else None
@@ -138,6 +139,12 @@ class BotManager:
         bot = self._links.get(conversation)
         if bot is not None:
             bot.attach(pipeline, taps)
+
+    def call_ended(self, conversation: str, reason: str) -> None:
+        """The customer's voice call ended: the conversation's bot is told."""
+        bot = self._links.get(conversation)
+        if bot is not None:
+            bot.end_call(reason)
 
     async def stop(self, conversation: str, reason: str) -> None:
         bot = self._links.pop(conversation, None)

@@ -118,6 +118,8 @@ class BotProtocol(Protocol):
     continuous_rate: int | None
 
     def opening(self) -> Outgoing: ...
+    def call_started(self) -> Outgoing: ...
+    def call_ended(self, reason: str) -> Outgoing: ...
     def speech_started(self, t: int) -> Outgoing: ...
     def speech_frame(self, pcm: bytes) -> Outgoing: ...
     def speech_stopped(self, t: int, duration: int) -> Outgoing: ...
@@ -150,6 +152,12 @@ class NativeProtocol:
 
     def opening(self) -> Outgoing:
         return [self._start]
+
+    def call_started(self) -> Outgoing:
+        return [encode({"type": "call.started"})]
+
+    def call_ended(self, reason: str) -> Outgoing:
+        return [encode({"type": "call.ended", "reason": reason})]
 
     def speech_started(self, t: int) -> Outgoing:
         return [encode({"type": "speech.started", "t": t})]

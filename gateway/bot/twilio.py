@@ -1,7 +1,10 @@
 """Twilio Media Streams compatibility (``--bot-protocol twilio``), field for field.
 
 Bots written for Twilio's bidirectional Media Streams work unchanged: the gateway sends
-``connected``, ``start`` (``streamSid``, ``callSid`` = conversation id, ``tracks:
+``connected`` when the link opens and, as Twilio does with the answered call, a stream
+per voice call of the customer: ``start`` when the call begins (a new ``streamSid``
+each time), ``stop`` when it ends; a chat-only conversation has no stream. ``start``
+has ``streamSid``, ``callSid`` = conversation id, ``tracks:
 ["inbound"]``, ``customParameters`` with the customer's identity and name,
 ``mediaFormat`` μ-law 8 kHz mono), ``media`` every 20 ms (base64 μ-law of the customer's
 continuous audio, as Twilio sends it, not VAD-gated; ``track``, ``chunk``,
@@ -38,6 +41,8 @@ class TwilioProtocol:
         self._sequence = 0
         self._chunk = 0
         self._first_t: int | None = None
+        #: A stream is open (the customer is in a voice call with the bot).
+        self.streaming = False
 
     def _next(self) -> str:
         self._sequence += 1
@@ -51,8 +56,15 @@ class TwilioProtocol:
         return json.dumps(message, separators=(",", ":"))
 
     def opening(self) -> Outgoing:
+        return [json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"})]
+
+    def call_started(self) -> Outgoing:
+        """A new stream: its own ``streamSid``, sequence numbers, chunks and timestamps."""
+        self.stream_sid = "MZ" + secrets.token_hex(16)
         self._sequence = 0
-        connected = json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"})
+        self._chunk = 0
+        self._first_t = None
+        self.streaming = True
         start = self._event(
             "start",
             {
@@ -64,7 +76,13 @@ class TwilioProtocol:
                 "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": RATE, "channels": 1},
             },
         )
-        return [connected, start]
+        return [start]
+
+    def call_ended(self, reason: str) -> Outgoing:
+        if not self.streaming:
+            return []
+        self.streaming = False
+        return [self._event("stop", {"accountSid": self.account_sid, "callSid": self.conversation})]
 
     # Twilio streams continuous audio: speech segments are not sent as such.
     def speech_started(self, t: int) -> Outgoing:
@@ -77,6 +95,8 @@ class TwilioProtocol:
         return []
 
     def audio(self, pcm: bytes, t: int) -> Outgoing:
+        if not self.streaming:
+            return []
         if self._first_t is None:
             self._first_t = t
         self._chunk += 1
@@ -102,7 +122,7 @@ class TwilioProtocol:
         return [self._event("mark", {"name": name}) for name in marks]
 
     def stop(self, reason: str) -> Outgoing:
-        return [self._event("stop", {"accountSid": self.account_sid, "callSid": self.conversation})]
+        return self.call_ended(reason)  # the link closes after it; without a stream, nothing to say
 
     def error(self, code: str, message: str) -> Outgoing:
         return []  # Twilio sends no errors on the stream; the gateway logs them

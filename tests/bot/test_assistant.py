@@ -32,8 +32,11 @@ async def bot() -> AsyncIterator[ClientConnection]:
                     }
                 )
             )
-            greeting = await reply(ws)
-            assert "booking assistant" in greeting["chat"]
+            greeting = json.loads(await ws.recv())  # written at once: chat works without a call
+            assert greeting["type"] == "chat" and "booking assistant" in greeting["text"]
+            await ws.send(json.dumps({"type": "call.started"}))
+            spoken = await reply(ws)  # the caller hears it, not written twice
+            assert "chat" not in spoken and spoken["mark"].startswith("greeting-") and len(spoken["audio"]) > 16_000
             yield ws
 
 
@@ -101,3 +104,12 @@ async def test_typed_chat_is_understood_too(bot: ClientConnection, typed: str, i
     answer = await reply(bot)
     assert assistant.intent_of(typed).name == intent
     assert answer["chat"] == assistant.intent_of(typed).reply
+
+
+async def test_without_a_call_answers_are_written_only(bot: ClientConnection) -> None:
+    await bot.send(json.dumps({"type": "call.ended", "reason": "hangup"}))
+    await bot.send(json.dumps({"type": "chat", "id": "x", "from": {}, "text": "What are your opening hours?", "ts": 0}))
+    answer = json.loads(await asyncio.wait_for(bot.recv(), 15))
+    assert answer == {"type": "chat", "text": assistant.intent_of("opening hours").reply}
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(bot.recv(), 1.0)  # no audio: nobody is on the phone

@@ -68,6 +68,7 @@ async def test_a_full_outbox_drops_the_oldest_audio_and_keeps_control_messages(p
         protocol=protocol_class("r1", customer, 16_000, 20),
     )
     connector._send(connector.protocol.mark("keep-me"))
+    connector.protocol.call_started()  # a Twilio stream sends audio only during a call
     for i in range(10):
         if protocol_class is TwilioProtocol:
             connector._send(connector.protocol.audio(bytes(320), i * 20), audio=True)

@@ -13,7 +13,7 @@ from gateway.server import GatewayServer
 from tests.bot.conftest import TestBot
 from tests.client import Client
 from tests.conftest import Party, listen_only, make_token
-from tests.rtc_client import SpeechTrack
+from tests.rtc_client import RtcClient, SpeechTrack
 from tests.speech import utterances
 
 
@@ -88,6 +88,7 @@ async def test_bot_audio_reaches_the_customer_and_marks_come_back_after_playback
     customer = await party("u1")
     await bot.wait_for("start")
     await listen_only(customer)
+    await bot.wait_for("call.started")  # bot audio plays only during a call
     await bot.send({"type": "audio.format", "sample_rate": 16000})
     sent = time.monotonic()
     await bot.send(tone(0.6))  # faster than real time, in one piece
@@ -102,6 +103,7 @@ async def test_clear_silences_the_bot_at_once(party: Party, bot: TestBot) -> Non
     customer = await party("u1")
     await bot.wait_for("start")
     await listen_only(customer)
+    await bot.wait_for("call.started")  # bot audio plays only during a call
     await bot.send(tone(5.0))
     received = await customer.hears_tone(660)
     await bot.send({"type": "clear"})
@@ -119,6 +121,7 @@ async def test_barge_in_clears_bot_audio_and_tells_the_bot(party: Party, bot: Te
     speech = SpeechTrack(fixture.pcm)
     customer.pc.addTrack(speech)
     await customer.negotiate()
+    await bot.wait_for("call.started")
     await bot.send(tone(8.0))
     await bot.send({"type": "mark", "name": "long-answer"})
     received = await customer.hears_tone(660)
@@ -189,6 +192,10 @@ async def test_audio_over_the_buffer_limit_is_refused(party: Party, bot: TestBot
             await client.send({"type": "join", "token": make_token("u9", "customer", "small-room")})
             await client.expect("joined")
             await bot.wait_for("start")
+            await bot.send(tone(0.2))  # no call yet: refused, not played into nothing
+            assert (await bot.wait_for("error"))["code"] == "no_call"
+            await listen_only(RtcClient(client))
+            await bot.wait_for("call.started")
             await bot.send(tone(1.5))
             error = await bot.wait_for("error")
             assert error["code"] == "buffer_full" and "1 s" in error["message"]
@@ -258,3 +265,20 @@ async def test_a_draining_gateway_stops_the_bot_with_reason_shutdown(
     assert await bot.wait_for("stop") == {"type": "stop", "reason": "shutdown"}
     await customer.wait_for("shutdown", retry_after_ms=2000)
     assert await drain is False  # the customer stayed until the deadline
+
+
+async def test_the_bot_hears_when_calls_begin_and_end(party: Party, bot: TestBot) -> None:
+    """``start`` opens the link (chat bots work without a call); ``call.started`` and
+    ``call.ended`` frame each voice call; audio outside a call is refused, not lost silently."""
+    customer = await party("u1")
+    await bot.wait_for("start")
+    await bot.send(tone(0.2))
+    no_call = await bot.wait_for("error")
+    assert no_call["code"] == "no_call"
+    await listen_only(customer)
+    await bot.wait_for("call.started")
+    await customer.client.send({"type": "hangup"})
+    assert (await bot.wait_for("call.ended")) == {"type": "call.ended", "reason": "hangup"}
+    await customer.renew()
+    await listen_only(customer)
+    await bot.wait_for("call.started")  # the next call

@@ -9,7 +9,7 @@ from gateway.config import Config
 from gateway.server import GatewayServer
 from tests.bot.conftest import TestBot
 from tests.client import Client
-from tests.conftest import Party, make_token
+from tests.conftest import Party, listen_only, make_token
 
 
 async def test_bug2_a_flooding_bot_gets_errors_and_never_gets_its_customer_disconnected(
@@ -117,8 +117,10 @@ async def test_bug6_a_bot_dialled_again_leaves_no_listener_or_tap_behind(
 async def test_bug6_marks_are_bounded(party: Party, bot: TestBot, server: GatewayServer) -> None:
     """Bug 6: playback marks grew without bound (the bot decides how many: 100 000 marks
     grew the gateway by 79 MB)."""
-    await party("u1")
+    customer = await party("u1")
     await bot.wait_for("start")
+    await listen_only(customer)
+    await bot.wait_for("call.started")
     await bot.send(bytes(16_000 * 2 * 30))  # 30 s of audio queued: marks wait for it
     for i in range(3000):
         await bot.send({"type": "mark", "name": f"m{i}"})

@@ -46,6 +46,9 @@ async def test_connected_start_and_continuous_media_field_for_field(party: Party
     customer = await party("u1")
     connected = await bot.next_text()
     assert connected == {"event": "connected", "protocol": "Call", "version": "1.0.0"}
+    await asyncio.sleep(0.3)
+    assert bot.received.empty()  # chat only: no stream
+    await start_audio(customer, 440)  # the call begins: the stream starts
     start = await bot.next_text()
     assert start["event"] == "start" and start["sequenceNumber"] == "1"
     body = start["start"]
@@ -56,7 +59,7 @@ async def test_connected_start_and_continuous_media_field_for_field(party: Party
     assert body["customParameters"] == {"identity": "u1", "name": "u1"}
     assert body["mediaFormat"] == {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}
 
-    await start_audio(customer, 440)  # continuous audio: a tone is streamed, VAD or not
+    # continuous audio: the tone is streamed, VAD or not
     media = [await next_event(bot, "media", timeout=8)]
     arrival = [time.monotonic()]
     while len(media) < 100:
@@ -78,9 +81,9 @@ async def test_connected_start_and_continuous_media_field_for_field(party: Party
 
 async def test_media_from_the_bot_is_played_marks_echo_and_clear_returns_marks(party: Party, bot: TestBot) -> None:
     customer = await party("u1")
+    await listen_only(customer)
     start = (await next_event(bot, "start"))["start"]
     sid = start["streamSid"]
-    await listen_only(customer)
     await bot.send({"event": "media", "streamSid": sid, "media": {"payload": ulaw_tone(0.6)}})
     await bot.send({"event": "mark", "streamSid": sid, "mark": {"name": "said-hello"}})
     await customer.hears_tone(660)
@@ -97,6 +100,7 @@ async def test_media_from_the_bot_is_played_marks_echo_and_clear_returns_marks(p
 
 async def test_stop_when_the_customer_leaves(party: Party, bot: TestBot) -> None:
     customer = await party("u1")
+    await listen_only(customer)
     start = (await next_event(bot, "start"))["start"]
     await customer.client.send({"type": "leave"})
     stop = await next_event(bot, "stop")
@@ -107,8 +111,8 @@ async def test_stop_when_the_customer_leaves(party: Party, bot: TestBot) -> None
 
 async def test_malformed_twilio_messages_do_not_break_the_call(party: Party, bot: TestBot) -> None:
     customer = await party("u1")
-    sid = (await next_event(bot, "start"))["start"]["streamSid"]
     await listen_only(customer)
+    sid = (await next_event(bot, "start"))["start"]["streamSid"]
     for bad in (
         "nope",
         '{"event":"media","media":{}}',
@@ -118,3 +122,32 @@ async def test_malformed_twilio_messages_do_not_break_the_call(party: Party, bot
         await bot.ws.send(bad)
     await bot.send({"event": "media", "streamSid": sid, "media": {"payload": ulaw_tone(1.0)}})
     await customer.hears_tone(660)
+
+
+async def test_a_greeting_on_start_is_heard_by_a_customer_who_calls_later(party: Party, bot: TestBot) -> None:
+    """As on Twilio, the stream starts with the call, not with the chat: a bot that greets
+    on ``start`` is heard in full by a customer who calls three seconds after joining."""
+    customer = await party("u1")
+    await next_event(bot, "connected")
+    await asyncio.sleep(3)  # chatting, not calling: no stream
+    assert bot.received.empty()
+    await listen_only(customer)
+    sid = (await next_event(bot, "start"))["start"]["streamSid"]
+    await bot.send({"event": "media", "streamSid": sid, "media": {"payload": ulaw_tone(0.6)}})
+    await bot.send({"event": "mark", "streamSid": sid, "mark": {"name": "greeting"}})
+    await customer.hears_tone(660)
+    assert (await next_event(bot, "mark"))["mark"] == {"name": "greeting"}  # played to its end
+
+
+async def test_each_call_is_a_stream_of_its_own(party: Party, bot: TestBot) -> None:
+    customer = await party("u1")
+    await listen_only(customer)
+    first = await next_event(bot, "start")
+    await customer.client.send({"type": "hangup"})
+    stop = await next_event(bot, "stop")
+    assert stop["streamSid"] == first["streamSid"]
+    await customer.renew()
+    await listen_only(customer)
+    second = await next_event(bot, "start")
+    assert second["streamSid"] != first["streamSid"] and second["sequenceNumber"] == "1"
+    assert second["start"]["callSid"] == first["start"]["callSid"] == "call-room"
