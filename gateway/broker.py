@@ -566,6 +566,7 @@ class Broker:
     async def node_lost(self, node: str, results: list[tuple[str, LeaveResult]]) -> None:
         """A dead node's participants were reaped from the shared store: their leaves
         (reason ``node_lost``) are recorded and told to whoever is here."""
+        log.info("node %s is gone: %d of its participants left", node, len(results))
         for conversation, result in results:
             await self.apply(self.conversations.left(conversation, result, NODE_LOST))
 

@@ -177,7 +177,26 @@ def _server_options(f: click.decorators.FC) -> click.decorators.FC:
             envvar="TALKGATE_BOT_BARGE_IN",
             default=True,
             show_envvar=True,
-            help="Clear bot audio when the customer starts talking.",
+            help="Hold the bot's audio the moment the customer starts talking (any bot protocol).",
+        ),
+        click.option(
+            "--barge-in-min-ms",
+            "bot_barge_in_min_ms",
+            envvar="TALKGATE_BARGE_IN_MIN_MS",
+            type=click.IntRange(1, 5000),
+            default=300,
+            show_envvar=True,
+            help="Speech over the bot voiced this long interrupts it; shorter (a cough) lets it go on.",
+        ),
+        click.option(
+            "--barge-in-hold-ms",
+            "bot_barge_in_hold_ms",
+            envvar="TALKGATE_BARGE_IN_HOLD_MS",
+            type=click.IntRange(0, 60_000),
+            default=2000,
+            show_envvar=True,
+            help="After an interruption, drop the bot's audio until it sends clear (native: or a mark), "
+            "at most this long.",
         ),
         click.option(
             "--database",
@@ -325,13 +344,13 @@ def cluster() -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per node instead of the table.")
 def status(redis: str, as_json: bool) -> None:
     """Print the live nodes: id, URL, load, whether draining, when last seen."""
-    from .cluster import read_status
+    from .cluster import read_status, redacted
     from .redis_store import PREFIX
 
     try:
         nodes = asyncio.run(read_status(redis, PREFIX))
     except Exception as exc:  # unreachable, refused, a bad URL: say so, no traceback
-        raise click.ClickException(f"could not read the registry at {redis}: {exc}") from None
+        raise click.ClickException(f"could not read the registry at {redacted(redis)}: {exc}") from None
     if as_json:
         for node in nodes:
             click.echo(json.dumps(dataclasses.asdict(node)))

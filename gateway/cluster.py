@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -192,6 +193,15 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def redacted(url: str) -> str:
+    """A Redis URL without its password (for logs and errors)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
 async def only_node(redis: aioredis.Redis, prefix: str, me: str, url: str, ttl: float = NODE_TTL) -> None:
     """ConfigError if Redis is unreachable or another node is live on it (one node per
     Redis until delivery between nodes exists). A node that died (this one's previous
@@ -202,7 +212,7 @@ async def only_node(redis: aioredis.Redis, prefix: str, me: str, url: str, ttl: 
             async with asyncio.timeout(COMMAND_SECONDS):
                 others = [node.id for node in await live_nodes(redis, prefix) if node.id != me]
         except (RedisError, TimeoutError) as exc:
-            raise ConfigError(f"Redis at {url} is unreachable: {exc}") from exc
+            raise ConfigError(f"Redis at {redacted(url)} is unreachable: {exc}") from exc
         if not others:
             return
         if time.monotonic() > deadline:

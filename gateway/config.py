@@ -128,6 +128,11 @@ class Config:
     bot_name: str = "Assistant"
     bot_connect_seconds: float = 8.0
     bot_barge_in: bool = True
+    #: Speech over the bot voiced for this long interrupts it; shorter (a cough) resumes it.
+    bot_barge_in_min_ms: int = 300
+    #: After an interruption, the bot's audio is dropped until it sends ``clear`` (or a
+    #: native ``mark``), at most this long.
+    bot_barge_in_hold_ms: int = 2000
     bot_max_buffer_seconds: float = 60.0
     #: Customer speech waiting in the gateway for a bot that does not read it; a bot
     #: that falls further behind is dropped and the conversation goes to the agent queue.
@@ -209,6 +214,8 @@ class Config:
             raise ConfigError(f"bad RTC address or network: {exc}") from exc
         if self.bot_url and not self.bot_url.startswith(("ws://", "wss://")):
             raise ConfigError(f"the bot URL must start with ws:// or wss://, not {self.bot_url!r}")
+        if not 0 < self.bot_barge_in_min_ms <= 5000 or not 0 <= self.bot_barge_in_hold_ms <= 60_000:
+            raise ConfigError("bot_barge_in_min_ms is 1 to 5000, bot_barge_in_hold_ms 0 to 60000")
         if self.bot_secret and len(self.bot_secret.encode()) < MIN_SECRET_BYTES:
             raise ConfigError(f"the bot secret must be at least {MIN_SECRET_BYTES} bytes")
         if self.bot_protocol not in ("native", "twilio"):

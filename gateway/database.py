@@ -10,6 +10,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
 
 from .errors import ConfigError
 
@@ -124,6 +125,15 @@ class Lock:
                 await conn.close()  # ends the session: the lock goes with it
             except Exception:
                 await conn.invalidate()
+
+
+def locks_engine(engine: AsyncEngine) -> AsyncEngine:
+    """Where ``try_lock`` takes connections: on PostgreSQL an engine without a pool (a held
+    lock holds its connection for as long as it is held, which must not starve the
+    records' pool); on SQLite the engine itself (its locks hold nothing)."""
+    if engine.dialect.name != "postgresql":
+        return engine
+    return create_async_engine(engine.url, poolclass=NullPool)
 
 
 async def try_lock(engine: AsyncEngine, name: str) -> Lock | None:

@@ -44,12 +44,13 @@ from typing import Any
 
 import aiohttp
 import msgspec
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from media.tasks import TaskOwner
 
 from . import __version__, outbox
 from .config import Config
-from .database import Lock, try_lock
+from .database import Lock, locks_engine, try_lock
 from .events import now_ms
 from .metrics import Metrics
 from .records import SqlRecords
@@ -82,6 +83,8 @@ class WebhookDelivery:
         self._signer = signer(config.webhook_secret)
         self._metrics = metrics
         self._records: SqlRecords | None = None
+        #: Where the endpoints' locks take their connections (``database.locks_engine``).
+        self._locks: AsyncEngine | None = None
         self._session: aiohttp.ClientSession | None = None
         self._owner = TaskOwner("webhooks", log)
         #: endpoint -> set when rows were added (the writer) or made due (the API)
@@ -104,6 +107,8 @@ class WebhookDelivery:
 
     async def start(self, records: SqlRecords) -> None:
         self._records = records
+        assert records.engine is not None
+        self._locks = locks_engine(records.engine)
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self._timeout),
             connector=aiohttp.TCPConnector(limit_per_host=1),
@@ -119,6 +124,9 @@ class WebhookDelivery:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._locks is not None and self._records is not None and self._locks is not self._records.engine:
+            await self._locks.dispose()
+        self._locks = None
 
     async def retry(self, delivery: int) -> outbox.Delivery | None:
         """The API's retry: make a delivery pending and due now, and tell its endpoint."""
@@ -131,11 +139,11 @@ class WebhookDelivery:
 
     async def _endpoint(self, endpoint: str) -> None:
         """Deliver an endpoint's rows while this process holds its lock; else wait for it."""
-        assert self._records is not None and self._records.engine is not None
+        assert self._locks is not None
         while True:
             lock = None
             try:
-                lock = await try_lock(self._records.engine, f"talkgate webhooks {endpoint}")
+                lock = await try_lock(self._locks, f"talkgate webhooks {endpoint}")
             except Exception:
                 log.warning("webhooks: the endpoint's lock could not be asked for (retrying)", exc_info=True)
             if lock is None:

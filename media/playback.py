@@ -21,6 +21,8 @@ the next 20 ms slot.
   has been played (Twilio's ``mark``), False if it was cleared first.
 - ``clear()`` drops everything queued; the next packet is already silence (barge-in
   within one frame), and pending marks resolve False.
+- ``hold()`` silences the track at once but keeps what is queued (a barge-in being
+  decided); ``resume()`` plays on from where it stopped. Marks wait meanwhile.
 - The buffer is bounded (``max_seconds``); ``enqueue`` returns how much it accepted.
 - Pending marks are bounded too (``max_marks``, the bot decides how many it sends):
   one more drops the oldest, whose future resolves False as if cleared, and
@@ -60,6 +62,9 @@ TIME_BASE = fractions.Fraction(1, RATE)
 #: or it sent silence, only one packet per IDLE_SECONDS goes out (as libopus's DTX).
 DTX_HANGOVER = 10
 IDLE_SECONDS = 0.4
+#: The bot counts as talking this long after its last audible frame (a bot streaming
+#: in real time leaves the queue empty between its packets).
+TALKING_GAP = 0.3
 #: Samples this small (-66 dBFS) count as silence.
 SILENCE_PEAK = 16
 #: Marks waiting for their audio to play, at most (a bot could send millions: 100 000
@@ -112,6 +117,13 @@ class PlaybackTrack(MediaStreamTrack):
         self._timer: asyncio.TimerHandle | None = None
         self._idle = False
         self._stopped = asyncio.Event()
+        #: ``hold``: silent, the queue kept.
+        self.held = False
+        #: When the last audible frame was played (``talking``).
+        self._last_audible = -math.inf
+        #: Where the current utterance began (``_played`` when audio last arrived to an
+        #: empty queue): what ``heard_ms`` counts from.
+        self._utterance = 0
 
     # -- control --------------------------------------------------------------------------
 
@@ -132,7 +144,7 @@ class PlaybackTrack(MediaStreamTrack):
         """Play (and encode) at the bot's announced rate from now on; only while nothing is queued."""
         if rate == self.rate:
             return True
-        if self.playing:
+        if self.queued_samples:
             return False
         self._setup(rate)
         return True
@@ -147,8 +159,32 @@ class PlaybackTrack(MediaStreamTrack):
 
     @property
     def playing(self) -> bool:
-        """Is bot audio queued (what barge-in interrupts)?"""
-        return self._written > self._played
+        """Is bot audio being played (queued and not held): what barge-in interrupts?"""
+        return self._written > self._played and not self.held
+
+    @property
+    def talking(self) -> bool:
+        """Is the bot talking: being played, or audible less than ``TALKING_GAP`` ago? A bot
+        that streams in real time has next to nothing queued between its packets."""
+        return self.playing or time.monotonic() - self._last_audible < TALKING_GAP
+
+    @property
+    def heard_ms(self) -> int:
+        """How much of the current utterance has been played (ms)."""
+        return (self._played - self._utterance) * 1000 // self.rate
+
+    def hold(self) -> None:
+        """Silence from the next slot on, keeping the queue (and marks) as they are."""
+        self.held = True
+
+    def resume(self) -> None:
+        """Play on from where ``hold`` stopped (from the next slot)."""
+        if not self.held:
+            return
+        self.held = False
+        if self.queued_samples and self._idle and self._timer is not None:
+            self._timer.cancel()  # from the idle keep-alive back to the 20 ms grid
+            self._schedule()
 
     def enqueue(self, pcm: bytes, sample_rate: int = 16_000) -> int:
         """Queue PCM16 mono; returns how many input bytes were accepted (all, unless full)."""
@@ -163,6 +199,8 @@ class PlaybackTrack(MediaStreamTrack):
             samples = samples[:room]
         else:
             accepted_in = len(pcm) - len(pcm) % 2
+        if not self.queued_samples:
+            self._utterance = self._played  # a new utterance starts
         self._write(samples)
         if len(samples):
             self._queued.set()
@@ -175,7 +213,7 @@ class PlaybackTrack(MediaStreamTrack):
         """A future that resolves True once the audio queued so far has played (at once if
         none is), False if it is cleared first or dropped as the oldest of ``max_marks``."""
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        if not self.playing:
+        if not self.queued_samples:
             future.set_result(True)
             return future
         if len(self._marks) >= self.max_marks:
@@ -268,12 +306,16 @@ class PlaybackTrack(MediaStreamTrack):
     def _step(self) -> av.Packet[Any] | None:
         """Play the current slot: its packet, or None where DTX sends nothing."""
         playing = self.playing
-        self._read_into(self._frame)
-        self._resolve_marks()
+        if self.held:
+            self._frame[:] = 0  # silent; the queue and the marks wait
+        else:
+            self._read_into(self._frame)
+            self._resolve_marks()
         slot = self._slot
         self._slot += 1
         if playing and (self._frame.max() > SILENCE_PEAK or self._frame.min() < -SILENCE_PEAK):
             self._silent_run = 0
+            self._last_audible = time.monotonic()
         else:
             self._silent_run += 1
             if self._silent_run > DTX_HANGOVER and time.monotonic() - self._last_packet < IDLE_SECONDS:

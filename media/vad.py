@@ -84,6 +84,9 @@ class SpeechStarted:
 class SpeechFrame:
     pcm: bytes
     t: int
+    #: The detector called this frame voiced (False: a pause inside the segment, or its
+    #: hangover); preroll frames count as voiced. What a barge-in decision looks at.
+    voiced: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +174,7 @@ class Segmenter:
 
     def _in_speech(self, frame: PcmFrame, voiced: bool) -> list[Event]:
         s = self.settings
-        events: list[Event] = [SpeechFrame(frame.pcm, frame.t)]
+        events: list[Event] = [SpeechFrame(frame.pcm, frame.t, voiced)]
         if voiced:
             self._voiced_until = frame.t + s.frame_ms
             self.state = SegmentState.SPEAKING

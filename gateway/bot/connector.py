@@ -6,9 +6,16 @@ task, a bounded outbox, and the ``PlaybackTrack`` that carries the bot's voice t
 customer (a routed virtual source). It reconnects with backoff inside a window; when
 the bot cannot be reached the conversation goes to the agent queue (``bot_unavailable``).
 
-Barge-in happens here, with no round trip: the customer's voice pipeline calls the
-connector synchronously on ``SpeechStarted``; if bot audio is queued it is cleared at
-once and the bot is told ``interrupted`` with the marks that will not be played.
+Barge-in happens here, with no round trip, for any bot (``Barge``): the customer's
+voice pipeline calls the connector synchronously on ``SpeechStarted``; if the bot is
+being played it is **held** at once (silent from the next 20 ms slot, its queue kept).
+Speech that stays voiced for ``barge_in_min_ms`` **interrupts**: the held audio is
+dropped, the bot is told (``interrupted`` with the marks that will not be played and
+how much was heard; a Twilio bot gets those marks echoed, as Twilio does on ``clear``),
+and audio the bot goes on sending is **discarded** until it sends ``clear`` (or, native,
+a ``mark``: what follows is a new answer), at most ``barge_in_hold_ms``. Shorter sound
+(a cough, a "mm") is a false interruption: playback resumes where it stopped, nothing
+lost.
 
 Its tasks belong to one ``TaskOwner`` (a failure is logged and reported to the host as
 the ``task_failure`` problem); ``attach`` hooks it into the customer's voice pipeline
@@ -61,6 +68,8 @@ CLOSE_SECONDS = 2.0
 #: Longer mark names are refused (``bad_request``): a pending mark holds its name, and
 #: a bot's message may be 1 MiB.
 MAX_MARK_NAME_CHARS = 256
+#: A pause this long after too little speech over a held bot resumes it (ms).
+BARGE_PAUSE_MS = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +97,11 @@ class BotSettings:
     #: ``--bot-secret``: each connection attempt carries a fresh signed token
     #: (``link_token``) in its ``Authorization`` header; "" sends none.
     secret: str = ""
+    #: Voiced speech over the bot for this long interrupts it; shorter resumes it.
+    barge_in_min_ms: int = 300
+    #: After an interruption, the bot's audio is dropped until its ``clear`` (or, native,
+    #: a ``mark``), at most this long.
+    barge_in_hold_ms: int = 2000
 
 
 #: Errors sent to a bot: a burst, then at most this many a second (the rest are counted
@@ -102,6 +116,16 @@ class BotState(enum.Enum):
     CONNECTING = "connecting"
     ACTIVE = "active"
     STOPPED = "stopped"
+
+
+class Barge(enum.Enum):
+    """Where a barge-in stands (see the module's docstring)."""
+
+    NONE = "none"
+    #: The customer started speaking over the bot: it is held while that is decided.
+    HELD = "held"
+    #: Interrupted: what the bot still sends of its old answer is dropped.
+    DISCARDING = "discarding"
 
 
 class BotHost(Protocol):
@@ -189,12 +213,20 @@ class BotConnector:
         self._bucket = TokenBucket(settings.rate_per_second, settings.rate_burst, time.monotonic())
         self._error_bucket = TokenBucket(ERROR_RATE, ERROR_BURST, time.monotonic())
         self._errors_suppressed = 0
+        #: The barge-in state, the onset and the end of the last voiced frame of the speech
+        #: that caused it (stream ms), and when discarding ends (loop time).
+        self.barge = Barge.NONE
+        self._barge_onset = 0
+        self._barge_voiced_until = 0
+        self._discard_until = 0.0
         #: Counters for metrics and tests.
         self.rate_limited = 0
         self.dropped_frames = 0
         self.bad_messages = 0
         self.marks_dropped = 0
         self.connects = 0
+        self.interruptions = 0
+        self.false_interruptions = 0
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -279,6 +311,8 @@ class BotConnector:
         if self._pipeline is None:
             return
         self._silence()
+        self.barge = Barge.NONE
+        self.playback.resume()
         self.detach()
         if self._ws is not None:
             self._send(self.protocol.call_ended(reason))
@@ -301,12 +335,56 @@ class BotConnector:
                     self._push(item, True, pipeline.arrived, time.perf_counter())
             else:
                 self._send(self.protocol.speech_frame(event.pcm), audio=True)
+            if self.barge is Barge.HELD:
+                self._decide(event)
         elif isinstance(event, SpeechStarted):
-            if self.settings.barge_in and self.playback.playing:
-                self._send(self.protocol.interrupted(self._silence()))
+            if self.settings.barge_in and self.playback.talking and not self.playback.held:
+                self._hold(event.t)
             self._send(self.protocol.speech_started(event.t))
         elif isinstance(event, SpeechStopped):
+            if self.barge is Barge.HELD:
+                self._resume()  # ended before it was long enough to interrupt
             self._send(self.protocol.speech_stopped(event.t, event.duration))
+
+    # -- barge-in -------------------------------------------------------------------------
+
+    def _hold(self, onset: int) -> None:
+        self.playback.hold()
+        if self.relay is not None:
+            self.relay.flush()  # the frames already on their way out too
+        self.barge = Barge.HELD
+        self._barge_onset = self._barge_voiced_until = onset
+
+    def _decide(self, frame: SpeechFrame) -> None:
+        """Each frame of the speech over a held bot: long enough voiced, interrupt; a pause
+        after too little (``BARGE_PAUSE_MS``), resume."""
+        frame_ms = self._pipeline.settings.frame_ms if self._pipeline is not None else 20
+        if frame.voiced:
+            self._barge_voiced_until = max(self._barge_voiced_until, frame.t + frame_ms)
+            if self._barge_voiced_until - self._barge_onset >= self.settings.barge_in_min_ms:
+                self._interrupt()
+        elif frame.t + frame_ms - self._barge_voiced_until >= BARGE_PAUSE_MS:
+            self._resume()
+
+    def _resume(self) -> None:
+        self.barge = Barge.NONE
+        self.playback.resume()
+        self.false_interruptions += 1
+
+    def _interrupt(self) -> None:
+        heard = self.playback.heard_ms
+        marks = self._silence()
+        self.playback.resume()  # nothing is queued now: the bot's next answer plays
+        self.barge = Barge.DISCARDING
+        self._discard_until = time.monotonic() + self.settings.barge_in_hold_ms / 1000
+        self.interruptions += 1
+        self._send(self.protocol.interrupted(marks, heard))
+
+    def _discarding(self) -> bool:
+        """Whether bot audio arriving now belongs to the interrupted answer."""
+        if self.barge is Barge.DISCARDING and time.monotonic() >= self._discard_until:
+            self.barge = Barge.NONE
+        return self.barge is Barge.DISCARDING
 
     # -- outbox -------------------------------------------------------------------------------
 
@@ -526,6 +604,8 @@ class BotConnector:
                 self._error(
                     "no_call", "no voice call with the customer: audio plays only between call.started and call.ended"
                 )
+            case native.Audio() if self._discarding():
+                pass  # the rest of the interrupted answer
             case native.Audio():
                 self._play(message.pcm, message.sample_rate or self._rate)
             case native.BotChat():
@@ -534,8 +614,13 @@ class BotConnector:
                 self._rate = message.sample_rate
                 self.playback.set_rate(message.sample_rate)  # encode at the bot's own rate
             case native.BotMark():
+                if self.barge is Barge.DISCARDING and self.protocol.name == "native":
+                    self.barge = Barge.NONE  # the interrupted answer ends here: what follows is new
                 self._mark(message.name)
             case native.Clear():
+                if self.barge is not Barge.NONE:
+                    self.barge = Barge.NONE
+                    self.playback.resume()
                 self._send(self.protocol.cleared(self._silence()))
             case native.Transcript():
                 speaker = self.customer if message.speaker == "customer" else self.participant

@@ -84,6 +84,8 @@ class BotManager:
                 rate_per_second=config.bot_rate_per_second,
                 rate_burst=config.bot_rate_burst,
                 secret=config.bot_secret,
+                barge_in_min_ms=config.bot_barge_in_min_ms,
+                barge_in_hold_ms=config.bot_barge_in_hold_ms,
             )
             if config.bot_url
             else None

@@ -114,7 +114,7 @@ class TwilioProtocol:
     def mark(self, name: str) -> Outgoing:
         return [self._event("mark", {"name": name})]
 
-    def interrupted(self, marks: list[str]) -> Outgoing:
+    def interrupted(self, marks: list[str], heard_ms: int) -> Outgoing:
         # The gateway cleared the bot's audio (barge-in), as a Twilio clear would: echo the marks.
         return self.cleared(marks)
 

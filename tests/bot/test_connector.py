@@ -10,13 +10,13 @@ import pytest
 from aiortc.mediastreams import AudioStreamTrack
 
 from gateway.bot import native
-from gateway.bot.connector import MAX_MARK_NAME_CHARS, BotConnector, BotSettings, BotState
+from gateway.bot.connector import MAX_MARK_NAME_CHARS, Barge, BotConnector, BotSettings, BotState
 from gateway.bot.native import BotProtocol, NativeProtocol
 from gateway.bot.twilio import TwilioProtocol
 from gateway.messages import Participant
 from media.pipeline import VoicePipeline
 from media.relay import Relay, Subscriber
-from media.vad import SpeechFrame
+from media.vad import SpeechFrame, SpeechStarted
 
 #: Nothing listens there: the connector keeps "connecting".
 NOWHERE = "ws://127.0.0.1:9/"
@@ -172,4 +172,81 @@ async def test_a_mark_with_an_overlong_name_is_refused() -> None:
     await connector._handle(native.BotMark(name="x" * (MAX_MARK_NAME_CHARS + 1)))
     assert connector.playback.pending_marks == 0 and host.problems == ["bad_message"]
     assert json.loads(outbox_text(connector)[0])["code"] == "bad_request"
+    connector.playback.stop()
+
+
+# -- barge-in: held at once, resumed after a cough, interrupted by speech -----------------
+
+
+def barge(connector: BotConnector) -> Barge:
+    """The state as it is now (not as mypy narrowed it at an earlier assert)."""
+    return connector.barge
+
+
+def speak_over(connector: BotConnector, voiced_ms: int, then_quiet_ms: int, onset: int = 1000) -> None:
+    """The customer's speech events over the bot, as the voice pipeline sends them."""
+    connector._on_speech(SpeechStarted(onset))
+    t = onset
+    for _ in range(voiced_ms // 20):
+        connector._on_speech(SpeechFrame(bytes(640), t, True))
+        t += 20
+    for _ in range(then_quiet_ms // 20):
+        connector._on_speech(SpeechFrame(bytes(640), t, False))
+        t += 20
+
+
+@pytest.mark.parametrize("protocol_class", [NativeProtocol, TwilioProtocol])
+async def test_a_cough_holds_the_bot_and_it_goes_on_where_it_stopped(protocol_class: type) -> None:
+    connector = make(protocol_class, Host())
+    connector.protocol.call_started()
+    connector.playback.enqueue(bytes(32_000))  # 1 s of the bot's answer
+    queued = connector.playback.queued_samples
+    connector._on_speech(SpeechStarted(1000))
+    assert connector.barge is Barge.HELD and connector.playback.held  # silent from the next slot
+    assert not connector.playback.playing and connector.playback.queued_samples == queued
+    speak_over(connector, 140, 200, onset=1000)  # a 140 ms cough, then quiet
+    assert barge(connector) is Barge.NONE and not connector.playback.held
+    assert connector.playback.queued_samples == queued  # nothing lost
+    assert connector.false_interruptions >= 1 and connector.interruptions == 0
+    assert not any("interrupted" in text or '"mark"' in text for text in outbox_text(connector))
+    connector.playback.stop()
+
+
+@pytest.mark.parametrize("protocol_class", [NativeProtocol, TwilioProtocol])
+async def test_speech_interrupts_and_the_rest_of_the_old_answer_is_dropped(protocol_class: type) -> None:
+    connector = make(protocol_class, Host())
+    connector.protocol.call_started()
+    connector._pipeline = VoicePipeline()  # in a call (audio plays only then)
+    connector.playback.enqueue(bytes(32_000))
+    connector.playback.mark("answer-1")
+    speak_over(connector, 320, 0)
+    assert connector.barge is Barge.DISCARDING and connector.interruptions == 1
+    assert connector.playback.queued_samples == 0 and not connector.playback.held
+    told = [json.loads(text) for text in outbox_text(connector) if text.startswith("{")]
+    if protocol_class is NativeProtocol:
+        assert {"type": "interrupted", "marks": ["answer-1"], "heard_ms": 0} in told
+    else:  # as Twilio does on clear: the marks that will not be played come back
+        assert [m["mark"] for m in told if m.get("event") == "mark"] == [{"name": "answer-1"}]
+    # The bot goes on streaming its old answer in real time: dropped …
+    await connector._handle(native.Audio(bytes(640), 16_000))
+    assert connector.playback.queued_samples == 0
+    # … until it clears (its next answer plays).
+    await connector._handle(native.Clear())
+    assert barge(connector) is Barge.NONE
+    await connector._handle(native.Audio(bytes(640), 16_000))
+    assert connector.playback.queued_samples > 0
+    connector.playback.stop()
+
+
+async def test_a_bot_that_never_clears_is_heard_again_after_the_hold_time() -> None:
+    connector = make(TwilioProtocol, Host(), barge_in_hold_ms=50)
+    connector.protocol.call_started()
+    connector._pipeline = VoicePipeline()
+    connector.playback.enqueue(bytes(32_000))
+    speak_over(connector, 320, 0)
+    await connector._handle(native.Audio(bytes(640), 16_000))
+    assert connector.playback.queued_samples == 0  # still the old answer
+    await asyncio.sleep(0.06)
+    await connector._handle(native.Audio(bytes(640), 16_000))
+    assert connector.playback.queued_samples > 0 and connector.barge is Barge.NONE
     connector.playback.stop()

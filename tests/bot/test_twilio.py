@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import time
 from typing import Any
@@ -12,9 +13,12 @@ import numpy as np
 import pytest
 
 from gateway.config import Config
+from gateway.server import GatewayServer
 from media.g711 import ulaw_decode, ulaw_encode
 from tests.bot.conftest import TestBot
 from tests.conftest import Party, listen_only, start_audio
+from tests.rtc_client import SpeechTrack
+from tests.speech import speak
 
 
 @pytest.fixture
@@ -151,3 +155,50 @@ async def test_each_call_is_a_stream_of_its_own(party: Party, bot: TestBot) -> N
     second = await next_event(bot, "start")
     assert second["streamSid"] != first["streamSid"] and second["sequenceNumber"] == "1"
     assert second["start"]["callSid"] == first["start"]["callSid"] == "call-room"
+
+
+async def test_a_pacing_bot_that_never_clears_is_held_by_speech_and_goes_on_after_a_cough(
+    party: Party, bot: TestBot, server: GatewayServer
+) -> None:
+    """A Twilio bot that sends its answer in real time and never sends ``clear`` (its own
+    VAD is deaf): a cough over it holds it for a moment and it goes on; real speech
+    interrupts it, its marks come back, and the rest it streams is not played."""
+    word = speak("hello")
+    cough = word[len(word) // 2 - 1200 : len(word) // 2 + 1200]  # 150 ms of voice
+    sentence = speak("I need to change my appointment please")
+    pcm = np.concatenate([np.zeros(24_000, np.int16), cough, np.zeros(40_000, np.int16), sentence])
+    customer = await party("u1")
+    track = SpeechTrack(np.concatenate([pcm, np.zeros(32_000, np.int16)]))
+    customer.pc.addTrack(track)
+    await customer.negotiate()
+    sid = (await next_event(bot, "start"))["start"]["streamSid"]
+    link = server.broker.bots.get("call-room")
+    assert link is not None
+
+    async def answer_in_real_time() -> None:
+        await bot.send({"event": "mark", "streamSid": sid, "mark": {"name": "before"}})
+        for _ in range(400):  # 8 s of one long answer, 20 ms at a time, never cleared
+            await bot.send({"event": "media", "streamSid": sid, "media": {"payload": ulaw_tone(0.02)}})
+            await bot.send({"event": "mark", "streamSid": sid, "mark": {"name": "paced"}}) if _ == 10 else None
+            await asyncio.sleep(0.02)
+
+    pacing = asyncio.create_task(answer_in_real_time())
+    try:
+        await customer.hears_tone(660)
+        async with asyncio.timeout(10):
+            while link.false_interruptions == 0:  # noqa: ASYNC110 (the cough held the bot, briefly)
+                await asyncio.sleep(0.02)
+        assert link.interruptions == 0
+        await customer.hears_tone(660)  # and it goes on
+        async with asyncio.timeout(10):
+            while link.interruptions == 0:  # noqa: ASYNC110 (the sentence interrupts it)
+                await asyncio.sleep(0.02)
+        echoed = await next_event(bot, "mark")  # its pending mark comes back, as on a Twilio clear
+        assert echoed["mark"]["name"] in ("before", "paced")
+        await asyncio.sleep(0.5)
+        received = next(r for r in customer.received if r.kind == "audio")
+        assert received.energy < 200  # silent, though the bot keeps streaming its old answer
+    finally:
+        pacing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pacing

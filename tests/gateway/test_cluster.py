@@ -18,11 +18,14 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
+from click.testing import CliRunner
 
+from gateway.cli import main
 from gateway.cluster import NodeInfo, Registry, live_nodes
 from gateway.redis_store import connect
 from tests.client import Client
 from tests.conftest import SECRET, make_token
+from tests.databases import free_port
 from tests.gateway_process import GatewayProcess
 from tests.redis_server import RedisServer
 
@@ -158,3 +161,11 @@ async def http_json(url: str) -> dict[str, object]:
     async with aiohttp.ClientSession() as session, session.get(url) as response:
         data: dict[str, object] = await response.json()
         return data
+
+
+def test_an_unreachable_registry_is_an_error_without_the_password() -> None:
+    url = f"redis://:hunter2-secret@127.0.0.1:{free_port()}/0"
+    result = CliRunner().invoke(main, ["cluster", "status", "--redis", url])
+    assert result.exit_code == 1
+    assert f"could not read the registry at redis://:***@127.0.0.1:{url.rsplit(':', 1)[1]}" in result.output
+    assert "hunter2" not in result.output

@@ -283,3 +283,28 @@ async def test_a_flood_of_marks_stays_within_the_default_bound() -> None:
         track.mark(str(i))
     assert track.pending_marks == MAX_MARKS and track.marks_dropped == 100_000 - MAX_MARKS
     track.stop()
+
+
+async def test_hold_silences_at_once_keeps_the_queue_and_resume_goes_on(push: bool) -> None:
+    track = PlaybackTrack()
+    listener = Listener(track, push)
+    track.enqueue(tone(1.0, 16_000))
+    done = track.mark("end")
+    for _ in range(3):
+        await listener.next()
+    queued = track.queued_samples
+    track.hold()
+    assert not track.playing and track.held
+    _, pcm = await listener.next()  # the next slot is already silence
+    _, pcm = await listener.next()
+    assert rms(pcm) <= QUIET_RMS
+    assert track.queued_samples == queued and not done.done()  # nothing played, nothing lost
+    assert track.heard_ms == 60
+    track.resume()
+    _, pcm = await listener.next()
+    assert rms(pcm) > 3000  # the rest of the answer, from where it stopped
+    assert track.queued_samples == queued - 320
+    while track.playing:
+        await listener.next()
+    assert await done is True
+    track.stop()
