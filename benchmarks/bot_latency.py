@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
 import statistics
@@ -43,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))  # the repository's tests/ he
 from benchmarks.signaling import SECRET, pct
 from gateway import tokens
 from media import ice
+from media.g711 import ulaw_encode
 from tests.client import Client
 from tests.gateway_process import RTC_LOOPBACK_ARGS, GatewayProcess
 from tests.rtc_client import LOUD, RtcClient, SpeechTrack
@@ -94,11 +96,45 @@ class EchoBot:
                     await ws.send(audio[i : i + 3200])
 
 
+class PacingTwilioBot:
+    """A Twilio Media Streams bot as third-party frameworks behave: it streams its answer
+    in real time (20 ms of μ-law every 20 ms, from each ``start``) and never sends
+    ``clear`` (its own VAD is not listening). Only the gateway's barge-in can silence it."""
+
+    def __init__(self) -> None:
+        self.interrupted = asyncio.Event()  # unused: a Twilio bot hears of nothing
+
+    async def handle(self, ws: ServerConnection) -> None:
+        pacing: asyncio.Task[None] | None = None
+        try:
+            async for data in ws:
+                message = json.loads(data)
+                if message.get("event") == "start":
+                    pacing = asyncio.create_task(self._answer(ws, message["streamSid"]))
+                elif message.get("event") == "stop" and pacing is not None:
+                    pacing.cancel()
+        except ConnectionClosed:
+            pass
+        finally:
+            if pacing is not None:
+                pacing.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+                    await pacing
+
+    async def _answer(self, ws: ServerConnection, sid: str) -> None:
+        t = np.arange(160) / 8000
+        frame = base64.b64encode(ulaw_encode((8000 * np.sin(2 * np.pi * 500 * t)).astype("<i2").tobytes())).decode()
+        start = time.monotonic()
+        for k in range(500):  # 10 s
+            await ws.send(json.dumps({"event": "media", "streamSid": sid, "media": {"payload": frame}}))
+            await asyncio.sleep(max(0.0, start + (k + 1) * 0.02 - time.monotonic()))
+
+
 def ms(values: list[float]) -> dict[str, float]:
     return {"median_ms": round(statistics.median(values) * 1000, 1), "p95_ms": round(pct(values, 0.95) * 1000, 1)}
 
 
-async def barge_in(gw: GatewayProcess, bot: EchoBot, i: int) -> float:
+async def barge_in(gw: GatewayProcess, bot: EchoBot | PacingTwilioBot, i: int) -> float:
     """One interruption: seconds from the customer's speech onset to quiet at the customer."""
     client = await Client.open(gw.ws_url)
     await client.send(
@@ -114,7 +150,8 @@ async def barge_in(gw: GatewayProcess, bot: EchoBot, i: int) -> float:
     async with asyncio.timeout(15):
         # monotonic and perf_counter are the same clock here (CLOCK_MONOTONIC on Linux).
         onset = await track.started() + fixture.truth[0][0] / 1000
-        await bot.interrupted.wait()  # the speech did interrupt the bot
+        if isinstance(bot, EchoBot):
+            await bot.interrupted.wait()  # the speech did interrupt the bot
         received = next(r for r in customer.received if r.kind == "audio")
         while not any(t >= onset for t in received.quiet_onsets):
             received.onset.clear()
@@ -161,6 +198,17 @@ async def run(n: int, barge_ins: int) -> dict[str, Any]:
             to_quiet = [await barge_in(gw, bot, i) for i in range(barge_ins)]
         finally:
             gw.stop()
+    twilio_bot = PacingTwilioBot()
+    async with serve(twilio_bot.handle, "127.0.0.1", 0, max_size=2**22) as twilio_server:
+        twilio_url = f"ws://127.0.0.1:{twilio_server.sockets[0].getsockname()[1]}/"
+        gw = GatewayProcess(
+            *("serve", "--port", "0", *RTC_LOOPBACK_ARGS, "--bot-url", twilio_url, "--bot-protocol", "twilio"),
+            env={"TALKGATE_SECRET": SECRET},
+        )
+        try:
+            twilio_quiet = [await barge_in(gw, twilio_bot, i) for i in range(barge_ins)]
+        finally:
+            gw.stop()
     return {
         "benchmark": "bot_latency",
         "utterances": n,
@@ -171,6 +219,7 @@ async def run(n: int, barge_ins: int) -> dict[str, Any]:
         "echoes_heard": len(to_client),
         "barge_ins": len(to_quiet),
         "speech_onset_to_quiet_at_client": ms(to_quiet),
+        "twilio_pacing_bot_speech_onset_to_quiet_at_client": ms(twilio_quiet),
     }
 
 
@@ -192,6 +241,9 @@ if __name__ == "__main__":
             f"  bot audio due → heard at the client: median {c['median_ms']} ms, p95 {c['p95_ms']} ms\n"
             f"  barge-in ({result['barge_ins']}): the customer's speech onset → bot quiet at the client:"
             f" median {result['speech_onset_to_quiet_at_client']['median_ms']} ms,"
-            f" p95 {result['speech_onset_to_quiet_at_client']['p95_ms']} ms"
+            f" p95 {result['speech_onset_to_quiet_at_client']['p95_ms']} ms (native echo bot);"
+            f" median {result['twilio_pacing_bot_speech_onset_to_quiet_at_client']['median_ms']} ms,"
+            f" p95 {result['twilio_pacing_bot_speech_onset_to_quiet_at_client']['p95_ms']} ms"
+            " (Twilio bot streaming in real time, never clearing)"
         )
     print(json.dumps(result))

@@ -68,6 +68,7 @@ def test_bot_latency_benchmark_runs_and_hears_the_echo() -> None:
     result = run_benchmark("bot_latency.py", "--utterances", "1", "--barge-ins", "1")
     assert result["segments_at_bot"] == 1 and result["echoes_heard"] == 1
     assert result["barge_ins"] == 1 and result["speech_onset_to_quiet_at_client"]["median_ms"] > 0
+    assert result["twilio_pacing_bot_speech_onset_to_quiet_at_client"]["median_ms"] > 0
     assert result["speech_end_to_speech_stopped"]["median_ms"] > 0
     assert result["bot_audio_to_client"]["median_ms"] > 0
 
