@@ -372,6 +372,12 @@ class BotConnector:
         self.false_interruptions += 1
 
     def _interrupt(self) -> None:
+        if not self.playback.queued_samples:
+            # The bot had just finished and sent nothing more: nothing to interrupt, and its
+            # next answer must not be taken for the rest of this one.
+            self.barge = Barge.NONE
+            self.playback.resume()
+            return
         heard = self.playback.heard_ms
         marks = self._silence()
         self.playback.resume()  # nothing is queued now: the bot's next answer plays

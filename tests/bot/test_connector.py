@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 
 import pytest
 from aiortc.mediastreams import AudioStreamTrack
@@ -249,4 +250,19 @@ async def test_a_bot_that_never_clears_is_heard_again_after_the_hold_time() -> N
     await asyncio.sleep(0.06)
     await connector._handle(native.Audio(bytes(640), 16_000))
     assert connector.playback.queued_samples > 0 and connector.barge is Barge.NONE
+    connector.playback.stop()
+
+
+async def test_speech_just_after_the_bot_finished_interrupts_nothing() -> None:
+    """The customer answers within a moment of the bot's last word: held (it might have
+    gone on), but with nothing queued there is nothing to interrupt, and the bot's next
+    answer is not dropped as the rest of the last one."""
+    connector = make(NativeProtocol, Host())
+    connector._pipeline = VoicePipeline()
+    connector.playback._last_audible = time.monotonic()  # its last word, just played
+    speak_over(connector, 400, 0)
+    assert barge(connector) is Barge.NONE and connector.interruptions == 0
+    assert not any("interrupted" in text for text in outbox_text(connector))
+    await connector._handle(native.Audio(bytes(640), 16_000))
+    assert connector.playback.queued_samples > 0  # its next answer plays
     connector.playback.stop()
