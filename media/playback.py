@@ -121,8 +121,8 @@ class PlaybackTrack(MediaStreamTrack):
         self.held = False
         #: When the last audible frame was played (``talking``).
         self._last_audible = -math.inf
-        #: Where the current utterance began (``_played`` when audio last arrived to an
-        #: empty queue): what ``heard_ms`` counts from.
+        #: Where the current utterance began (``_played`` when audio last arrived while the
+        #: bot was not talking): what ``heard_ms`` counts from.
         self._utterance = 0
 
     # -- control --------------------------------------------------------------------------
@@ -199,8 +199,8 @@ class PlaybackTrack(MediaStreamTrack):
             samples = samples[:room]
         else:
             accepted_in = len(pcm) - len(pcm) % 2
-        if not self.queued_samples:
-            self._utterance = self._played  # a new utterance starts
+        if not self.queued_samples and not self.talking:
+            self._utterance = self._played  # a new utterance starts (not the next packet of a stream)
         self._write(samples)
         if len(samples):
             self._queued.set()

@@ -314,8 +314,9 @@ class BotConnector:
         self.barge = Barge.NONE
         self.playback.resume()
         self.detach()
+        ended = self.protocol.call_ended(reason)  # the protocol's state moves on either way
         if self._ws is not None:
-            self._send(self.protocol.call_ended(reason))
+            self._send(ended)
 
     @property
     def in_call(self) -> bool:
