@@ -317,8 +317,9 @@ class Api:
         customer = named or (latest.customer if latest is not None else None)
         if customer is None:
             raise NotFound("nobody is in that conversation: name a known 'customer' to start it")
-        if latest is not None and latest.closed is None and latest.customer not in (None, customer):
-            raise Conflict(f"the room's open conversation is another customer's ({latest.customer!r})")
+        if latest is not None and latest.customer not in (None, customer):
+            # Its record may be open or still resumable: another customer's thread.
+            raise Conflict(f"the room's conversation is another customer's ({latest.customer!r}): use another room")
         if await self.records.customer(customer) is None:
             raise NotFound(f"no such customer {customer!r} (a customer is known once they have joined)")
         return customer

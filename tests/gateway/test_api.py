@@ -381,6 +381,9 @@ async def test_the_app_writes_to_a_customer_who_is_not_connected(api: Api, gatew
     assert status == 201
     status, problem = await api.call("POST", "/conversations/appt-6/messages", {"text": "For Bea", "customer": "u2"})
     assert (status, problem["code"]) == (409, "conflict")
+    # Not into another customer's closed (resumable) conversation either: a room is one thread.
+    status, problem = await api.call("POST", "/conversations/support/messages", {"text": "For Bea", "customer": "u2"})
+    assert (status, problem["code"]) == (409, "conflict")
     # Closing one nobody is in closes its record; the room's next join starts afresh.
     status, done = await api.call("POST", "/conversations/appt-6/close")
     assert (status, done) == (200, {"conversation": "appt-6", "status": "closed"})
