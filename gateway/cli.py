@@ -62,6 +62,7 @@ _LIMITS: list[tuple[str, str, type, str]] = [
     ("--vad-frame-ms", "vad_frame_ms", int, "VAD frame: 10, 20 or 30 ms."),
     ("--vad-start-ms", "vad_start_ms", int, "Voiced audio needed to start a speech segment."),
     ("--vad-stop-ms", "vad_stop_ms", int, "Silence that ends a speech segment (hangover)."),
+    ("--vad-pause-ms", "vad_pause_ms", int, "A pause that sends the bot speech.paused, a hint (0: never)."),
     ("--vad-preroll-ms", "vad_preroll_ms", int, "Audio from before the start carried by a segment."),
     ("--bot-name", "bot_name", str, "The bot's display name in chat."),
     ("--bot-connect-seconds", "bot_connect_seconds", float, "How long to retry an unreachable bot."),

@@ -118,6 +118,8 @@ class Config:
     vad_frame_ms: int = 20
     vad_start_ms: int = 60
     vad_stop_ms: int = 500
+    #: A pause this long inside speech sends the bot ``speech.paused`` (a hint); 0: never.
+    vad_pause_ms: int = 200
     vad_preroll_ms: int = 200
     #: The speech bot the gateway dials per conversation ("" = no bot).
     bot_url: str = ""
@@ -255,6 +257,7 @@ class Config:
             frame_ms=self.vad_frame_ms,
             start_ms=self.vad_start_ms,
             stop_ms=self.vad_stop_ms,
+            pause_ms=self.vad_pause_ms,
             preroll_ms=self.vad_preroll_ms,
         )
 

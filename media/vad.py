@@ -58,6 +58,9 @@ class VadSettings:
     start_ratio: float = 0.8
     #: Silence that ends a segment (the hangover).
     stop_ms: int = 500
+    #: A pause this long inside a segment is announced (``SpeechPaused``): a hint that the
+    #: turn may be over, ahead of the hangover. 0, or not below ``stop_ms``: no hint.
+    pause_ms: int = 200
     #: Audio from before the start that a segment carries.
     preroll_ms: int = 200
     #: At the start of a stream webrtcvad calls steady noise voiced for ~80 ms while
@@ -71,6 +74,8 @@ class VadSettings:
             raise ValueError("sample_rate must be 8, 16, 32 or 48 kHz")
         if not 0 < self.start_ratio <= 1:
             raise ValueError("start_ratio must be in (0, 1]")
+        if self.pause_ms < 0:
+            raise ValueError("pause_ms must not be negative")
         if min(self.start_ms, self.stop_ms) < self.frame_ms or min(self.preroll_ms, self.warmup_ms) < 0:
             raise ValueError("start_ms and stop_ms must be at least one frame; preroll_ms, warmup_ms not negative")
 
@@ -90,12 +95,20 @@ class SpeechFrame:
 
 
 @dataclass(frozen=True, slots=True)
+class SpeechPaused:
+    """The speaker has been quiet for ``pause_ms`` (once per pause): they may have finished
+    (``SpeechStopped`` follows after the rest of the hangover) or may go on."""
+
+    t: int  # stream ms where the last voiced frame ended
+
+
+@dataclass(frozen=True, slots=True)
 class SpeechStopped:
     t: int  # stream ms where the last voiced frame ended
     duration: int  # ms from SpeechStarted.t to t
 
 
-Event = SpeechStarted | SpeechFrame | SpeechStopped
+Event = SpeechStarted | SpeechFrame | SpeechPaused | SpeechStopped
 
 
 class SegmentState(enum.Enum):
@@ -125,6 +138,8 @@ class Segmenter:
         self._warm_after: int | None = None
         self._started_at = 0
         self._voiced_until = 0
+        #: The current pause has been announced (``SpeechPaused``).
+        self._paused = False
 
     @property
     def speaking(self) -> bool:
@@ -170,6 +185,7 @@ class Segmenter:
         self._recent.clear()
         self._window.clear()
         self.state = SegmentState.SPEAKING
+        self._paused = False
         return events
 
     def _in_speech(self, frame: PcmFrame, voiced: bool) -> list[Event]:
@@ -178,10 +194,16 @@ class Segmenter:
         if voiced:
             self._voiced_until = frame.t + s.frame_ms
             self.state = SegmentState.SPEAKING
-        elif frame.t + s.frame_ms - self._voiced_until >= s.stop_ms:
+            self._paused = False
+            return events
+        quiet = frame.t + s.frame_ms - self._voiced_until
+        if quiet >= s.stop_ms:
             events.append(self._stop())
-        else:
-            self.state = SegmentState.STOPPING
+            return events
+        self.state = SegmentState.STOPPING
+        if 0 < s.pause_ms <= quiet and not self._paused:
+            self._paused = True
+            events.append(SpeechPaused(self._voiced_until))
         return events
 
     def _stop(self) -> SpeechStopped:

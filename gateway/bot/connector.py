@@ -43,7 +43,7 @@ from media.pipeline import VoicePipeline
 from media.playback import MAX_MARKS, PlaybackTrack
 from media.relay import MediaFrame, Relay, Subscriber
 from media.tasks import TaskOwner
-from media.vad import Event, SpeechFrame, SpeechStarted, SpeechStopped
+from media.vad import Event, SpeechFrame, SpeechPaused, SpeechStarted, SpeechStopped
 
 from ..messages import Participant, Role
 from ..protocol import TokenBucket
@@ -342,6 +342,8 @@ class BotConnector:
             if self.settings.barge_in and self.playback.talking and not self.playback.held:
                 self._hold(event.t)
             self._send(self.protocol.speech_started(event.t))
+        elif isinstance(event, SpeechPaused):
+            self._send(self.protocol.speech_paused(event.t))
         elif isinstance(event, SpeechStopped):
             if self.barge is Barge.HELD:
                 self._resume()  # ended before it was long enough to interrupt

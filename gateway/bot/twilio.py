@@ -91,6 +91,9 @@ class TwilioProtocol:
     def speech_frame(self, pcm: bytes) -> Outgoing:
         return []
 
+    def speech_paused(self, t: int) -> Outgoing:
+        return []
+
     def speech_stopped(self, t: int, duration: int) -> Outgoing:
         return []
 

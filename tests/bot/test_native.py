@@ -57,14 +57,18 @@ async def test_speech_reaches_the_bot_as_frames_between_started_and_stopped(
     await customer.negotiate()
     started = await bot.wait_for("speech.started", timeout=8)
     frames: list[bytes] = []
+    paused: list[int] = []
     async with asyncio.timeout(8):
         while True:
             item = await bot.received.get()
             if isinstance(item, bytes):
                 frames.append(item)
+            elif item["type"] == "speech.paused":
+                paused.append(item["t"])
             elif item["type"] == "speech.stopped":
                 stopped = item
                 break
+    assert paused and paused[-1] == stopped["t"]  # the hint came first, where the voice stopped
     assert all(len(f) == 640 for f in frames)  # 20 ms of 16 kHz PCM16
     onset, end = fixture.truth[0]
     assert abs(started["t"] - onset) <= 150

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from media.convert import FrameConverter, PcmFrame
-from media.vad import Segmenter, SegmentState, SpeechFrame, SpeechStarted, SpeechStopped, VadSettings
+from media.vad import Segmenter, SegmentState, SpeechFrame, SpeechPaused, SpeechStarted, SpeechStopped, VadSettings
 from tests.speech import RATE, Fixture, noise_like, rms, speak, to_48k_stereo_frames, utterances, with_noise
 
 TEXTS = ["I would like to book an appointment", "Tomorrow morning would be great", "Thank you very much"]
@@ -26,6 +27,8 @@ class Segment:
     start: int
     frames: list[SpeechFrame] = field(default_factory=list)
     stop: SpeechStopped | None = None
+    #: Where each announced pause began (``SpeechPaused.t``).
+    pauses: list[int] = field(default_factory=list)
     #: Stream ms at which the stop was reported (the end of the frame that caused it).
     reported_at: int = 0
 
@@ -40,6 +43,8 @@ def segments(frames: list[PcmFrame], settings: VadSettings = SETTINGS) -> list[S
                 current = Segment(start=event.t)
             elif isinstance(event, SpeechFrame):
                 current.frames.append(event)
+            elif isinstance(event, SpeechPaused):
+                current.pauses.append(event.t)
             else:
                 current.stop = event
                 current.reported_at = frame.t + settings.frame_ms
@@ -145,3 +150,18 @@ def test_end_to_end_from_webrtc_frames() -> None:
 def test_bad_settings_are_refused(changes: dict[str, Any], says: str) -> None:
     with pytest.raises(ValueError, match=says):
         Segmenter(VadSettings(**changes))
+
+
+def test_a_pause_is_announced_once_before_the_hangover_ends_the_segment() -> None:
+    """``speech.paused`` is a hint: 200 ms into a pause (once), whether the speaker goes on
+    (a 350 ms pause inside the segment) or has finished (the stop follows)."""
+    first, second = speak(TEXTS[0]), speak(TEXTS[1])
+    pause = np.zeros(int(0.35 * RATE), np.int16)
+    pcm = np.concatenate([np.zeros(RATE // 2, np.int16), first, pause, second, np.zeros(RATE, np.int16)])
+    [segment] = segments(frames_of(pcm))
+    assert segment.stop is not None
+    assert len(segment.pauses) >= 2  # the 350 ms pause, and the end (maybe a longer gap inside a word too)
+    assert segment.pauses[-1] == segment.stop.t  # the last one is where the speech ended
+    assert len(set(segment.pauses)) == len(segment.pauses)  # each pause once
+    quiet = segments(frames_of(pcm), dataclasses.replace(SETTINGS, pause_ms=0))
+    assert [s.pauses for s in quiet] == [[]]  # off
