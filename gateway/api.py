@@ -57,7 +57,7 @@ from .broker import Broker
 from .config import Config
 from .errors import BadRequest, Conflict, ErrorCode, NotFound, ProtocolError, TooLarge, Unauthorized, Unavailable
 from .metrics import Metrics
-from .records import OpenConversation, Records, RecordsError, SqlRecords
+from .records import OpenConversation, Recorded, Records, RecordsError, SqlRecords
 from .schema import RECORD_ID_CHARS
 
 log = logging.getLogger("talkgate.api")
@@ -312,8 +312,7 @@ class Api:
         assert self.records is not None
         if len(room) > tokens.MAX_FIELD_CHARS:
             raise NotFound("no such conversation")  # not a room a token can name
-        latest = await self.records.record(room)
-        latest = latest if latest is not None and latest.room == room else None
+        latest = await self._latest(room)
         customer = named or (latest.customer if latest is not None else None)
         if customer is None:
             raise NotFound("nobody is in that conversation: name a known 'customer' to start it")
@@ -324,12 +323,15 @@ class Api:
             raise NotFound(f"no such customer {customer!r} (a customer is known once they have joined)")
         return customer
 
+    async def _latest(self, room: str) -> Recorded | None:
+        """The room's current or latest conversation record (None: none, or no records)."""
+        latest = await self.records.record(room) if self.records is not None else None
+        return latest if latest is not None and latest.room == room else None
+
     async def close_conversation(self, request: web.Request) -> web.StreamResponse:
         room = await self._room(_id(request.match_info["id"]))
-        recorded_open = False
-        if self.records is not None:
-            latest = await self.records.record(room)
-            recorded_open = latest is not None and latest.room == room and latest.closed is None
+        latest = await self._latest(room)
+        recorded_open = latest is not None and latest.closed is None
         if not await self.broker.app_close(room, recorded_open=recorded_open):
             raise NotFound("that conversation is not live")
         return _json(Done(room, "closed"))

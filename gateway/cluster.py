@@ -27,7 +27,7 @@ from redis.exceptions import RedisError
 from media.tasks import TaskOwner
 
 from .errors import ConfigError
-from .redis_store import COMMAND_SECONDS, connect
+from .redis_store import COMMAND_SECONDS, as_text, connect
 
 log = logging.getLogger("talkgate.cluster")
 
@@ -62,7 +62,7 @@ class NodeInfo:
 
     @classmethod
     def from_fields(cls, raw: dict[Any, Any]) -> NodeInfo:
-        values: dict[str, Any] = {_text(k): _text(v) for k, v in raw.items()}
+        values: dict[str, Any] = {as_text(k): as_text(v) for k, v in raw.items()}
         kinds = {f.name: f.type for f in fields(cls)}
         for name in list(values):
             if name not in kinds:
@@ -147,7 +147,7 @@ class Registry:
         self.node = node
         entry = [v for pair in {**node.as_fields(), "seen": str(int(time.time() * 1000))}.items() for v in pair]
         dead = await self._refresh(args=[self.prefix, node.id, int(self.ttl * 1000), *entry])
-        return sorted(_text(v) for v in dead)
+        return sorted(as_text(v) for v in dead)
 
     async def _refreshing(self) -> None:
         task = asyncio.current_task()
@@ -170,7 +170,7 @@ class Registry:
 
 async def live_nodes(redis: aioredis.Redis, prefix: str) -> list[NodeInfo]:
     """The nodes whose entry has not expired, by id."""
-    ids = sorted(_text(v) for v in await redis.smembers(prefix + "nodes"))
+    ids = sorted(as_text(v) for v in await redis.smembers(prefix + "nodes"))
     out = []
     for node in ids:
         raw = await redis.hgetall(f"{prefix}node:{node}")
@@ -187,10 +187,6 @@ async def read_status(url: str, prefix: str) -> list[NodeInfo]:
             return await live_nodes(client, prefix)
     finally:
         await client.aclose()
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def redacted(url: str) -> str:

@@ -332,7 +332,7 @@ class RedisStore(Store):
             int(take_queue),
             self._clock(),
         )
-        outcome = _text(reply[0])
+        outcome = as_text(reply[0])
         if outcome != "admitted":
             return JoinResult(Admission(outcome))
         taken = _entry(reply[3]) if reply[3] else None
@@ -342,7 +342,7 @@ class RedisStore(Store):
         reply = await self._run(
             "accept", conversation, agent.identity, _encode(agent), limits.max_participants, self._clock()
         )
-        outcome = _text(reply[0])
+        outcome = as_text(reply[0])
         if outcome != "admitted":
             return JoinResult(Admission(outcome))
         return JoinResult(Admission.ADMITTED, added=bool(reply[1]), taken=_entry(reply[3]))
@@ -352,7 +352,7 @@ class RedisStore(Store):
 
     async def escalate(self, conversation: str, reason: str, since: int, customer: str | None = None) -> EnqueueResult:
         reply = await self._run("escalate", conversation, _encode(reason), str(int(since)), customer or "")
-        outcome = Enqueued(_text(reply[0]))
+        outcome = Enqueued(as_text(reply[0]))
         return EnqueueResult(outcome, _entry(reply[1]) if len(reply) > 1 else None)
 
     async def leave(self, conversation: str, identity: str) -> LeaveResult:
@@ -366,7 +366,7 @@ class RedisStore(Store):
         each leave did, by conversation. Another node's participants, and anyone who has
         rejoined through another node since, stay."""
         reply = await self._run("reap", node, self._clock(), self.retention_seconds, self.retained_limit)
-        return [(_text(reply[i]), _left(reply[i + 1])) for i in range(0, len(reply), 2)]
+        return [(as_text(reply[i]), _left(reply[i + 1])) for i in range(0, len(reply), 2)]
 
     async def participants(self, conversation: str) -> list[Participant] | None:
         reply = await self._run("participants", conversation)
@@ -389,7 +389,8 @@ class RedisStore(Store):
             raise Unavailable("the gateway's shared state (Redis) is unreachable; try again") from exc
 
 
-def _text(value: bytes | str) -> str:
+def as_text(value: bytes | str) -> str:
+    """A Redis reply as text (redis-py answers bytes unless told to decode)."""
     return value.decode() if isinstance(value, bytes) else value
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import inspect
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -145,6 +147,20 @@ async def two_way_call(party: Party) -> tuple[RtcClient, RtcClient]:
     await start_audio(agent, 880)
     await agent.hears("audio")
     return customer, agent
+
+
+async def until(check: Callable[[], Any], timeout: float = 5.0) -> Any:
+    """Poll ``check`` (a function or a coroutine function) every 20 ms until it returns
+    something truthy, and return that: for what has no event to wait on (statistics,
+    commits that land just after what clients see, a background refresh)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            result = check()
+            if inspect.isawaitable(result):
+                result = await result
+            if result:
+                return result
+            await asyncio.sleep(0.02)
 
 
 # -- databases: SQLite, and a real PostgreSQL cluster started for the session -------------

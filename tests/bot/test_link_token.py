@@ -3,7 +3,6 @@ a bot that verifies it takes the gateway's calls and refuses anyone else's."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import http
 import json
@@ -20,7 +19,7 @@ from gateway.bot import link_token
 from gateway.config import Config
 from gateway.server import GatewayServer
 from tests.client import Client
-from tests.conftest import make_token
+from tests.conftest import make_token, until
 
 BOT_SECRET = "bot-secret-0123456789abcdef-0123456789"
 URL = "ws://bot.example/voice"
@@ -87,10 +86,7 @@ async def test_the_bot_takes_only_the_gateways_calls(config: Config, verifying_b
             await customer.send({"type": "join", "token": make_token("u1", "customer", "r-bot")})
             await customer.expect("joined")
             if secret == BOT_SECRET:
-                for _ in range(100):
-                    if verifying_bot.starts:
-                        break
-                    await asyncio.sleep(0.02)
+                await until(lambda: verifying_bot.starts, timeout=2)
                 assert verifying_bot.starts[0]["conversation"] == "r-bot"
                 assert [(c["conversation"], c["customer"]) for c in verifying_bot.claims] == [("r-bot", "u1")]
                 assert verifying_bot.refused == 0

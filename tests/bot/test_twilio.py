@@ -16,7 +16,7 @@ from gateway.config import Config
 from gateway.server import GatewayServer
 from media.g711 import ulaw_decode, ulaw_encode
 from tests.bot.conftest import TestBot
-from tests.conftest import Party, listen_only, start_audio
+from tests.conftest import Party, listen_only, start_audio, until
 from tests.rtc_client import SpeechTrack
 from tests.speech import speak
 
@@ -185,14 +185,10 @@ async def test_a_pacing_bot_that_never_clears_is_held_by_speech_and_goes_on_afte
     pacing = asyncio.create_task(answer_in_real_time())
     try:
         await customer.hears_tone(660)
-        async with asyncio.timeout(10):
-            while link.false_interruptions == 0:  # noqa: ASYNC110 (the cough held the bot, briefly)
-                await asyncio.sleep(0.02)
+        await until(lambda: link.false_interruptions, timeout=10)  # the cough held the bot, briefly
         assert link.interruptions == 0
         await customer.hears_tone(660)  # and it goes on
-        async with asyncio.timeout(10):
-            while link.interruptions == 0:  # noqa: ASYNC110 (the sentence interrupts it)
-                await asyncio.sleep(0.02)
+        await until(lambda: link.interruptions, timeout=10)  # the sentence interrupts it
         echoed = await next_event(bot, "mark")  # its pending mark comes back, as on a Twilio clear
         assert echoed["mark"]["name"] in ("before", "paced")
         await asyncio.sleep(0.5)

@@ -8,7 +8,7 @@ import base64
 import dataclasses
 import json
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -22,7 +22,7 @@ from gateway.config import Config
 from gateway.errors import ConfigError
 from gateway.server import GatewayServer
 from tests.client import Client
-from tests.conftest import SECRET, make_token
+from tests.conftest import SECRET, make_token, until
 from tests.gateway_process import GatewayProcess
 
 KEY = "api-key-0123456789abcdef-0123"
@@ -54,15 +54,6 @@ class Api:
         """Whether ``GET path`` answers 200 with a body that passes ``check``."""
         status, data = await self.call("GET", path)
         return status == 200 and bool(check(data))
-
-
-async def until(check: Callable[[], Awaitable[bool]], seconds: float = 5) -> None:
-    """Poll until ``check`` is true (the records commit just after what clients see)."""
-    async with asyncio.timeout(seconds):
-        while True:
-            if await check():
-                return
-            await asyncio.sleep(0.02)
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from gateway.cli import main
 from gateway.cluster import NodeInfo, Registry, live_nodes
 from gateway.redis_store import connect
 from tests.client import Client
-from tests.conftest import SECRET, make_token
+from tests.conftest import SECRET, make_token, until
 from tests.databases import free_port
 from tests.gateway_process import GatewayProcess
 from tests.redis_server import RedisServer
@@ -62,10 +62,7 @@ async def test_a_node_that_stops_refreshing_is_reaped_once(client: aioredis.Redi
     ]
     assert all(time.time() * 1000 - n.seen < 1000 for n in listed)
     await nodes[0]._owner.close()  # killed: it stops refreshing, its entry stays until it expires
-    for _ in range(100):
-        if reaped:
-            break
-        await asyncio.sleep(0.05)
+    await until(lambda: reaped)
     await asyncio.sleep(0.3)  # both survivors refreshed again meanwhile
     assert reaped == ["n1"]  # by one of the two, once
     assert [n.id for n in await live_nodes(client, prefix)] == ["n2", "n3"]
@@ -99,11 +96,12 @@ async def test_a_killed_node_is_reaped_by_its_successor(redis_server: RedisServe
     try:
         started = time.monotonic() - killed
         assert started < 8  # the dead node's entry expires within 5 s
-        for _ in range(100):  # the first refresh, just after the start-up lines, reaps
+
+        async def reaped() -> dict[str, object] | None:  # by the first refresh, after the start-up lines
             health = await http_json(second.url + "/healthz")
-            if health["conversations"] == 0:
-                break
-            await asyncio.sleep(0.05)
+            return health if health["conversations"] == 0 else None
+
+        health = await until(reaped)
         assert (health["node"], health["redis"], health["conversations"]) == ("second", True, 0)
         agent = await Client.open(second.ws_url)
         await agent.send({"type": "join", "token": make_token("a1", "agent")})

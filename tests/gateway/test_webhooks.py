@@ -24,7 +24,7 @@ from gateway.config import Config
 from gateway.records import SqlRecords
 from gateway.server import GatewayServer
 from tests.client import Client
-from tests.conftest import SECRET, listen_only, make_token
+from tests.conftest import SECRET, listen_only, make_token, until
 from tests.gateway_process import GatewayProcess
 from tests.rtc_client import RtcClient
 
@@ -386,10 +386,9 @@ async def test_a_conversation_the_app_starts_opens_once(config: Config, database
     async with GatewayServer(settings) as server, aiohttp.ClientSession() as http:
         ann = await joined(server.ws_url, "u1", room="support")
         await ann.close()
-        for _ in range(250):  # known once the join is committed
-            if server.records is not None and await server.records.customer("u1") is not None:
-                break
-            await asyncio.sleep(0.02)
+        records = server.records
+        assert records is not None
+        await until(lambda: records.customer("u1"))  # known once the join is committed
         url = f"{server.api_url}/conversations/appt-1/messages"
         body = {"text": "Booked: Tue 10:00", "customer": "u1"}
         async with http.post(url, json=body, headers={"Authorization": f"Bearer {key}"}) as response:

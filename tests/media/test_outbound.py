@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import fractions
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import av
@@ -18,17 +17,9 @@ from aiortc.rtp import HeaderExtensionsMap, RtpPacket
 from media import opus
 from media.outbound import DirectAudio, ExtensionLayout, ntp_now
 from media.relay import OutputTrack
+from tests.conftest import until
 
 TONE_HZ = 440
-
-
-async def until(check: Callable[[], Awaitable[Any]], timeout: float = 5.0) -> Any:
-    """Poll ``check`` until it returns something truthy (statistics have no event to wait on)."""
-    async with asyncio.timeout(timeout):
-        while True:
-            if result := await check():
-                return result
-            await asyncio.sleep(0.02)
 
 
 async def connect(offerer: RTCPeerConnection, answerer: RTCPeerConnection) -> None:
