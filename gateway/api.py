@@ -148,7 +148,10 @@ class Api:
     async def start(self) -> None:
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_SECONDS)
         await self._runner.setup()
-        await web.TCPSite(self._runner, self.config.api_host, self.config.api_port).start()
+        site = web.TCPSite(
+            self._runner, self.config.api_host, self.config.api_port, reuse_port=self.config.reuse_port or None
+        )
+        await site.start()
         self.port = self._runner.addresses[0][1]  # the port picked for 0
 
     async def close(self) -> None:

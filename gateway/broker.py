@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from media.pipeline import VoicePipeline
 from media.playback import PlaybackTrack
 from media.relay import Relay, Subscriber
@@ -32,7 +34,7 @@ from .bot.manager import BotManager
 from .calls import Calls, RtcSettings
 from .config import Config
 from .conversation import MAX_REASON_CHARS, Conversations, Upgrades
-from .delivery import Connection, Delivery, target
+from .delivery import Connection, Delivery, Remote, remote_reaction, target
 from .errors import BadRequest, Conflict, Forbidden, NotFound, TooLarge, Unauthorized, Unavailable
 from .events import now_ms
 from .history import History
@@ -40,15 +42,20 @@ from .messages import Participant, Role
 from .metrics import Metrics
 from .records import Records, RecordsError
 from .routing import Router
-from .store import LeaveResult, Limits, Store
+from .store import Limits, Store
 
 log = logging.getLogger("talkgate.broker")
 
 _PONG = messages.encode({"type": "pong"})
 #: What the customer reads when the app puts the conversation in the agent queue.
 ESCALATE_APP_NOTICE = "An agent will join shortly."
-#: The leaving reason of the participants a dead node held (``node_lost``).
+#: The leaving reason of a participant whose connection was lost and did not come back.
+DISCONNECTED = "disconnected"
+#: The leaving reason of the participants a dead node held that did not come back.
 NODE_LOST = "node_lost"
+#: The queue reason of a conversation whose agent's connection (or node) was lost.
+AGENT_LOST = "agent_lost"
+AGENT_LOST_NOTICE = "The agent was disconnected. Another agent will join shortly."
 
 Consumer = Callable[[ev.Event], None]
 
@@ -63,7 +70,15 @@ class Away:
 
 
 class Broker:
-    def __init__(self, config: Config, store: Store, metrics: Metrics, *, records: Records | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        metrics: Metrics,
+        *,
+        records: Records | None = None,
+        remote: Remote | None = None,
+    ) -> None:
         self.config = config
         self.store = store
         self.metrics = metrics
@@ -77,7 +92,8 @@ class Broker:
             store, Limits(max_conversations=config.max_conversations, max_participants=config.max_participants)
         )
         self.upgrades = Upgrades()
-        self.delivery = Delivery()
+        #: ``remote``: the other nodes of a cluster (``bus.Bus``).
+        self.delivery = Delivery(remote=remote)
         metrics.sessions.set_function(lambda: len(self.delivery.sessions))
         self.ice_servers_json = config.ice_servers()
         self.calls = Calls(
@@ -134,7 +150,7 @@ class Broker:
         for key, away in list(self._away.items()):
             if self._away.pop(key, None) is away:  # not returned or expired meanwhile
                 away.expiry.cancel()
-                await self._depart(key[0], away.participant, "disconnected")
+                await self._depart(key[0], away.participant, DISCONNECTED)
         await self.bots.close(timeout)
         await self.tasks.close(timeout)
 
@@ -273,8 +289,10 @@ class Broker:
         without the customers seeing the agent leave."""
         old = self.delivery.agents.get(me.identity)
         inherited = list(old.memberships) if old is not None else []
-        # A reload whose old connection closed first: its conversations wait in their grace time.
+        # A reload whose old connection closed first: its conversations wait in their grace
+        # time, here or (a reload through another node, a dead node) on another node.
         inherited += [c for (c, identity) in self._away if identity == me.identity and c not in inherited]
+        elsewhere = [c for c in await self.store.memberships(me.identity) if c not in inherited and c != room]
         entering = room is not None and room not in inherited
         events: list[ev.Event] = []
         if entering:
@@ -282,6 +300,9 @@ class Broker:
             events = await self.conversations.join(room, me, take_queue=True)  # refused: nothing changed
         for conversation in inherited:
             events += self._returned(conversation, me)
+        for conversation in elsewhere:
+            events += await self.conversations.join(conversation, me)  # held here from now on
+        inherited += elsewhere
         self._joined(conn, me)
         if old is not None:
             self._evict(old)
@@ -394,9 +415,22 @@ class Broker:
         await self.apply(events)
 
     async def publish_queue(self) -> None:
-        entries = await self.store.waiting()
+        version, entries = await self.store.queue()
         self.metrics.queue_length.set(len(entries))
-        self.delivery.to_agents(entries, await self.history.queue_cards(entries))
+        self.delivery.to_agents(entries, await self.history.queue_cards(entries), version)
+
+    def heard(self, conversation: str, data: bytes, mtype: str, skip: str | None, event: bytes | None) -> None:
+        """Another node's message for a conversation: to its participants here, and the
+        reaction due here (a bot this node links to hears the customer's chat)."""
+        if data:
+            self.delivery.fan_out(conversation, data, mtype, skip=skip)
+        if event is not None:
+            try:
+                reaction = remote_reaction(event)
+            except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError):
+                log.warning("another node sent an event this one cannot read: ignored")
+                return
+            self._react(reaction)
 
     # -- leaving ----------------------------------------------------------------------
 
@@ -431,27 +465,31 @@ class Broker:
             if grace > 0 and not self._closing:
                 await self._go_away(conn, conversation, grace)
             else:
-                await self._exit(conn, conversation, "disconnected")
+                await self._exit(conn, conversation, DISCONNECTED)
 
     async def _go_away(self, conn: Connection, conversation: str, grace: float) -> None:
         me = _me(conn)
-        await self.calls.close(conversation, me.identity, "disconnected", owner=conn)
+        await self.calls.close(conversation, me.identity, DISCONNECTED, owner=conn)
         self.delivery.exit(conn, conversation)
+        self._away_here(conversation, me, grace, DISCONNECTED)
+
+    def _away_here(self, conversation: str, me: Participant, grace: float, reason: str) -> None:
+        """``me`` has no connection here; it leaves (``reason``) unless back within ``grace``."""
         key = (conversation, me.identity)
         previous = self._away.pop(key, None)
         if previous is not None:  # pragma: no cover - a connection in the room replaces the away entry
             previous.expiry.cancel()
-        expiry = self.tasks.spawn(self._expire(conversation, me, grace), f"away {conversation}/{me.identity}")
+        expiry = self.tasks.spawn(self._expire(conversation, me, grace, reason), f"away {conversation}/{me.identity}")
         self._away[key] = Away(me, expiry)
         self.publish([ev.ParticipantAway(conversation=conversation, ts=now_ms(), participant=me, grace_seconds=grace)])
 
-    async def _expire(self, conversation: str, me: Participant, grace: float) -> None:
+    async def _expire(self, conversation: str, me: Participant, grace: float, reason: str) -> None:
         await asyncio.sleep(grace)
         away = self._away.get((conversation, me.identity))
         if away is None or away.expiry is not asyncio.current_task():
             return
         del self._away[(conversation, me.identity)]  # from here on a return is a new join
-        await self._depart(conversation, me, "disconnected")
+        await self._depart(conversation, me, reason, held_here=True)
 
     def _returned(self, conversation: str, me: Participant) -> list[ev.Event]:
         """``me`` joined again: if it was away from ``conversation``, it never left."""
@@ -467,13 +505,18 @@ class Broker:
         self.delivery.exit(conn, conversation)
         await self._depart(conversation, me, reason)
 
-    async def _depart(self, conversation: str, me: Participant, reason: str) -> None:
-        """``me`` leaves the conversation for good (its connection, if any, is out already)."""
+    async def _depart(self, conversation: str, me: Participant, reason: str, *, held_here: bool = False) -> None:
+        """``me`` leaves the conversation for good (its connection, if any, is out already);
+        ``held_here``: unless it has come back through another node meanwhile."""
         if me.role == Role.CUSTOMER and self.bots.get(conversation) is not None:
             others = await self.store.participants(conversation) or []
             if not any(p.role == Role.CUSTOMER and p.identity != me.identity for p in others):
                 await self.bots.stop(conversation, "customer_left")  # before the last customer goes
-        _, events = await self.conversations.leave(conversation, me.identity, reason)
+        result, events = await self.conversations.leave(conversation, me.identity, reason, held_here=held_here)
+        if result.left and me.role == Role.AGENT and reason == NODE_LOST and result.customers_left:
+            # The agent's node died and the agent did not come back: the customer is not left
+            # alone in a conversation nobody answers, it goes back to the queue.
+            events += await self.conversations.hand_over(conversation, AGENT_LOST, AGENT_LOST_NOTICE)
         await self.apply(events)
 
     # -- media ------------------------------------------------------------------------
@@ -563,12 +606,18 @@ class Broker:
             await self._removed(conn, conversation, ev.CLOSED_BY_APP)
         return True
 
-    async def node_lost(self, node: str, results: list[tuple[str, LeaveResult]]) -> None:
-        """A dead node's participants were reaped from the shared store: their leaves
-        (reason ``node_lost``) are recorded and told to whoever is here."""
-        log.info("node %s is gone: %d of its participants left", node, len(results))
-        for conversation, result in results:
-            await self.apply(self.conversations.left(conversation, result, NODE_LOST))
+    async def node_lost(self, node: str, adopted: list[tuple[str, Participant]]) -> None:
+        """A dead node's participants are this node's now (``RedisStore.adopt``): each is
+        away for the grace time, as if its connection here had been lost (its client
+        reconnects through any node and carries on); then it leaves with reason
+        ``node_lost``. A bot's link died with the node: it leaves at once."""
+        log.info("node %s is gone: %d of its participants are away here", node, len(adopted))
+        grace = self.config.reconnect_grace_seconds
+        for conversation, participant in adopted:
+            if participant.role == Role.BOT or grace <= 0 or self._closing:
+                await self._depart(conversation, participant, NODE_LOST, held_here=True)
+            else:
+                self._away_here(conversation, participant, grace, NODE_LOST)
 
     async def app_escalate(self, conversation: str, reason: str) -> bool:
         """Put a conversation in the agent queue for the app (as a bot's hand-over); False if

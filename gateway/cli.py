@@ -20,7 +20,9 @@ import uvloop
 from . import __version__, tokens
 from .config import Config
 from .errors import ConfigError
+from .redis_store import new_node_id
 from .server import configure_logging, run
+from .workers import Supervisor, reserve_port, worker_count
 
 log = logging.getLogger("talkgate.cli")
 
@@ -288,7 +290,8 @@ def _server_options(f: click.decorators.FC) -> click.decorators.FC:
             show_envvar=True,
             show_default=False,
             help="Keep the live state (conversations, participants, the agent queue) in this Redis, "
-            "redis://HOST:PORT/DB, and register this node there (docs/cluster.md). One node per Redis for now.",
+            "redis://HOST:PORT/DB, and register this node there: every node on it is one gateway "
+            "(docs/cluster.md).",
         ),
         click.option(
             "--node-id",
@@ -298,6 +301,15 @@ def _server_options(f: click.decorators.FC) -> click.decorators.FC:
             show_default=False,
             help="This node's id in the cluster registry (default: the host name and a random suffix).",
         ),
+        click.option(
+            "--workers",
+            envvar="TALKGATE_WORKERS",
+            default="1",
+            show_envvar=True,
+            help="Gateway processes on this port (SO_REUSEPORT) under one supervisor; 'auto': one per core. "
+            "More than 1 needs --redis and a database they can share (PostgreSQL, or none).",
+        ),
+        click.option("--reuse-port", is_flag=True, hidden=True, help="(set by --workers for its workers)"),
         click.option("--log-level", envvar="TALKGATE_LOG_LEVEL", default="INFO", show_envvar=True),
     ]
     for option in reversed(options):
@@ -305,15 +317,20 @@ def _server_options(f: click.decorators.FC) -> click.decorators.FC:
     return f
 
 
-def _serve(log_level: str, demo_bot: str | None = None, **settings: Any) -> None:
+def _serve(log_level: str, workers: str, demo_bot: str | None = None, **settings: Any) -> None:
     configure_logging(log_level.upper())
     settings["rtc_addresses"] = settings["rtc_addresses"] or None  # none given: every interface
     database = settings.get("database") or DEFAULT_DATABASE
     settings["database"] = "" if database == "none" else database
     try:
         config = Config(**settings)
+        count = worker_count(workers)
+        if count > 1:
+            _check_shared(config, count, demo_bot)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
+    if count > 1:
+        sys.exit(_supervise(config, count))
     try:
         run(config, demo_bot=demo_bot)
     except OSError as exc:  # e.g. the port is taken
@@ -322,6 +339,42 @@ def _serve(log_level: str, demo_bot: str | None = None, **settings: Any) -> None
     except ConfigError as exc:  # found at start: Redis unreachable, another node live on it
         log.error("cannot start: %s", exc)
         sys.exit(2)
+
+
+def _check_shared(config: Config, count: int, demo_bot: str | None) -> None:
+    """Several workers are one gateway only on state they all share: say what is missing."""
+    missing = []
+    if demo_bot is not None:
+        missing.append("the demo runs one process (use talkgate serve)")
+    if not config.redis:
+        missing.append("--redis redis://HOST:PORT/DB (the live state they share)")
+    if config.database.startswith("sqlite"):
+        missing.append("--database postgresql://… or none (a SQLite file is one process's)")
+    if missing:
+        raise ConfigError(f"--workers {count} needs " + "; ".join(missing))
+
+
+def _supervise(config: Config, count: int) -> int:
+    """Reserve the ports, then run ``count`` workers (``workers.Supervisor``)."""
+    try:
+        reserved = [reserve_port(config.host, config.port)]
+        if config.api_keys:
+            reserved.append(reserve_port(config.api_host, config.api_port))
+    except OSError as exc:
+        log.error("cannot serve on %s:%s: %s", config.host, config.port, exc)
+        return 1
+    port = reserved[0].getsockname()[1]
+    args = [*sys.argv[1:], "--port", str(port)]
+    if config.api_keys:
+        args += ["--api-port", str(reserved[1].getsockname()[1])]
+    host = config.host if ":" not in config.host else f"[{config.host}]"
+    url = f"{'https' if config.tls_cert else 'http'}://{host}:{port}"
+    supervisor = Supervisor(count, args, config.node_id or new_node_id(), url)
+    try:
+        return asyncio.run(supervisor.run())
+    finally:
+        for sock in reserved:
+            sock.close()
 
 
 @main.command()

@@ -198,22 +198,20 @@ def redacted(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
-async def only_node(redis: aioredis.Redis, prefix: str, me: str, url: str, ttl: float = NODE_TTL) -> None:
-    """ConfigError if Redis is unreachable or another node is live on it (one node per
-    Redis until delivery between nodes exists). A node that died (this one's previous
-    run, killed) stops refreshing: its entry is waited out, at most ``ttl`` seconds."""
+async def claim_id(redis: aioredis.Redis, prefix: str, me: str, url: str, ttl: float = NODE_TTL) -> bool:
+    """Make sure no live node has this node's id (ConfigError if one does, or if Redis is
+    unreachable); True if a dead one had it and was not reaped (this node's previous run,
+    killed): what it held must be reaped before this one registers. A node with this id
+    that stops refreshing (killed just before) is waited out, at most ``ttl`` seconds."""
     deadline = time.monotonic() + ttl + 1
     while True:
         try:
             async with asyncio.timeout(COMMAND_SECONDS):
-                others = [node.id for node in await live_nodes(redis, prefix) if node.id != me]
+                live = await redis.exists(f"{prefix}node:{me}")
+                if not live:
+                    return bool(await redis.srem(prefix + "nodes", me))
         except (RedisError, TimeoutError) as exc:
             raise ConfigError(f"Redis at {redacted(url)} is unreachable: {exc}") from exc
-        if not others:
-            return
         if time.monotonic() > deadline:
-            raise ConfigError(
-                f"another gateway node is live on this Redis ({', '.join(others)}): talkgate runs one node "
-                "per Redis for now (docs/cluster.md)"
-            )
+            raise ConfigError(f"another gateway node with the id {me!r} is live on this Redis: give each its own")
         await asyncio.sleep(0.25)

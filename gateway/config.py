@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 import secrets
 import ssl
 from typing import Any
@@ -13,6 +14,9 @@ from media.vad import VadSettings
 from .errors import ConfigError
 from .tokens import MAX_FIELD_CHARS
 from .webhooks import signer
+
+#: What a node id may hold: it names Redis keys and channels, and is one word in replies.
+_NODE_ID = re.compile(r"[A-Za-z0-9._-]+")
 
 MIN_SECRET_BYTES = 32
 #: The outbox's ``endpoint`` column holds a webhook URL.
@@ -56,6 +60,8 @@ class Config:
     redis: str = ""
     #: This node's id in the registry ("" makes one: the host name and a random suffix).
     node_id: str = ""
+    #: Bind the ports with SO_REUSEPORT: one of ``--workers N`` processes sharing them.
+    reuse_port: bool = False
     #: Chat messages kept per conversation and sent in ``joined``.
     history_limit: int = 100
     #: How long a conversation's chat history outlives its last participant (a customer
@@ -192,8 +198,8 @@ class Config:
         self._check_webhooks()
         if self.redis and not self.redis.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(f"the Redis URL starts with redis://, rediss:// or unix://, not {self.redis[:100]!r}")
-        if len(self.node_id) > MAX_FIELD_CHARS or any(ch.isspace() for ch in self.node_id):
-            raise ConfigError(f"a node id is at most {MAX_FIELD_CHARS} characters without spaces")
+        if len(self.node_id) > MAX_FIELD_CHARS or not _NODE_ID.fullmatch(self.node_id or "x"):
+            raise ConfigError(f"a node id is 1 to {MAX_FIELD_CHARS} letters, digits, '.', '_' or '-'")
         for origin in self.allowed_origins:
             if origin != "*" and not origin.startswith(("http://", "https://")):
                 raise ConfigError(f"an allowed origin is '*' or starts with http:// or https://, not {origin!r}")

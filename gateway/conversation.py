@@ -61,6 +61,9 @@ class Conversations:
             out.append(ev.ConversationOpened(conversation=conversation, ts=ts))
         if result.added:
             out.append(ev.ParticipantJoined(conversation=conversation, ts=ts, participant=participant, profile=profile))
+        elif result.elsewhere:
+            # In it through another node until now (away there, in its grace time): back here.
+            out.append(ev.ParticipantReturned(conversation=conversation, ts=ts, participant=participant))
         if result.taken is not None:
             out.append(ev.QueueLeft(conversation=conversation, ts=ts, reason="accepted"))
         if participant.role == Role.AGENT and (result.taken is not None or result.added):
@@ -93,8 +96,11 @@ class Conversations:
         out.append(ev.AgentAccepted(conversation=conversation, ts=ts, agent=agent))
         return out
 
-    async def leave(self, conversation: str, identity: str, reason: str) -> tuple[LeaveResult, list[ev.Event]]:
-        result = await self.store.leave(conversation, identity)
+    async def leave(
+        self, conversation: str, identity: str, reason: str, *, held_here: bool = False
+    ) -> tuple[LeaveResult, list[ev.Event]]:
+        """``held_here``: only if this node still holds the participant (``Store.leave``)."""
+        result = await self.store.leave(conversation, identity, held_here=held_here)
         return result, self.left(conversation, result, reason)
 
     def left(self, conversation: str, result: LeaveResult, reason: str) -> list[ev.Event]:

@@ -3,8 +3,9 @@
 ``Delivery`` keeps the per-process index of connections (who is connected here, in
 which conversations, which agents are in the lobby) and is the wire encoder: each
 domain event becomes the client message its conversation's local participants get,
-encoded once per fan-out, not once per recipient. Delivery is local today; the
-cluster issue puts a bus behind ``fan_out`` for participants connected elsewhere.
+encoded once per fan-out, not once per recipient. On a cluster (``--redis``), the
+same bytes also go to the conversation's participants on other nodes (``Remote``,
+``bus.py``), with the events other nodes must react to (``REMOTE_REACTIONS``).
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import msgspec
+
 from . import events as ev
 from . import messages
 from .errors import BadRequest, NotFound, ProtocolError
-from .messages import Participant, QueueEntry
+from .messages import Participant, QueueEntry, Role
 from .protocol import SignalingProtocol
 
 #: Messages held for one member while its ``joined`` is being built (a few ms at most).
@@ -61,6 +64,48 @@ def target(conn: Connection, requested: str | None) -> str:
     raise BadRequest("you are in several conversations: name one in 'conversation'")
 
 
+class Remote(Protocol):
+    """The other nodes (``bus.Bus``)."""
+
+    def room(
+        self, conversation: str, data: bytes, mtype: str, *, skip: str | None = None, event: bytes | None = None
+    ) -> None:
+        """Send to the conversation's participants on other nodes (``event``: for their reactions)."""
+
+    def queue(self, data: bytes, version: int) -> None:
+        """Send the agent queue to every other node's agents."""
+
+
+#: Events whose reactions may be due on another node: a customer's chat or call reaches
+#: the bot wherever its link is, an agent's arrival stops it there, and every node
+#: forgets an ended conversation's per-process state.
+REMOTE_REACTIONS: dict[str, type[ev.Event]] = {
+    t.__name__: t for t in (ev.ChatPosted, ev.AgentAccepted, ev.CallEnded, ev.ConversationClosed)
+}
+_msgpack = msgspec.msgpack.Encoder()
+
+
+def for_remote_reaction(event: ev.Event) -> bytes | None:
+    """The event encoded for other nodes' reactions, or None if none is due."""
+    match event:
+        case ev.ChatPosted(message=m) if m.sender.role != Role.CUSTOMER:
+            return None
+        case ev.CallEnded(participant=who) if who.role != Role.CUSTOMER:
+            return None
+    if type(event).__name__ not in REMOTE_REACTIONS:
+        return None
+    return _msgpack.encode((type(event).__name__, event))
+
+
+def remote_reaction(data: bytes) -> ev.Event:
+    """What ``for_remote_reaction`` encoded (msgspec.ValidationError if it is not that)."""
+    name, raw = msgspec.msgpack.decode(data)
+    kind = REMOTE_REACTIONS.get(name)
+    if kind is None:
+        raise msgspec.ValidationError(f"not an event other nodes react to: {name!r}")
+    return msgspec.convert(raw, kind)
+
+
 @dataclass
 class Delivery:
     #: conversation id -> identity -> the local connection that is that participant
@@ -72,6 +117,11 @@ class Delivery:
     #: (conversation, identity) entered but not yet sent its ``joined``: what the room says
     #: meanwhile waits here, so ``joined`` always comes first (building it awaits the records)
     pending: dict[tuple[str, str], list[tuple[bytes, str]]] = field(default_factory=dict)
+    #: The other nodes (None: a single process).
+    remote: Remote | None = None
+    #: The version of the last queue the local agents got (``Store.queue``): an older one
+    #: arriving later (from another node, or after a slower build here) is not sent.
+    queue_version: int = -1
 
     def enter(self, conn: Connection, conversation: str) -> None:
         """Make ``conn`` a member; it gets nothing of the room until ``ready`` (after its
@@ -106,10 +156,17 @@ class Delivery:
     # -- events -> wire ---------------------------------------------------------------
 
     def __call__(self, event: ev.Event) -> None:
-        """Deliver one event to the conversation's local participants as its client message."""
+        """Deliver one event to the conversation's participants as its client message:
+        here, and through ``remote`` on other nodes."""
         message, skip = wire(event)
-        if message is not None and event.conversation in self.rooms:
-            self.fan_out(event.conversation, messages.encode(message), str(message["type"]), skip=skip)
+        data = b"" if message is None else messages.encode(message)
+        mtype = "" if message is None else str(message["type"])
+        if data and event.conversation in self.rooms:
+            self.fan_out(event.conversation, data, mtype, skip=skip)
+        if self.remote is not None:
+            reaction = for_remote_reaction(event)
+            if data or reaction is not None:
+                self.remote.room(event.conversation, data, mtype, skip=skip, event=reaction)
 
     def fan_out(self, conversation: str, data: bytes, mtype: str, *, skip: str | None = None) -> None:
         """Deliver already encoded bytes to every local participant but ``skip`` (an identity)."""
@@ -121,11 +178,24 @@ class Delivery:
                 elif len(waiting) < PENDING_LIMIT:
                     waiting.append((data, mtype))
 
-    def to_agents(self, entries: Iterable[QueueEntry], cards: dict[str, dict[str, Any]] | None = None) -> None:
-        if self.agents:
-            data = messages.encode(messages.queue(list(entries), cards))
-            for agent in self.agents.values():
-                agent.deliver(data, "queue")
+    def to_agents(
+        self, entries: Iterable[QueueEntry], cards: dict[str, dict[str, Any]] | None = None, version: int = 0
+    ) -> None:
+        """The queue (``version``: ``Store.queue``'s) to every agent, here and on other nodes."""
+        if not self.agents and self.remote is None:
+            return
+        data = messages.encode(messages.queue(list(entries), cards))
+        self.queue_to_agents(data, version)
+        if self.remote is not None:
+            self.remote.queue(data, version)
+
+    def queue_to_agents(self, data: bytes, version: int) -> None:
+        """An encoded queue to this node's agents, unless they had a newer one."""
+        if version < self.queue_version:
+            return
+        self.queue_version = version
+        for agent in self.agents.values():
+            agent.deliver(data, "queue")
 
 
 def wire(event: ev.Event) -> tuple[dict[str, Any] | None, str | None]:

@@ -77,6 +77,18 @@ class Metrics:
         self.sessions = Gauge("talkgate_sessions", "Connections that have joined.", registry=r)
         self.conversations = Gauge("talkgate_conversations", "Live conversations.", registry=r)
         self.queue_length = Gauge("talkgate_queue_length", "Conversations waiting for an agent.", registry=r)
+        self.bus_dropped = Counter(
+            "talkgate_bus_dropped",
+            "Messages for other nodes not published (Redis unreachable, or the bus's queue full).",
+            registry=r,
+        )
+        self.cluster_nodes = Gauge("talkgate_cluster_nodes", "Live gateway nodes on this node's Redis.", registry=r)
+        self.cluster_conversations = Gauge(
+            "talkgate_cluster_conversations",
+            "Conversations with a participant connected to each live node, as it last reported.",
+            ["node"],
+            registry=r,
+        )
         self.messages_in = Counter(
             "talkgate_messages_received", "Client messages received, by type.", ["type"], registry=r
         )

@@ -15,8 +15,12 @@ Keys (``P`` is the prefix, ``C`` a conversation id):
   time, at most ``retained_limit`` of them, as ``InMemoryStore`` does);
 - ``P q``: waiting conversations by arrival; ``P qe``: conversation -> queue entry JSON;
 - ``P at:C``: identity -> the node (process) that holds the participant; ``P np:N``: the
-  participants node N holds, as conversation and identity joined by a newline (``reap``
-  removes them when N is dead);
+  participants node N holds, as conversation and identity joined by a newline (``adopt``
+  moves them to a live node when N is dead); ``P pv``: conversation -> the version of its
+  placement (which nodes hold its participants: ``bus.Placement``);
+- ``P pc:I``: the conversations identity I is in (an agent reconnecting through another
+  node finds its conversations);
+- ``P qv``: the agent queue's version (``Store.queue``);
 - ``P seq``: a counter for join and arrival order.
 
 The retention clock is wall time by default (``time.time``): several processes must
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import socket
 import time
 import uuid
@@ -72,24 +77,45 @@ local function forget_expired(now)
   if #gone > 0 then redis.call('ZREMRANGEBYSCORE', P..'exp', '-inf', now) end
 end
 local NODE = ARGV[2]
+local function moved(conv)
+  redis.call('HSET', P..'pv', conv, redis.call('INCR', P..'seq'))
+end
 local function untag(conv, ident)
   local node = redis.call('HGET', P..'at:'..conv, ident)
   if node then
     redis.call('HDEL', P..'at:'..conv, ident)
     redis.call('SREM', P..'np:'..node, conv..'\\n'..ident)
+    moved(conv)
   end
 end
+-- Where the conversation's participants are: "VERSION NODE NODE…" (the version grows
+-- with every change, so a node keeps the newest it has heard of).
+local function placed(conv)
+  local seen, out = {}, {}
+  for _, n in ipairs(redis.call('HVALS', P..'at:'..conv)) do
+    if not seen[n] then
+      seen[n] = true
+      out[#out + 1] = n
+    end
+  end
+  return (redis.call('HGET', P..'pv', conv) or '0')..' '..table.concat(out, ' ')
+end
+-- Adds (or updates) a participant held by this node; answers whether it is new, and the
+-- node that held it until now ('' if none).
 local function add(conv, ident, pjson, now)
   forget_expired(now)
   redis.call('ZREM', P..'exp', conv)
   local added = redis.call('HSET', P..'m:'..conv, ident, pjson)
   if added == 1 then redis.call('ZADD', P..'o:'..conv, redis.call('INCR', P..'seq'), ident) end
   redis.call('SADD', P..'convs', conv)
+  redis.call('SADD', P..'pc:'..ident, conv)
   -- Which node holds the participant (the websocket, or the bot's link): reaped with it.
+  local before = redis.call('HGET', P..'at:'..conv, ident) or ''
   untag(conv, ident)
   redis.call('HSET', P..'at:'..conv, ident, NODE)
   redis.call('SADD', P..'np:'..NODE, conv..'\\n'..ident)
-  return added
+  moved(conv)
+  return added, before
 end
 local function has_role(conv, role)
   for _, v in ipairs(redis.call('HVALS', P..'m:'..conv)) do
@@ -102,6 +128,7 @@ local function unqueue(conv)
   if entry then
     redis.call('HDEL', P..'qe', conv)
     redis.call('ZREM', P..'q', conv)
+    redis.call('INCR', P..'qv')
   end
   return entry
 end
@@ -111,11 +138,13 @@ local function leave(conv, ident, now, retention, retained_limit)
   if not gone then return {false} end
   redis.call('HDEL', mkey, ident)
   redis.call('ZREM', P..'o:'..conv, ident)
+  redis.call('SREM', P..'pc:'..ident, conv)
   untag(conv, ident)
   local removed = redis.call('HLEN', mkey) == 0
   if removed then
     redis.call('SREM', P..'convs', conv)
     redis.call('DEL', P..'o:'..conv, P..'at:'..conv)
+    redis.call('HDEL', P..'pv', conv)
     if tonumber(retention) > 0 and redis.call('EXISTS', P..'h:'..conv) == 1 then
       redis.call('ZADD', P..'exp', tonumber(now) + tonumber(retention), conv)
       while redis.call('ZCARD', P..'exp') > tonumber(retained_limit) do
@@ -133,7 +162,7 @@ local function leave(conv, ident, now, retention, retained_limit)
   end
   local queue_changed = 0
   if customers == 0 and unqueue(conv) then queue_changed = 1 end
-  return {gone, removed and 1 or 0, queue_changed, customers}
+  return {gone, removed and 1 or 0, queue_changed, customers, placed(conv)}
 end
 """
 
@@ -150,8 +179,8 @@ elseif redis.call('HEXISTS', mkey, ident) == 0 and redis.call('HLEN', mkey) >= t
 end
 local taken = false
 if ARGV[8] == '1' then taken = unqueue(conv) end
-local added = add(conv, ident, ARGV[5], ARGV[9])
-return {'admitted', added, exists and 0 or 1, taken or ''}
+local added, before = add(conv, ident, ARGV[5], ARGV[9])
+return {'admitted', added, exists and 0 or 1, taken or '', placed(conv), before}
 """
 
 # ARGV: conversation, identity, participant JSON, max participants, now
@@ -167,7 +196,7 @@ if redis.call('HEXISTS', mkey, ident) == 0 and redis.call('HLEN', mkey) >= tonum
 end
 local taken = unqueue(conv)
 local added = add(conv, ident, ARGV[5], ARGV[7])
-return {'admitted', added, 0, taken}
+return {'admitted', added, 0, taken, placed(conv)}
 """
 
 # ARGV: conversation, identity, participant JSON, now
@@ -177,7 +206,7 @@ local mkey = P..'m:'..conv
 if redis.call('EXISTS', mkey) == 0 or redis.call('HEXISTS', mkey, ident) == 1 then return 0 end
 if not has_role(conv, 'customer') or has_role(conv, 'agent') or has_role(conv, 'bot') then return 0 end
 add(conv, ident, ARGV[5], ARGV[6])
-return 1
+return placed(conv)
 """
 
 # ARGV: conversation, reason JSON string, since (digits), customer identity ('' = first)
@@ -199,28 +228,45 @@ local entry = '{"conversation":'..cjson.encode(conv)..',"customer":'..who
 entry = entry..',"since":'..ARGV[5]..',"reason":'..ARGV[4]..'}'
 redis.call('HSET', P..'qe', conv, entry)
 redis.call('ZADD', P..'q', redis.call('INCR', P..'seq'), conv)
+redis.call('INCR', P..'qv')
 return {'queued', entry}
 """
 
-# ARGV: conversation, identity, now, retention seconds, retained limit
+# ARGV: conversation, identity, now, retention seconds, retained limit, only if held here (0/1)
 _LEAVE = """
+if ARGV[8] == '1' and redis.call('HGET', P..'at:'..ARGV[3], ARGV[4]) ~= NODE then return {false} end
 return leave(ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7])
 """
 
-# ARGV: the node whose participants go, now, retention seconds, retained limit. Returns
-# [conversation, leave result, …] for each participant it held.
-_REAP = """
+# ARGV: the dead node. Every participant it held is held by this node from now on (no
+# one leaves here: this node gives them the grace time to reconnect). Returns
+# [conversation, participant JSON, …].
+_ADOPT = """
 local out = {}
-local node = ARGV[3]
-for _, entry in ipairs(redis.call('SMEMBERS', P..'np:'..node)) do
+local dead = ARGV[3]
+for _, entry in ipairs(redis.call('SMEMBERS', P..'np:'..dead)) do
   local cut = string.find(entry, '\\n', 1, true)
   local conv, ident = string.sub(entry, 1, cut - 1), string.sub(entry, cut + 1)
-  if redis.call('HGET', P..'at:'..conv, ident) == node then
+  local pjson = redis.call('HGET', P..'m:'..conv, ident)
+  if pjson and redis.call('HGET', P..'at:'..conv, ident) == dead then
+    untag(conv, ident)
+    redis.call('HSET', P..'at:'..conv, ident, NODE)
+    redis.call('SADD', P..'np:'..NODE, entry)
     table.insert(out, conv)
-    table.insert(out, leave(conv, ident, ARGV[4], ARGV[5], ARGV[6]))
+    table.insert(out, pjson)
   end
 end
-redis.call('DEL', P..'np:'..node)
+redis.call('DEL', P..'np:'..dead)
+return out
+"""
+
+# ARGV: identity. The live conversations it is in.
+_MEMBERSHIPS = """
+local out = {}
+for _, conv in ipairs(redis.call('SMEMBERS', P..'pc:'..ARGV[3])) do
+  if redis.call('HEXISTS', P..'m:'..conv, ARGV[3]) == 1 then out[#out + 1] = conv
+  else redis.call('SREM', P..'pc:'..ARGV[3], conv) end
+end
 return out
 """
 
@@ -237,7 +283,7 @@ local conv = ARGV[3]
 if redis.call('EXISTS', P..'m:'..conv) == 0 then return 0 end
 redis.call('RPUSH', P..'h:'..conv, ARGV[4])
 redis.call('LTRIM', P..'h:'..conv, -tonumber(ARGV[5]), -1)
-return 1
+return placed(conv)
 """
 
 # ARGV: conversation, now
@@ -246,11 +292,14 @@ forget_expired(ARGV[4])
 return redis.call('LRANGE', P..'h:'..ARGV[3], 0, -1)
 """
 
-# (no arguments)
+# (no arguments). Returns the queue's version, then the entries.
 _WAITING = """
+local version = tonumber(redis.call('GET', P..'qv') or '0')
 local ids = redis.call('ZRANGE', P..'q', 0, -1)
-if #ids == 0 then return {} end
-return redis.call('HMGET', P..'qe', unpack(ids))
+if #ids == 0 then return {version} end
+local out = redis.call('HMGET', P..'qe', unpack(ids))
+table.insert(out, 1, version)
+return out
 """
 
 
@@ -284,13 +333,22 @@ class RedisStore(Store):
             "claim_bot": _CLAIM_BOT,
             "escalate": _ESCALATE,
             "leave": _LEAVE,
-            "reap": _REAP,
+            "adopt": _ADOPT,
+            "memberships": _MEMBERSHIPS,
             "participants": _PARTICIPANTS,
             "append": _APPEND,
             "history": _HISTORY,
             "waiting": _WAITING,
         }
         self._scripts = {name: self.redis.register_script(_PRELUDE + body) for name, body in scripts.items()}
+        #: Told where a conversation's participants are after each step that says so
+        #: (``placement``, the version and the nodes): the bus's view (``bus.Placement``).
+        self.on_placement: Callable[[str, int, list[str]], None] | None = None
+
+    def _placed(self, conversation: str, reply: bytes | str) -> None:
+        if self.on_placement is not None:
+            version, nodes = placement(reply)
+            self.on_placement(conversation, version, nodes)
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -336,7 +394,15 @@ class RedisStore(Store):
         if outcome != "admitted":
             return JoinResult(Admission(outcome))
         taken = _entry(reply[3]) if reply[3] else None
-        return JoinResult(Admission.ADMITTED, added=bool(reply[1]), opened=bool(reply[2]), taken=taken)
+        self._placed(conversation, reply[4])
+        before = as_text(reply[5])
+        return JoinResult(
+            Admission.ADMITTED,
+            added=bool(reply[1]),
+            opened=bool(reply[2]),
+            taken=taken,
+            elsewhere=before not in ("", self.node),
+        )
 
     async def accept(self, conversation: str, agent: Participant, limits: Limits) -> JoinResult:
         reply = await self._run(
@@ -345,41 +411,63 @@ class RedisStore(Store):
         outcome = as_text(reply[0])
         if outcome != "admitted":
             return JoinResult(Admission(outcome))
+        self._placed(conversation, reply[4])
         return JoinResult(Admission.ADMITTED, added=bool(reply[1]), taken=_entry(reply[3]))
 
     async def claim_bot(self, conversation: str, bot: Participant) -> bool:
-        return bool(await self._run("claim_bot", conversation, bot.identity, _encode(bot), self._clock()))
+        reply = await self._run("claim_bot", conversation, bot.identity, _encode(bot), self._clock())
+        if reply == 0:
+            return False
+        self._placed(conversation, reply)
+        return True
 
     async def escalate(self, conversation: str, reason: str, since: int, customer: str | None = None) -> EnqueueResult:
         reply = await self._run("escalate", conversation, _encode(reason), str(int(since)), customer or "")
         outcome = Enqueued(as_text(reply[0]))
         return EnqueueResult(outcome, _entry(reply[1]) if len(reply) > 1 else None)
 
-    async def leave(self, conversation: str, identity: str) -> LeaveResult:
+    async def leave(self, conversation: str, identity: str, *, held_here: bool = False) -> LeaveResult:
         reply = await self._run(
-            "leave", conversation, identity, self._clock(), self.retention_seconds, self.retained_limit
+            "leave",
+            conversation,
+            identity,
+            self._clock(),
+            self.retention_seconds,
+            self.retained_limit,
+            int(held_here),
         )
-        return _left(reply)
+        return self._left(conversation, reply)
 
-    async def reap(self, node: str) -> list[tuple[str, LeaveResult]]:
-        """Every participant ``node`` (a dead process) held leaves, as ``leave`` does; what
-        each leave did, by conversation. Another node's participants, and anyone who has
-        rejoined through another node since, stay."""
-        reply = await self._run("reap", node, self._clock(), self.retention_seconds, self.retained_limit)
-        return [(as_text(reply[i]), _left(reply[i + 1])) for i in range(0, len(reply), 2)]
+    async def adopt(self, node: str) -> list[tuple[str, Participant]]:
+        """Hold every participant ``node`` (a dead process) held, as this node's own: they
+        are in their grace time here (``Broker.node_lost``). Another node's participants,
+        and anyone who has rejoined through another node since, stay as they are."""
+        reply = await self._run("adopt", node)
+        return [(as_text(reply[i]), _participant(reply[i + 1])) for i in range(0, len(reply), 2)]
+
+    async def memberships(self, identity: str) -> list[str]:
+        return sorted(as_text(c) for c in await self._run("memberships", identity))
 
     async def participants(self, conversation: str) -> list[Participant] | None:
         reply = await self._run("participants", conversation)
         return None if reply is None else [_participant(v) for v in reply if v is not None]
 
     async def append_chat(self, conversation: str, message: ChatMessage) -> bool:
-        return bool(await self._run("append", conversation, _encode(message), self.history_limit))
+        reply = await self._run("append", conversation, _encode(message), self.history_limit)
+        if reply == 0:
+            return False
+        self._placed(conversation, reply)
+        return True
 
     async def history(self, conversation: str) -> list[ChatMessage]:
         return [_message(v) for v in await self._run("history", conversation, self._clock())]
 
     async def waiting(self) -> list[QueueEntry]:
-        return [_entry(v) for v in await self._run("waiting") if v is not None]
+        return (await self.queue())[1]
+
+    async def queue(self) -> tuple[int, list[QueueEntry]]:
+        reply = await self._run("waiting")
+        return int(reply[0]), [_entry(v) for v in reply[1:] if v is not None]
 
     async def conversation_count(self) -> int:
         try:
@@ -388,15 +476,25 @@ class RedisStore(Store):
         except (RedisError, TimeoutError) as exc:
             raise Unavailable("the gateway's shared state (Redis) is unreachable; try again") from exc
 
+    def _left(self, conversation: str, reply: list[Any]) -> LeaveResult:
+        if not reply or reply[0] is None:
+            return LeaveResult(None)
+        self._placed(conversation, reply[4])
+        return _left(reply)
+
 
 def as_text(value: bytes | str) -> str:
     """A Redis reply as text (redis-py answers bytes unless told to decode)."""
     return value.decode() if isinstance(value, bytes) else value
 
 
+def placement(reply: bytes | str) -> tuple[int, list[str]]:
+    """A script's ``placed`` reply: the placement's version and the nodes, in no order."""
+    version, *nodes = as_text(reply).split(" ")
+    return int(version), [n for n in nodes if n]
+
+
 def _left(reply: list[Any]) -> LeaveResult:
-    if not reply or reply[0] is None:
-        return LeaveResult(None)
     return LeaveResult(
         _participant(reply[0]),
         conversation_removed=bool(reply[1]),
@@ -415,4 +513,5 @@ def connect(url: str) -> aioredis.Redis:
 
 def new_node_id() -> str:
     """A node id unique per process start: the host's name and a random suffix."""
-    return f"{socket.gethostname()[:40]}-{uuid.uuid4().hex[:6]}"
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:40] or "node"
+    return f"{host}-{uuid.uuid4().hex[:6]}"

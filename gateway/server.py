@@ -22,12 +22,13 @@ from . import __version__, messages
 from .api import Api
 from .bot import BotHandler, echo, serve_bot
 from .broker import Broker
-from .cluster import NodeInfo, Registry, only_node
+from .bus import Bus, Envelope
+from .cluster import NodeInfo, Registry, claim_id, live_nodes
 from .config import Config
 from .http import WS_PATH, Routes, origin_allowed, response
 from .metrics import Metrics, watch_loop_lag
 from .records import Records, SqlRecords
-from .redis_store import RedisStore
+from .redis_store import COMMAND_SECONDS, RedisStore
 from .session import Session
 from .store import InMemoryStore, Store
 from .webhook_delivery import WebhookDelivery
@@ -70,10 +71,16 @@ class GatewayServer:
                 config.history_limit, config.history_retention_seconds, retained_limit=config.max_conversations
             )
         )
-        #: On a shared store, this node's entry in the registry (docs/cluster.md).
+        #: On a shared store, this node's entry in the registry and its channel to the
+        #: other nodes (docs/cluster.md).
         self.registry: Registry | None = None
+        self.bus: Bus | None = None
         if isinstance(self.store, RedisStore):
             self.registry = Registry(self.store.redis, self.store.prefix, self._describe, self._reap)
+            self.bus = Bus(
+                self.store.redis, self.store.prefix, self.store.node, self._heard, dropped=self.metrics.bus_dropped
+            )
+            self.store.on_placement = self.bus.placement.learned
         #: The webhook delivery worker (None: no ``--webhook-url``); the records' writer wakes it.
         self.webhooks = WebhookDelivery(config, self.metrics) if config.webhook_urls else None
         #: The durable records (None: in memory only, ``--database none``).
@@ -91,7 +98,7 @@ class GatewayServer:
             if config.database
             else None
         )
-        self.broker = Broker(config, self.store, self.metrics, records=self.records)
+        self.broker = Broker(config, self.store, self.metrics, records=self.records, remote=self.bus)
         self.routes = Routes(self.health, self.render_metrics, self.admit)
         #: The server API on its own port (None: no ``--api-key``, it is off).
         self.api: Api | None = (
@@ -115,10 +122,10 @@ class GatewayServer:
         self._started = int(time.time() * 1000)
 
     async def start(self) -> None:
-        if self.registry is not None:
-            await self._one_node()
         if self.records is not None:
             await self.records.start()  # migrated before the first client can join
+        if self.registry is not None:
+            await self._claim_id()
         if self.webhooks is not None:
             assert isinstance(self.records, SqlRecords)  # Config: webhooks need a database
             await self.webhooks.start(self.records)  # resumes what a restart left pending
@@ -138,8 +145,11 @@ class GatewayServer:
             ping_timeout=self.config.ping_timeout,
             ssl=self._ssl,
             close_timeout=5,
+            reuse_port=self.config.reuse_port or None,
         )
         self.port = self._server.sockets[0].getsockname()[1]
+        if self.bus is not None:
+            await self.bus.start()
         if self.registry is not None:
             await self.registry.start()  # registers, and reaps the nodes that died meanwhile
         if self.api is not None:
@@ -231,6 +241,8 @@ class GatewayServer:
             await self.records.close()  # after the broker: what the shutdown wrote is committed
         if self.registry is not None:
             await self.registry.close()
+        if self.bus is not None:
+            await self.bus.close()
         if self._owns_store:
             await self.store.close()
 
@@ -246,11 +258,19 @@ class GatewayServer:
     async def _handle(self, ws: ServerConnection) -> None:
         await Session(ws, self.broker, self.config, self.metrics).run()
 
-    async def _one_node(self) -> None:
-        """Refuse to start beside another live node: delivery between nodes is not built
-        yet, so a second node would leave its clients deaf to the first one's."""
+    async def _claim_id(self) -> None:
+        """Refuse an id a live node has; reap what this id's previous run held (killed)."""
         assert isinstance(self.store, RedisStore)
-        await only_node(self.store.redis, self.store.prefix, self.store.node, self.store.url)
+        if await claim_id(self.store.redis, self.store.prefix, self.store.node, self.store.url):
+            log.warning("node %s was killed before: reaping what it held", self.store.node)
+            await self._reap(self.store.node)
+
+    def _heard(self, envelope: Envelope) -> None:
+        """Another node's message (``bus.Bus``)."""
+        if envelope.conversation:
+            self.broker.heard(envelope.conversation, envelope.data, envelope.mtype, envelope.skip, envelope.event)
+        else:
+            self.broker.delivery.queue_to_agents(envelope.data, envelope.version)
 
     async def _describe(self) -> NodeInfo:
         assert isinstance(self.store, RedisStore)
@@ -267,7 +287,7 @@ class GatewayServer:
 
     async def _reap(self, node: str) -> None:
         assert isinstance(self.store, RedisStore)
-        await self.broker.node_lost(node, await self.store.reap(node))
+        await self.broker.node_lost(node, await self.store.adopt(node))
 
     async def health(self) -> dict[str, object]:
         if isinstance(self.store, RedisStore):
@@ -292,6 +312,13 @@ class GatewayServer:
     async def render_metrics(self) -> bytes:
         self.metrics.conversations.set(await self.store.conversation_count())
         self.metrics.queue_length.set(len(await self.store.waiting()))
+        if isinstance(self.store, RedisStore):
+            async with asyncio.timeout(COMMAND_SECONDS):
+                nodes = await live_nodes(self.store.redis, self.store.prefix)
+            self.metrics.cluster_nodes.set(len(nodes))
+            self.metrics.cluster_conversations.clear()  # a node gone is no longer listed
+            for node in nodes:
+                self.metrics.cluster_conversations.labels(node.id).set(node.conversations)
         return self.metrics.render()
 
 

@@ -49,6 +49,9 @@ class JoinResult:
     opened: bool = False
     #: The queue entry this join removed (``take_queue``, or an accept).
     taken: QueueEntry | None = None
+    #: The participant was in it already, held by another node (a shared store): it
+    #: reconnected through this one.
+    elsewhere: bool = False
 
 
 class Enqueued(enum.Enum):
@@ -109,9 +112,11 @@ class Store(abc.ABC):
         The entry names ``customer`` (an identity), or the first customer when None."""
 
     @abc.abstractmethod
-    async def leave(self, conversation: str, identity: str) -> LeaveResult:
+    async def leave(self, conversation: str, identity: str, *, held_here: bool = False) -> LeaveResult:
         """Remove one participant; drop the conversation when empty (keeping its history for the
-        retention time), its queue entry when customer-less."""
+        retention time), its queue entry when customer-less. ``held_here``: only if this node
+        holds the participant (a grace time ending must not remove one who came back
+        through another node; one process holds everyone)."""
 
     @abc.abstractmethod
     async def participants(self, conversation: str) -> list[Participant] | None:
@@ -130,6 +135,16 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def waiting(self) -> list[QueueEntry]:
         """The agent queue, longest-waiting first."""
+
+    @abc.abstractmethod
+    async def memberships(self, identity: str) -> list[str]:
+        """The live conversations the identity is in (whichever node holds it)."""
+
+    async def queue(self) -> tuple[int, list[QueueEntry]]:
+        """The agent queue with its version: a number that grows with every change of the
+        queue, read in the same step, so that of two snapshots the newer one wins however
+        they travel (to local agents after awaits, to other nodes' agents over the bus)."""
+        return 0, await self.waiting()
 
     @abc.abstractmethod
     async def conversation_count(self) -> int:
@@ -165,6 +180,8 @@ class InMemoryStore(Store):
         self._history: dict[str, collections.deque[ChatMessage]] = {}
         #: conversation id -> entry; dicts keep insertion order, so this is FIFO.
         self._queue: dict[str, QueueEntry] = {}
+        #: Grows with every change of ``_queue`` (``queue``).
+        self._queue_version = 0
 
     async def join(
         self, conversation: str, participant: Participant, limits: Limits, *, take_queue: bool = False
@@ -176,6 +193,7 @@ class InMemoryStore(Store):
         elif participant.identity not in members and len(members) >= limits.max_participants:
             return JoinResult(Admission.CONVERSATION_FULL)
         taken = self._queue.pop(conversation, None) if take_queue else None
+        self._queue_version += taken is not None
         added = self._add(conversation, participant)
         return JoinResult(Admission.ADMITTED, added=added, opened=members is None, taken=taken)
 
@@ -188,6 +206,7 @@ class InMemoryStore(Store):
         if agent.identity not in members and len(members) >= limits.max_participants:
             return JoinResult(Admission.CONVERSATION_FULL)
         taken = self._queue.pop(conversation)
+        self._queue_version += 1
         added = self._add(conversation, agent)
         return JoinResult(Admission.ADMITTED, added=added, taken=taken)
 
@@ -215,9 +234,10 @@ class InMemoryStore(Store):
         if who is None:
             return EnqueueResult(Enqueued.NO_CUSTOMER)
         entry = self._queue[conversation] = QueueEntry(conversation, who, since, reason)
+        self._queue_version += 1
         return EnqueueResult(Enqueued.QUEUED, entry)
 
-    async def leave(self, conversation: str, identity: str) -> LeaveResult:
+    async def leave(self, conversation: str, identity: str, *, held_here: bool = False) -> LeaveResult:
         members = self._participants.get(conversation)
         gone = None if members is None else members.pop(identity, None)
         if members is None or gone is None:
@@ -236,6 +256,7 @@ class InMemoryStore(Store):
         queue_changed = False
         if conversation in self._queue and not customers:
             del self._queue[conversation]
+            self._queue_version += 1
             queue_changed = True
         return LeaveResult(gone, conversation_removed=removed, queue_changed=queue_changed, customers_left=customers)
 
@@ -258,6 +279,12 @@ class InMemoryStore(Store):
 
     async def waiting(self) -> list[QueueEntry]:
         return list(self._queue.values())
+
+    async def queue(self) -> tuple[int, list[QueueEntry]]:
+        return self._queue_version, list(self._queue.values())
+
+    async def memberships(self, identity: str) -> list[str]:
+        return sorted(c for c, members in self._participants.items() if identity in members)
 
     async def conversation_count(self) -> int:
         return len(self._participants)

@@ -7,8 +7,8 @@ import asyncio
 import itertools
 import json
 import os
+import re
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -21,11 +21,11 @@ import redis.asyncio as aioredis
 from click.testing import CliRunner
 
 from gateway.cli import main
-from gateway.cluster import NodeInfo, Registry, live_nodes
+from gateway.cluster import NodeInfo, Registry, live_nodes, read_status
 from gateway.redis_store import connect
 from tests.client import Client
 from tests.conftest import SECRET, make_token, until
-from tests.databases import free_port
+from tests.databases import PostgresCluster, free_port
 from tests.gateway_process import GatewayProcess
 from tests.redis_server import RedisServer
 
@@ -72,45 +72,75 @@ async def test_a_node_that_stops_refreshing_is_reaped_once(client: aioredis.Redi
     assert await client.smembers(prefix + "nodes") == set()
 
 
-async def test_a_killed_node_is_reaped_by_its_successor(redis_server: RedisServer) -> None:
-    """SIGKILL a gateway on Redis with a customer waiting in the queue: the next gateway
-    waits the dead node's entry out, reaps its participants (the records close the
-    conversation, the queue empties), and the customer joins again."""
+async def test_a_killed_nodes_clients_carry_on_through_another_node(
+    redis_server: RedisServer, postgres: PostgresCluster
+) -> None:
+    """Two gateway processes on one Redis and one PostgreSQL; SIGKILL the one two waiting
+    customers are connected to. One reconnects through the other node within the grace
+    time: its conversation, its history and its place in the queue are intact, and an
+    agent takes it. The other never comes back: it leaves with reason ``node_lost`` once
+    the dead node has been noticed and the grace time is over, and its queue entry goes.
+    Redis keeps nothing of the dead node."""
     url = redis_server.url(next(_databases))
+    name = postgres.create_database()
+    database = postgres.url(name)
     env = {"TALKGATE_SECRET": SECRET}
-    first = GatewayProcess("serve", "--port", "0", "--redis", url, "--node-id", "first", env=env)
+    common = ["serve", "--port", "0", "--redis", url, "--database", database, "--reconnect-grace-seconds", "2"]
+    first = GatewayProcess(*common, "--node-id", "first", env=env)
+    second = GatewayProcess(*common, "--node-id", "second", env=env)
+    clients: list[Client] = []
     try:
-        ann = await Client.open(first.ws_url)
-        await ann.send({"type": "join", "token": make_token("u1", "customer", "r1")})
-        await ann.expect("joined")
-        await ann.send({"type": "chat", "text": "still there?"})
-        await ann.expect("chat")
-        await ann.send({"type": "escalate"})
-        await ann.wait_for("queued")
-    finally:
-        first.proc.send_signal(signal.SIGKILL)
-        first.proc.wait()
-    killed = time.monotonic()
-    database = ["--database", f"sqlite:///{first.data.name}/talkgate.db"]  # the same records
-    second = GatewayProcess("serve", "--port", "0", "--redis", url, "--node-id", "second", *database, env=env)
-    try:
-        started = time.monotonic() - killed
-        assert started < 8  # the dead node's entry expires within 5 s
-
-        async def reaped() -> dict[str, object] | None:  # by the first refresh, after the start-up lines
-            health = await http_json(second.url + "/healthz")
-            return health if health["conversations"] == 0 else None
-
-        health = await until(reaped)
-        assert (health["node"], health["redis"], health["conversations"]) == ("second", True, 0)
         agent = await Client.open(second.ws_url)
+        clients.append(agent)
         await agent.send({"type": "join", "token": make_token("a1", "agent")})
         await agent.expect("joined")
-        assert (await agent.expect("queue"))["waiting"] == []  # the dead node's customer left it
+        await agent.expect("queue")
+        for identity, room in (("u1", "r1"), ("u2", "r2")):
+            customer = await Client.open(first.ws_url)
+            clients.append(customer)
+            await customer.send({"type": "join", "token": make_token(identity, "customer", room)})
+            await customer.expect("joined")
+            await customer.send({"type": "chat", "text": f"{identity} here"})
+            await customer.expect("chat")
+            await customer.send({"type": "escalate"})
+            await customer.wait_for("queued")
+        while len((await agent.wait_for("queue"))["waiting"]) < 2:
+            pass
+        # u3 (on the live node) talks to a3, whose console is on the node about to die.
+        cid = await Client.open(second.ws_url)
+        lost_agent = await Client.open(first.ws_url)
+        clients += [cid, lost_agent]
+        await cid.send({"type": "join", "token": make_token("u3", "customer", "r3")})
+        await cid.expect("joined")
+        await lost_agent.send({"type": "join", "token": make_token("a3", "agent", "r3")})
+        await lost_agent.expect("joined")
+        await cid.wait_for("participant.joined", identity="a3")
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait()
+        killed = time.monotonic()
+
+        # u1 reconnects at once (as the SDK does) through the live node.
         ann = await Client.open(second.ws_url)
+        clients.append(ann)
         await ann.send({"type": "join", "token": make_token("u1", "customer", "r1")})
         joined = await ann.expect("joined")
-        assert [p["identity"] for p in joined["participants"]] == ["u1"]
+        assert [m["text"] for m in joined["history"]][:1] == ["u1 here"]
+
+        # u2 and a3 never come back: u2's entry goes, r3 goes back to the queue (agent_lost).
+        waiting: dict[str, str] = {}
+        while sorted(waiting) != ["r1", "r3"]:
+            message = await agent.wait_for("queue", timeout=15)
+            waiting = {w["conversation"]: w["reason"] for w in message["waiting"]}
+        assert waiting["r3"] == "agent_lost"
+        assert (await cid.wait_for("participant.left", identity="a3"))["identity"] == "a3"
+        assert "agent was disconnected" in (await cid.wait_for("chat"))["text"]
+        gone = time.monotonic() - killed
+        assert gone < 5 + 1.5 + 2 + 1.5  # the entry's expiry, a refresh, the grace time, slack
+        await agent.send({"type": "accept", "conversation": "r1"})
+        await agent.wait_for("joined", conversation="r1")
+        await agent.send({"type": "chat", "conversation": "r1", "text": "hello u1"})
+        assert (await ann.wait_for("chat"))["text"] == "hello u1"
+
         status = await asyncio.to_thread(
             subprocess.run,
             [sys.executable, "-m", "gateway", "cluster", "status", "--redis", url, "--json"],
@@ -119,38 +149,50 @@ async def test_a_killed_node_is_reaped_by_its_successor(redis_server: RedisServe
             check=True,
         )
         assert [json.loads(line)["id"] for line in status.stdout.splitlines()] == ["second"]
-        await ann.close()
-        await agent.close()
+        redis = connect(url)
+        try:
+            assert not await redis.exists("talkgate:node:first", "talkgate:np:first")
+            assert await redis.smembers("talkgate:nodes") == {b"second"}
+        finally:
+            await redis.aclose()
     finally:
+        for client in clients:
+            await client.close()
+        if first.proc.poll() is None:
+            first.stop()
         log = second.stop()
     assert "node first stopped refreshing: reaping what it held" in log
-    # The records have the customer's leave from the dead node, then the new join.
-    with sqlite3.connect(f"{first.data.name}/talkgate.db") as db:
-        rows = db.execute(
-            "SELECT type, actor, json_extract(body, '$.reason') FROM events WHERE type LIKE 'participant.%' ORDER BY id"
-        ).fetchall()
-    assert rows[:3] == [
-        ("participant.joined", "u1", None),
-        ("participant.left", "u1", "node_lost"),
-        ("participant.joined", "u1", None),
+    rows = postgres.psql(
+        "SELECT type || ' ' || actor || ' ' || coalesce(body::json->>'reason', '-') FROM events "
+        "WHERE type LIKE 'participant.%' AND actor LIKE 'u%' ORDER BY id",
+        database=name,
+    ).splitlines()
+    # u1: back through the live node before the dead one was noticed (then it left as the
+    # test ended); u2: away on the node that adopted it, then gone.
+    assert [r for r in rows if " u1 " in r][:2] == ["participant.joined u1 -", "participant.returned u1 -"]
+    assert [r for r in rows if " u2 " in r] == [
+        "participant.joined u2 -",
+        "participant.away u2 -",
+        "participant.left u2 node_lost",
     ]
 
 
-async def test_a_second_live_node_on_one_redis_is_refused(redis_server: RedisServer) -> None:
+async def test_a_node_id_that_is_live_is_refused(redis_server: RedisServer) -> None:
     url = redis_server.url(next(_databases))
     env = {"TALKGATE_SECRET": SECRET}
     first = GatewayProcess("serve", "--port", "0", "--redis", url, "--node-id", "one", env=env)
     try:
+        args = ["serve", "--port", "0", "--redis", url, "--database", "none", "--node-id", "one"]
         second = await asyncio.to_thread(
             subprocess.run,
-            [sys.executable, "-m", "gateway", "serve", "--port", "0", "--redis", url, "--database", "none"],
+            [sys.executable, "-m", "gateway", *args],
             capture_output=True,
             text=True,
             timeout=30,
             env={**os.environ, **env},
         )
         assert second.returncode == 2
-        assert "another gateway node is live on this Redis (one)" in second.stderr
+        assert "another gateway node with the id 'one' is live on this Redis" in second.stderr
     finally:
         first.stop()
 
@@ -167,3 +209,59 @@ def test_an_unreachable_registry_is_an_error_without_the_password() -> None:
     assert result.exit_code == 1
     assert f"could not read the registry at redis://:***@127.0.0.1:{url.rsplit(':', 1)[1]}" in result.output
     assert "hunter2" not in result.output
+
+
+async def test_two_workers_on_one_port_are_one_gateway(redis_server: RedisServer, postgres: PostgresCluster) -> None:
+    """``--workers 2``: one port, two processes. 25 customers and 25 agents connect
+    (the kernel spreads them over both), pair up in 25 conversations and every chat
+    arrives both ways. A worker killed with SIGKILL is replaced by a new node; SIGTERM
+    stops the supervisor and its workers cleanly."""
+    url = redis_server.url(next(_databases))
+    database = postgres.url(postgres.create_database())
+    gateway = GatewayProcess(
+        "serve", "--port", "0", "--redis", url, "--database", database, "--workers", "2",
+        "--node-id", "gw", env={"TALKGATE_SECRET": SECRET}, drain=True,
+    )  # fmt: skip
+    clients: list[Client] = []
+    try:
+        pairs = []
+        for i in range(25):
+            customer = await Client.open(gateway.ws_url)
+            agent = await Client.open(gateway.ws_url)
+            clients += [customer, agent]
+            await customer.send({"type": "join", "token": make_token(f"u{i}", "customer", f"r{i}")})
+            await customer.expect("joined")
+            await agent.send({"type": "join", "token": make_token(f"a{i}", "agent", f"r{i}")})
+            await agent.expect("joined")
+            pairs.append((customer, agent))
+
+        async def both_serve() -> dict[str, int] | None:
+            nodes = await read_status(url, "talkgate:")
+            sessions = {node.id: node.sessions for node in nodes}
+            return sessions if sum(sessions.values()) == 50 else None
+
+        sessions = await until(both_serve, timeout=10)
+        assert sorted(sessions) == ["gw-w1", "gw-w2"]
+        assert all(count > 0 for count in sessions.values()), sessions  # both took clients
+        for i, (customer, agent) in enumerate(pairs):
+            await customer.send({"type": "chat", "text": f"from u{i}"})
+            await agent.send({"type": "chat", "text": f"from a{i}"})
+        for i, (customer, agent) in enumerate(pairs):
+            for client in (customer, agent):
+                texts = {(await client.wait_for("chat"))["text"] for _ in range(2)}
+                assert texts == {f"from u{i}", f"from a{i}"}
+
+        pids = dict(re.findall(r"(w\d) pid (\d+)", "".join(gateway.log_tail)))
+        os.kill(int(pids["w1"]), signal.SIGKILL)
+
+        async def replaced() -> list[str] | None:
+            ids = sorted(node.id for node in await read_status(url, "talkgate:"))
+            return ids if ids == ["gw-w1-r1", "gw-w2"] else None
+
+        await until(replaced, timeout=15)
+    finally:
+        for client in clients:
+            await client.close()
+        log = gateway.stop()
+    assert "worker w1 (pid" in log and "exited with -9: starting a new one" in log
+    assert "workers exited: w1 0, w2 0" in log

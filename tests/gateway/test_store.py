@@ -235,9 +235,10 @@ async def test_an_unreachable_redis_is_unavailable_not_a_crash() -> None:
         await store.close()
 
 
-async def test_a_dead_nodes_participants_are_reaped(redis_server: RedisServer) -> None:
-    """Each participant is held by the node that added it; when a node dies another reaps
-    what it held (as leaves), once, and not whoever rejoined through another node since."""
+async def test_a_dead_nodes_participants_are_adopted(redis_server: RedisServer) -> None:
+    """Each participant is held by the node that added it; when a node dies another adopts
+    what it held (once; nobody leaves, the queue stays), not whoever rejoined through
+    another node since."""
     prefix = f"test-{uuid.uuid4().hex[:8]}:"
     dead = RedisStore(redis_server.url(), prefix=prefix, node="dead")
     alive = RedisStore(redis_server.url(), prefix=prefix, node="alive")
@@ -248,17 +249,18 @@ async def test_a_dead_nodes_participants_are_reaped(redis_server: RedisServer) -
         await dead.escalate("r2", "x", 1)
         await dead.join("r3", ANN, ROOMY)
         await alive.join("r3", ANN, ROOMY)  # reconnected through the other node
-        reaped = sorted((conversation, result) for conversation, result in await alive.reap("dead"))
-        assert [(c, r.participant) for c, r in reaped] == [("r1", ANN), ("r2", CID)]
-        (_, in_r1), (_, in_r2) = reaped
-        assert not in_r1.conversation_removed and in_r1.customers_left == 0
-        assert in_r2.conversation_removed and in_r2.queue_changed
-        assert await alive.participants("r1") == [BOB]
-        assert await alive.participants("r3") == [ANN]
+        assert sorted(await alive.adopt("dead")) == [("r1", ANN), ("r2", CID)]
+        assert await alive.participants("r1") == [ANN, BOB]
+        assert [e.conversation for e in await alive.waiting()] == ["r2"]  # CID waits on
+        assert await alive.adopt("dead") == []  # once
+        assert await alive.memberships(ANN.identity) == ["r1", "r3"]
+        # The adopter holds them now: its grace time ending removes them, the dead node's cannot.
+        assert not (await dead.leave("r2", CID.identity, held_here=True)).left
+        left = await alive.leave("r2", CID.identity, held_here=True)
+        assert left.conversation_removed and left.queue_changed
         assert await alive.waiting() == []
-        assert await alive.reap("dead") == []  # once
-        assert (await alive.leave("r3", "u1")).conversation_removed  # the tag moved with the rejoin
-        assert await dead.reap("alive") != []  # BOB, still held by "alive"
+        assert (await alive.leave("r3", "u1")).conversation_removed
+        assert await alive.memberships(ANN.identity) == ["r1"]
     finally:
         await dead.close()
         await alive.close()

@@ -1,0 +1,159 @@
+"""Several gateway nodes on one Redis behave as one (gateway/bus.py): real servers on
+free ports, real Redis, real websockets. The nodes here share this test's event loop
+(a node is a ``GatewayServer`` with its own store, bus and registry); the tests with
+real processes, SIGKILL and ``--workers`` are in test_cluster.py."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from gateway.config import Config
+from gateway.redis_store import RedisStore
+from gateway.server import GatewayServer
+from tests.client import Client
+from tests.conftest import make_token, until
+from tests.redis_server import RedisServer
+
+Nodes = Callable[..., Awaitable[list[GatewayServer]]]
+
+
+@pytest.fixture
+async def nodes(config: Config, redis_server: RedisServer) -> AsyncIterator[Nodes]:
+    """``await nodes(3)``: that many nodes on one Redis (a key prefix of this test's own)."""
+    prefix = f"test-{uuid.uuid4().hex[:8]}:"
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def start(count: int, **changes: Any) -> list[GatewayServer]:
+            started = []
+            for i in range(count):
+                store = RedisStore(
+                    redis_server.url(),
+                    prefix=prefix,
+                    node=f"n{i + 1}",
+                    history_limit=config.history_limit,
+                    retention_seconds=config.history_retention_seconds,
+                    retained_limit=config.max_conversations,
+                )
+                stack.push_async_callback(store.close)
+                node_config = dataclasses.replace(config, **changes)
+                started.append(await stack.enter_async_context(GatewayServer(node_config, store=store)))
+            return started
+
+        yield start
+
+
+@pytest.fixture
+async def clients() -> AsyncIterator[Callable[[GatewayServer, str, str, str | None], Awaitable[Client]]]:
+    """``await join(node, identity, role, room)``: a client joined through that node."""
+    opened: list[Client] = []
+
+    async def join(node: GatewayServer, identity: str, role: str = "customer", room: str | None = None) -> Client:
+        client = await Client.open(node.ws_url)
+        opened.append(client)
+        await client.send({"type": "join", "token": make_token(identity, role, room)})
+        await client.expect("joined", identity=identity)
+        return client
+
+    yield join
+    for client in opened:
+        await client.close()
+
+
+async def test_chat_and_presence_cross_nodes(nodes: Nodes, clients: Any) -> None:
+    n1, n2 = await nodes(2)
+    ann = await clients(n1, "u1", "customer", "r1")
+    bob = await clients(n2, "a1", "agent", "r1")
+    await bob.expect("queue")
+    assert (await ann.expect("participant.joined"))["identity"] == "a1"  # from n2, over the bus
+    await ann.send({"type": "chat", "text": "hello from n1"})
+    assert (await ann.expect("chat"))["text"] == "hello from n1"  # the echo, local
+    assert (await bob.wait_for("chat"))["text"] == "hello from n1"
+    await bob.send({"type": "chat", "text": "hello from n2"})
+    assert (await ann.expect("chat"))["text"] == "hello from n2"
+    assert (await bob.expect("chat"))["text"] == "hello from n2"
+    # Each node learned where the other's participant is from the steps: no lookup per chat.
+    for node in (n1, n2):
+        assert node.bus is not None
+        assert node.bus.placement.get("r1") is not None
+        assert node.bus.placement.others("r1") == frozenset({"n1", "n2"} - {node.bus.node})
+    await bob.send({"type": "leave"})
+    await bob.expect("left")
+    left = await ann.expect("participant.left")
+    assert left["identity"] == "a1"
+
+
+async def test_the_queue_reaches_agents_on_every_node_and_one_accept_wins(nodes: Nodes, clients: Any) -> None:
+    n1, n2, n3 = await nodes(3)
+    agents = [await clients(node, f"a{i}", "agent") for i, node in ((2, n2), (3, n3))]
+    for agent in agents:
+        assert (await agent.expect("queue"))["waiting"] == []
+    ann = await clients(n1, "u1", "customer", "r1")
+    await ann.send({"type": "escalate", "reason": "billing"})
+    await ann.wait_for("queued")
+    for agent in agents:
+        queue = await agent.wait_for("queue")
+        assert [(w["conversation"], w["reason"]) for w in queue["waiting"]] == [("r1", "billing")]
+    await asyncio.gather(*(agent.send({"type": "accept", "conversation": "r1"}) for agent in agents))
+    outcomes = []
+    for agent in agents:
+        message = await agent.recv()
+        while message["type"] not in ("joined", "error"):
+            message = await agent.recv()
+        outcomes.append(message["type"] if message["type"] == "joined" else message["code"])
+    assert sorted(outcomes) == ["conflict", "joined"]
+    winner = agents[outcomes.index("joined")]
+    for agent in agents:
+        assert (await agent.wait_for("queue"))["waiting"] == []  # the accept emptied it, everywhere
+    assert (await ann.wait_for("participant.joined"))["role"] == "agent"
+    await winner.send({"type": "chat", "text": "how can I help?"})
+    assert (await ann.wait_for("chat"))["text"] == "how can I help?"
+
+
+async def test_a_queue_snapshot_never_goes_back(nodes: Nodes, clients: Any) -> None:
+    """Many customers escalate through two nodes at once: each node publishes its snapshot,
+    and an agent's last queue is the full one (an older snapshot arriving late is dropped)."""
+    n1, n2, n3 = await nodes(3)
+    agent = await clients(n3, "a1", "agent")
+    await agent.expect("queue")
+    customers = [await clients((n1, n2)[i % 2], f"u{i}", "customer", f"r{i}") for i in range(12)]
+    await asyncio.gather(*(c.send({"type": "escalate"}) for c in customers))
+    for c in customers:
+        await c.wait_for("queued")
+
+    lengths: list[int] = []
+
+    async def full() -> bool:
+        with contextlib.suppress(TimeoutError):
+            while True:
+                lengths.append(len((await agent.recv(timeout=0.3))["waiting"]))
+        return bool(lengths) and lengths[-1] == 12
+
+    assert await until(full)
+    assert lengths == sorted(lengths)  # versions only grow
+
+
+async def test_reconnecting_through_another_node_within_the_grace_time(nodes: Nodes, clients: Any) -> None:
+    """The customer's connection to n1 drops; it rejoins through n2 within the grace time:
+    nobody sees it leave, and n1's grace time ending does not remove it."""
+    n1, n2 = await nodes(2, reconnect_grace_seconds=0.6)
+    ann = await clients(n1, "u1", "customer", "r1")
+    bob = await clients(n2, "a1", "agent", "r1")
+    await bob.expect("queue")
+    await ann.expect("participant.joined")
+    await ann.close()
+    await asyncio.sleep(0.1)
+    ann = await clients(n2, "u1", "customer", "r1")
+    await asyncio.sleep(1.0)  # n1's grace time is over
+    await bob.send({"type": "chat", "text": "still there?"})
+    assert (await ann.wait_for("chat"))["text"] == "still there?"
+    await bob.wait_for("chat", text="still there?")
+    assert [m["type"] for m in bob.skipped] == []  # no participant.left, no participant.joined
+    assert n1.store is not n2.store
+    assert [p.identity for p in await n1.store.participants("r1") or []] == ["u1", "a1"]
