@@ -34,15 +34,16 @@ from .bot.manager import BotManager
 from .calls import Calls, RtcSettings
 from .config import Config
 from .conversation import MAX_REASON_CHARS, Conversations, Upgrades
-from .delivery import Connection, Delivery, Remote, remote_reaction, target
-from .errors import BadRequest, Conflict, Forbidden, NotFound, TooLarge, Unauthorized, Unavailable
+from .delivery import Connection, Delivery, remote_reaction, target
+from .errors import BadRequest, Conflict, Forbidden, NotFound, ProtocolError, TooLarge, Unauthorized, Unavailable
 from .events import now_ms
 from .history import History
+from .home import CallHomes, Cluster, Op, read_message, read_request
 from .messages import Participant, Role
 from .metrics import Metrics
 from .records import Records, RecordsError
 from .routing import Router
-from .store import Limits, Store
+from .store import Admission, Limits, Store
 
 log = logging.getLogger("talkgate.broker")
 
@@ -58,6 +59,10 @@ AGENT_LOST = "agent_lost"
 AGENT_LOST_NOTICE = "The agent was disconnected. Another agent will join shortly."
 
 Consumer = Callable[[ev.Event], None]
+#: The client messages that are call signaling (applied on the conversation's home node).
+CallMessage = (
+    messages.Offer | messages.Answer | messages.Candidate | messages.Hangup | messages.Upgrade | messages.UpgradeReply
+)
 
 
 @dataclass(eq=False)
@@ -77,7 +82,7 @@ class Broker:
         metrics: Metrics,
         *,
         records: Records | None = None,
-        remote: Remote | None = None,
+        remote: Cluster | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -94,6 +99,8 @@ class Broker:
         self.upgrades = Upgrades()
         #: ``remote``: the other nodes of a cluster (``bus.Bus``).
         self.delivery = Delivery(remote=remote)
+        #: Where calls are when the conversation's home is another node (``home.py``).
+        self.homes = CallHomes(remote) if remote is not None else None
         metrics.sessions.set_function(lambda: len(self.delivery.sessions))
         self.ice_servers_json = config.ice_servers()
         self.calls = Calls(
@@ -150,7 +157,7 @@ class Broker:
         for key, away in list(self._away.items()):
             if self._away.pop(key, None) is away:  # not returned or expired meanwhile
                 away.expiry.cancel()
-                await self._depart(key[0], away.participant, DISCONNECTED)
+                await self._depart(key[0], away.participant, DISCONNECTED, held_here=True)
         await self.bots.close(timeout)
         await self.tasks.close(timeout)
 
@@ -224,6 +231,8 @@ class Broker:
             case ev.ConversationClosed():
                 self.upgrades.forget(event.conversation)
                 self.calls.forget(event.conversation)
+                if self.homes is not None:
+                    self.homes.forget(event.conversation)
 
     # -- dispatch -----------------------------------------------------------------------
 
@@ -241,23 +250,10 @@ class Broker:
                 await self.accept(conn, msg)
             case messages.Leave():
                 await self.leave(conn, msg)
-            case messages.Offer():
-                await self.offer(conn, msg)
-            case messages.Answer():
-                conversation = target(conn, msg.conversation)
-                await self.calls.require(conversation, _me(conn).identity, conn).accept_answer(msg.sdp)
-            case messages.Candidate():
-                conversation = target(conn, msg.conversation)
-                media = self.calls.require(conversation, _me(conn).identity, conn)
-                await media.add_candidate(msg.candidate, msg.sdpMid, msg.sdpMLineIndex)
-            case messages.Hangup():
-                conversation = target(conn, msg.conversation)
-                self.calls.require(conversation, _me(conn).identity, conn)  # bad_request without a call
-                await self.calls.close(conversation, _me(conn).identity, "hangup", owner=conn)
-            case messages.Upgrade():
-                await self.request_upgrade(target(conn, msg.conversation), _me(conn), msg.media)
-            case messages.UpgradeReply():
-                await self.upgrade_reply(conn, msg)
+            case messages.Offer() | messages.Answer() | messages.Candidate() | messages.Hangup():
+                await self.call_message(conn, msg)
+            case messages.Upgrade() | messages.UpgradeReply():
+                await self.call_message(conn, msg)
             case messages.History():
                 page = await self.history.page(_me(conn), conn.memberships, msg)
                 conn.deliver(messages.encode(page), "history")
@@ -281,7 +277,11 @@ class Broker:
         self.delivery.enter(conn, room)
         await self._send_joined(conn, room)
         await self.apply(events)
-        await self.bots.start(room, me)
+        home = self.homes.remote_home(room) if self.homes is not None else None
+        if self.homes is not None and home is not None:
+            self.homes.start_bot(home, room, me)  # the bot is dialled from the home node
+        else:
+            await self.bots.start(room, me)
 
     async def _join_agent(self, conn: Connection, me: Participant, room: str | None) -> None:
         """Agents get one ``joined`` per conversation they are in (or one for the lobby), then
@@ -335,7 +335,7 @@ class Broker:
         now (the new connection negotiates its own), it leaves no conversation."""
         me = _me(old)
         for conversation in list(old.memberships):
-            self.calls.end_soon(conversation, me.identity, "replaced")
+            self.tasks.spawn(self._end_call(old, conversation, "replaced", soon=True), f"replaced {me.identity}")
             self.delivery.exit(old, conversation)
         old.deliver(
             messages.encode(
@@ -469,7 +469,7 @@ class Broker:
 
     async def _go_away(self, conn: Connection, conversation: str, grace: float) -> None:
         me = _me(conn)
-        await self.calls.close(conversation, me.identity, DISCONNECTED, owner=conn)
+        await self._end_call(conn, conversation, DISCONNECTED)
         self.delivery.exit(conn, conversation)
         self._away_here(conversation, me, grace, DISCONNECTED)
 
@@ -501,9 +501,10 @@ class Broker:
 
     async def _exit(self, conn: Connection, conversation: str, reason: str) -> None:
         me = _me(conn)
-        await self.calls.close(conversation, me.identity, reason, owner=conn)
+        await self._end_call(conn, conversation, reason)
         self.delivery.exit(conn, conversation)
-        await self._depart(conversation, me, reason)
+        # A lost connection's participant may be back through another node already.
+        await self._depart(conversation, me, reason, held_here=reason == DISCONNECTED)
 
     async def _depart(self, conversation: str, me: Participant, reason: str, *, held_here: bool = False) -> None:
         """``me`` leaves the conversation for good (its connection, if any, is out already);
@@ -521,16 +522,100 @@ class Broker:
 
     # -- media ------------------------------------------------------------------------
 
-    async def offer(self, conn: Connection, msg: messages.Offer) -> None:
-        conversation = target(conn, msg.conversation)
+    async def call_message(self, conn: Connection, msg: CallMessage) -> None:
+        """A client's call signaling: applied here, or sent to the conversation's home node
+        when that is another (``home.py``); its answers come back to ``conn`` either way."""
+        me = _me(conn)
+        if isinstance(msg, messages.UpgradeReply) and msg.conversation is None and len(conn.memberships) > 1:
+            conversation = target(conn, self.upgrades.conversation_of(msg.id))  # the id says which
+        else:
+            conversation = target(conn, msg.conversation)
+        if self.homes is not None:
+            if isinstance(msg, messages.Offer | messages.Upgrade | messages.UpgradeReply):
+                home = await self.store.home(conversation)  # a dead or draining home is replaced here
+            else:
+                home = self.homes.home_of_call(conversation, me.identity) or ""
+            if home and home != self.homes.node:
+                self.homes.forward(home, conversation, me, conn, msg)
+                return
 
         def send(message: dict[str, object]) -> None:
             conn.deliver(messages.encode(message), str(message["type"]))
 
-        accepted = await self.calls.offer(conversation, _me(conn), msg.sdp, owner=conn, send=send)
-        if not accepted:
-            self.metrics.offer_collisions.inc()
-            raise Conflict("offer collision: answer the gateway's pending offer, then offer again")
+        await self._call(conversation, me, conn, send, msg)
+
+    async def _call(
+        self,
+        conversation: str,
+        me: Participant,
+        owner: object,
+        send: Callable[[dict[str, Any]], None],
+        msg: CallMessage,
+    ) -> None:
+        """Call signaling on the node that holds the conversation's calls; ``owner``: the
+        connection (here, or a ``RemoteParty`` for one on another node)."""
+        match msg:
+            case messages.Offer(sdp=sdp):
+                if not await self.calls.offer(conversation, me, sdp, owner=owner, send=send):
+                    self.metrics.offer_collisions.inc()
+                    raise Conflict("offer collision: answer the gateway's pending offer, then offer again")
+            case messages.Answer(sdp=sdp):
+                await self.calls.require(conversation, me.identity, owner).accept_answer(sdp)
+            case messages.Candidate():
+                media = self.calls.require(conversation, me.identity, owner)
+                await media.add_candidate(msg.candidate, msg.sdpMid, msg.sdpMLineIndex)
+            case messages.Hangup():
+                self.calls.require(conversation, me.identity, owner)  # bad_request without a call
+                await self.calls.close(conversation, me.identity, "hangup", owner=owner)
+            case messages.Upgrade(media=media):
+                await self.request_upgrade(conversation, me, media)
+            case messages.UpgradeReply():
+                self.publish(self.upgrades.reply(conversation, msg.id, me, msg.accept))
+
+    async def call_request(self, origin: str, conversation: str, data: bytes) -> None:
+        """Another node's call signaling for a conversation whose home is this node."""
+        assert self.homes is not None
+        try:
+            request = read_request(data)
+            msg = read_message(request.message) if request.op == Op.MESSAGE else None
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            log.warning("node %s sent a call request this one cannot read: ignored", origin)
+            return
+        me = request.participant
+        if request.op == Op.BOT:
+            await self.bots.start(conversation, me)
+            return
+        if request.op == Op.END:
+            party = self.homes.owner(origin, conversation, request)
+            if party is not None:
+                await self.calls.close(conversation, me.identity, request.reason, owner=party)
+                self.homes.ended(conversation, me.identity)
+            return
+        if not isinstance(msg, CallMessage):
+            return
+        party = self.homes.party(origin, conversation, request)
+        try:
+            await self._call(conversation, me, party, party.send, msg)
+        except ProtocolError as exc:
+            self.metrics.error_by_code[exc.code.value].inc()
+            party.send(messages.error(exc.code.value, exc.message, msg.__struct_config__.tag))  # type: ignore[arg-type]
+
+    def deliver_to(self, conversation: str, identity: str, data: bytes, mtype: str) -> None:
+        """The home node's answer for a participant connected here."""
+        conn = self.delivery.local(conversation, identity)
+        if conn is not None:
+            conn.deliver(data, mtype)
+
+    async def _end_call(self, conn: Connection, conversation: str, reason: str, *, soon: bool = False) -> None:
+        """``conn``'s call in the conversation ends (it left, disconnected or was replaced),
+        here or on the home node."""
+        me = _me(conn)
+        if self.homes is not None and self.homes.end(conversation, me, conn, reason):
+            return
+        if soon:
+            self.calls.end_soon(conversation, me.identity, reason)
+        else:
+            await self.calls.close(conversation, me.identity, reason, owner=conn)
 
     def _pipeline_created(self, conversation: str, pipeline: VoicePipeline, taps: list[Subscriber]) -> None:
         self.bots.attach(conversation, pipeline, taps)
@@ -544,13 +629,6 @@ class Broker:
             accept = self.bots.answers_upgrade(conversation, participant.identity, media)
             if accept is not None:
                 self.publish(self.upgrades.reply(conversation, request.id, participant, accept))
-
-    async def upgrade_reply(self, conn: Connection, msg: messages.UpgradeReply) -> None:
-        requested = msg.conversation
-        if requested is None and len(conn.memberships) > 1:
-            requested = self.upgrades.conversation_of(msg.id)  # the id says which
-        conversation = target(conn, requested)
-        self.publish(self.upgrades.reply(conversation, msg.id, _me(conn), msg.accept))
 
     # -- the server API (gateway/api.py): the app's operations ---------------------------
 
@@ -618,6 +696,21 @@ class Broker:
                 await self._depart(conversation, participant, NODE_LOST, held_here=True)
             else:
                 self._away_here(conversation, participant, grace, NODE_LOST)
+
+    async def rebuild(self) -> int:
+        """The shared store lost what this node held (Redis restarted empty, or this node was
+        cut off past its expiry and reaped): every participant this node holds (connected,
+        away, its bots) joins again, silently (nothing new happened to them); how many. The
+        agent queue is not rebuilt: customers who waited ask again."""
+        held = [(c, conn.participant) for c, room in self.delivery.rooms.items() for conn in room.values()]
+        held += [(c, away.participant) for (c, _), away in self._away.items()]
+        held += self.bots.held()
+        count = 0
+        for conversation, participant in held:
+            if participant is not None:
+                result = await self.store.join(conversation, participant, self.conversations.limits)
+                count += result.admission is Admission.ADMITTED
+        return count
 
     async def app_escalate(self, conversation: str, reason: str) -> bool:
         """Put a conversation in the agent queue for the app (as a bot's hand-over); False if

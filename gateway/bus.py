@@ -6,7 +6,7 @@ participants are connected. Each event is encoded once (the client message's byt
 in an ``Envelope``) and published once per other node, never per recipient.
 
 **Which nodes.** Every store step that touches a conversation answers where its
-participants are (``RedisStore.on_placement``: a version and the nodes), and every
+participants are (``RedisStore.on_placement``: a version, the nodes and the home), and every
 envelope carries the sender's newest view; ``Placement`` keeps the newest per
 conversation. A chat is a store step, so a conversation whose participants are all on
 this node costs no Redis round trip beyond the step itself. For a conversation this
@@ -19,6 +19,10 @@ costs one ``PUBLISH`` per node and no storage, trimming or consumer state; strea
 would buy replay that nobody needs. What pub/sub loses is what is published while a
 node's subscription reconnects (a Redis restart): counted, and the clients resync on
 reconnect. Per publisher and channel, order is kept: one connection publishes in order.
+
+**Calls** live on the conversation's home node: a participant's node sends its call
+signaling there (``kind`` "call", ``home.py``) and the home node answers that one
+participant (``kind`` "to").
 
 **The queue** goes to every node on one broadcast channel, with the store's queue
 version (``Store.queue``): a node delivers a snapshot to its agents only if it is not
@@ -40,7 +44,7 @@ from redis.exceptions import RedisError
 
 from media.tasks import Tally, TaskOwner
 
-from .redis_store import _PRELUDE, COMMAND_SECONDS, placement
+from .redis_store import _PRELUDE, COMMAND_SECONDS, Placed, placement
 
 log = logging.getLogger("talkgate.bus")
 
@@ -54,6 +58,18 @@ PLACEMENT_LIMIT = 100_000
 RESUBSCRIBE_SECONDS = 0.5
 
 
+class Kind:
+    """What an envelope is (``Envelope.kind``)."""
+
+    #: A conversation's message for its participants here (or, without a conversation,
+    #: the agent queue for the agents here).
+    ROOM = ""
+    #: A participant's call signaling for its conversation's home node (``home.CallRequest``).
+    CALL = "call"
+    #: A message for one participant here (``to``): the home node answering its call.
+    TO = "to"
+
+
 class Envelope(msgspec.Struct, array_like=True, omit_defaults=True):
     """One message between nodes."""
 
@@ -61,7 +77,7 @@ class Envelope(msgspec.Struct, array_like=True, omit_defaults=True):
     sender: str
     #: The conversation ("" for the queue).
     conversation: str
-    #: The client message's type and its encoded bytes.
+    #: The client message's type and its encoded bytes (``Kind.CALL``: the request).
     mtype: str
     data: bytes
     #: An identity that does not get it (the joiner of its own ``participant.joined``).
@@ -69,8 +85,13 @@ class Envelope(msgspec.Struct, array_like=True, omit_defaults=True):
     #: The placement's version and nodes as the sender knows them; for the queue, its version.
     version: int = 0
     nodes: list[str] | None = None
-    #: A domain event the receiving node reacts to too (``events.REMOTE``), encoded.
+    #: A domain event the receiving node reacts to too (``delivery.REMOTE_REACTIONS``), encoded.
     event: bytes | None = None
+    #: The conversation's home as the sender knows it ("" for none).
+    home: str = ""
+    kind: str = Kind.ROOM
+    #: ``Kind.TO``: the participant it is for.
+    to: str = ""
 
 
 _encode = msgspec.msgpack.Encoder().encode
@@ -83,25 +104,30 @@ class Placement:
     def __init__(self, node: str, limit: int = PLACEMENT_LIMIT) -> None:
         self.node = node
         self.limit = limit
-        self._known: OrderedDict[str, tuple[int, frozenset[str]]] = OrderedDict()
+        self._known: OrderedDict[str, Placed] = OrderedDict()
 
-    def learned(self, conversation: str, version: int, nodes: list[str] | frozenset[str]) -> None:
+    def learned(self, conversation: str, placed: Placed) -> None:
         """A placement from a store step or an envelope; an older one than known is ignored."""
         known = self._known.get(conversation)
-        if known is not None and known[0] >= version:
+        if known is not None and known.version >= placed.version:
             return
-        self._known[conversation] = (version, frozenset(nodes))
+        self._known[conversation] = placed
         self._known.move_to_end(conversation)
         while len(self._known) > self.limit:
             self._known.popitem(last=False)
 
-    def get(self, conversation: str) -> tuple[int, frozenset[str]] | None:
+    def get(self, conversation: str) -> Placed | None:
         return self._known.get(conversation)
 
     def others(self, conversation: str) -> frozenset[str] | None:
         """The other nodes to send to (None: unknown here, ask Redis)."""
         known = self._known.get(conversation)
-        return None if known is None else known[1] - {self.node}
+        return None if known is None else known.nodes - {self.node}
+
+    def home(self, conversation: str) -> str:
+        """The conversation's home as last heard ("" unknown or none)."""
+        known = self._known.get(conversation)
+        return "" if known is None else known.home
 
     def __len__(self) -> int:
         return len(self._known)
@@ -149,6 +175,8 @@ class Bus:
         self._channel = f"{prefix}ch:{node}"
         self._everyone = f"{prefix}ch:*all"
         self._subscribed = asyncio.Event()
+        #: Publishing fails (Redis unreachable): said once, until it works again.
+        self._failing = False
 
     async def start(self) -> None:
         """Subscribe (before this node takes clients: nothing sent to it is missed), then send."""
@@ -170,19 +198,38 @@ class Bus:
         *,
         skip: str | None = None,
         event: bytes | None = None,
+        fresh: bool = False,
     ) -> None:
-        """Send a conversation's message to its participants on other nodes (not waiting)."""
-        targets = self.placement.others(conversation)
+        """Send a conversation's message to its participants on other nodes (not waiting);
+        ``fresh``: read where they are in Redis as it is published, not from ``placement``."""
+        targets = None if fresh else self.placement.others(conversation)
         if targets is not None and not targets:
             return  # everyone is here
         known = self.placement.get(conversation)
-        version, nodes = (0, None) if known is None else (known[0], sorted(known[1]))
-        envelope = Envelope(self.node, conversation, mtype, data, skip, version, nodes, event)
+        if known is None:
+            envelope = Envelope(self.node, conversation, mtype, data, skip, event=event)
+        else:
+            envelope = Envelope(
+                self.node, conversation, mtype, data, skip, known.version, sorted(known.nodes), event, known.home
+            )
         self._put(conversation, targets, _encode(envelope))
 
     def queue(self, data: bytes, version: int) -> None:
         """Send the agent queue (``version``: ``Store.queue``'s) to every other node's agents."""
         self._put(None, None, _encode(Envelope(self.node, "", "queue", data, version=version)))
+
+    def call(self, home: str, conversation: str, request: bytes) -> None:
+        """A participant's call signaling (``home.CallRequest``) to its conversation's home."""
+        envelope = Envelope(self.node, conversation, "", request, kind=Kind.CALL)
+        self._put(conversation, frozenset((home,)), _encode(envelope))
+
+    def home_of(self, conversation: str) -> str:
+        return self.placement.home(conversation)
+
+    def to(self, node: str, conversation: str, identity: str, data: bytes, mtype: str) -> None:
+        """A client message for one participant connected to ``node``."""
+        envelope = Envelope(self.node, conversation, mtype, data, kind=Kind.TO, to=identity)
+        self._put(conversation, frozenset((node,)), _encode(envelope))
 
     def _put(self, conversation: str | None, targets: frozenset[str] | None, payload: bytes) -> None:
         try:
@@ -198,10 +245,16 @@ class Bus:
                 batch.append(self._outbox.get_nowait())
             try:
                 await self._publish(batch)
-            except (RedisError, TimeoutError, OSError):
-                log.warning("the bus could not publish %d messages (Redis unreachable?)", len(batch), exc_info=True)
+            except (RedisError, TimeoutError, OSError) as exc:
+                if not self._failing:  # once per outage, not once per batch
+                    log.warning("the bus cannot publish (messages to other nodes are dropped): %s", exc)
+                    self._failing = True
                 if self._dropped is not None:
                     self._dropped.inc(len(batch))
+            else:
+                if self._failing:
+                    log.info("the bus publishes again")
+                    self._failing = False
 
     async def _publish(self, batch: list[tuple[str | None, frozenset[str] | None, bytes]]) -> None:
         """One round trip for the whole batch, in order."""
@@ -209,33 +262,37 @@ class Bus:
         asked: list[tuple[int, str]] = []  # (reply index, conversation) of the fan-out scripts
         replies = 0
         for conversation, targets, payload in batch:
-            if conversation is None:
-                pipe.publish(self._everyone, payload)
-                replies += 1
-            elif targets is None:
-                await self._fanout(args=[self.prefix, self.node, conversation, payload], client=pipe)
-                asked.append((replies, conversation))
-                replies += 1
-            else:
+            if targets is not None:
                 for target in sorted(targets):
                     pipe.publish(f"{self.prefix}ch:{target}", payload)
                     replies += 1
+            elif conversation is None:
+                pipe.publish(self._everyone, payload)
+                replies += 1
+            else:
+                await self._fanout(args=[self.prefix, self.node, conversation, payload], client=pipe)
+                asked.append((replies, conversation))
+                replies += 1
         async with asyncio.timeout(COMMAND_SECONDS):
             results = await pipe.execute()
         for index, conversation in asked:
-            version, nodes = placement(results[index])
-            if self.node in nodes:
-                self.placement.learned(conversation, version, nodes)
+            placed = placement(results[index])
+            if self.node in placed.nodes:
+                self.placement.learned(conversation, placed)
 
     # -- in ---------------------------------------------------------------------------
 
     async def _listening(self) -> None:
         task = asyncio.current_task()
+        lost = False
         while True:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 async with asyncio.timeout(COMMAND_SECONDS):
                     await pubsub.subscribe(self._channel, self._everyone)
+                if lost:
+                    log.info("the bus is subscribed again")
+                    lost = False
                 self._subscribed.set()
                 while True:
                     message = await pubsub.get_message(timeout=None)
@@ -246,7 +303,9 @@ class Bus:
                     raise asyncio.CancelledError from exc
                 if not isinstance(exc, RedisError | TimeoutError | OSError):
                     raise
-                log.warning("the bus lost its subscription (subscribing again): %s", exc)
+                if not lost:  # once per outage
+                    log.warning("the bus lost its subscription (subscribing again): %s", exc)
+                    lost = True
             finally:
                 await _quietly_close(pubsub)
             await asyncio.sleep(RESUBSCRIBE_SECONDS)
@@ -260,7 +319,8 @@ class Bus:
         if envelope.sender == self.node:
             return  # the broadcast comes back to its sender
         if envelope.conversation and envelope.nodes is not None:
-            self.placement.learned(envelope.conversation, envelope.version, envelope.nodes)
+            placed = Placed(envelope.version, envelope.home, frozenset(envelope.nodes))
+            self.placement.learned(envelope.conversation, placed)
         try:
             self.receive(envelope)
         except Exception:

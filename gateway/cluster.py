@@ -75,16 +75,18 @@ class NodeInfo:
 
 
 #: ARGV: prefix, node id, TTL (ms), then the entry's fields and values. Writes the entry,
-#: registers the node, answers the registered nodes whose entry has expired.
+#: registers the node, answers whether the entry was there (1/0), then the registered
+#: nodes whose entry has expired.
 _REFRESH = """
 local P, id = ARGV[1], ARGV[2]
 local key = P..'node:'..id
 local entry = {}
 for i = 4, #ARGV do entry[#entry + 1] = ARGV[i] end
+local existed = redis.call('EXISTS', key)
 redis.call('HSET', key, unpack(entry))
 redis.call('PEXPIRE', key, ARGV[3])
 redis.call('SADD', P..'nodes', id)
-local dead = {}
+local dead = {existed}
 for _, node in ipairs(redis.call('SMEMBERS', P..'nodes')) do
   if redis.call('EXISTS', P..'node:'..node) == 0 then dead[#dead + 1] = node end
 end
@@ -102,6 +104,7 @@ class Registry:
         describe: Callable[[], Awaitable[NodeInfo]],
         on_dead: Callable[[str], Awaitable[None]],
         *,
+        on_lost: Callable[[], Awaitable[None]] | None = None,
         ttl: float = NODE_TTL,
         refresh_seconds: float = REFRESH_SECONDS,
     ) -> None:
@@ -109,6 +112,11 @@ class Registry:
         self.prefix = prefix
         self._describe = describe
         self._on_dead = on_dead
+        #: This node's entry was gone at a refresh: Redis lost its state (a restart without
+        #: persistence), or this node was cut off past its expiry and reaped. What it held
+        #: must be put back.
+        self._on_lost = on_lost
+        self._registered = False
         self.ttl = ttl
         self.refresh_seconds = refresh_seconds
         self._owner = TaskOwner("cluster", log)
@@ -119,6 +127,7 @@ class Registry:
         """Register, then keep refreshing (the first refresh, at once, reaps the nodes that
         died meanwhile: after the start-up lines)."""
         await self._register()
+        self._registered = True
         self._owner.spawn(self._refreshing(), "talkgate-cluster-refresh")
 
     async def close(self) -> None:
@@ -134,20 +143,25 @@ class Registry:
     async def refresh(self) -> None:
         """Write this node's entry with a fresh expiry; reap the nodes whose entry expired."""
         async with asyncio.timeout(COMMAND_SECONDS):
-            dead_nodes = await self._register()
+            existed, dead_nodes = await self._register()
+        if not existed and self._registered and self._on_lost is not None:
+            log.warning("this node's registry entry was gone (Redis restarted, or this node was cut off): rebuilding")
+            await self._on_lost()
+        self._registered = True
         for dead in dead_nodes:
             if await self.redis.srem(self.prefix + "nodes", dead):
                 log.warning("node %s stopped refreshing: reaping what it held", dead)
                 await self._on_dead(dead)
 
-    async def _register(self) -> list[str]:
+    async def _register(self) -> tuple[bool, list[str]]:
         """Write this node's entry with a fresh expiry (one script: no pipeline whose
-        cancellation could leave a reply unread); the registered nodes whose entry expired."""
+        cancellation could leave a reply unread); whether it was there, and the registered
+        nodes whose entry expired."""
         node = await self._describe()
         self.node = node
         entry = [v for pair in {**node.as_fields(), "seen": str(int(time.time() * 1000))}.items() for v in pair]
-        dead = await self._refresh(args=[self.prefix, node.id, int(self.ttl * 1000), *entry])
-        return sorted(as_text(v) for v in dead)
+        reply = await self._refresh(args=[self.prefix, node.id, int(self.ttl * 1000), *entry])
+        return bool(reply[0]), sorted(as_text(v) for v in reply[1:])
 
     async def _refreshing(self) -> None:
         task = asyncio.current_task()

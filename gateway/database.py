@@ -61,7 +61,8 @@ async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
     statement on its own: a failed migration would leave half-copied tables), and
     foreign keys are off while it runs (which only works outside a transaction): a
     migration that changes a column copies its table (``batch_alter_table``) and drops
-    the original, which others refer to. They are checked before the commit."""
+    the original, which others refer to. They are checked before the commit.
+    PostgreSQL: processes migrating at once take turns (a transaction's advisory lock)."""
     from alembic import command
     from alembic.config import Config as AlembicConfig
 
@@ -83,6 +84,10 @@ async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
             async with conn.begin():
                 if sqlite:
                     await conn.exec_driver_sql("BEGIN")
+                elif engine.dialect.name == "postgresql":
+                    # Several gateway processes starting at once (--workers) migrate one
+                    # at a time: the next finds the schema current. Released at commit.
+                    await conn.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext('talkgate migrations'))")
                 await conn.run_sync(upgrade)
         finally:
             if sqlite:  # the connection goes back to the pool: as create_engine made it

@@ -68,9 +68,18 @@ class Remote(Protocol):
     """The other nodes (``bus.Bus``)."""
 
     def room(
-        self, conversation: str, data: bytes, mtype: str, *, skip: str | None = None, event: bytes | None = None
+        self,
+        conversation: str,
+        data: bytes,
+        mtype: str,
+        *,
+        skip: str | None = None,
+        event: bytes | None = None,
+        fresh: bool = False,
     ) -> None:
-        """Send to the conversation's participants on other nodes (``event``: for their reactions)."""
+        """Send to the conversation's participants on other nodes (``event``: for their
+        reactions); ``fresh``: where they are must be read now, not taken from this node's
+        view (which is only as new as its last step in that conversation)."""
 
     def queue(self, data: bytes, version: int) -> None:
         """Send the agent queue to every other node's agents."""
@@ -83,6 +92,18 @@ REMOTE_REACTIONS: dict[str, type[ev.Event]] = {
     t.__name__: t for t in (ev.ChatPosted, ev.AgentAccepted, ev.CallEnded, ev.ConversationClosed)
 }
 _msgpack = msgspec.msgpack.Encoder()
+#: Events that come from a store step this node just made, which told it where the
+#: conversation's participants are: its view is fresh. Others (media, speaking,
+#: transcripts, upgrades) may come long after this node's last step there.
+STEP_EVENTS = (
+    ev.ChatPosted,
+    ev.ParticipantJoined,
+    ev.ParticipantLeft,
+    ev.QueueEntered,
+    ev.QueueLeft,
+    ev.AgentAccepted,
+    ev.ConversationClosed,
+)
 
 
 def for_remote_reaction(event: ev.Event) -> bytes | None:
@@ -166,7 +187,8 @@ class Delivery:
         if self.remote is not None:
             reaction = for_remote_reaction(event)
             if data or reaction is not None:
-                self.remote.room(event.conversation, data, mtype, skip=skip, event=reaction)
+                fresh = not isinstance(event, STEP_EVENTS)
+                self.remote.room(event.conversation, data, mtype, skip=skip, event=reaction, fresh=fresh)
 
     def fan_out(self, conversation: str, data: bytes, mtype: str, *, skip: str | None = None) -> None:
         """Deliver already encoded bytes to every local participant but ``skip`` (an identity)."""

@@ -37,7 +37,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import redis.asyncio as aioredis
@@ -88,8 +88,9 @@ local function untag(conv, ident)
     moved(conv)
   end
 end
--- Where the conversation's participants are: "VERSION NODE NODE…" (the version grows
--- with every change, so a node keeps the newest it has heard of).
+-- Where the conversation is: "VERSION HOME NODE NODE…", the nodes its participants are
+-- held by and its home (where its calls are; '-' for none). The version grows with every
+-- change, so a node keeps the newest it has heard of.
 local function placed(conv)
   local seen, out = {}, {}
   for _, n in ipairs(redis.call('HVALS', P..'at:'..conv)) do
@@ -98,7 +99,22 @@ local function placed(conv)
       out[#out + 1] = n
     end
   end
-  return (redis.call('HGET', P..'pv', conv) or '0')..' '..table.concat(out, ' ')
+  local home = redis.call('HGET', P..'home', conv) or '-'
+  return (redis.call('HGET', P..'pv', conv) or '0')..' '..home..' '..table.concat(out, ' ')
+end
+-- The conversation's home: where it is, or this node if it has none or its home node is
+-- dead (its registry entry expired) or draining.
+local function homed(conv)
+  local home = redis.call('HGET', P..'home', conv)
+  if home then
+    local key = P..'node:'..home
+    if home == NODE or (redis.call('EXISTS', key) == 1 and redis.call('HGET', key, 'draining') ~= '1') then
+      return home
+    end
+  end
+  redis.call('HSET', P..'home', conv, NODE)
+  moved(conv)
+  return NODE
 end
 -- Adds (or updates) a participant held by this node; answers whether it is new, and the
 -- node that held it until now ('' if none).
@@ -145,6 +161,7 @@ local function leave(conv, ident, now, retention, retained_limit)
     redis.call('SREM', P..'convs', conv)
     redis.call('DEL', P..'o:'..conv, P..'at:'..conv)
     redis.call('HDEL', P..'pv', conv)
+    redis.call('HDEL', P..'home', conv)
     if tonumber(retention) > 0 and redis.call('EXISTS', P..'h:'..conv) == 1 then
       redis.call('ZADD', P..'exp', tonumber(now) + tonumber(retention), conv)
       while redis.call('ZCARD', P..'exp') > tonumber(retained_limit) do
@@ -180,6 +197,7 @@ end
 local taken = false
 if ARGV[8] == '1' then taken = unqueue(conv) end
 local added, before = add(conv, ident, ARGV[5], ARGV[9])
+homed(conv)
 return {'admitted', added, exists and 0 or 1, taken or '', placed(conv), before}
 """
 
@@ -260,6 +278,14 @@ redis.call('DEL', P..'np:'..dead)
 return out
 """
 
+# ARGV: conversation. Its placement after making sure it has a live home ('' if it does
+# not exist).
+_HOME = """
+if redis.call('EXISTS', P..'m:'..ARGV[3]) == 0 then return '' end
+homed(ARGV[3])
+return placed(ARGV[3])
+"""
+
 # ARGV: identity. The live conversations it is in.
 _MEMBERSHIPS = """
 local out = {}
@@ -335,20 +361,20 @@ class RedisStore(Store):
             "leave": _LEAVE,
             "adopt": _ADOPT,
             "memberships": _MEMBERSHIPS,
+            "home": _HOME,
             "participants": _PARTICIPANTS,
             "append": _APPEND,
             "history": _HISTORY,
             "waiting": _WAITING,
         }
         self._scripts = {name: self.redis.register_script(_PRELUDE + body) for name, body in scripts.items()}
-        #: Told where a conversation's participants are after each step that says so
-        #: (``placement``, the version and the nodes): the bus's view (``bus.Placement``).
-        self.on_placement: Callable[[str, int, list[str]], None] | None = None
+        #: Told where a conversation is after each step that says so: the bus's view
+        #: (``bus.Placement``).
+        self.on_placement: Callable[[str, Placed], None] | None = None
 
     def _placed(self, conversation: str, reply: bytes | str) -> None:
         if self.on_placement is not None:
-            version, nodes = placement(reply)
-            self.on_placement(conversation, version, nodes)
+            self.on_placement(conversation, placement(reply))
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -448,6 +474,13 @@ class RedisStore(Store):
     async def memberships(self, identity: str) -> list[str]:
         return sorted(as_text(c) for c in await self._run("memberships", identity))
 
+    async def home(self, conversation: str) -> str:
+        reply = await self._run("home", conversation)
+        if not reply:
+            return ""
+        self._placed(conversation, reply)
+        return placement(reply).home
+
     async def participants(self, conversation: str) -> list[Participant] | None:
         reply = await self._run("participants", conversation)
         return None if reply is None else [_participant(v) for v in reply if v is not None]
@@ -488,10 +521,21 @@ def as_text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def placement(reply: bytes | str) -> tuple[int, list[str]]:
-    """A script's ``placed`` reply: the placement's version and the nodes, in no order."""
-    version, *nodes = as_text(reply).split(" ")
-    return int(version), [n for n in nodes if n]
+class Placed(NamedTuple):
+    """Where a conversation is."""
+
+    #: Grows with every change: of two, the newer wins.
+    version: int
+    #: The node its calls are on ("" for none yet).
+    home: str
+    #: The nodes that hold its participants, in no order.
+    nodes: frozenset[str]
+
+
+def placement(reply: bytes | str) -> Placed:
+    """A script's ``placed`` reply."""
+    version, home, *nodes = as_text(reply).split(" ")
+    return Placed(int(version), "" if home == "-" else home, frozenset(n for n in nodes if n))
 
 
 def _left(reply: list[Any]) -> LeaveResult:

@@ -22,7 +22,7 @@ from . import __version__, messages
 from .api import Api
 from .bot import BotHandler, echo, serve_bot
 from .broker import Broker
-from .bus import Bus, Envelope
+from .bus import Bus, Envelope, Kind
 from .cluster import NodeInfo, Registry, claim_id, live_nodes
 from .config import Config
 from .http import WS_PATH, Routes, origin_allowed, response
@@ -42,6 +42,9 @@ RETRY_AFTER_MS = 2000
 BOT_STOP_SECONDS = 1.0
 #: How often a drain checks whether the last conversation has ended.
 DRAIN_POLL_SECONDS = 0.1
+
+#: Call signaling from other nodes waiting to be applied here, at most.
+CALLS_IN_LIMIT = 1000
 
 #: Frames over ``max_message_bytes`` get a ``too_large`` error and the connection
 #: lives on; only frames over this multiple of it make websockets close (1009).
@@ -76,7 +79,9 @@ class GatewayServer:
         self.registry: Registry | None = None
         self.bus: Bus | None = None
         if isinstance(self.store, RedisStore):
-            self.registry = Registry(self.store.redis, self.store.prefix, self._describe, self._reap)
+            self.registry = Registry(
+                self.store.redis, self.store.prefix, self._describe, self._reap, on_lost=self._rebuild
+            )
             self.bus = Bus(
                 self.store.redis, self.store.prefix, self.store.node, self._heard, dropped=self.metrics.bus_dropped
             )
@@ -118,8 +123,13 @@ class GatewayServer:
         self.connections = 0
         self._server: Server | None = None
         self._lag_task: asyncio.Task[None] | None = None
+        #: Other nodes' call signaling for this home node (``_calling``), bounded.
+        self._calls_in: asyncio.Queue[Envelope] = asyncio.Queue(CALLS_IN_LIMIT)
+        self._calls_task: asyncio.Task[None] | None = None
         self.port = config.port
         self._started = int(time.time() * 1000)
+        #: ``drain`` began: the registry says so (no new conversation homes here).
+        self._draining = False
 
     async def start(self) -> None:
         if self.records is not None:
@@ -149,6 +159,7 @@ class GatewayServer:
         )
         self.port = self._server.sockets[0].getsockname()[1]
         if self.bus is not None:
+            self._calls_task = asyncio.create_task(self._calling(), name="talkgate-calls-in")
             await self.bus.start()
         if self.registry is not None:
             await self.registry.start()  # registers, and reaps the nodes that died meanwhile
@@ -200,6 +211,12 @@ class GatewayServer:
         """Graceful shutdown, before ``close``: stop accepting connections, tell every
         client (``shutdown``) and bot (``stop``, reason ``shutdown``), then wait up to
         ``seconds`` for the conversations to end. True if they all ended in time."""
+        self._draining = True
+        if self.registry is not None:
+            try:  # other nodes see it at once: no new homes here
+                await self.registry.refresh()
+            except Exception:
+                log.warning("could not tell the registry this node drains", exc_info=True)
         if self._server is not None:
             # Stop listening; live connections stay. (Not Server.close(close_connections=False):
             # it is idempotent, so close() could not close the connections afterwards.)
@@ -230,7 +247,7 @@ class GatewayServer:
         if self.api is not None:
             await self.api.close()  # first: no app request starts changing a conversation from here on
         await self.broker.bots.close(BOT_STOP_SECONDS)
-        await cancel_and_wait([self._lag_task], log, "loop lag")
+        await cancel_and_wait([self._lag_task, self._calls_task], log, "loop lag, calls from other nodes")
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -267,10 +284,28 @@ class GatewayServer:
 
     def _heard(self, envelope: Envelope) -> None:
         """Another node's message (``bus.Bus``)."""
-        if envelope.conversation:
-            self.broker.heard(envelope.conversation, envelope.data, envelope.mtype, envelope.skip, envelope.event)
-        else:
-            self.broker.delivery.queue_to_agents(envelope.data, envelope.version)
+        match envelope.kind:
+            case Kind.ROOM if envelope.conversation:
+                self.broker.heard(envelope.conversation, envelope.data, envelope.mtype, envelope.skip, envelope.event)
+            case Kind.ROOM:
+                self.broker.delivery.queue_to_agents(envelope.data, envelope.version)
+            case Kind.TO:
+                self.broker.deliver_to(envelope.conversation, envelope.to, envelope.data, envelope.mtype)
+            case Kind.CALL:
+                try:
+                    self._calls_in.put_nowait(envelope)
+                except asyncio.QueueFull:
+                    log.warning("call signaling from node %s dropped: too much waiting", envelope.sender)
+
+    async def _calling(self) -> None:
+        """Other nodes' call signaling for this home node, in the order it came (an offer
+        before its candidates)."""
+        while True:
+            envelope = await self._calls_in.get()
+            try:
+                await self.broker.call_request(envelope.sender, envelope.conversation, envelope.data)
+            except Exception:
+                log.exception("call signaling from node %s failed", envelope.sender)
 
     async def _describe(self) -> NodeInfo:
         assert isinstance(self.store, RedisStore)
@@ -283,7 +318,12 @@ class GatewayServer:
             conversations=self.broker.local_conversations,
             sessions=len(self.broker.sessions),
             peer_connections=len(self.broker.router),
+            draining=self._draining,
         )
+
+    async def _rebuild(self) -> None:
+        held = await self.broker.rebuild()
+        log.warning("put %d participants back in the shared state", held)
 
     async def _reap(self, node: str) -> None:
         assert isinstance(self.store, RedisStore)

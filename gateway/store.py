@@ -140,6 +140,12 @@ class Store(abc.ABC):
     async def memberships(self, identity: str) -> list[str]:
         """The live conversations the identity is in (whichever node holds it)."""
 
+    async def home(self, conversation: str) -> str:
+        """The node a conversation's calls are on, made this one if it has none or its
+        home is dead or draining; "" if the conversation does not exist, or on a store
+        one process has to itself (every call is here)."""
+        return ""
+
     async def queue(self) -> tuple[int, list[QueueEntry]]:
         """The agent queue with its version: a number that grows with every change of the
         queue, read in the same step, so that of two snapshots the newer one wins however

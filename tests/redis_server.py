@@ -95,6 +95,13 @@ class RedisServer:
         self._kill()
         self._run()
 
+    def down(self) -> None:
+        """Stop serving (``up`` starts an empty Redis on the same port)."""
+        self._kill()
+
+    def up(self) -> None:
+        self._run()
+
     def stop(self) -> None:
         self._kill()
         shutil.rmtree(self.directory, ignore_errors=True)

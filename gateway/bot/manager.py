@@ -165,6 +165,10 @@ class BotManager:
         await self.host.remove_voice(conversation, bot.participant.identity)
         await self.host.bot_left(conversation, bot.participant, reason)
 
+    def held(self) -> list[tuple[str, Participant]]:
+        """(conversation, bot participant) of every link this node holds."""
+        return [(conversation, bot.participant) for conversation, bot in self._links.items()]
+
     def answers_upgrade(self, conversation: str, identity: str, media: str) -> bool | None:
         """The bot's own answer to an upgrade request addressed to it (None: not the bot)."""
         bot = self._links.get(conversation)

@@ -109,3 +109,15 @@ def test_webhooks_benchmark_runs_and_every_delivery_verifies(database: str) -> N
     assert result["deliveries"] >= result["chats"] == 40  # each chat's message.created, and the openings
     assert result["echo_to_webhook"]["p95_ms"] >= result["echo_to_webhook"]["median_ms"] > 0
     assert result["deliveries_per_s_until_drained"] > 0
+
+
+def test_cluster_benchmark_runs_and_reports_every_figure() -> None:
+    result = run_benchmark(
+        "cluster.py", *("--rounds", "1", "--joins", "10", "--conversations", "3", "--rate", "30", "--seconds", "1")
+    )
+    assert set(result["joins"]) == {"single", "redis"}
+    assert all(row["joins_per_s"] > 0 for row in result["joins"].values())
+    assert set(result["chat"]) == {"single", "same", "cross"}
+    for shape, row in result["chat"].items():
+        assert row["messages"] == 3 * 10, shape  # every chat reached its agent
+        assert row["p99_ms"] >= row["median_ms"] > 0

@@ -1,66 +1,20 @@
-"""A scriptable test bot (a real websocket server) and a gateway configured to dial it."""
+"""The scriptable test bot (tests/bot_server.py) and a gateway configured to dial it."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import json
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
-from websockets.asyncio.server import ServerConnection, serve
 
 from gateway.config import Config
 from gateway.server import GatewayServer
-
-
-class TestBot:
-    """Records every message from the gateway; the test sends the bot's side."""
-
-    __test__ = False
-
-    def __init__(self) -> None:
-        self.received: asyncio.Queue[dict[str, Any] | bytes] = asyncio.Queue()
-        self.connections: list[ServerConnection] = []
-        self.connected = asyncio.Event()
-        self.url = ""
-
-    async def handler(self, ws: ServerConnection) -> None:
-        self.connections.append(ws)
-        self.connected.set()
-        async for data in ws:
-            await self.received.put(data if isinstance(data, bytes) else json.loads(data))
-
-    @property
-    def ws(self) -> ServerConnection:
-        return self.connections[-1]
-
-    async def send(self, message: dict[str, Any] | bytes) -> None:
-        await self.ws.send(message if isinstance(message, bytes) else json.dumps(message))
-
-    async def next_text(self, timeout: float = 5.0, skip_audio: bool = True) -> dict[str, Any]:
-        async with asyncio.timeout(timeout):
-            while True:
-                item = await self.received.get()
-                if isinstance(item, dict):
-                    return item
-                if not skip_audio:
-                    raise AssertionError("expected text, got audio")
-
-    async def wait_for(self, mtype: str, timeout: float = 5.0) -> dict[str, Any]:
-        async with asyncio.timeout(timeout):
-            while True:
-                message = await self.next_text(timeout)
-                if message["type"] == mtype:
-                    return message
+from tests.bot_server import TestBot, running_bot
 
 
 @pytest.fixture
 async def bot() -> AsyncIterator[TestBot]:
-    test_bot = TestBot()
-    async with serve(test_bot.handler, "127.0.0.1", 0, max_size=2**22) as server:
-        test_bot.url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/bot"
+    async with running_bot() as test_bot:
         yield test_bot
 
 

@@ -7,7 +7,7 @@ import socket
 
 from gateway.config import Config
 from gateway.server import GatewayServer
-from tests.bot.conftest import TestBot
+from tests.bot_server import TestBot
 from tests.client import Client
 from tests.conftest import make_token
 from tests.rtc_client import RtcClient, ToneTrack

@@ -10,7 +10,7 @@ import numpy as np
 
 from gateway.config import Config
 from gateway.server import GatewayServer
-from tests.bot.conftest import TestBot
+from tests.bot_server import TestBot
 from tests.client import Client
 from tests.conftest import Party, listen_only, make_token
 from tests.rtc_client import RtcClient, SpeechTrack

@@ -12,7 +12,7 @@ import pytest
 from gateway.config import Config
 from gateway.records import SqlRecords
 from gateway.server import GatewayServer
-from tests.bot.conftest import TestBot
+from tests.bot_server import TestBot
 from tests.client import Client
 from tests.conftest import make_token
 

@@ -15,7 +15,7 @@ import pytest
 from gateway.config import Config
 from gateway.server import GatewayServer
 from media.g711 import ulaw_decode, ulaw_encode
-from tests.bot.conftest import TestBot
+from tests.bot_server import TestBot
 from tests.conftest import Party, listen_only, start_audio, until
 from tests.rtc_client import SpeechTrack
 from tests.speech import speak

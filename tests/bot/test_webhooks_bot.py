@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from gateway.config import Config
 from gateway.server import GatewayServer
-from tests.bot.conftest import TestBot
+from tests.bot_server import TestBot
 from tests.client import Client
 from tests.conftest import make_token
 from tests.gateway.test_webhooks import Receiver, hooked

@@ -265,3 +265,57 @@ async def test_two_workers_on_one_port_are_one_gateway(redis_server: RedisServer
         log = gateway.stop()
     assert "worker w1 (pid" in log and "exited with -9: starting a new one" in log
     assert "workers exited: w1 0, w2 0" in log
+
+
+async def test_a_draining_node_exits_once_its_conversations_moved(
+    redis_server: RedisServer, postgres: PostgresCluster
+) -> None:
+    """SIGTERM on the node a customer is connected to: it says it drains (the registry),
+    tells the customer to reconnect; the customer does, through the other node, and the
+    conversation goes on there with nothing lost; the drained node exits 0 well within
+    its drain time."""
+    url = redis_server.url(next(_databases))
+    name = postgres.create_database()
+    env = {"TALKGATE_SECRET": SECRET}
+    common = ["serve", "--port", "0", "--redis", url, "--database", postgres.url(name), "--drain-seconds", "20"]
+    leaving = GatewayProcess(*common, "--node-id", "leaving", env=env)
+    staying = GatewayProcess(*common, "--node-id", "staying", env=env)
+    clients: list[Client] = []
+    try:
+        ann = await Client.open(leaving.ws_url)
+        bob = await Client.open(staying.ws_url)
+        clients += [ann, bob]
+        await ann.send({"type": "join", "token": make_token("u1", "customer", "r1")})
+        await ann.expect("joined")
+        await bob.send({"type": "join", "token": make_token("a1", "agent", "r1")})
+        await bob.expect("joined")
+        await ann.wait_for("participant.joined")
+        await ann.send({"type": "chat", "text": "before"})
+        await bob.wait_for("chat", text="before")
+        leaving.proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        assert (await ann.wait_for("shutdown"))["retry_after_ms"] > 0
+
+        async def draining() -> bool:
+            return [n.draining for n in await read_status(url, "talkgate:") if n.id == "leaving"] == [True]
+
+        await until(draining)
+        await ann.close()  # as the SDK does on shutdown: reconnect (here, to the other node)
+        ann = await Client.open(staying.ws_url)
+        clients.append(ann)
+        await ann.send({"type": "join", "token": make_token("u1", "customer", "r1")})
+        joined = await ann.expect("joined")
+        assert [m["text"] for m in joined["history"]] == ["before"]
+        code = await asyncio.to_thread(leaving.proc.wait, 20)
+        assert code == 0
+        assert time.monotonic() - signalled < 10  # it left when the conversation moved, not at 20 s
+        await ann.send({"type": "chat", "text": "after"})
+        assert (await bob.wait_for("chat", text="after"))["text"] == "after"
+        assert [p["identity"] for p in joined["participants"]] == ["u1", "a1"]
+        assert not [m for m in bob.skipped if m["type"] == "participant.left"]  # u1 never left
+    finally:
+        for client in clients:
+            await client.close()
+        if leaving.proc.poll() is None:
+            leaving.stop()
+        staying.stop()

@@ -4,6 +4,7 @@ is exactly ``gateway.schema``; these check the way there from older databases.""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -208,3 +209,29 @@ def _downgrade(connection: sa.Connection, revision: str) -> None:
     config.set_main_option("script_location", "gateway:migrations")
     config.attributes["connection"] = connection
     command.downgrade(config, revision)
+
+
+async def test_processes_starting_at_once_migrate_one_at_a_time(engine: AsyncEngine, database_url: str) -> None:
+    """``--workers`` starts several gateways on one fresh PostgreSQL database: they take
+    turns migrating, none fails (SQLite is one process's: --workers refuses it)."""
+    if database_url.startswith("sqlite"):
+        pytest.skip("one process writes a SQLite file")
+    engines = [create_engine(database_url) for _ in range(3)]
+    try:
+        await asyncio.gather(*(migrate(e) for e in engines))
+    finally:
+        for e in engines:
+            await e.dispose()
+    async with engine.connect() as conn:
+        assert await version(conn) == (await conn.run_sync(_head))
+
+
+def _head(_: sa.Connection) -> str:
+    from alembic.config import Config as AlembicConfig
+    from alembic.script import ScriptDirectory
+
+    config = AlembicConfig()
+    config.set_main_option("script_location", "gateway:migrations")
+    head = ScriptDirectory.from_config(config).get_current_head()
+    assert head is not None
+    return head

@@ -9,24 +9,45 @@ import asyncio
 import contextlib
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
 
+from gateway.cluster import live_nodes
 from gateway.config import Config
 from gateway.redis_store import RedisStore
 from gateway.server import GatewayServer
+from tests.bot_server import TestBot, running_bot
 from tests.client import Client
-from tests.conftest import make_token, until
+from tests.conftest import make_token, start_audio, until
 from tests.redis_server import RedisServer
+from tests.rtc_client import RtcClient
 
 Nodes = Callable[..., Awaitable[list[GatewayServer]]]
 
 
 @pytest.fixture
-async def nodes(config: Config, redis_server: RedisServer) -> AsyncIterator[Nodes]:
+async def bot() -> AsyncIterator[TestBot]:
+    async with running_bot() as test_bot:
+        yield test_bot
+
+
+@pytest.fixture
+def redis(request: pytest.FixtureRequest) -> Iterator[RedisServer]:
+    """The Redis the nodes use: the session's, or (parametrized "own") one of this test's
+    own, for a test that restarts it."""
+    if getattr(request, "param", None) != "own":
+        yield request.getfixturevalue("redis_server")
+        return
+    with RedisServer.start() as server:
+        yield server
+
+
+@pytest.fixture
+async def nodes(config: Config, redis: RedisServer) -> AsyncIterator[Nodes]:
     """``await nodes(3)``: that many nodes on one Redis (a key prefix of this test's own)."""
+    redis_server = redis
     prefix = f"test-{uuid.uuid4().hex[:8]}:"
     async with contextlib.AsyncExitStack() as stack:
 
@@ -157,3 +178,82 @@ async def test_reconnecting_through_another_node_within_the_grace_time(nodes: No
     assert [m["type"] for m in bob.skipped] == []  # no participant.left, no participant.joined
     assert n1.store is not n2.store
     assert [p.identity for p in await n1.store.participants("r1") or []] == ["u1", "a1"]
+
+
+async def test_a_call_between_three_nodes_lives_on_the_home_node(nodes: Nodes, clients: Any) -> None:
+    """The conversation's home is n3 (the customer joined there first, then reconnected
+    through n1); the agent is on n2. Both offer through their own node; the home node's
+    peer connections answer them, and each hears the other's tone."""
+    n1, n2, n3 = await nodes(3, reconnect_grace_seconds=5)
+    first = await clients(n3, "u1", "customer", "r1")
+    await first.close()
+    customer = RtcClient(await clients(n1, "u1", "customer", "r1"))
+    agent = RtcClient(await clients(n2, "a1", "agent", "r1"))
+    try:
+        assert await n1.store.home("r1") == "n3"
+        await start_audio(customer, 440)
+        await start_audio(agent, 880)
+        await customer.hears_tone(880)
+        await agent.hears_tone(440)
+        assert (len(n1.broker.calls), len(n2.broker.calls), len(n3.broker.calls)) == (0, 0, 2)
+        assert {p.identity for p in n3.broker.calls.peers("r1")} == {"u1", "a1"}
+        # Hanging up through n2 ends the agent's call at home.
+        await agent.client.send({"type": "hangup"})
+        await until(lambda: len(n3.broker.calls) == 1)
+        await customer.wait_for("media", identity="a1", audio=False)  # told through n1
+    finally:
+        await customer.close()
+        await agent.close()
+    await until(lambda: len(n3.broker.calls) == 0)  # the customer's connection closed: its call ended at home
+
+
+async def test_the_bot_of_a_conversation_homed_elsewhere_hears_the_customer(
+    nodes: Nodes, clients: Any, bot: TestBot
+) -> None:
+    """The bot is dialled from the home node (n3, where the customer joined first); the
+    customer, reconnected through n1, calls: its audio reaches the bot through n3."""
+    n1, _, n3 = await nodes(3, reconnect_grace_seconds=5, bot_url=bot.url, bot_connect_seconds=1.0)
+    first = await clients(n3, "u1", "customer", "r1")
+    await bot.wait_for("start")
+    await first.close()
+    customer = RtcClient(await clients(n1, "u1", "customer", "r1"))
+    try:
+        await start_audio(customer, 440)
+        await bot.wait_for("call.started")
+        await bot.wait_for("speech.started")  # a steady tone is voiced
+        assert n3.broker.bots.get("r1") is not None and n1.broker.bots.get("r1") is None
+        assert len(bot.connections) == 1  # one link, from the home node
+    finally:
+        await customer.close()
+
+
+@pytest.mark.parametrize("redis", ["own"], indirect=True)
+async def test_a_redis_restart_is_survived(nodes: Nodes, clients: Any, redis: RedisServer) -> None:
+    """Redis stops while a conversation between two nodes is live: a chat meanwhile is
+    ``unavailable`` (nothing crashes, nobody is disconnected). It comes back empty: each
+    node notices at its next refresh, registers again and puts back the participants it
+    holds; chats sent after that arrive, across nodes."""
+    n1, n2 = await nodes(2)
+    ann = await clients(n1, "u1", "customer", "r1")
+    bob = await clients(n2, "a1", "agent", "r1")
+    await bob.expect("queue")
+    await ann.expect("participant.joined")
+    redis.down()
+    await ann.send({"type": "chat", "text": "anyone?"})
+    assert (await ann.expect("error"))["code"] == "unavailable"
+    redis.up()  # empty
+
+    async def rebuilt() -> bool:
+        participants = await n1.store.participants("r1")
+        nodes_alive = await live_nodes(n1.store.redis, n1.store.prefix)  # type: ignore[attr-defined]
+        return participants is not None and len(participants) == 2 and len(nodes_alive) == 2
+
+    await until(rebuilt, timeout=10)
+    await ann.send({"type": "chat", "text": "back again"})
+    assert (await ann.expect("chat"))["text"] == "back again"
+    assert (await bob.wait_for("chat"))["text"] == "back again"
+    await bob.send({"type": "chat", "text": "welcome back"})
+    assert (await ann.wait_for("chat"))["text"] == "welcome back"
+    await bob.wait_for("chat", text="welcome back")  # its echo
+    await ann.ping()
+    await bob.ping()
