@@ -98,15 +98,24 @@ async def chat(
                 latencies.append(time.perf_counter() - sent[message["text"]])
                 got += 1
 
+    errors: list[str] = []
+
     async def drain(customer: ClientConnection) -> None:
-        async for _ in customer:  # echoes
-            pass
+        async for data in customer:  # echoes, or what went wrong
+            message = json.loads(data)
+            if message["type"] == "error":
+                errors.append(f"{message['code']}: {message['message']}")
 
     gateways = [customer_gw] if customer_gw is agent_gw else [customer_gw, agent_gw]
     cpu0 = sum(g.cpu_seconds() for g in gateways)
     echoes = [asyncio.create_task(drain(c)) for c, _ in pairs]
-    async with asyncio.timeout(seconds * 4 + 10):
-        await asyncio.gather(*(send(i, c) for i, (c, _) in enumerate(pairs)), *(receive(a) for _, a in pairs))
+    try:
+        async with asyncio.timeout(seconds * 4 + 10):
+            await asyncio.gather(*(send(i, c) for i, (c, _) in enumerate(pairs)), *(receive(a) for _, a in pairs))
+    except TimeoutError:
+        raise RuntimeError(
+            f"{tag}: {len(latencies)} of {per_pair * k} chats reached their agents; errors: {errors[:3]}"
+        ) from None
     cpu = sum(g.cpu_seconds() for g in gateways) - cpu0
     for task in echoes:
         task.cancel()

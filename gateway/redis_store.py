@@ -62,6 +62,9 @@ log = logging.getLogger("talkgate.redis")
 PREFIX = "talkgate:"
 #: How long one step may take before it is ``Unavailable`` (seconds).
 COMMAND_SECONDS = 5.0
+#: Connections to Redis per process at most (steps in flight at once; the bus's
+#: subscription holds one).
+MAX_CONNECTIONS = 64
 _encode = msgspec.json.Encoder().encode
 _participant = msgspec.json.Decoder(Participant).decode
 _entry = msgspec.json.Decoder(QueueEntry).decode
@@ -551,8 +554,16 @@ def connect(url: str) -> aioredis.Redis:
     """A client for ``url``. Its commands get no socket timeout of their own: redis-py
     would wrap each in ``asyncio.wait_for``, which on Python 3.11 can swallow a task's
     cancellation (a shutdown then hangs); callers bound them with ``asyncio.timeout``
-    (``COMMAND_SECONDS``) instead."""
-    return aioredis.Redis.from_url(url, socket_timeout=None, socket_connect_timeout=COMMAND_SECONDS)
+    (``COMMAND_SECONDS``) instead. Steps beyond ``MAX_CONNECTIONS`` at once wait for a
+    connection (redis-py's default pool refuses them: a burst of chats was ``unavailable``)."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=COMMAND_SECONDS,
+        socket_timeout=None,
+        socket_connect_timeout=COMMAND_SECONDS,
+    )
+    return aioredis.Redis.from_pool(pool)
 
 
 def new_node_id() -> str:

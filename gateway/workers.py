@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -33,8 +34,17 @@ log = logging.getLogger("talkgate.workers")
 
 #: How long a dead worker's replacement waits before starting (a crash loop stays slow).
 RESTART_SECONDS = 1.0
+#: prctl(2): the signal a process gets when its parent dies.
+PR_SET_PDEATHSIG = 1
 #: How long a worker may take to say it listens.
 START_SECONDS = 60.0
+
+
+def _die_with_parent() -> None:
+    """In a worker, before it runs: the kernel sends it SIGTERM if the supervisor dies
+    (killed with SIGKILL), so no worker outlives it holding the port."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def worker_count(value: str) -> int:
@@ -159,6 +169,7 @@ class Supervisor:
                 node,
                 stdin=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
+                preexec_fn=_die_with_parent,
             )
             try:
                 await self._relay(worker, process)

@@ -264,3 +264,15 @@ async def test_a_dead_nodes_participants_are_adopted(redis_server: RedisServer) 
     finally:
         await dead.close()
         await alive.close()
+
+
+async def test_a_burst_of_steps_waits_for_connections_instead_of_failing(redis_server: RedisServer) -> None:
+    """More steps at once than the pool has connections: they wait their turn (redis-py's
+    default pool refused the excess: a burst of chats came back ``unavailable``)."""
+    store = RedisStore(redis_server.url(), prefix=f"test-{uuid.uuid4().hex[:8]}:")
+    try:
+        await store.join("r1", ANN, ROOMY)
+        messages = [ChatMessage(id=str(i), sender=ANN, text=str(i), ts=i) for i in range(1000)]
+        assert all(await asyncio.gather(*(store.append_chat("r1", m) for m in messages)))
+    finally:
+        await store.close()
