@@ -124,6 +124,12 @@ class VadSettings:
     #: it at once, no waits up to ``turn_max_silence_ms``, no answer falls back to ``stop_ms``.
     turn_detection: str = "silence"
     turn_max_silence_ms: int = 2000
+    #: The question goes out this long before the pause is ``pause_ms`` long, its audio
+    #: made up to a ``pause_ms`` pause with the pause's own last ``turn_early_ms`` (so the
+    #: model hears what it would hear then); the answer counts only once the pause really
+    #: is ``pause_ms`` long. The model's ≈ 50 ms of CPU then overlaps the pause instead of
+    #: following it. 0: ask at ``pause_ms``.
+    turn_early_ms: int = 80
     #: The end-of-turn model's probability from which a turn counts as complete.
     turn_threshold: float = 0.5
 
@@ -148,6 +154,8 @@ class VadSettings:
             raise ValueError("silero_threshold and turn_threshold are probabilities in (0, 1)")
         if self.smart and not 0 < self.pause_ms < self.turn_max_silence_ms:
             raise ValueError("with smart turn detection, 0 < pause_ms < turn_max_silence_ms (it asks at each pause)")
+        if self.smart and (not 0 <= self.turn_early_ms <= self.pause_ms // 2 or self.turn_early_ms % self.frame_ms):
+            raise ValueError("turn_early_ms is whole frames, at most half of pause_ms")
         if self.smart and self.sample_rate != 16_000:
             raise ValueError("the end-of-turn model hears 16 kHz audio: sample_rate must be 16000")
 
@@ -200,7 +208,7 @@ class TurnCheck:
     #: The segment's audio up to now (its last ``TURN_AUDIO_MS`` at most), preroll included.
     pcm: bytes
     t: int  # stream ms where the voice stopped
-    asked: int  # stream ms at the end of the frame that raised it
+    asked: int  # stream ms at the end of the frame that raised it (``turn_early_ms`` before the pause)
     #: The speaker went on (or the segment ended) before the answer: it no longer matters.
     withdrawn: bool = False
     #: The model's answer, once it has one (for metrics and benchmarks).
@@ -241,12 +249,13 @@ class Segmenter:
         #: The current pause has been announced (``SpeechPaused``).
         self._paused = False
         #: Smart turns: the segment's recent audio (what the model hears), the question
-        #: raised by the last ``feed`` and not yet taken, the one awaiting its answer, and
-        #: whether this pause fell back to the hangover (no answer).
+        #: raised by the last ``feed`` and not yet taken, the one awaiting its answer; and for
+        #: the current pause: asked already, answered complete before it was ``pause_ms``
+        #: long, fallen back to the hangover (no answer).
         self._turn_audio: collections.deque[bytes] = collections.deque(maxlen=TURN_AUDIO_MS // s.frame_ms)
         self._asking: TurnCheck | None = None
         self._pending: TurnCheck | None = None
-        self._fallback = False
+        self._asked = self._complete = self._fallback = False
 
     @property
     def speaking(self) -> bool:
@@ -265,11 +274,14 @@ class Segmenter:
         if check is not self._pending or check.withdrawn or not self.speaking:
             return _NO_EVENTS
         self._pending = None
+        quiet = (self._next_t or 0) - self._voiced_until
         if complete:
-            return (self._stop(turn=True),)
-        if complete is None:
+            if quiet >= self.settings.pause_ms:
+                return (self._stop(turn=True),)
+            self._complete = True  # asked early: the stop waits for a pause_ms pause
+        elif complete is None:
             self._fallback = True
-            if self._next_t is not None and self._next_t - self._voiced_until >= self.settings.stop_ms:
+            if quiet >= self.settings.stop_ms:
                 return (self._stop(),)
         return _NO_EVENTS
 
@@ -327,11 +339,18 @@ class Segmenter:
         if voiced:
             self._voiced_until = frame.t + s.frame_ms
             self.state = SegmentState.SPEAKING
-            if self._paused:
-                self._paused = self._fallback = False
+            if self._paused or self._asked:
+                self._paused = self._asked = self._complete = self._fallback = False
                 self._withdraw()  # the speaker went on: the pause's question no longer matters
             return events
         quiet = frame.t + s.frame_ms - self._voiced_until
+        if s.smart:
+            if self._complete and quiet >= s.pause_ms:
+                events.append(self._stop(turn=True))
+                return events
+            if not self._asked and quiet >= s.pause_ms - s.turn_early_ms:
+                self._asked = True
+                self._asking = self._pending = self._question(frame.t + s.frame_ms)
         limit = s.turn_max_silence_ms if s.smart and not self._fallback else s.stop_ms
         if quiet >= limit:
             events.append(self._stop())
@@ -340,11 +359,13 @@ class Segmenter:
         if 0 < s.pause_ms <= quiet and not self._paused:
             self._paused = True
             events.append(SpeechPaused(self._voiced_until))
-            if s.smart:
-                self._asking = self._pending = TurnCheck(
-                    b"".join(self._turn_audio), self._voiced_until, frame.t + s.frame_ms
-                )
         return events
+
+    def _question(self, now: int) -> TurnCheck:
+        """The segment's audio for the model, made up to a ``pause_ms`` pause if asked early."""
+        early = self.settings.turn_early_ms // self.settings.frame_ms
+        tail = list(self._turn_audio)[-early:] if early else []
+        return TurnCheck(b"".join([*self._turn_audio, *tail]), self._voiced_until, now)
 
     def _withdraw(self) -> None:
         if self._pending is not None:
@@ -355,5 +376,5 @@ class Segmenter:
         self.state = SegmentState.QUIET
         self._withdraw()
         self._turn_audio.clear()
-        self._paused = self._fallback = False
+        self._paused = self._asked = self._complete = self._fallback = False
         return SpeechStopped(self._voiced_until, self._voiced_until - self._started_at, turn)

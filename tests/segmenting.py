@@ -1,7 +1,7 @@
 """Drive a ``Segmenter`` over a whole fixture, as the pipeline does, and keep what it said.
 
 End-of-turn questions are answered at once (synchronously) by ``turn``; the time a real
-model takes is for the benchmarks to add (``Segment.decision_seconds``).
+model takes is for the benchmarks to add (``Segment.decided_at``).
 """
 
 from __future__ import annotations
@@ -35,8 +35,15 @@ class Segment:
     reported_at: int = 0
     #: Each end-of-turn question's pause start and the model's probability.
     decisions: list[tuple[int, float]] = field(default_factory=list)
-    #: CPU seconds the model took on the question that ended the segment (0: none did).
+    #: CPU seconds the model took on the question that ended the segment (0: none did),
+    #: and the stream ms at which that question was asked.
     decision_seconds: float = 0.0
+    asked_at: int = 0
+
+    def decided_at(self) -> float:
+        """When the stop would have been reported with a model that takes the CPU time it
+        took here: not before the frame that reported it, nor before the answer."""
+        return max(self.reported_at, self.asked_at + self.decision_seconds * 1000)
 
 
 def segments(
@@ -58,6 +65,7 @@ def segments(
             started = time.thread_time()
             probability = turn(check.pcm)
             current.decision_seconds = time.thread_time() - started
+            current.asked_at = check.asked
             current.decisions.append((check.t, probability))
             events += segmenter.turn_decided(check, probability >= settings.turn_threshold)
         for event in events:
@@ -71,6 +79,6 @@ def segments(
                 current.stop = event
                 current.reported_at = frame.t + settings.frame_ms
                 if not event.turn:
-                    current.decision_seconds = 0.0
+                    current.decision_seconds, current.asked_at = 0.0, 0
                 found.append(current)
     return found

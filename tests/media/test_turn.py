@@ -42,14 +42,14 @@ def model() -> SmartTurn:
     return SmartTurn()
 
 
-def paused(first: str, rest: str) -> tuple[Fixture, float]:
-    """The sentence with a PAUSE_MS pause after ``first``; and where the pause ends (ms)."""
+def paused(first: str, rest: str) -> tuple[Fixture, tuple[float, float]]:
+    """The sentence with a PAUSE_MS pause after ``first``; and where the pause starts and ends (ms)."""
     a, b = speak(first), speak(rest)
     silence = np.zeros(PAUSE_MS * RATE // 1000, np.int16)
     pcm = np.concatenate([np.zeros(RATE // 2, np.int16), a, silence, b, np.zeros(3 * RATE, np.int16)])
     onset = 500.0
     end = onset + (len(a) + len(silence) + len(b)) * 1000 / RATE
-    return Fixture(pcm, [(onset, end)]), end - len(b) * 1000 / RATE
+    return Fixture(pcm, [(onset, end)]), (onset + len(a) * 1000 / RATE, end - len(b) * 1000 / RATE)
 
 
 # -- features -------------------------------------------------------------------------------
@@ -103,10 +103,11 @@ def test_a_complete_sentence_ends_at_the_first_pause_not_after_the_hangover(
 
 @pytest.mark.parametrize(("first", "rest"), MID_SENTENCE)
 def test_a_pause_in_mid_sentence_does_not_end_the_turn(model: SmartTurn, first: str, rest: str) -> None:
-    fixture, resumed = paused(first, rest)
+    fixture, (stopped, resumed) = paused(first, rest)
     frames = frames_of(fixture.pcm)
     [segment] = segments(frames, SMART, turn=model.probability)
-    in_the_pause = [p for t, p in segment.decisions if t < resumed]
+    # (Shorter gaps between words may be asked about early too: they end before pause_ms.)
+    in_the_pause = [p for t, p in segment.decisions if stopped - 40 <= t < resumed]
     assert in_the_pause and max(in_the_pause) < SMART.turn_threshold, segment.decisions
     end = fixture.truth[0][1]
     assert segment.stop is not None and segment.stop.turn and 0 <= segment.stop.t - end <= 30
@@ -161,11 +162,12 @@ def test_no_answer_falls_back_to_the_hangover() -> None:
         events, _ = run(lambda check, t, delay=delay: (t + delay, None), SPEECH.pcm)
         [(reported, stop)] = stops(events)
         assert not stop.turn
-        assert reported + 20 - stop.t == max(SMART.stop_ms, SMART.pause_ms + delay), delay
+        asked = SMART.pause_ms - SMART.turn_early_ms
+        assert reported + 20 - stop.t == max(SMART.stop_ms, asked + delay), delay
 
 
 def test_an_answer_after_the_speaker_went_on_changes_nothing() -> None:
-    fixture, _ = paused(*MID_SENTENCE[0])
+    fixture, (stopped, _) = paused(*MID_SENTENCE[0])
     answered: list[TurnCheck] = []
 
     def late(check: TurnCheck, t: int) -> tuple[int, bool]:
@@ -173,21 +175,32 @@ def test_an_answer_after_the_speaker_went_on_changes_nothing() -> None:
         return t + 1000, True  # after the 700 ms pause: the speaker is talking again
 
     events, checks = run(late, fixture.pcm)
-    first = checks[0]
+    [first] = [c for c in checks if c.t >= stopped - 40 and c.t < stopped + PAUSE_MS]
     assert first.withdrawn  # a worker would skip it
     [(_, stop)] = stops(events)  # not cut in the pause
     assert stop.t > fixture.truth[0][1] - 100
 
 
-def test_a_question_is_raised_once_per_pause_and_its_audio_is_the_segment() -> None:
+def test_a_question_is_raised_once_per_pause_early_with_a_pause_long_audio() -> None:
     events, checks = run(lambda check, t: None, SPEECH.pcm)
-    paused_at = [e.t for _, e in events if isinstance(e, SpeechPaused)]
-    assert [c.t for c in checks] == paused_at
+    paused_at = [(t, e.t) for t, e in events if isinstance(e, SpeechPaused)]
+    asked = {c.t: c for c in checks}
+    assert len(asked) == len(checks)  # once per pause
+    for frame_t, t in paused_at:  # every pause of pause_ms was asked about, turn_early_ms before
+        assert asked[t].asked == frame_t + 20 - SMART.turn_early_ms
     last = checks[-1]
-    # The preroll, the speech and the 200 ms of the pause, 20 ms frames of 16 kHz PCM16.
+    # The preroll, the speech, 120 ms of the pause and its last 80 ms again: 20 ms frames
+    # of 16 kHz PCM16, a 200 ms pause as the model would hear it 80 ms later.
     assert len(last.pcm) % 640 == 0 and abs(len(last.pcm) / 32 - (END - 500 + 200 + 200)) <= 60
+    assert last.pcm[-2560:] == last.pcm[-5120:-2560]
     [(_, stop)] = stops(events)
     assert not stop.turn  # never answered: the longer silence ended it
+
+
+def test_an_early_complete_answer_waits_for_a_pause_of_pause_ms() -> None:
+    events, _ = run(lambda check, t: (t, True), SPEECH.pcm)
+    [(reported, stop)] = stops(events)
+    assert stop.turn and reported + 20 - stop.t == SMART.pause_ms
 
 
 def test_bad_turn_settings_are_refused() -> None:
