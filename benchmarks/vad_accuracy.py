@@ -5,7 +5,7 @@ clean, white noise at 10 and 5 dB SNR, hiss (pink noise) at 10 and 5 dB, music a
 through the ``Segmenter`` with default settings:
 
 - utterances found / expected; false segments (over no utterance); merged (a segment over
-  two utterances: the end was never heard);
+  two utterances: an end was not heard); never ended (still open when the audio ran out);
 - median start error (segment start - true onset) and end error (where the segment says
   the voice stopped - true end), and the stop's delay beyond the hangover;
 - CPU µs per 20 ms frame (the detector alone, this thread's CPU time).
@@ -13,6 +13,10 @@ through the ``Segmenter`` with default settings:
 ``webrtc+hangover`` is webrtcvad as the gateway used it before (with the library's own
 hangover, which delayed every end by 60 to 100 ms); ``silero/512`` runs Silero on
 consecutive 512-sample windows, as it was trained, instead of once per frame.
+
+Where the end-of-speech tail goes (clean speech): the end error on the frames as spoken,
+and after the client's Opus encoder (aiortc's, as the benchmarks' customers use it) and the
+gateway's decoder, as the pipeline gets them in a call.
 
 End of turn, ``--turn-detection silence`` against ``smart`` (webrtcvad, clean and at 10 dB):
 
@@ -32,6 +36,7 @@ End of turn, ``--turn-detection silence`` against ``smart`` (webrtcvad, clean an
 from __future__ import annotations
 
 import argparse
+import fractions
 import json
 import statistics
 import sys
@@ -40,11 +45,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import av
 import numpy as np
+from aiortc.codecs.opus import OpusEncoder
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # the repository's tests/ helpers
 
 from benchmarks.signaling import pct
+from media import opus
+from media.convert import FrameConverter, PcmFrame
 from media.silero import SileroModel, SileroVad
 from media.turn import SmartTurn
 from media.vad import VadSettings, VoiceDetector, WebRtcVad
@@ -109,13 +118,15 @@ def score(found: list[Segment], fixture: Fixture, stop_ms: int) -> dict[str, Any
     false = [s for s in found if not any(s in h for h in hits)]
     merged = [s for s in found if sum(s in h for h in hits) > 1]
     starts = [h[0].start - onset for h, (onset, _) in zip(hits, fixture.truth, strict=True) if h]
-    ends = [h[-1].stop.t - end for h, (_, end) in zip(hits, fixture.truth, strict=True) if h and h[-1].stop]
-    delays = [h[-1].reported_at - end - stop_ms for h, (_, end) in zip(hits, fixture.truth, strict=True) if h]
+    ended = [(h[-1], end) for h, (_, end) in zip(hits, fixture.truth, strict=True) if h and not h[-1].unended]
+    ends = [s.stop.t - end for s, end in ended if s.stop]
+    delays = [s.reported_at - end - stop_ms for s, end in ended]
     return {
         "found": sum(bool(h) for h in hits),
         "expected": len(fixture.truth),
         "false": len(false),
         "merged": len(merged),
+        "never_ended": sum(s.unended for s in found),
         "start_error_ms": ms(starts),
         "end_error_ms": ms(ends),
         "stop_beyond_hangover_ms": ms(delays),
@@ -153,6 +164,41 @@ def vad(texts: list[str], conditions: list[str], silero: SileroModel) -> dict[st
             }
         results[name] = row
     return results
+
+
+def through_opus(pcm: np.ndarray) -> list[PcmFrame]:
+    """What the pipeline gets in a call: 20 ms frames encoded by aiortc's Opus encoder (a
+    customer) and decoded by the gateway (``media.opus`` straight to 16 kHz)."""
+    encoder, decoder, converter = OpusEncoder(), opus.Decoder(RATE), FrameConverter()
+    frames: list[PcmFrame] = []
+    for k, i in enumerate(range(0, len(pcm) - 319, 320)):
+        frame = av.AudioFrame.from_ndarray(pcm[i : i + 320].reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate, frame.pts, frame.time_base = RATE, i, fractions.Fraction(1, RATE)
+        payloads, _ = encoder.encode(frame)
+        for payload in payloads:
+            frames += converter.feed_pcm(decoder.decode(payload), k * 320)
+    return frames
+
+
+def tail(texts: list[str], silero: SileroModel) -> dict[str, Any]:
+    fixture = utterances(texts)
+    paths = {"as spoken": frames_of(fixture.pcm), "through Opus": through_opus(fixture.pcm)}
+    detectors: dict[str, Callable[[], VoiceDetector]] = {
+        "webrtc": WebRtcVad,
+        "webrtc+hangover": lambda: WebRtcVad(hangover=True),
+        "silero": lambda: SileroVad(silero),
+    }
+    return {
+        path: {
+            name: score(
+                segments(frames, VadSettings(detector=name.partition("+")[0]), detector=make()),
+                fixture,
+                VadSettings().stop_ms,
+            )["end_error_ms"]
+            for name, make in detectors.items()
+        }
+        for path, frames in paths.items()
+    }
 
 
 def sentence(text: str, *, tail_s: float = 3.0) -> Fixture:
@@ -244,19 +290,27 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "vad_accuracy",
         "quick": args.quick,
         "vad": vad(texts, conditions, silero),
+        "tail": tail(texts, silero),
         "turn": turns(complete, mid, model, snrs),
     }
 
 
 def report(result: dict[str, Any]) -> str:
-    lines = ["VAD: found/expected, false, merged; median start / end error, stop beyond hangover (ms); CPU µs/frame"]
+    lines = [
+        "VAD: found/expected, false, merged, never ended; median start / end error, stop beyond hangover (ms);"
+        " CPU µs/frame"
+    ]
     for condition, row in result["vad"].items():
         for detector, r in row.items():
             lines.append(
                 f"  {condition:12s} {detector:16s} {r['found']}/{r['expected']} false {r['false']} merged {r['merged']}"
+                f" never ended {r['never_ended']}"
                 f"  start {r['start_error_ms']} end {r['end_error_ms']} beyond {r['stop_beyond_hangover_ms']}"
                 f"  {r['cpu_us_per_frame']} µs"
             )
+    lines.append("Where the tail goes: median end error (ms), clean speech")
+    for path, row in result["tail"].items():
+        lines.append(f"  {path:12s} " + "  ".join(f"{name} {error}" for name, error in row.items()))
     turn = result["turn"]
     lines.append(
         "End of turn. Complete sentences: end of speech → speech.stopped median / p95 ms, ended by the model,"

@@ -39,6 +39,8 @@ class Segment:
     #: and the stream ms at which that question was asked.
     decision_seconds: float = 0.0
     asked_at: int = 0
+    #: The stream ended inside it (closed by ``flush``): it never ended by itself.
+    unended: bool = False
 
     def decided_at(self) -> float:
         """When the stop would have been reported with a model that takes the CPU time it
@@ -53,11 +55,12 @@ def segments(
     detector: VoiceDetector | None = None,
     turn: Callable[[bytes], float] | None = None,
 ) -> list[Segment]:
-    """The segments found in ``frames``; with ``settings.smart``, ``turn`` answers each question."""
+    """The segments found in ``frames``; with ``settings.smart``, ``turn`` answers each question.
+    A segment still open at the end is closed there (``flush``): one that never ended counts."""
     segmenter = Segmenter(settings, detector)
     found: list[Segment] = []
     current = Segment(start=-1)
-    for frame in frames:
+    for i, frame in enumerate(frames):
         events = list(segmenter.feed(frame))
         check = segmenter.take_turn_check()
         if check is not None:
@@ -68,6 +71,9 @@ def segments(
             current.asked_at = check.asked
             current.decisions.append((check.t, probability))
             events += segmenter.turn_decided(check, probability >= settings.turn_threshold)
+        if i == len(frames) - 1 and segmenter.speaking:
+            events += segmenter.flush()
+            current.unended = True
         for event in events:
             if isinstance(event, SpeechStarted):
                 current = Segment(start=event.t)
