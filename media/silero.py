@@ -9,12 +9,12 @@ per frame, on the latest 512 samples (windows overlap by 192): each frame's answ
 audio up to its end, and the state moves every 20 ms. Run on consecutive windows as it
 was trained (``every_frame=False``: 5 frames → 3 runs), the answer lags the frame by 0 to
 28 ms and the LSTM lets go of a word's end more slowly: measured on espeak-ng speech, the
-end of speech was heard 76 to 144 ms late instead of 22 to 56 ms, for the same utterances
+end of speech was heard 56 to 109 ms late instead of 22 to 56 ms, for the same utterances
 found (``benchmarks/vad_accuracy.py``), at 0.6 times the CPU.
 
 A frame is voiced when the probability is at least ``threshold`` (0.5): Silero's own
 iterator adds hysteresis (0.35 to let go), but the segmenter has its own (the start
-window, the hangover), and the extra one only delayed the end by 15 to 35 ms. Pipecat
+window, the hangover), and the extra one only delayed the end, by up to 16 ms. Pipecat
 resets the recurrent state every 2 s of non-speech (music, it says, leaves the state
 deaf to the speech that follows); on our fixtures (11.5 s of music or hiss, then speech)
 resetting changed nothing, so the state runs on. The session is shared by every stream;

@@ -39,7 +39,7 @@ class VoiceDetector(Protocol):
 
 
 class WebRtcVad:
-    """Google's WebRTC VAD (a GMM over band energies; about 1 to 2 µs per frame).
+    """Google's WebRTC VAD (a GMM over band energies; 2 to 4 µs per 20 ms frame).
 
     Without its own hangover: after speech, webrtcvad reports 3 more frames voiced (5 after
     140 ms of speech; 60 to 100 ms at 20 ms frames, in mode 3) whatever they hold, which the
@@ -148,6 +148,8 @@ class VadSettings:
             raise ValueError("the detector is webrtc or silero")
         if self.detector == "silero" and self.sample_rate != 16_000:
             raise ValueError("Silero VAD runs at a 16 kHz sample_rate here")
+        if self.turn_max_silence_ms < self.frame_ms:
+            raise ValueError("turn_max_silence_ms must be at least one frame")
         if self.turn_detection not in ("silence", "smart"):
             raise ValueError("turn_detection is silence or smart")
         if not 0 < self.silero_threshold < 1 or not 0 < self.turn_threshold < 1:
@@ -256,6 +258,7 @@ class Segmenter:
         self._asking: TurnCheck | None = None
         self._pending: TurnCheck | None = None
         self._asked = self._complete = self._fallback = False
+        self._smart = s.smart  # read every frame
 
     @property
     def speaking(self) -> bool:
@@ -323,7 +326,7 @@ class Segmenter:
         self._voiced_until = self._recent[-1].t + s.frame_ms
         events: list[Event] = [SpeechStarted(self._started_at)]
         events.extend(SpeechFrame(f.pcm, f.t) for f in self._recent if f.t >= self._started_at - s.preroll_ms)
-        if s.smart:
+        if self._smart:
             self._turn_audio.extend(f.pcm for f in self._recent if f.t >= self._started_at - s.preroll_ms)
         self._recent.clear()
         self._window.clear()
@@ -334,7 +337,7 @@ class Segmenter:
     def _in_speech(self, frame: PcmFrame, voiced: bool) -> list[Event]:
         s = self.settings
         events: list[Event] = [SpeechFrame(frame.pcm, frame.t, voiced)]
-        if s.smart:
+        if self._smart:
             self._turn_audio.append(frame.pcm)
         if voiced:
             self._voiced_until = frame.t + s.frame_ms
@@ -344,14 +347,14 @@ class Segmenter:
                 self._withdraw()  # the speaker went on: the pause's question no longer matters
             return events
         quiet = frame.t + s.frame_ms - self._voiced_until
-        if s.smart:
+        if self._smart:
             if self._complete and quiet >= s.pause_ms:
                 events.append(self._stop(turn=True))
                 return events
             if not self._asked and quiet >= s.pause_ms - s.turn_early_ms:
                 self._asked = True
                 self._asking = self._pending = self._question(frame.t + s.frame_ms)
-        limit = s.turn_max_silence_ms if s.smart and not self._fallback else s.stop_ms
+        limit = s.turn_max_silence_ms if self._smart and not self._fallback else s.stop_ms
         if quiet >= limit:
             events.append(self._stop())
             return events
