@@ -13,8 +13,13 @@ and ``SpeechStopped`` events with hysteresis, like Pipecat's analyzer
 - the first ``warmup_ms`` of a stream cannot start speech: webrtcvad calls steady
   noise voiced until its noise model has adapted (measured: 80 ms of white noise).
 
-The detector is behind ``VoiceDetector`` (one method), so another model (Silero via
-onnxruntime, say) can replace webrtcvad without touching callers.
+- with ``turn_detection="smart"`` a pause does not end the turn by itself: the segmenter
+  asks whether the turn is over (``TurnCheck``, taken with ``take_turn_check``), and the
+  answer (``turn_decided``) ends it at once, or lets it wait up to
+  ``turn_max_silence_ms``; the model runs elsewhere (``media.turn``).
+
+The detector is behind ``VoiceDetector`` (one method): ``WebRtcVad`` here, or Silero
+(``media.silero``) without touching callers.
 """
 
 from __future__ import annotations
