@@ -17,8 +17,13 @@ espeak-ng utterances with long pauses and listens to the echo.
   track sends it) to the bot's voice going quiet at the customer. Includes the VAD's
   onset detection, the gateway's hold, and the way back (jitter buffer, decode).
 
+- ``--vad silero`` / ``--turn-detection smart`` run the gateway with those options
+  (docs/media.md): with smart turns, end of speech → speech.stopped is the pause (200 ms)
+  plus the model's decision instead of the 500 ms hangover.
+
     python benchmarks/bot_latency.py               # 8 utterances
     python benchmarks/bot_latency.py --utterances 1 --json
+    python benchmarks/bot_latency.py --turn-detection smart --barge-ins 0
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ from tests.gateway_process import RTC_LOOPBACK_ARGS, GatewayProcess
 from tests.rtc_client import LOUD, RtcClient, SpeechTrack
 from tests.speech import utterances
 
-TEXTS = ["I would like to book an appointment", "Tomorrow at nine please", "Yes that works for me"]
+TEXTS = ["I would like to book an appointment.", "Tomorrow at nine please.", "Yes that works for me."]
 
 
 class EchoBot:
@@ -161,13 +166,14 @@ async def barge_in(gw: GatewayProcess, bot: EchoBot | PacingTwilioBot, i: int) -
     return quiet - onset
 
 
-async def run(n: int, barge_ins: int) -> dict[str, Any]:
+async def run(n: int, barge_ins: int, ears: list[str]) -> dict[str, Any]:
     ice.use_host_addresses(["127.0.0.1"])
     bot = EchoBot()
     async with serve(bot.handle, "127.0.0.1", 0, max_size=2**22) as bot_server:
         bot_url = f"ws://127.0.0.1:{bot_server.sockets[0].getsockname()[1]}/"
         gw = GatewayProcess(
-            "serve", "--port", "0", *RTC_LOOPBACK_ARGS, "--bot-url", bot_url, env={"TALKGATE_SECRET": SECRET}
+            *("serve", "--port", "0", *RTC_LOOPBACK_ARGS, "--bot-url", bot_url, *ears),
+            env={"TALKGATE_SECRET": SECRET},
         )
         try:
             texts = [TEXTS[i % len(TEXTS)] for i in range(n)]
@@ -198,19 +204,35 @@ async def run(n: int, barge_ins: int) -> dict[str, Any]:
             to_quiet = [await barge_in(gw, bot, i) for i in range(barge_ins)]
         finally:
             gw.stop()
+    twilio_quiet: list[float] = []
+    if not barge_ins:
+        return summary(n, bot, ears, to_stopped, to_client, to_quiet, twilio_quiet)
     twilio_bot = PacingTwilioBot()
     async with serve(twilio_bot.handle, "127.0.0.1", 0, max_size=2**22) as twilio_server:
         twilio_url = f"ws://127.0.0.1:{twilio_server.sockets[0].getsockname()[1]}/"
         gw = GatewayProcess(
-            *("serve", "--port", "0", *RTC_LOOPBACK_ARGS, "--bot-url", twilio_url, "--bot-protocol", "twilio"),
+            *("serve", "--port", "0", *RTC_LOOPBACK_ARGS, "--bot-url", twilio_url, "--bot-protocol", "twilio", *ears),
             env={"TALKGATE_SECRET": SECRET},
         )
         try:
             twilio_quiet = [await barge_in(gw, twilio_bot, i) for i in range(barge_ins)]
         finally:
             gw.stop()
+    return summary(n, bot, ears, to_stopped, to_client, to_quiet, twilio_quiet)
+
+
+def summary(
+    n: int,
+    bot: EchoBot,
+    ears: list[str],
+    to_stopped: list[float],
+    to_client: list[float],
+    to_quiet: list[float],
+    twilio_quiet: list[float],
+) -> dict[str, Any]:
     return {
         "benchmark": "bot_latency",
+        "gateway_options": " ".join(ears),
         "utterances": n,
         "segments_at_bot": len(bot.stopped_at),
         "speech_end_to_speech_stopped": ms(to_stopped),
@@ -218,8 +240,8 @@ async def run(n: int, barge_ins: int) -> dict[str, Any]:
         "bot_audio_to_client": ms(to_client),
         "echoes_heard": len(to_client),
         "barge_ins": len(to_quiet),
-        "speech_onset_to_quiet_at_client": ms(to_quiet),
-        "twilio_pacing_bot_speech_onset_to_quiet_at_client": ms(twilio_quiet),
+        "speech_onset_to_quiet_at_client": ms(to_quiet) if to_quiet else None,
+        "twilio_pacing_bot_speech_onset_to_quiet_at_client": ms(twilio_quiet) if twilio_quiet else None,
     }
 
 
@@ -227,23 +249,31 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--utterances", type=int, default=8)
     parser.add_argument("--barge-ins", type=int, default=5)
+    parser.add_argument("--vad", choices=["webrtc", "silero"], default="webrtc")
+    parser.add_argument("--turn-detection", choices=["silence", "smart"], default="silence")
     parser.add_argument("--json", action="store_true")
     arguments = parser.parse_args()
+    options = ["--vad", arguments.vad, "--turn-detection", arguments.turn_detection]
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        result = runner.run(run(arguments.utterances, arguments.barge_ins))
+        result = runner.run(run(arguments.utterances, arguments.barge_ins, options))
     if not arguments.json:
         s, b, c = result["speech_end_to_speech_stopped"], result["beyond_stop_ms"], result["bot_audio_to_client"]
         print(
-            f"{result['utterances']} utterances, {result['segments_at_bot']} segments at the bot,"
-            f" {result['echoes_heard']} echoes heard\n"
+            f"{result['utterances']} utterances ({result['gateway_options']}), {result['segments_at_bot']} segments"
+            f" at the bot, {result['echoes_heard']} echoes heard\n"
             f"  end of speech → speech.stopped at the bot: median {s['median_ms']} ms, p95 {s['p95_ms']} ms"
             f" (beyond the 500 ms hangover: median {b['median_ms']} ms, p95 {b['p95_ms']} ms)\n"
-            f"  bot audio due → heard at the client: median {c['median_ms']} ms, p95 {c['p95_ms']} ms\n"
-            f"  barge-in ({result['barge_ins']}): the customer's speech onset → bot quiet at the client:"
-            f" median {result['speech_onset_to_quiet_at_client']['median_ms']} ms,"
-            f" p95 {result['speech_onset_to_quiet_at_client']['p95_ms']} ms (native echo bot);"
-            f" median {result['twilio_pacing_bot_speech_onset_to_quiet_at_client']['median_ms']} ms,"
-            f" p95 {result['twilio_pacing_bot_speech_onset_to_quiet_at_client']['p95_ms']} ms"
-            " (Twilio bot streaming in real time, never clearing)"
+            f"  bot audio due → heard at the client: median {c['median_ms']} ms, p95 {c['p95_ms']} ms"
         )
+        native, twilio = (
+            result["speech_onset_to_quiet_at_client"],
+            result["twilio_pacing_bot_speech_onset_to_quiet_at_client"],
+        )
+        if native and twilio:
+            print(
+                f"  barge-in ({result['barge_ins']}): the customer's speech onset → bot quiet at the client:"
+                f" median {native['median_ms']} ms, p95 {native['p95_ms']} ms (native echo bot);"
+                f" median {twilio['median_ms']} ms, p95 {twilio['p95_ms']} ms"
+                " (Twilio bot streaming in real time, never clearing)"
+            )
     print(json.dumps(result))

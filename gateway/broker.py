@@ -22,6 +22,7 @@ from typing import Any
 
 import msgspec
 
+from media.ears import Ears
 from media.pipeline import VoicePipeline
 from media.playback import PlaybackTrack
 from media.relay import Relay, Subscriber
@@ -103,9 +104,16 @@ class Broker:
         self.homes = CallHomes(remote) if remote is not None else None
         metrics.sessions.set_function(lambda: len(self.delivery.sessions))
         self.ice_servers_json = config.ice_servers()
+        #: The voice detectors' and end-of-turn models, loaded once for every call here.
+        self.ears = Ears(
+            config.vad_settings(),
+            turn_timer=metrics.turn_decision_seconds,
+            turn_overloaded=metrics.turn_overloaded,
+            turn_failures=metrics.turn_failures,
+        )
         self.calls = Calls(
             settings=RtcSettings.of(self.ice_servers_json, config.rtc_allowed_networks),
-            vad=config.vad_settings(),
+            ears=self.ears,
             max_peer_connections=config.max_peer_connections,
             emit=self.publish,
             clock=now_ms,
@@ -160,6 +168,7 @@ class Broker:
                 await self._depart(key[0], away.participant, DISCONNECTED, held_here=True)
         await self.bots.close(timeout)
         await self.tasks.close(timeout)
+        self.ears.close()
 
     # -- events -------------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ from aiortc import RTCConfiguration, RTCIceServer, RTCRtpTransceiver, RTCSession
 from aiortc.mediastreams import MediaStreamTrack
 from aiortc.sdp import SessionDescription, candidate_from_sdp
 
+from media.ears import Ears
 from media.ice import Network, candidate_allowed, filter_sdp_candidates, parse_networks
 from media.inbound import InboundAudio
 from media.outbound import DirectAudio
@@ -42,7 +43,7 @@ from media.pipeline import VoicePipeline
 from media.relay import OutputTrack, Relay, Subscriber
 from media.tasks import Tally, TaskOwner, cancel_and_wait, wait_closed
 from media.vad import Event as SpeechEvent
-from media.vad import SpeechStarted, SpeechStopped, VadSettings
+from media.vad import SpeechStarted, SpeechStopped
 
 from . import events as ev
 from .errors import BadRequest, CallFailed, Unavailable
@@ -362,7 +363,7 @@ class Calls:
         self,
         *,
         settings: RtcSettings,
-        vad: VadSettings,
+        ears: Ears,
         max_peer_connections: int,
         emit: Emit,
         clock: Callable[[], int],
@@ -374,7 +375,8 @@ class Calls:
         self._make_relay = make_relay
         self._pipeline_failures = pipeline_failures
         self.settings = settings
-        self._vad = vad
+        #: Makes each customer's voice pipeline (the process's detectors and turn worker).
+        self._ears = ears
         self._max = max_peer_connections
         self._emit = emit
         self._clock = clock
@@ -482,7 +484,7 @@ class Calls:
             make_relay=self._make_relay,
         )
         if taps(participant):
-            pipeline = VoicePipeline(self._vad, listener_failures=self._pipeline_failures)
+            pipeline = self._ears.pipeline(listener_failures=self._pipeline_failures)
             pipeline.timer = self._pipeline_timer
             pipeline.listeners.append(self._speaking_listener(conversation, participant.identity))
             media.pipeline = pipeline

@@ -66,6 +66,14 @@ _LIMITS: list[tuple[str, str, type, str]] = [
     ("--vad-stop-ms", "vad_stop_ms", int, "Silence that ends a speech segment (hangover)."),
     ("--vad-pause-ms", "vad_pause_ms", int, "A pause that sends the bot speech.paused, a hint (0: never)."),
     ("--vad-preroll-ms", "vad_preroll_ms", int, "Audio from before the start carried by a segment."),
+    ("--vad-threshold", "vad_threshold", float, "--vad silero: speech probability that counts as voiced."),
+    (
+        "--turn-max-silence-ms",
+        "turn_max_silence_ms",
+        int,
+        "--turn-detection smart: silence that ends a turn the model called incomplete.",
+    ),
+    ("--turn-threshold", "turn_threshold", float, "--turn-detection smart: probability of a complete turn."),
     ("--bot-name", "bot_name", str, "The bot's display name in chat."),
     ("--bot-connect-seconds", "bot_connect_seconds", float, "How long to retry an unreachable bot."),
     ("--bot-max-buffer-seconds", "bot_max_buffer_seconds", float, "Bot audio queued toward a customer at most."),
@@ -149,6 +157,24 @@ def _server_options(f: click.decorators.FC) -> click.decorators.FC:
             multiple=True,
             show_envvar=True,
             help="Network (CIDR) that client ICE candidates may point into (repeatable; default: any).",
+        ),
+        click.option(
+            "--vad",
+            envvar="TALKGATE_VAD",
+            type=click.Choice(["webrtc", "silero"]),
+            default="webrtc",
+            show_envvar=True,
+            help="Voice detector: webrtcvad, or Silero VAD (hears speech under noise and music; "
+            "pip install 'talkgate[ears]').",
+        ),
+        click.option(
+            "--turn-detection",
+            envvar="TALKGATE_TURN_DETECTION",
+            type=click.Choice(["silence", "smart"]),
+            default="silence",
+            show_envvar=True,
+            help="When a turn ends: after --vad-stop-ms of silence, or when the Smart Turn model, asked at "
+            "each --vad-pause-ms pause, calls it complete (pip install 'talkgate[ears]').",
         ),
         click.option(
             "--bot-url",

@@ -9,6 +9,7 @@ import secrets
 import ssl
 from typing import Any
 
+from media import models
 from media.vad import VadSettings
 
 from .errors import ConfigError
@@ -127,6 +128,16 @@ class Config:
     #: A pause this long inside speech sends the bot ``speech.paused`` (a hint); 0: never.
     vad_pause_ms: int = 200
     vad_preroll_ms: int = 200
+    #: The voice detector: "webrtc" (webrtcvad) or "silero" (Silero VAD on onnxruntime: hears
+    #: speech under noise and music; needs the ``ears`` extra), and Silero's threshold.
+    vad: str = "webrtc"
+    vad_threshold: float = 0.5
+    #: When a customer's turn ends: "silence" (after ``vad_stop_ms``) or "smart" (at each
+    #: pause of ``vad_pause_ms`` the Smart Turn model decides; an incomplete turn waits up
+    #: to ``turn_max_silence_ms``; needs the ``ears`` extra). docs/media.md has the figures.
+    turn_detection: str = "silence"
+    turn_max_silence_ms: int = 2000
+    turn_threshold: float = 0.5
     #: The speech bot the gateway dials per conversation ("" = no bot).
     bot_url: str = ""
     #: "native" (docs/bot-protocol.md) or "twilio" (Twilio Media Streams, bidirectional).
@@ -238,9 +249,17 @@ class Config:
         if not 0 <= self.opus_complexity <= 10:
             raise ConfigError("opus_complexity is 0 (cheapest) to 10 (best)")
         try:
-            self.vad_settings()
+            vad = self.vad_settings()
         except ValueError as exc:
             raise ConfigError(f"bad VAD setting: {exc}") from exc
+        try:  # a missing model must stop the start, not the first call
+            if vad.detector == "silero":
+                models.require(models.SILERO_VAD)
+            if vad.smart:
+                models.require(models.SMART_TURN)
+        except models.ModelUnavailable as exc:
+            option = "--vad silero" if vad.detector == "silero" else "--turn-detection smart"
+            raise ConfigError(f"{option} needs its model: {exc}") from exc
 
     def _check_webhooks(self) -> None:
         for url in self.webhook_urls:
@@ -265,6 +284,11 @@ class Config:
             stop_ms=self.vad_stop_ms,
             pause_ms=self.vad_pause_ms,
             preroll_ms=self.vad_preroll_ms,
+            detector=self.vad,
+            silero_threshold=self.vad_threshold,
+            turn_detection=self.turn_detection,
+            turn_max_silence_ms=self.turn_max_silence_ms,
+            turn_threshold=self.turn_threshold,
         )
 
     def ice_servers(self) -> list[dict[str, Any]]:

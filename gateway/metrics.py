@@ -159,6 +159,23 @@ class Metrics:
             AUDIO_BUCKETS,
             r,
         )
+        # Observed in the end-of-turn worker thread: prometheus_client's Histogram is thread-safe.
+        self.turn_decision_seconds = Histogram(
+            "talkgate_turn_decision_seconds",
+            "End-of-turn model (--turn-detection smart): CPU time of one decision (features + model).",
+            buckets=(0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5),
+            registry=r,
+        )
+        self.turn_overloaded = Counter(
+            "talkgate_turn_overloaded",
+            "End-of-turn questions not asked because too many waited (that pause fell back to the hangover).",
+            registry=r,
+        )
+        self.turn_failures = Counter(
+            "talkgate_turn_failures",
+            "End-of-turn decisions that raised (that pause fell back to the hangover).",
+            registry=r,
+        )
         self.refused_connections = Counter(
             "talkgate_refused_connections",
             "Websocket handshakes refused, by reason (origin, full).",

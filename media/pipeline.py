@@ -10,6 +10,11 @@ task: no extra task, queue or copy per frame. Events go to
   connector). If that consumer falls behind by ``max_events``, the oldest *audio
   frames* are dropped and counted; starts and stops are never dropped.
 
+With smart turn detection the segmenter asks at each pause whether the turn is over;
+the pipeline hands the question to the process's ``TurnWorker`` and gives the answer back
+to the segmenter when it comes (on the event loop, between frames), dispatching the
+``SpeechStopped`` it may cause like any other event.
+
 It knows nothing of conversations or websockets.
 """
 
@@ -20,33 +25,38 @@ import collections
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from .convert import FrameConverter
-from .tasks import FailureLog, Tally
-from .vad import Event, Segmenter, SpeechFrame, VadSettings
+from .tasks import FailureLog, Tally, Timer
+from .vad import Event, Segmenter, SpeechFrame, TurnCheck, VadSettings, VoiceDetector
 
 if TYPE_CHECKING:
     from .relay import MediaFrame, Relay
+    from .turn import TurnWorker
 
 Listener = Callable[[Event], None]
 
 log = logging.getLogger("talkgate.media.pipeline")
 
 
-class Timer(Protocol):
-    """Where per-frame timings go (a histogram)."""
-
-    def observe(self, seconds: float) -> None: ...
-
-
 class VoicePipeline:
     def __init__(
-        self, settings: VadSettings | None = None, *, max_events: int = 1000, listener_failures: Tally | None = None
+        self,
+        settings: VadSettings | None = None,
+        *,
+        detector: VoiceDetector | None = None,
+        turns: TurnWorker | None = None,
+        max_events: int = 1000,
+        listener_failures: Tally | None = None,
     ) -> None:
         self.settings = settings or VadSettings()
+        if self.settings.smart and turns is None:
+            raise ValueError("smart turn detection needs a TurnWorker (media.ears.Ears makes one per process)")
         self.converter = FrameConverter(frame_ms=self.settings.frame_ms, sample_rate=self.settings.sample_rate)
-        self.segmenter = Segmenter(self.settings)
+        self.segmenter = Segmenter(self.settings, detector)
+        #: Decides this stream's turns (the process's worker; None: turns end on silence).
+        self.turns = turns
         #: The relay feeding this pipeline (set by Relay.subscribe).
         self.relay: Relay | None = None
         self.listeners: list[Listener] = []
@@ -80,6 +90,8 @@ class VoicePipeline:
             self.newest_t = pcm.t
             for event in self.segmenter.feed(pcm):
                 self._dispatch(event)
+            if self.turns is not None and (check := self.segmenter.take_turn_check()) is not None:
+                self.turns.ask(check, self._turn_decided)
         if arrived and self.timer is not None:
             self.timer.observe(time.perf_counter() - arrived)
 
@@ -109,6 +121,12 @@ class VoicePipeline:
             self._dispatch(event)
         self._closed = True
         self._ready.set()
+
+    def _turn_decided(self, check: TurnCheck, complete: bool | None) -> None:
+        if self._closed:
+            return
+        for event in self.segmenter.turn_decided(check, complete):
+            self._dispatch(event)
 
     def _dispatch(self, event: Event) -> None:
         for listener in self.listeners:

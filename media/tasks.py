@@ -51,6 +51,12 @@ class Tally(Protocol):
     def inc(self, amount: float = 1) -> None: ...
 
 
+class Timer(Protocol):
+    """Where timings go (a ``prometheus_client.Histogram`` fits)."""
+
+    def observe(self, seconds: float) -> None: ...
+
+
 def report_failure(task: asyncio.Task[Any], logger: Logger | None = None, *, failures: Tally | None = None) -> bool:
     """Log (with traceback) and count a *finished* task's exception; True if it had one.
 

@@ -74,14 +74,64 @@ def utterances(texts: list[str], *, lead_s: float = 1.0, gap_s: float = 1.5, tai
 
 
 def with_noise(fixture: Fixture, snr_db: float, seed: int = 7) -> Fixture:
+    """White noise at ``snr_db``."""
+    return with_background(fixture, white(len(fixture.pcm), seed), snr_db)
+
+
+def with_background(fixture: Fixture, background: np.ndarray, snr_db: float) -> Fixture:
+    """``background`` (any level, at least as long as the fixture) under the speech at ``snr_db``."""
     speech = np.concatenate([fixture.pcm[int(a * RATE / 1000) : int(b * RATE / 1000)] for a, b in fixture.truth])
-    noise = noise_like(len(fixture.pcm), rms(speech) / (10 ** (snr_db / 20)), seed)
-    mixed = np.clip(fixture.pcm.astype(np.int32) + noise, -32768, 32767).astype(np.int16)
+    level = rms(speech) / (10 ** (snr_db / 20))
+    scaled = background[: len(fixture.pcm)].astype(np.float64) * (level / rms(background[: len(fixture.pcm)]))
+    mixed = np.clip(fixture.pcm.astype(np.float64) + scaled, -32768, 32767).astype(np.int16)
     return Fixture(mixed, fixture.truth)
 
 
 def noise_like(n: int, level_rms: float, seed: int = 7) -> np.ndarray:
     return (np.random.default_rng(seed).standard_normal(n) * level_rms).astype(np.int32)
+
+
+def white(n: int, seed: int = 7) -> np.ndarray:
+    """White noise, float64 with RMS about 1."""
+    return np.random.default_rng(seed).standard_normal(n)
+
+
+def hiss(n: int, seed: int = 7) -> np.ndarray:
+    """Pink noise (power falling 3 dB per octave), float64 with RMS 1."""
+    spectrum = np.fft.rfft(np.random.default_rng(seed).standard_normal(n))
+    frequencies = np.fft.rfftfreq(n, 1 / RATE)
+    spectrum[1:] /= np.sqrt(frequencies[1:])
+    spectrum[0] = 0
+    pink = np.fft.irfft(spectrum, n)
+    return pink / rms(pink)
+
+
+#: A I-V-vi-IV progression (C, G, Am, F) as MIDI notes, one chord a second, and a melody
+#: of eighth notes over it.
+_CHORDS = ((48, 60, 64, 67), (43, 59, 62, 67), (45, 60, 64, 69), (41, 60, 65, 69))
+_MELODY = (72, 74, 76, 79, 77, 76, 74, 72, 71, 72, 74, 76, 72, 69, 71, 72)
+
+
+def music(n: int, seed: int = 7) -> np.ndarray:
+    """Piano-like music: decaying harmonic notes (chords, a bass line and a melody), RMS 1."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros(n + 2 * RATE, dtype=np.float64)
+    beat = RATE // 4  # eighth notes at 120 bpm
+
+    def note(start: int, midi: int, length: int, gain: float) -> None:
+        t = np.arange(length) / RATE
+        f = 440.0 * 2 ** ((midi - 69) / 12)
+        tone = sum(np.sin(2 * np.pi * f * k * t) / k**1.5 for k in range(1, 7) if f * k < RATE / 2)
+        out[start : start + length] += gain * tone * np.exp(-3.0 * t)
+
+    for i, start in enumerate(range(0, n, RATE)):
+        for midi in _CHORDS[i % len(_CHORDS)]:
+            note(start, midi, RATE, 0.35)
+        for k in range(4):
+            s = start + 2 * k * beat + int(rng.integers(0, 80))
+            note(s, _MELODY[(4 * i + k) % len(_MELODY)], 2 * beat, 0.6)
+    played = out[:n]
+    return played / rms(played)
 
 
 def rms(samples: np.ndarray) -> float:

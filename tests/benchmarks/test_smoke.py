@@ -64,6 +64,19 @@ def test_pipeline_benchmark_runs_and_finds_the_utterances() -> None:
     assert abs(result["ratio_total_to_c"] - result["us_per_frame"] / result["c_work_us_per_frame"]) < 0.02
 
 
+def test_vad_accuracy_benchmark_runs_both_detectors_and_both_turn_modes() -> None:
+    result = run_benchmark("vad_accuracy.py", "--quick")
+    assert set(result["vad"]) == {"clean", "white 5 dB"}
+    for row in result["vad"].values():
+        assert set(row) == {"webrtc", "webrtc+hangover", "silero", "silero/512"}
+        assert all(r["cpu_us_per_frame"] > 0 and r["expected"] == 2 for r in row.values())
+    assert result["vad"]["clean"]["silero"]["found"] == 2  # the model ran on the real speech
+    turn = result["turn"]
+    assert turn["decisions"] > 0 and turn["cpu_ms_per_decision_median"] > 0
+    clean = turn["by_condition"]["clean"]
+    assert clean["silence"]["ended_by_model"] == 0 and clean["silence"]["end_to_stopped_median_ms"] >= 500
+
+
 def test_bot_latency_benchmark_runs_and_hears_the_echo() -> None:
     result = run_benchmark("bot_latency.py", "--utterances", "1", "--barge-ins", "1")
     assert result["segments_at_bot"] == 1 and result["echoes_heard"] == 1

@@ -283,3 +283,26 @@ def test_readme_api_commands_work_as_written(tmp_path: Path) -> None:
     finally:
         if pid is not None:
             os.kill(int(pid.group(1)), signal.SIGTERM)
+
+
+@pytest.mark.parametrize("option", [["--vad", "silero"], ["--turn-detection", "smart"]])
+def test_a_missing_model_stops_the_start_and_says_what_to_install(tmp_path: Path, option: list[str]) -> None:
+    """Without the 'ears' extra's model files, serve refuses at once (not at the first call).
+    Here a pipecat package without its data files stands first on the path."""
+    (tmp_path / "pipecat").mkdir()
+    (tmp_path / "pipecat" / "__init__.py").write_text("")
+    env = {**os.environ, "TALKGATE_SECRET": SECRET, "PYTHONPATH": str(tmp_path)}
+    result = subprocess.run([*TALKGATE, "serve", "--port", "0", *option], capture_output=True, text=True, env=env)
+    assert result.returncode == 2, result.stderr
+    assert " ".join(option) in result.stderr and "pip install 'talkgate[ears]'" in result.stderr
+
+
+def test_serve_hears_with_silero_and_smart_turns() -> None:
+    gateway = GatewayProcess(
+        "serve", "--port", "0", "--vad", "silero", "--turn-detection", "smart", env={"TALKGATE_SECRET": SECRET}
+    )
+    try:
+        with urllib.request.urlopen(gateway.url + "/metrics", timeout=5) as response:
+            assert b"talkgate_turn_decision_seconds_count 0.0" in response.read()
+    finally:
+        gateway.stop()
