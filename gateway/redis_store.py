@@ -106,12 +106,15 @@ local function placed(conv)
   return (redis.call('HGET', P..'pv', conv) or '0')..' '..home..' '..table.concat(out, ' ')
 end
 -- The conversation's home: where it is, or this node if it has none or its home node is
--- dead (its registry entry expired) or draining.
+-- gone (its registry entry expired, or nothing listens on its channel: a killed process's
+-- connections close at once, long before its entry expires) or draining.
 local function homed(conv)
   local home = redis.call('HGET', P..'home', conv)
   if home then
     local key = P..'node:'..home
-    if home == NODE or (redis.call('EXISTS', key) == 1 and redis.call('HGET', key, 'draining') ~= '1') then
+    if home == NODE then return home end
+    if redis.call('EXISTS', key) == 1 and redis.call('HGET', key, 'draining') ~= '1'
+        and redis.call('PUBSUB', 'NUMSUB', P..'ch:'..home)[2] > 0 then
       return home
     end
   end

@@ -24,10 +24,11 @@ from gateway.cli import main
 from gateway.cluster import NodeInfo, Registry, live_nodes, read_status
 from gateway.redis_store import connect
 from tests.client import Client
-from tests.conftest import SECRET, make_token, until
+from tests.conftest import SECRET, make_token, start_audio, until
 from tests.databases import PostgresCluster, free_port
-from tests.gateway_process import GatewayProcess
+from tests.gateway_process import RTC_LOOPBACK_ARGS, GatewayProcess
 from tests.redis_server import RedisServer
+from tests.rtc_client import RtcClient
 
 #: A Redis database of its own per test that runs gateways (they use the default prefix).
 _databases = itertools.count(1)
@@ -319,3 +320,93 @@ async def test_a_draining_node_exits_once_its_conversations_moved(
         if leaving.proc.poll() is None:
             leaving.stop()
         staying.stop()
+
+
+async def test_three_processes_are_one_gateway_and_survive_their_home_node_dying(
+    redis_server: RedisServer, postgres: PostgresCluster
+) -> None:
+    """Three gateway processes on one Redis and one PostgreSQL. A customer on n1 (the
+    conversation's home: it joined there first) asks for a person; agents on n2 and n3
+    both see it, both accept at once, one wins; chat flows both ways and each hears the
+    other's tone (the agent's call relayed to n1). Then n1 is killed: the customer
+    reconnects through n3 with its history, both offer again, the conversation gets a
+    new home at once (n1's channel has no subscriber) and they hear each other again;
+    once n1's entry has expired, Redis holds nothing of it."""
+    url = redis_server.url(next(_databases))
+    env = {"TALKGATE_SECRET": SECRET}
+    common = ["serve", "--port", "0", "--redis", url, "--database", postgres.url(postgres.create_database())]
+    n1, n2, n3 = (GatewayProcess(*common, *RTC_LOOPBACK_ARGS, "--node-id", f"n{i}", env=env) for i in (1, 2, 3))
+    opened: list[Client | RtcClient] = []
+
+    async def join(node: GatewayProcess, identity: str, role: str, room: str | None = None) -> Client:
+        client = await Client.open(node.ws_url)
+        opened.append(client)
+        await client.send({"type": "join", "token": make_token(identity, role, room)})
+        await client.expect("joined")
+        return client
+
+    try:
+        agents = {"a2": await join(n2, "a2", "agent"), "a3": await join(n3, "a3", "agent")}
+        for lobby in agents.values():
+            assert (await lobby.expect("queue"))["waiting"] == []
+        customer = RtcClient(await join(n1, "u1", "customer", "r1"))
+        opened.append(customer)
+        await customer.client.send({"type": "chat", "text": "my router is broken"})
+        await customer.client.send({"type": "escalate"})
+        for lobby in agents.values():
+            while [w["conversation"] for w in (await lobby.wait_for("queue"))["waiting"]] != ["r1"]:
+                pass
+        await asyncio.gather(*(a.send({"type": "accept", "conversation": "r1"}) for a in agents.values()))
+        outcomes = {}
+        for name, lobby in agents.items():
+            message = await lobby.recv()
+            while message["type"] not in ("joined", "error"):
+                message = await lobby.recv()
+            outcomes[name] = message.get("code", message["type"])
+        assert sorted(outcomes.values()) == ["conflict", "joined"]
+        winner_name = next(name for name, outcome in outcomes.items() if outcome == "joined")
+        winner_node = n2 if winner_name == "a2" else n3
+        agent = RtcClient(agents[winner_name])
+        opened.append(agent)
+        await agent.client.send({"type": "chat", "conversation": "r1", "text": "let me see"})
+        assert (await customer.wait_for("chat", text="let me see"))["text"] == "let me see"
+        await start_audio(customer, 440)
+        await start_audio(agent, 880)
+        await customer.hears_tone(880)
+        await agent.hears_tone(440)
+
+        n1.proc.send_signal(signal.SIGKILL)
+        n1.proc.wait()
+        killed = time.monotonic()
+        customer = RtcClient(await join(n3, "u1", "customer", "r1"))
+        opened.append(customer)
+        await start_audio(customer, 440)  # a new home: n3
+        await agent.renew()
+        await start_audio(agent, 880)
+        await customer.hears_tone(880, timeout=10)
+        await agent.hears_tone(440, timeout=10)
+        restored = time.monotonic() - killed
+        assert restored < 10
+        redis = connect(url)
+        try:
+            assert await redis.hget("talkgate:home", "r1") == b"n3"
+            history = await redis.lrange("talkgate:h:r1", 0, -1)
+            assert [json.loads(m)["text"] for m in history][:2] == [
+                "my router is broken",
+                "u1 asked to talk to a person. An agent will join shortly.",
+            ]
+
+            async def forgotten() -> bool:
+                gone = not await redis.exists("talkgate:node:n1", "talkgate:np:n1")
+                return gone and await redis.smembers("talkgate:nodes") == {b"n2", b"n3"}
+
+            await until(forgotten, timeout=10)  # the entry's expiry, then a refresh reaps it
+        finally:
+            await redis.aclose()
+        print(f"home node killed -> audio both ways again in {restored:.1f} s (the agent on {winner_node.url})")
+    finally:
+        for client in opened:
+            await client.close()
+        for node in (n1, n2, n3):
+            if node.proc.poll() is None:
+                node.stop()
