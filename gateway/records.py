@@ -70,6 +70,8 @@ from .writer import LATEST, Then, Writer
 from .writer import RecordsError as RecordsError
 
 log = logging.getLogger("talkgate.records")
+#: How long ``/healthz`` waits for the database to answer (seconds).
+PING_SECONDS = 3.0
 _T = TypeVar("_T")
 
 # The schema lives in schema.py; its tables are re-exported here for readers of the records.
@@ -168,6 +170,10 @@ class Records(abc.ABC):
     def describe(self) -> str:
         """Where the records are, for the start-up lines (no password)."""
 
+    async def ping(self) -> bool:
+        """Whether the database answers (``/healthz``)."""
+        return True
+
     # The server API's reads (gateway/api.py) and its one write outside the writer.
 
     @abc.abstractmethod
@@ -234,6 +240,17 @@ class SqlRecords(Records):
         self._commit_interval = commit_interval
         self.engine: AsyncEngine | None = None
         self._writer: Writer | None = None
+
+    async def ping(self) -> bool:
+        if self.engine is None:
+            return False
+        try:
+            async with asyncio.timeout(PING_SECONDS), self.engine.connect() as conn:
+                await conn.exec_driver_sql("SELECT 1")
+        except Exception:  # unreachable, refused, timed out: all mean "not healthy"
+            log.warning("the database did not answer a health check", exc_info=True)
+            return False
+        return True
 
     def describe(self) -> str:
         """Where the records are, for the start-up lines (no password)."""

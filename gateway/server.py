@@ -25,6 +25,7 @@ from .broker import Broker
 from .bus import Bus, Envelope, Kind
 from .cluster import NodeInfo, Registry, claim_id, live_nodes
 from .config import Config
+from .errors import Unavailable
 from .http import WS_PATH, Routes, origin_allowed, response
 from .metrics import Metrics, watch_loop_lag
 from .records import Records, SqlRecords
@@ -330,18 +331,23 @@ class GatewayServer:
         await self.broker.node_lost(node, await self.store.adopt(node))
 
     async def health(self) -> dict[str, object]:
+        """What the gateway is doing; on a cluster, which node this is and whether Redis
+        answers; with records, whether the database answers."""
+        health = await self._health()
         if isinstance(self.store, RedisStore):
-            return {
-                **await self._health(),
-                "node": self.store.node,
-                "redis": await self.store.ping(),
-            }
-        return await self._health()
+            health |= {"node": self.store.node, "redis": await self.store.ping()}
+        if self.records is not None:
+            health["database"] = await self.records.ping()
+        return health
 
     async def _health(self) -> dict[str, object]:
+        try:
+            conversations: int | None = await self.store.conversation_count()
+        except Unavailable:  # the shared state is unreachable: say so, do not fail
+            conversations = None
         return {
-            "status": "ok",
-            "conversations": await self.store.conversation_count(),
+            "status": "ok" if conversations is not None else "degraded",
+            "conversations": conversations,
             "sessions": len(self.broker.sessions),
             "peer_connections": len(self.broker.router),
             "version": __version__,

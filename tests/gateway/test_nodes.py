@@ -241,6 +241,8 @@ async def test_a_redis_restart_is_survived(nodes: Nodes, clients: Any, redis: Re
     redis.down()
     await ann.send({"type": "chat", "text": "anyone?"})
     assert (await ann.expect("error"))["code"] == "unavailable"
+    health = await n1.health()
+    assert (health["status"], health["conversations"], health["redis"]) == ("degraded", None, False)
     redis.up()  # empty
 
     async def rebuilt() -> bool:
