@@ -259,9 +259,14 @@ class Broker:
                 await self.accept(conn, msg)
             case messages.Leave():
                 await self.leave(conn, msg)
-            case messages.Offer() | messages.Answer() | messages.Candidate() | messages.Hangup():
-                await self.call_message(conn, msg)
-            case messages.Upgrade() | messages.UpgradeReply():
+            case (
+                messages.Offer()
+                | messages.Answer()
+                | messages.Candidate()
+                | messages.Hangup()
+                | messages.Upgrade()
+                | messages.UpgradeReply()
+            ):
                 await self.call_message(conn, msg)
             case messages.History():
                 page = await self.history.page(_me(conn), conn.memberships, msg)
@@ -344,7 +349,8 @@ class Broker:
         now (the new connection negotiates its own), it leaves no conversation."""
         me = _me(old)
         for conversation in list(old.memberships):
-            self.tasks.spawn(self._end_call(old, conversation, "replaced", soon=True), f"replaced {me.identity}")
+            if self.homes is None or not self.homes.end(conversation, me, old, "replaced"):
+                self.calls.end_soon(conversation, me.identity, "replaced")
             self.delivery.exit(old, conversation)
         old.deliver(
             messages.encode(
@@ -615,15 +621,11 @@ class Broker:
         if conn is not None:
             conn.deliver(data, mtype)
 
-    async def _end_call(self, conn: Connection, conversation: str, reason: str, *, soon: bool = False) -> None:
-        """``conn``'s call in the conversation ends (it left, disconnected or was replaced),
-        here or on the home node."""
+    async def _end_call(self, conn: Connection, conversation: str, reason: str) -> None:
+        """``conn``'s call in the conversation ends (it left or disconnected), here or on
+        the home node."""
         me = _me(conn)
-        if self.homes is not None and self.homes.end(conversation, me, conn, reason):
-            return
-        if soon:
-            self.calls.end_soon(conversation, me.identity, reason)
-        else:
+        if self.homes is None or not self.homes.end(conversation, me, conn, reason):
             await self.calls.close(conversation, me.identity, reason, owner=conn)
 
     def _pipeline_created(self, conversation: str, pipeline: VoicePipeline, taps: list[Subscriber]) -> None:

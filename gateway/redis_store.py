@@ -273,14 +273,16 @@ for _, entry in ipairs(redis.call('SMEMBERS', P..'np:'..dead)) do
   local conv, ident = string.sub(entry, 1, cut - 1), string.sub(entry, cut + 1)
   local pjson = redis.call('HGET', P..'m:'..conv, ident)
   if pjson and redis.call('HGET', P..'at:'..conv, ident) == dead then
-    untag(conv, ident)
-    redis.call('HSET', P..'at:'..conv, ident, NODE)
-    redis.call('SADD', P..'np:'..NODE, entry)
+    if dead ~= NODE then  -- (this node's own previous run: they are held here already)
+      untag(conv, ident)
+      redis.call('HSET', P..'at:'..conv, ident, NODE)
+      redis.call('SADD', P..'np:'..NODE, entry)
+    end
     table.insert(out, conv)
     table.insert(out, pjson)
   end
 end
-redis.call('DEL', P..'np:'..dead)
+if dead ~= NODE then redis.call('DEL', P..'np:'..dead) end
 return out
 """
 

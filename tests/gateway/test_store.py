@@ -249,7 +249,7 @@ async def test_a_dead_nodes_participants_are_adopted(redis_server: RedisServer) 
         await dead.escalate("r2", "x", 1)
         await dead.join("r3", ANN, ROOMY)
         await alive.join("r3", ANN, ROOMY)  # reconnected through the other node
-        assert sorted(await alive.adopt("dead")) == [("r1", ANN), ("r2", CID)]
+        assert sorted((c, p.identity) for c, p in await alive.adopt("dead")) == [("r1", "u1"), ("r2", CID.identity)]
         assert await alive.participants("r1") == [ANN, BOB]
         assert [e.conversation for e in await alive.waiting()] == ["r2"]  # CID waits on
         assert await alive.adopt("dead") == []  # once
@@ -261,6 +261,10 @@ async def test_a_dead_nodes_participants_are_adopted(redis_server: RedisServer) 
         assert await alive.waiting() == []
         assert (await alive.leave("r3", "u1")).conversation_removed
         assert await alive.memberships(ANN.identity) == ["r1"]
+        # A node restarted with its id takes over what its killed run held: it keeps them.
+        held = {(c, p.identity) for c, p in await alive.adopt("alive")}
+        assert held == {("r1", ANN.identity), ("r1", BOB.identity)}
+        assert {(c, p.identity) for c, p in await alive.adopt("alive")} == held  # still held here
     finally:
         await dead.close()
         await alive.close()
