@@ -65,6 +65,7 @@ from benchmarks.signaling import SECRET, pct
 from gateway import tokens
 from media import ice
 from tests.gateway_process import RTC_LOOPBACK_ARGS, GatewayProcess
+from tests.redis_server import RedisServer
 from tests.speech import resample, utterances
 
 TEXTS = ["I would like to book an appointment", "Tomorrow at nine please", "Yes that works for me"]
@@ -294,7 +295,11 @@ class Target:
         self.kind = kind
         common = ["--port", "0", "--bot-url", bot_url, *RTC_LOOPBACK_ARGS]
         env = {"TALKGATE_SECRET": SECRET, "TALKGATE_LOG_LEVEL": "INFO"}
-        if kind == "talkgate":
+        #: talkgate-redis: a cluster node (its live state in a throwaway Redis of its own).
+        self.redis = RedisServer.start() if kind == "talkgate-redis" else None
+        if self.redis is not None:
+            common += ["--redis", self.redis.url()]
+        if kind.startswith("talkgate"):
             self.process = GatewayProcess("serve", "--rate", "1000", "--burst", "1000", *common, env=env, drain=True)
         else:
             baseline = str(Path(__file__).with_name("baseline.py"))
@@ -324,6 +329,8 @@ class Target:
 
     def stop(self) -> None:
         self.process.stop(timeout=60)
+        if self.redis is not None:
+            self.redis.stop()
 
 
 def histogram_quantiles(before: dict[str, float], after: dict[str, float], name: str) -> dict[str, float] | None:
@@ -559,7 +566,12 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=50)
     parser.add_argument("--duration", type=float, default=20.0, help="Seconds measured once all sessions are up.")
     parser.add_argument("--ramp", type=float, default=None, help="Seconds over which sessions start (N/25).")
-    parser.add_argument("--target", choices=["talkgate", "baseline", "both"], default="both")
+    parser.add_argument(
+        "--target",
+        choices=["talkgate", "talkgate-redis", "baseline", "both"],
+        default="both",
+        help="talkgate-redis: talkgate as a cluster node, its live state in a Redis of its own",
+    )
     parser.add_argument("--json", action="store_true", help="Print one JSON object as the last line.")
     parser.add_argument("--profile", metavar="PREFIX", help="py-spy the target in the window: PREFIX.<target>.txt")
     args = parser.parse_args()

@@ -134,3 +134,11 @@ def test_cluster_benchmark_runs_and_reports_every_figure() -> None:
     for shape, row in result["chat"].items():
         assert row["messages"] == 3 * 10, shape  # every chat reached its agent
         assert row["p99_ms"] >= row["median_ms"] > 0
+
+
+def test_loadtest_runs_talkgate_as_a_cluster_node() -> None:
+    result = run_benchmark("loadtest.py", "--sessions", "2", "--duration", "3", "--target", "talkgate-redis")
+    (node,) = result["results"]
+    assert node["target"] == "talkgate-redis"
+    assert node["established"] == 2, node["errors"]
+    assert node["segments"] >= 1 and node["frames_received"] > 0  # speech reached the bot through the node
