@@ -445,6 +445,8 @@ class Broker:
             except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError):
                 log.warning("another node sent an event this one cannot read: ignored")
                 return
+            if isinstance(reaction, ev.ConversationClosed) and self.records is not None:
+                self.records.closed_elsewhere(conversation)
             self._react(reaction)
 
     # -- leaving ----------------------------------------------------------------------

@@ -174,6 +174,10 @@ class Records(abc.ABC):
         """Whether the database answers (``/healthz``)."""
         return True
 
+    def closed_elsewhere(self, room: str) -> None:  # noqa: B027 (nothing to drop by default)
+        """Another gateway node closed the room's conversation: what this one remembers of
+        its record is stale (the room's next event here looks it up again)."""
+
     # The server API's reads (gateway/api.py) and its one write outside the writer.
 
     @abc.abstractmethod
@@ -240,6 +244,10 @@ class SqlRecords(Records):
         self._commit_interval = commit_interval
         self.engine: AsyncEngine | None = None
         self._writer: Writer | None = None
+
+    def closed_elsewhere(self, room: str) -> None:
+        if self._writer is not None:
+            self._writer.forget(room)
 
     async def ping(self) -> bool:
         if self.engine is None:

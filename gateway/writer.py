@@ -460,6 +460,12 @@ class Writer:
         """The statements of one PostgreSQL transaction (run through ``run_sync``)."""
         rows: list[tuple[Any, ...]] = []
         self._hooks = []
+        # Several gateway processes may share the database (a cluster). The first event of a
+        # room this writer holds no record for looks the room's record up, or opens one: one
+        # writer at a time per room, or two would open two records for one conversation.
+        # Taken in one order (two writers' batches cannot deadlock), released at commit.
+        for room in sorted({e.conversation for e in batch} - self._open.keys()):
+            conn.execute(_ROOM_LOCK, {"room": room})
         for event in batch:
             self._apply(conn, event, rows)
         if rows:
@@ -623,6 +629,9 @@ LATEST = (
     .limit(1)
 )
 _INSERT_CONVERSATION = conversations.insert()
+#: PostgreSQL: a room's record lookup, one writer at a time (``_transaction``). The two-key
+#: form keeps it apart from the one-key locks (webhook endpoints, migrations).
+_ROOM_LOCK = sa.text("SELECT pg_advisory_xact_lock(7341, hashtext(:room))")
 #: The record's customer: the first customer to join it.
 _SET_CUSTOMER = (
     conversations.update()

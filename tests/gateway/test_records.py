@@ -507,3 +507,38 @@ async def test_a_call_is_recorded_with_its_length_and_media_and_meta_events_with
         assert meta["actor"] is None and meta["body"] == {"kind": "reminder", "at": t + 86_400_000}
     finally:
         await rec.close()
+
+
+async def test_two_gateways_writing_one_room_at_once_keep_one_record(database_url: str) -> None:
+    """A cluster: the customer joins through one node, the agent through another, at the
+    same moment; each node's writer meets the room for the first time. They take turns
+    looking the room's record up, so the second finds the first's instead of opening a
+    second record for one conversation (it did, now and then: an empty history)."""
+    if database_url.startswith("sqlite"):
+        pytest.skip("one process writes a SQLite file")
+    one, two = SqlRecords(database_url), SqlRecords(database_url)
+    await one.start()
+    await two.start()
+    try:
+        ann, bob = Participant("u1", "customer", "Ann"), Participant("a1", "agent", "Bob")
+        t = now_ms()
+        rooms = [f"race-{i}" for i in range(20)]
+        await asyncio.gather(
+            *(
+                one.write(
+                    [
+                        ev.ConversationOpened(conversation=r, ts=t),
+                        ev.ParticipantJoined(conversation=r, ts=t, participant=ann),
+                    ]
+                )
+                for r in rooms
+            ),
+            *(two.write([ev.ParticipantJoined(conversation=r, ts=t + 1, participant=bob)]) for r in rooms),
+        )
+        for room in rooms:
+            (record,) = await one.conversations_of(room)
+            actors = {e.actor.identity for e in (await one.page(record["id"], None, 10))[0] if e.actor is not None}
+            assert actors == {"u1", "a1"}
+    finally:
+        await one.close()
+        await two.close()
