@@ -199,10 +199,12 @@ class Bus:
         skip: str | None = None,
         event: bytes | None = None,
         fresh: bool = False,
+        everyone: bool = False,
     ) -> None:
         """Send a conversation's message to its participants on other nodes (not waiting);
-        ``fresh``: read where they are in Redis as it is published, not from ``placement``."""
-        targets = None if fresh else self.placement.others(conversation)
+        ``fresh``: read where they are in Redis as it is published, not from ``placement``;
+        ``everyone``: to every other node."""
+        targets = None if fresh or everyone else self.placement.others(conversation)
         if targets is not None and not targets:
             return  # everyone is here
         known = self.placement.get(conversation)
@@ -212,7 +214,7 @@ class Bus:
             envelope = Envelope(
                 self.node, conversation, mtype, data, skip, known.version, sorted(known.nodes), event, known.home
             )
-        self._put(conversation, targets, _encode(envelope))
+        self._put(None if everyone else conversation, targets, _encode(envelope))
 
     def queue(self, data: bytes, version: int) -> None:
         """Send the agent queue (``version``: ``Store.queue``'s) to every other node's agents."""

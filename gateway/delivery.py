@@ -76,10 +76,13 @@ class Remote(Protocol):
         skip: str | None = None,
         event: bytes | None = None,
         fresh: bool = False,
+        everyone: bool = False,
     ) -> None:
         """Send to the conversation's participants on other nodes (``event``: for their
         reactions); ``fresh``: where they are must be read now, not taken from this node's
-        view (which is only as new as its last step in that conversation)."""
+        view (which is only as new as its last step in that conversation); ``everyone``:
+        to every other node (an ended conversation: nobody is in it any more, but nodes
+        that held its calls or records still hold state about it)."""
 
     def queue(self, data: bytes, version: int) -> None:
         """Send the agent queue to every other node's agents."""
@@ -188,7 +191,10 @@ class Delivery:
             reaction = for_remote_reaction(event)
             if data or reaction is not None:
                 fresh = not isinstance(event, STEP_EVENTS)
-                self.remote.room(event.conversation, data, mtype, skip=skip, event=reaction, fresh=fresh)
+                everyone = isinstance(event, ev.ConversationClosed)
+                self.remote.room(
+                    event.conversation, data, mtype, skip=skip, event=reaction, fresh=fresh, everyone=everyone
+                )
 
     def fan_out(self, conversation: str, data: bytes, mtype: str, *, skip: str | None = None) -> None:
         """Deliver already encoded bytes to every local participant but ``skip`` (an identity)."""

@@ -16,11 +16,13 @@ import pytest
 
 from gateway.cluster import live_nodes
 from gateway.config import Config
+from gateway.records import SqlRecords
 from gateway.redis_store import RedisStore
 from gateway.server import GatewayServer
 from tests.bot_server import TestBot, running_bot
 from tests.client import Client
 from tests.conftest import make_token, start_audio, until
+from tests.databases import PostgresCluster
 from tests.redis_server import RedisServer
 from tests.rtc_client import RtcClient
 
@@ -259,3 +261,24 @@ async def test_a_redis_restart_is_survived(nodes: Nodes, clients: Any, redis: Re
     await bob.wait_for("chat", text="welcome back")  # its echo
     await ann.ping()
     await bob.ping()
+
+
+async def test_every_node_forgets_a_conversation_another_node_closed(
+    nodes: Nodes, clients: Any, postgres: PostgresCluster
+) -> None:
+    """The customer (n1) leaves first, then the agent (n2) ends the conversation: n1 holds
+    nobody in it any more, yet it must hear of the end too (its records writer still has
+    the room's record in mind; its calls and relays may have state)."""
+    n1, n2 = await nodes(2, database=postgres.url(postgres.create_database()))
+    ann = await clients(n1, "u1", "customer", "r1")
+    bob = await clients(n2, "a1", "agent", "r1")
+    await bob.expect("queue")
+    await ann.send({"type": "chat", "text": "bye"})
+    await bob.wait_for("chat", text="bye")
+    assert isinstance(n1.records, SqlRecords) and n1.records._writer is not None
+    assert n1.records._writer.current("r1") is not None
+    await ann.send({"type": "leave"})
+    await bob.wait_for("participant.left", identity="u1")
+    await bob.send({"type": "leave"})
+    await bob.expect("left")
+    await until(lambda: n1.records._writer.current("r1") is None)  # type: ignore[union-attr]
