@@ -39,7 +39,7 @@ from websockets.asyncio.client import ClientConnection
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
-from benchmarks.signaling import SECRET, join, pct
+from benchmarks.signaling import SECRET, join, join_rate, pct
 from tests.gateway_process import GatewayProcess
 from tests.redis_server import RedisServer
 
@@ -52,22 +52,6 @@ def start(*extra: str) -> GatewayProcess:
         "--reconnect-grace-seconds", "0", *extra,
         env={"TALKGATE_SECRET": SECRET, "TALKGATE_LOG_LEVEL": "INFO"}, drain=True,
     )  # fmt: skip
-
-
-async def joins(gw: GatewayProcess, n: int, concurrency: int, tag: str) -> dict[str, Any]:
-    semaphore = asyncio.Semaphore(concurrency)
-    sockets: list[ClientConnection] = []
-
-    async def one(i: int) -> None:
-        async with semaphore:
-            ws, _, _ = await join(gw.ws_url, f"{tag}-u{i}", f"{tag}-r{i}")
-            sockets.append(ws)
-
-    cpu0, t0 = gw.cpu_seconds(), time.perf_counter()
-    await asyncio.gather(*(one(i) for i in range(n)))
-    wall, cpu = time.perf_counter() - t0, gw.cpu_seconds() - cpu0
-    await asyncio.gather(*(ws.close() for ws in sockets))
-    return {"joins_per_s": n / wall, "joins_per_cpu_s": n / cpu if cpu else None}
 
 
 async def chat(
@@ -151,7 +135,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 order = ["single", "redis"] if r % 2 == 0 else ["redis", "single"]
                 for name in order:
                     gw = single if name == "single" else a
-                    join_runs[name].append(await joins(gw, args.joins, args.concurrency, f"j{r}{name}"))
+                    join_runs[name].append(await join_rate(gw, args.joins, args.concurrency, prefix=f"j{r}{name}"))
                 shapes = SHAPES if r % 2 == 0 else SHAPES[::-1]
                 for shape in shapes:
                     pair = {"single": (single, single), "same": (a, a), "cross": (a, b)}[shape]

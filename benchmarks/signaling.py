@@ -100,13 +100,15 @@ async def join_latency(gw: GatewayProcess, n: int) -> dict[str, Any]:
     return {"joins": n, "open": summary_ms(opens), "join_to_joined": summary_ms(joins)}
 
 
-async def join_rate(gw: GatewayProcess, n: int, concurrency: int) -> dict[str, Any]:
+async def join_rate(gw: GatewayProcess, n: int, concurrency: int, prefix: str = "rate") -> dict[str, Any]:
+    """N customers join N conversations, ``concurrency`` at a time (``prefix`` names them:
+    a run that repeats this on one gateway gives each round its own)."""
     semaphore = asyncio.Semaphore(concurrency)
     sockets: list[ClientConnection] = []
 
     async def one(i: int) -> None:
         async with semaphore:
-            ws, _, _ = await join(gw.ws_url, f"rate-{i}", f"rate-room-{i}")
+            ws, _, _ = await join(gw.ws_url, f"{prefix}-{i}", f"{prefix}-room-{i}")
             sockets.append(ws)
 
     cpu0, t0 = gw.cpu_seconds(), time.perf_counter()

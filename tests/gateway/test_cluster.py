@@ -13,7 +13,8 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import aiohttp
 import pytest
@@ -91,16 +92,10 @@ async def test_a_killed_nodes_clients_carry_on_through_another_node(
     second = GatewayProcess(*common, "--node-id", "second", env=env)
     clients: list[Client] = []
     try:
-        agent = await Client.open(second.ws_url)
-        clients.append(agent)
-        await agent.send({"type": "join", "token": make_token("a1", "agent")})
-        await agent.expect("joined")
+        agent, _ = await join(second.ws_url, "a1", "agent", None, clients.append)
         await agent.expect("queue")
         for identity, room in (("u1", "r1"), ("u2", "r2")):
-            customer = await Client.open(first.ws_url)
-            clients.append(customer)
-            await customer.send({"type": "join", "token": make_token(identity, "customer", room)})
-            await customer.expect("joined")
+            customer, _ = await join(first.ws_url, identity, "customer", room, clients.append)
             await customer.send({"type": "chat", "text": f"{identity} here"})
             await customer.expect("chat")
             await customer.send({"type": "escalate"})
@@ -108,23 +103,15 @@ async def test_a_killed_nodes_clients_carry_on_through_another_node(
         while len((await agent.wait_for("queue"))["waiting"]) < 2:
             pass
         # u3 (on the live node) talks to a3, whose console is on the node about to die.
-        cid = await Client.open(second.ws_url)
-        lost_agent = await Client.open(first.ws_url)
-        clients += [cid, lost_agent]
-        await cid.send({"type": "join", "token": make_token("u3", "customer", "r3")})
-        await cid.expect("joined")
-        await lost_agent.send({"type": "join", "token": make_token("a3", "agent", "r3")})
-        await lost_agent.expect("joined")
+        cid, _ = await join(second.ws_url, "u3", "customer", "r3", clients.append)
+        await join(first.ws_url, "a3", "agent", "r3", clients.append)
         await cid.wait_for("participant.joined", identity="a3")
         first.proc.send_signal(signal.SIGKILL)
         first.proc.wait()
         killed = time.monotonic()
 
         # u1 reconnects at once (as the SDK does) through the live node.
-        ann = await Client.open(second.ws_url)
-        clients.append(ann)
-        await ann.send({"type": "join", "token": make_token("u1", "customer", "r1")})
-        joined = await ann.expect("joined")
+        ann, joined = await join(second.ws_url, "u1", "customer", "r1", clients.append)
         assert [m["text"] for m in joined["history"]][:1] == ["u1 here"]
 
         # u2 and a3 never come back: u2's entry goes, r3 goes back to the queue (agent_lost).
@@ -198,6 +185,17 @@ async def test_a_node_id_that_is_live_is_refused(redis_server: RedisServer) -> N
         first.stop()
 
 
+async def join(
+    url: str, identity: str, role: str, room: str | None, keep: Callable[[Client], None]
+) -> tuple[Client, dict[str, Any]]:
+    """Open a client to ``url`` (``keep``: the test's list of clients to close) and join;
+    the client and its ``joined``."""
+    client = await Client.open(url)
+    keep(client)
+    await client.send({"type": "join", "token": make_token(identity, role, room)})
+    return client, await client.expect("joined")
+
+
 async def http_json(url: str) -> dict[str, object]:
     async with aiohttp.ClientSession() as session, session.get(url) as response:
         data: dict[str, object] = await response.json()
@@ -227,13 +225,8 @@ async def test_two_workers_on_one_port_are_one_gateway(redis_server: RedisServer
     try:
         pairs = []
         for i in range(25):
-            customer = await Client.open(gateway.ws_url)
-            agent = await Client.open(gateway.ws_url)
-            clients += [customer, agent]
-            await customer.send({"type": "join", "token": make_token(f"u{i}", "customer", f"r{i}")})
-            await customer.expect("joined")
-            await agent.send({"type": "join", "token": make_token(f"a{i}", "agent", f"r{i}")})
-            await agent.expect("joined")
+            customer, _ = await join(gateway.ws_url, f"u{i}", "customer", f"r{i}", clients.append)
+            agent, _ = await join(gateway.ws_url, f"a{i}", "agent", f"r{i}", clients.append)
             pairs.append((customer, agent))
 
         async def both_serve() -> dict[str, int] | None:
@@ -283,13 +276,8 @@ async def test_a_draining_node_exits_once_its_conversations_moved(
     staying = GatewayProcess(*common, "--node-id", "staying", env=env)
     clients: list[Client] = []
     try:
-        ann = await Client.open(leaving.ws_url)
-        bob = await Client.open(staying.ws_url)
-        clients += [ann, bob]
-        await ann.send({"type": "join", "token": make_token("u1", "customer", "r1")})
-        await ann.expect("joined")
-        await bob.send({"type": "join", "token": make_token("a1", "agent", "r1")})
-        await bob.expect("joined")
+        ann, _ = await join(leaving.ws_url, "u1", "customer", "r1", clients.append)
+        bob, _ = await join(staying.ws_url, "a1", "agent", "r1", clients.append)
         await ann.wait_for("participant.joined")
         await ann.send({"type": "chat", "text": "before"})
         await bob.wait_for("chat", text="before")
@@ -302,10 +290,7 @@ async def test_a_draining_node_exits_once_its_conversations_moved(
 
         await until(draining)
         await ann.close()  # as the SDK does on shutdown: reconnect (here, to the other node)
-        ann = await Client.open(staying.ws_url)
-        clients.append(ann)
-        await ann.send({"type": "join", "token": make_token("u1", "customer", "r1")})
-        joined = await ann.expect("joined")
+        ann, joined = await join(staying.ws_url, "u1", "customer", "r1", clients.append)
         assert [m["text"] for m in joined["history"]] == ["before"]
         code = await asyncio.to_thread(leaving.proc.wait, 20)
         assert code == 0
@@ -337,19 +322,14 @@ async def test_three_processes_are_one_gateway_and_survive_their_home_node_dying
     common = ["serve", "--port", "0", "--redis", url, "--database", postgres.url(postgres.create_database())]
     n1, n2, n3 = (GatewayProcess(*common, *RTC_LOOPBACK_ARGS, "--node-id", f"n{i}", env=env) for i in (1, 2, 3))
     opened: list[Client | RtcClient] = []
-
-    async def join(node: GatewayProcess, identity: str, role: str, room: str | None = None) -> Client:
-        client = await Client.open(node.ws_url)
-        opened.append(client)
-        await client.send({"type": "join", "token": make_token(identity, role, room)})
-        await client.expect("joined")
-        return client
-
     try:
-        agents = {"a2": await join(n2, "a2", "agent"), "a3": await join(n3, "a3", "agent")}
+        agents = {
+            "a2": (await join(n2.ws_url, "a2", "agent", None, opened.append))[0],
+            "a3": (await join(n3.ws_url, "a3", "agent", None, opened.append))[0],
+        }
         for lobby in agents.values():
             assert (await lobby.expect("queue"))["waiting"] == []
-        customer = RtcClient(await join(n1, "u1", "customer", "r1"))
+        customer = RtcClient((await join(n1.ws_url, "u1", "customer", "r1", opened.append))[0])
         opened.append(customer)
         await customer.client.send({"type": "chat", "text": "my router is broken"})
         await customer.client.send({"type": "escalate"})
@@ -378,7 +358,7 @@ async def test_three_processes_are_one_gateway_and_survive_their_home_node_dying
         n1.proc.send_signal(signal.SIGKILL)
         n1.proc.wait()
         killed = time.monotonic()
-        customer = RtcClient(await join(n3, "u1", "customer", "r1"))
+        customer = RtcClient((await join(n3.ws_url, "u1", "customer", "r1", opened.append))[0])
         opened.append(customer)
         await start_audio(customer, 440)  # a new home: n3
         await agent.renew()
