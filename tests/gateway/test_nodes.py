@@ -21,7 +21,7 @@ from gateway.redis_store import RedisStore
 from gateway.server import GatewayServer
 from tests.bot_server import TestBot, running_bot
 from tests.client import Client
-from tests.conftest import make_token, start_audio, until
+from tests.conftest import listen_only, make_token, start_audio, until
 from tests.databases import PostgresCluster
 from tests.redis_server import RedisServer
 from tests.rtc_client import RtcClient
@@ -282,3 +282,25 @@ async def test_every_node_forgets_a_conversation_another_node_closed(
     await bob.send({"type": "leave"})
     await bob.expect("left")
     await until(lambda: n1.records._writer.current("r1") is None)  # type: ignore[union-attr]
+
+
+async def test_bad_call_signaling_through_another_node_is_an_error_to_its_sender(nodes: Nodes, clients: Any) -> None:
+    """Broken SDP from a participant on n2, for a conversation whose calls are on n1: the
+    home node refuses it and the error comes back to that participant, naming the request;
+    nobody else hears of it, and a good offer after it works (as on one node)."""
+    n1, n2 = await nodes(2)
+    ann = await clients(n1, "u1", "customer", "r1")
+    bob = await clients(n2, "a1", "agent", "r1")
+    await bob.expect("queue")
+    await ann.expect("participant.joined")
+    await bob.send({"type": "offer", "sdp": "v=0 this is not SDP"})
+    error = await bob.expect("error")
+    assert (error["code"], error["request"]) == ("bad_request", "offer")
+    await ann.quiet()
+    await ann.ping()
+    agent = RtcClient(bob)
+    try:
+        await listen_only(agent)  # answered by n1 through n2
+        assert {p.identity for p in n1.broker.calls.peers("r1")} == {"a1"} and len(n2.broker.calls) == 0
+    finally:
+        await agent.close()
