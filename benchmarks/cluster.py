@@ -21,6 +21,17 @@ every shape alike); figures are medians over rounds:
 
     python benchmarks/cluster.py                       # about a minute
     python benchmarks/cluster.py --rounds 1 --joins 20 --conversations 4 --rate 40 --seconds 1 --json   # smoke
+
+``--capacity`` measures instead how many voice-bot sessions ``serve --workers 1`` and
+``--workers 2`` hold (``capacity.py``'s search and criteria, ``loadtest.py``'s load:
+customers speak, an echo bot answers), each on its own throwaway Redis with
+``--database none``. The split of this 2-core machine: one worker is pinned to CPU 0
+and the generator (customers and bot, one process) to CPU 1; two workers may use both
+CPUs, so they share CPU 1 with the generator. Each step holds when *every* worker
+holds (its own loop lag, from its own ``/metrics``).
+
+    python benchmarks/cluster.py --capacity                    # ~10 min
+    python benchmarks/cluster.py --capacity --steps 4 --duration 2 --refine 0 --json   # smoke
 """
 
 from __future__ import annotations
@@ -39,7 +50,9 @@ from websockets.asyncio.client import ClientConnection
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
+from benchmarks import capacity, loadtest
 from benchmarks.signaling import SECRET, join, join_rate, pct
+from media import ice
 from tests.gateway_process import GatewayProcess
 from tests.redis_server import RedisServer
 
@@ -162,6 +175,45 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+async def capacities(args: argparse.Namespace) -> dict[str, Any]:
+    """``--workers 1`` and ``--workers 2``: the most sessions each holds."""
+    ice.use_host_addresses(["127.0.0.1"])
+    recording = loadtest.Recording.build()
+    steps = [int(n) for n in args.steps.split(",")]
+    results = [
+        await capacity.find_capacity(kind, steps, args.duration, args.refine, recording, args.cpu_quota or None)
+        for kind in ("talkgate-w1", "talkgate-w2")
+    ]
+    out: dict[str, Any] = {"results": results}
+    one, two = (r["capacity"] for r in results)
+    if one:
+        out["ratio"] = round(two / one, 2)
+    return out
+
+
+def print_capacity(out: dict[str, Any]) -> None:
+    print(
+        f"{'target':>12} {'N':>4} {'holds':>5} {'CPU %':>6} {'%/sess':>7} {'lag p99':>8} {'loss %':>7}"
+        f" {'gen CPU':>8}  workers: peers / CPU % / lag p99 ms"
+    )
+    for result in out["results"]:
+        for r in sorted(result["runs"], key=lambda r: r["sessions"]):
+            lag = (r["loop_lag"] or {}).get("p99_ms", "-")
+            split = "  ".join(
+                f"{w['peer_connections']} / {w['cpu_percent']} / {(w['loop_lag'] or {}).get('p99_ms', '-')}"
+                for w in r.get("workers", [])
+            )
+            print(
+                f"{r['target']:>12} {r['sessions']:>4} {'yes' if r['holds'] else 'no':>5} {r['cpu_percent']:>6}"
+                f" {r['cpu_percent_per_session']:>7} {lag!s:>8} {r['loss_percent']!s:>7}"
+                f" {r['generator_cpu_percent']:>8}  {split}"
+            )
+    for result in out["results"]:
+        print(f"capacity {result['target']}: {result['capacity']} sessions")
+    if "ratio" in out:
+        print(f"ratio --workers 2 / --workers 1: {out['ratio']}")
+
+
 def print_table(result: dict[str, Any]) -> None:
     print(f"medians over {result['rounds']} rounds, alternating order")
     print(f"{'joins':<10} {'per s':>8} {'per CPU s':>10}")
@@ -184,9 +236,25 @@ if __name__ == "__main__":
     parser.add_argument("--rate", type=float, default=200.0, help="Chats a second from all customers together.")
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--capacity", action="store_true", help="Voice-bot sessions: --workers 1 vs 2 (see above).")
+    parser.add_argument("--steps", default="50,100,150,200,250", help="--capacity: the sessions to step through.")
+    parser.add_argument("--duration", type=float, default=10.0, help="--capacity: measured seconds per step.")
+    parser.add_argument("--refine", type=int, default=2, help="--capacity: halvings between hold and failure.")
+    parser.add_argument(
+        "--cpu-quota",
+        type=float,
+        default=0.0,
+        help="--capacity: cap each worker at this fraction of a core, all on CPU 0 (root; see above).",
+    )
     arguments = parser.parse_args()
-    outcome = uvloop.run(main(arguments))
+    if arguments.capacity:
+        loadtest.pin_generator()
+        outcome = uvloop.run(capacities(arguments))
+    else:
+        outcome = uvloop.run(main(arguments))
     if arguments.json:
         print(json.dumps(outcome))
+    elif arguments.capacity:
+        print_capacity(outcome)
     else:
         print_table(outcome)

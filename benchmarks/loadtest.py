@@ -64,7 +64,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))  # the repository's tests/ he
 from benchmarks.signaling import SECRET, pct
 from gateway import tokens
 from media import ice
-from tests.gateway_process import RTC_LOOPBACK_ARGS, GatewayProcess
+from tests.gateway_process import RTC_LOOPBACK_ARGS, GatewayProcess, cpu_seconds
 from tests.redis_server import RedisServer
 from tests.speech import resample, utterances
 
@@ -74,6 +74,7 @@ TIME_BASE = fractions.Fraction(1, 48_000)
 PREROLL_MS, STOP_MS, FRAME_MS = 200, 500, 20
 #: The CPUs this process may use when it starts: the target gets the first, the generator the rest.
 ALL_CPUS = frozenset(os.sched_getaffinity(0))
+LOOP_LAG = "talkgate_event_loop_lag_seconds"
 #: RMS (at the client's 8 kHz decode) above which a received packet is "loud".
 LOUD = 300.0
 #: Opus packets this small carry silence (or DTX); they are not decoded.
@@ -289,48 +290,131 @@ class Customer:
 
 
 class Target:
-    """talkgate serve, or benchmarks/baseline.py, with the bot at ``bot_url``."""
+    """talkgate serve, or benchmarks/baseline.py, with the bot at ``bot_url``.
 
-    def __init__(self, kind: str, bot_url: str) -> None:
+    Kinds: ``talkgate`` (one process, in-memory state), ``talkgate-redis`` (one cluster
+    node, its live state in a throwaway Redis of its own), ``talkgate-wN`` (``serve
+    --workers N`` on a Redis, ``--database none``: N nodes on one port), ``baseline``.
+    One process is pinned to CPU 0; N workers may use every CPU (the generator keeps
+    its own pinning: the kernel shares its core with them). With ``quota`` (a fraction
+    of a core), every gateway process is pinned to CPU 0 and capped at that much CPU
+    (a cgroup's CFS quota, 10 ms periods): N workers then have N such slices, and the
+    generator a core of its own.
+    """
+
+    def __init__(self, kind: str, bot_url: str, quota: float | None = None) -> None:
         self.kind = kind
+        self.cgroups: list[Path] = []
         common = ["--port", "0", "--bot-url", bot_url, *RTC_LOOPBACK_ARGS]
         env = {"TALKGATE_SECRET": SECRET, "TALKGATE_LOG_LEVEL": "INFO"}
-        #: talkgate-redis: a cluster node (its live state in a throwaway Redis of its own).
-        self.redis = RedisServer.start() if kind == "talkgate-redis" else None
+        workers = re.fullmatch(r"talkgate-w(\d+)", kind)
+        self.workers = int(workers.group(1)) if workers else 0
+        self.redis = RedisServer.start() if kind == "talkgate-redis" or self.workers else None
         if self.redis is not None:
             common += ["--redis", self.redis.url()]
+        if self.workers:
+            common += ["--workers", str(self.workers), "--database", "none", "--node-id", "bench"]
         if kind.startswith("talkgate"):
             self.process = GatewayProcess("serve", "--rate", "1000", "--burst", "1000", *common, env=env, drain=True)
         else:
             baseline = str(Path(__file__).with_name("baseline.py"))
             self.process = GatewayProcess(*common, env=env, command=[sys.executable, baseline], drain=True)
         self.pid = self.process.proc.pid
-        if len(ALL_CPUS) >= 2:
+        #: Each process's own /metrics: the target's URL, or each worker's node URL.
+        self.metrics_urls = {"": self.process.url}
+        self.node_pids: dict[str, int] = {}
+        if self.workers > 1:
+            self.metrics_urls = self._node_urls()
+            self.node_pids = self._node_pids()
+            for pid in self.pids():  # they inherited the generator's pinning
+                os.sched_setaffinity(pid, {min(ALL_CPUS)} if quota and len(ALL_CPUS) >= 2 else ALL_CPUS)
+        elif len(ALL_CPUS) >= 2:
             os.sched_setaffinity(self.pid, {min(ALL_CPUS)})
+        if quota:
+            for pid in self.node_pids.values() or [self.pid]:
+                self.cgroups.append(cap_cpu(pid, quota))
+
+    def _node_urls(self) -> dict[str, str]:
+        """Each worker's own /metrics, from ``talkgate cluster status --json``."""
+        assert self.redis is not None
+        deadline = time.monotonic() + 10
+        while True:
+            out = subprocess.run(
+                [sys.executable, "-m", "gateway", "cluster", "status", "--json", "--redis", self.redis.url()],
+                capture_output=True, text=True, check=True,
+            ).stdout  # fmt: skip
+            nodes = {n["id"]: n["node_url"] for n in map(json.loads, out.splitlines())}
+            if len(nodes) == self.workers or time.monotonic() > deadline:
+                return nodes
+            time.sleep(0.2)
+
+    def _node_pids(self) -> dict[str, int]:
+        """Each worker's pid, from the supervisor's "N workers: w1 pid P, …" line."""
+        deadline = time.monotonic() + 10
+        while True:
+            found = re.findall(r"(w\d+) pid (\d+)", "".join(self.process.log_tail))
+            if len(found) == self.workers or time.monotonic() > deadline:
+                return {f"bench-{name}": int(pid) for name, pid in found}
+            time.sleep(0.1)
+
+    def cpu_by_node(self) -> dict[str, float]:
+        """Each worker's CPU seconds so far (empty for one process)."""
+        return {node: cpu_seconds(pid) for node, pid in self.node_pids.items()} if self.workers > 1 else {}
+
+    def pids(self) -> list[int]:
+        """The target's processes: the supervisor and its workers, or the one process."""
+        with open(f"/proc/{self.pid}/task/{self.pid}/children") as f:
+            return [self.pid, *map(int, f.read().split())]
 
     def cpu_seconds(self) -> float:
-        return self.process.cpu_seconds()
+        return sum(cpu_seconds(pid) for pid in self.pids()) if self.workers > 1 else self.process.cpu_seconds()
 
     def rss_bytes(self) -> int:
-        with open(f"/proc/{self.pid}/status") as f:
-            match = re.search(r"VmRSS:\s+(\d+) kB", f.read())
-        return int(match.group(1)) * 1024 if match else 0
+        total = 0
+        for pid in self.pids() if self.workers > 1 else [self.pid]:
+            with open(f"/proc/{pid}/status") as f:
+                match = re.search(r"VmRSS:\s+(\d+) kB", f.read())
+            total += int(match.group(1)) * 1024 if match else 0
+        return total
 
-    def metrics(self) -> dict[str, float]:
-        """Every sample of /metrics, keyed by name{labels}."""
-        with urllib.request.urlopen(self.process.url + "/metrics", timeout=10) as response:
-            text = response.read().decode()
-        samples = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                samples[name] = float(value)
-        return samples
+    def metrics(self) -> dict[str, dict[str, float]]:
+        """Every sample of each process's /metrics, keyed by name{labels}, per node ("": the one)."""
+        return {node: read_metrics(url) for node, url in self.metrics_urls.items()}
 
     def stop(self) -> None:
         self.process.stop(timeout=60)
         if self.redis is not None:
             self.redis.stop()
+        for group in self.cgroups:
+            group.rmdir()
+
+
+#: cgroup v1's CPU controller (cgroup v2: the unified hierarchy's cpu.max).
+CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
+CGROUP_PERIOD_US = 10_000
+
+
+def cap_cpu(pid: int, quota: float) -> Path:
+    """Put ``pid`` in a cgroup of its own capped at ``quota`` of a core (root only).
+
+    Short periods keep the throttling's stalls short: at most a period minus the quota."""
+    group = CGROUP_CPU / f"talkgate-bench-{pid}"
+    group.mkdir()
+    (group / "cpu.cfs_period_us").write_text(str(CGROUP_PERIOD_US))
+    (group / "cpu.cfs_quota_us").write_text(str(int(quota * CGROUP_PERIOD_US)))
+    (group / "cgroup.procs").write_text(str(pid))
+    return group
+
+
+def read_metrics(url: str) -> dict[str, float]:
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
 
 
 def histogram_quantiles(before: dict[str, float], after: dict[str, float], name: str) -> dict[str, float] | None:
@@ -358,6 +442,14 @@ def histogram_quantiles(before: dict[str, float], after: dict[str, float], name:
         return lower
 
     return {"p50_ms": round(quantile(0.5) * 1000, 3), "p99_ms": round(quantile(0.99) * 1000, 3), "count": total}
+
+
+def worst(
+    before: dict[str, dict[str, float]], after: dict[str, dict[str, float]], name: str
+) -> dict[str, float] | None:
+    """The quantiles of the process whose p99 is highest."""
+    found = [q for node in after if (q := histogram_quantiles(before[node], after[node], name)) is not None]
+    return max(found, key=lambda q: q["p99_ms"], default=None)
 
 
 # -- one run -------------------------------------------------------------------------------------
@@ -395,12 +487,18 @@ def start_profiler(pid: int, seconds: float, path: str) -> subprocess.Popen[byte
 
 
 async def run(
-    kind: str, sessions: int, duration: float, ramp: float, recording: Recording, profile: str | None = None
+    kind: str,
+    sessions: int,
+    duration: float,
+    ramp: float,
+    recording: Recording,
+    profile: str | None = None,
+    quota: float | None = None,
 ) -> dict[str, Any]:
     bot = LoadBot()
     async with serve(bot.handle, "127.0.0.1", 0, compression=None, max_size=2**22) as bot_server:
         bot_url = f"ws://127.0.0.1:{bot_server.sockets[0].getsockname()[1]}/"
-        target = Target(kind, bot_url)
+        target = Target(kind, bot_url, quota)
         try:
             await asyncio.sleep(0.5)
             idle_rss = target.rss_bytes()
@@ -417,13 +515,25 @@ async def run(
             up = [c for c in customers if c.setup_s is not None]
             await asyncio.sleep(2.0)  # settle: first segments, the ramp's DTLS work done
             profiler = start_profiler(target.pid, duration, f"{profile}.{kind}.txt") if profile else None
-            metrics0, cpu0, w0 = target.metrics(), target.cpu_seconds(), time.perf_counter()
+            metrics0, nodes0 = target.metrics(), target.cpu_by_node()
+            cpu0, w0 = target.cpu_seconds(), time.perf_counter()
             own0 = os.times()
             await asyncio.sleep(duration)
-            metrics1, cpu1, w1 = target.metrics(), target.cpu_seconds(), time.perf_counter()
+            cpu1, w1 = target.cpu_seconds(), time.perf_counter()
+            metrics1, nodes1 = target.metrics(), target.cpu_by_node()
             own1 = os.times()
             rss = target.rss_bytes()
             result = summarize(kind, customers, up, bot, recording, (w0, w1), cpu1 - cpu0, metrics0, metrics1)
+            if nodes1:
+                result["workers"] = [
+                    {
+                        "node": node,
+                        "peer_connections": int(metrics1[node].get("talkgate_peer_connections", 0)),
+                        "cpu_percent": round(100 * (nodes1[node] - nodes0[node]) / (w1 - w0), 1),
+                        "loop_lag": histogram_quantiles(metrics0[node], metrics1[node], LOOP_LAG),
+                    }
+                    for node in sorted(nodes1)
+                ]
             result["rss_per_session_kb"] = round((rss - idle_rss) / max(1, len(up)) / 1024, 1)
             own = own1.user + own1.system - own0.user - own0.system
             result["generator_cpu_percent"] = round(100 * own / (w1 - w0), 1)
@@ -445,9 +555,10 @@ def summarize(
     recording: Recording,
     window: tuple[float, float],
     cpu: float,
-    metrics0: dict[str, float],
-    metrics1: dict[str, float],
+    metrics0: dict[str, dict[str, float]],
+    metrics1: dict[str, dict[str, float]],
 ) -> dict[str, Any]:
+    """The run's figures; the loop lag and the audio path are the worst process's."""
     w0, w1 = window
     expected = received = segments = 0
     stop_latency: list[float] = []
@@ -492,12 +603,12 @@ def summarize(
         "frames_expected": expected,
         "frames_received": received,
         "loss_percent": round(100 * (1 - received / expected), 2) if expected else None,
-        "loop_lag": histogram_quantiles(metrics0, metrics1, "talkgate_event_loop_lag_seconds"),
+        "loop_lag": worst(metrics0, metrics1, LOOP_LAG),
         "speech_end_to_stopped": ms(stop_latency),
         "bot_audio_to_client": ms(echo_latency),
         "echoes_timed": len(echo_latency),
     }
-    path = histogram_quantiles(metrics0, metrics1, "talkgate_audio_rtp_to_bot_seconds")
+    path = worst(metrics0, metrics1, "talkgate_audio_rtp_to_bot_seconds")
     if path is not None:
         result["rtp_to_bot"] = path
     return result

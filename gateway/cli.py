@@ -335,6 +335,16 @@ def _server_options(f: click.decorators.FC) -> click.decorators.FC:
             help="Gateway processes on this port (SO_REUSEPORT) under one supervisor; 'auto': one per core. "
             "More than 1 needs --redis and a database they can share (PostgreSQL, or none).",
         ),
+        click.option(
+            "--node-port",
+            envvar="TALKGATE_NODE_PORT",
+            type=click.IntRange(0, 65535),
+            default=None,
+            show_envvar=True,
+            show_default=False,
+            help="With --workers: worker i serves its own /healthz and /metrics on this port + i - 1 "
+            "(default: a free port each; the registry lists them: talkgate cluster status --json).",
+        ),
         click.option("--reuse-port", is_flag=True, hidden=True, help="(set by --workers for its workers)"),
         click.option("--log-level", envvar="TALKGATE_LOG_LEVEL", default="INFO", show_envvar=True),
     ]
@@ -395,7 +405,7 @@ def _supervise(config: Config, count: int) -> int:
         args += ["--api-port", str(reserved[1].getsockname()[1])]
     host = config.host if ":" not in config.host else f"[{config.host}]"
     url = f"{'https' if config.tls_cert else 'http'}://{host}:{port}"
-    supervisor = Supervisor(count, args, config.node_id or new_node_id(), url)
+    supervisor = Supervisor(count, args, config.node_id or new_node_id(), url, node_port=config.node_port)
     try:
         return asyncio.run(supervisor.run())
     finally:

@@ -44,6 +44,9 @@ class NodeInfo:
     id: str
     #: Its public URL (pages and websockets).
     url: str
+    #: Its own ``/healthz`` and ``/metrics`` (``--workers``: ``url`` is shared by the
+    #: machine's workers), "" for none.
+    node_url: str = ""
     #: The address its peer connections offer (``--rtc-address``), "" for the default.
     rtc: str = ""
     version: str = ""

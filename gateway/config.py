@@ -63,6 +63,10 @@ class Config:
     node_id: str = ""
     #: Bind the ports with SO_REUSEPORT: one of ``--workers N`` processes sharing them.
     reuse_port: bool = False
+    #: A port of this node's own for ``/healthz`` and ``/metrics`` (0: a free one; None:
+    #: none). ``--workers`` gives each worker one: the main port is shared by all of them,
+    #: so a scrape there reaches whichever worker the kernel picks.
+    node_port: int | None = None
     #: Chat messages kept per conversation and sent in ``joined``.
     history_limit: int = 100
     #: How long a conversation's chat history outlives its last participant (a customer
@@ -169,6 +173,8 @@ class Config:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be 0..65535, not {self.port}")
+        if self.node_port is not None and not 0 <= self.node_port <= 65535:
+            raise ConfigError(f"node_port must be 0..65535, not {self.node_port}")
         if not 0 <= self.api_port <= 65535:
             raise ConfigError(f"api_port must be 0..65535, not {self.api_port}")
         for key in self.api_keys:

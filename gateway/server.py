@@ -123,6 +123,8 @@ class GatewayServer:
         #: Websocket connections being served (what max_connections bounds).
         self.connections = 0
         self._server: Server | None = None
+        #: ``/healthz`` and ``/metrics`` on this node's own port (``Config.node_port``).
+        self._node_server: Server | None = None
         self._lag_task: asyncio.Task[None] | None = None
         #: Other nodes' call signaling for this home node (``_calling``), bounded.
         self._calls_in: asyncio.Queue[Envelope] = asyncio.Queue(CALLS_IN_LIMIT)
@@ -159,6 +161,15 @@ class GatewayServer:
             reuse_port=self.config.reuse_port or None,
         )
         self.port = self._server.sockets[0].getsockname()[1]
+        if self.config.node_port is not None:
+            self._node_server = await serve(
+                _no_websocket,
+                self.config.host,
+                self.config.node_port,
+                process_request=Routes(self.health, self.render_metrics, _not_here, assets={}),
+                server_header=f"talkgate/{__version__}",
+                ssl=self._ssl,
+            )
         if self.bus is not None:
             self._calls_task = asyncio.create_task(self._calling(), name="talkgate-calls-in")
             await self.bus.start()
@@ -172,6 +183,13 @@ class GatewayServer:
     def url(self) -> str:
         host = self.config.host if ":" not in self.config.host else f"[{self.config.host}]"
         return f"{'https' if self._ssl else 'http'}://{host}:{self.port}"
+
+    @property
+    def node_url(self) -> str | None:
+        """This node's own ``/healthz`` and ``/metrics``; None without ``node_port``."""
+        if self._node_server is None:
+            return None
+        return self.url.rsplit(":", 1)[0] + f":{self._node_server.sockets[0].getsockname()[1]}"
 
     @property
     def api_url(self) -> str | None:
@@ -249,9 +267,10 @@ class GatewayServer:
             await self.api.close()  # first: no app request starts changing a conversation from here on
         await self.broker.bots.close(BOT_STOP_SECONDS)
         await cancel_and_wait([self._lag_task, self._calls_task], log, "loop lag, calls from other nodes")
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+        for server in (self._server, self._node_server):
+            if server is not None:
+                server.close()
+                await server.wait_closed()
         await self.broker.close(BOT_STOP_SECONDS)
         if self.webhooks is not None:
             await self.webhooks.close()  # rows being sent stay pending for the next start
@@ -313,6 +332,7 @@ class GatewayServer:
         return NodeInfo(
             id=self.store.node,
             url=self.url,
+            node_url=self.node_url or "",
             rtc=",".join(self.config.rtc_addresses or ()),
             version=__version__,
             started=self._started,
@@ -368,6 +388,15 @@ class GatewayServer:
         return self.metrics.render()
 
 
+async def _no_websocket(ws: ServerConnection) -> None:  # pragma: no cover - _not_here refuses first
+    await ws.close()
+
+
+def _not_here(connection: ServerConnection, request: Request) -> Response:
+    """The node port serves no websocket: clients use the shared port."""
+    return response(http.HTTPStatus.NOT_FOUND, b"not found: websockets are on the main port\n", "text/plain")
+
+
 def configure_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # websockets logs its own "server listening" line, alembic each migration step: ours,
@@ -399,6 +428,8 @@ async def serve_until_signalled(config: Config, *, demo_bot: str | None = None) 
             log.info("api listening on %s", server.api_url)
         if isinstance(server.store, RedisStore):
             log.info("live state: Redis %s, node %s", server.store.describe(), server.store.node)
+        if server.node_url is not None:
+            log.info("this node's /healthz and /metrics: %s", server.node_url)
         if server.records is not None:
             log.info("records: %s", server.records.describe())
         else:

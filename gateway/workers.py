@@ -87,8 +87,10 @@ class Supervisor:
     """Starts and keeps ``count`` workers running ``python -m gateway ARGS``; ``run`` returns
     the exit code."""
 
-    def __init__(self, count: int, args: list[str], node_base: str, url_of: str) -> None:
+    def __init__(self, count: int, args: list[str], node_base: str, url_of: str, node_port: int | None = None) -> None:
         self.count = count
+        #: Worker i's own port for /healthz and /metrics is this + i - 1 (None or 0: a free one).
+        self.node_port = node_port
         self.args = args
         self.node_base = node_base
         #: What the first line names (``http://HOST:PORT``).
@@ -167,6 +169,8 @@ class Supervisor:
                 "--reuse-port",
                 "--node-id",
                 node,
+                "--node-port",
+                str(self.node_port + worker.index - 1 if self.node_port else 0),
                 stdin=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
                 preexec_fn=_die_with_parent,

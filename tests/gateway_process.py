@@ -16,6 +16,13 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 RTC_LOOPBACK_ARGS = ["--rtc-address", "127.0.0.1", "--rtc-allow-network", "127.0.0.0/8"]
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
 class GatewayProcess:
     """Starts ``python -m gateway ARGS``; its first log line must name the URL it serves.
 
@@ -59,9 +66,7 @@ class GatewayProcess:
 
     def cpu_seconds(self) -> float:
         """User + system CPU time the gateway process has used so far."""
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        return cpu_seconds(self.proc.pid)
 
     def stop(self, timeout: float = 15) -> str:
         """SIGTERM, wait for a clean exit (asserted), return the rest of the log.

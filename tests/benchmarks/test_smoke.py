@@ -136,6 +136,21 @@ def test_cluster_benchmark_runs_and_reports_every_figure() -> None:
         assert row["p99_ms"] >= row["median_ms"] > 0
 
 
+def test_cluster_capacity_runs_one_and_two_workers() -> None:
+    result = run_benchmark("cluster.py", "--capacity", "--steps", "4", "--duration", "2", "--refine", "0")
+    one, two = result["results"]
+    assert (one["target"], two["target"]) == ("talkgate-w1", "talkgate-w2")
+    for target in (one, two):
+        (run,) = target["runs"]
+        assert run["established"] == 4, run["errors"]
+        assert run["segments"] >= 1 and run["frames_received"] > 0
+    (run,) = two["runs"]
+    # Each worker measured on its own (its node port's /metrics, its own CPU), both serving.
+    assert [w["node"] for w in run["workers"]] == ["bench-w1", "bench-w2"]
+    assert sum(w["peer_connections"] for w in run["workers"]) == 4
+    assert all(w["loop_lag"] is not None and w["cpu_percent"] > 0 for w in run["workers"])
+
+
 def test_loadtest_runs_talkgate_as_a_cluster_node() -> None:
     result = run_benchmark("loadtest.py", "--sessions", "2", "--duration", "3", "--target", "talkgate-redis")
     (node,) = result["results"]

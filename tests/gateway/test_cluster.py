@@ -237,6 +237,19 @@ async def test_two_workers_on_one_port_are_one_gateway(redis_server: RedisServer
         sessions = await until(both_serve, timeout=10)
         assert sorted(sessions) == ["gw-w1", "gw-w2"]
         assert all(count > 0 for count in sessions.values()), sessions  # both took clients
+        # Each worker's own /healthz and /metrics, as the registry lists them (the shared
+        # port answers from whichever worker the kernel picks).
+        own = {node.id: node.node_url for node in await read_status(url, "talkgate:")}
+        assert len(set(own.values())) == 2 and gateway.url not in own.values(), own
+        async with aiohttp.ClientSession() as http:
+            for node, node_url in own.items():
+                async with http.get(node_url + "/healthz") as response:
+                    health = await response.json()
+                assert (health["node"], health["sessions"]) == (node, sessions[node])
+                async with http.get(node_url + "/metrics") as response:
+                    assert f"talkgate_sessions {sessions[node]}.0" in await response.text()
+                async with http.get(node_url + "/ws") as response:
+                    assert response.status == 404  # websockets are on the shared port
         for i, (customer, agent) in enumerate(pairs):
             await customer.send({"type": "chat", "text": f"from u{i}"})
             await agent.send({"type": "chat", "text": f"from a{i}"})
