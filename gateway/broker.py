@@ -371,9 +371,17 @@ class Broker:
             customer = next((p for p in participants if p.role == Role.CUSTOMER), None)
             # An agent sees who the customer is and what happened before.
             card = await self.history.card(conversation, customer) if me.role == Role.AGENT and customer else None
-            conn.deliver(self._joined_message(conversation, me, participants, history, card), "joined")
+            media = await self._media(conversation)
+            conn.deliver(self._joined_message(conversation, me, participants, history, card, media), "joined")
         finally:
             self.delivery.ready(conn, conversation)
+
+    async def _media(self, conversation: str) -> list[dict[str, Any]]:
+        """Who sends what on the conversation's calls: this node's calls if it is their home
+        (the join step just said where that is), else what the home recorded."""
+        if self.homes is None or self.homes.here(conversation):
+            return self.calls.media_list(conversation)
+        return await self.store.media(conversation)
 
     def _joined_message(
         self,
@@ -382,8 +390,8 @@ class Broker:
         participants: list[Participant],
         history: list[messages.ChatMessage],
         customer: dict[str, Any] | None = None,
+        media: list[dict[str, Any]] | None = None,
     ) -> bytes:
-        media = self.calls.media_list(conversation) if conversation is not None else []
         capacity = self.config.agent_capacity if me.role == Role.AGENT else None
         return messages.encode(
             messages.joined(
@@ -392,7 +400,7 @@ class Broker:
                 participants,
                 history,
                 ice_servers=self.ice_servers_json,
-                media=media,
+                media=media or [],
                 capacity=capacity,
                 customer=customer,
             )
@@ -714,7 +722,8 @@ class Broker:
         """The shared store lost what this node held (Redis restarted empty, or this node was
         cut off past its expiry and reaped): every participant this node holds (connected,
         away, its bots) joins again, silently (nothing new happened to them); how many. The
-        agent queue is not rebuilt: customers who waited ask again."""
+        agent queue is not rebuilt: customers who waited ask again. What this node's calls
+        send is said again to the other nodes, which records it for their ``joined``."""
         held = [(c, conn.participant) for c, room in self.delivery.rooms.items() for conn in room.values()]
         held += [(c, away.participant) for (c, _), away in self._away.items()]
         held += self.bots.held()
@@ -723,6 +732,8 @@ class Broker:
             if participant is not None:
                 result = await self.store.join(conversation, participant, self.conversations.limits)
                 count += result.admission is Admission.ADMITTED
+        for event in self.calls.media_events():
+            self.delivery.elsewhere(event)
         return count
 
     async def app_escalate(self, conversation: str, reason: str) -> bool:

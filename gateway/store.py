@@ -15,6 +15,7 @@ import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from .messages import ChatMessage, Participant, QueueEntry, Role
 
@@ -145,6 +146,12 @@ class Store(abc.ABC):
         home is dead or draining; "" if the conversation does not exist, or on a store
         one process has to itself (every call is here)."""
         return ""
+
+    async def media(self, conversation: str) -> list[dict[str, Any]]:
+        """Who sends what on the conversation's calls, as their home node recorded it (the
+        ``media`` of ``joined`` on a node that is not the home); empty on a store one
+        process has to itself: every call is in that process, which knows (``Calls``)."""
+        return []
 
     async def queue(self) -> tuple[int, list[QueueEntry]]:
         """The agent queue with its version: a number that grows with every change of the

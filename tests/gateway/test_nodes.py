@@ -16,6 +16,7 @@ import pytest
 
 from gateway.cluster import live_nodes
 from gateway.config import Config
+from gateway.errors import Unavailable
 from gateway.records import SqlRecords
 from gateway.redis_store import RedisStore
 from gateway.server import GatewayServer
@@ -27,6 +28,7 @@ from tests.redis_server import RedisServer
 from tests.rtc_client import RtcClient
 
 Nodes = Callable[..., Awaitable[list[GatewayServer]]]
+Entered = Callable[..., Awaitable[tuple[Client, dict[str, Any]]]]
 
 
 @pytest.fixture
@@ -73,20 +75,32 @@ async def nodes(config: Config, redis: RedisServer) -> AsyncIterator[Nodes]:
 
 
 @pytest.fixture
-async def clients() -> AsyncIterator[Callable[[GatewayServer, str, str, str | None], Awaitable[Client]]]:
-    """``await join(node, identity, role, room)``: a client joined through that node."""
+async def entered() -> AsyncIterator[Entered]:
+    """``await entered(node, identity, role, room)``: a client joined through that node,
+    and the ``joined`` it got."""
     opened: list[Client] = []
 
-    async def join(node: GatewayServer, identity: str, role: str = "customer", room: str | None = None) -> Client:
+    async def join(
+        node: GatewayServer, identity: str, role: str = "customer", room: str | None = None
+    ) -> tuple[Client, dict[str, Any]]:
         client = await Client.open(node.ws_url)
         opened.append(client)
         await client.send({"type": "join", "token": make_token(identity, role, room)})
-        await client.expect("joined", identity=identity)
-        return client
+        return client, await client.expect("joined", identity=identity)
 
     yield join
     for client in opened:
         await client.close()
+
+
+@pytest.fixture
+def clients(entered: Entered) -> Callable[[GatewayServer, str, str, str | None], Awaitable[Client]]:
+    """``await join(node, identity, role, room)``: a client joined through that node."""
+
+    async def join(node: GatewayServer, identity: str, role: str = "customer", room: str | None = None) -> Client:
+        return (await entered(node, identity, role, room))[0]
+
+    return join
 
 
 async def test_chat_and_presence_cross_nodes(nodes: Nodes, clients: Any) -> None:
@@ -304,3 +318,51 @@ async def test_bad_call_signaling_through_another_node_is_an_error_to_its_sender
         assert {p.identity for p in n1.broker.calls.peers("r1")} == {"a1"} and len(n2.broker.calls) == 0
     finally:
         await agent.close()
+
+
+async def test_joined_lists_who_sends_media_through_every_node(nodes: Nodes, clients: Any, entered: Entered) -> None:
+    """Regression (issue 17): ``joined``'s ``media`` was the home node's knowledge, so a
+    participant joining through another node read an empty list while the customer was
+    sending audio. Every node reads what the home recorded; a hangup clears it."""
+    n1, n2 = await nodes(2)
+    customer = RtcClient(await clients(n1, "u1", "customer", "r1"))  # r1's home: n1
+    try:
+        await start_audio(customer, 440)
+        await customer.wait_for("media", identity="u1", audio=True)
+        sending = [{"identity": "u1", "audio": True, "video": False}]
+        _, at_home = await entered(n1, "a1", "agent", "r1")
+        assert at_home["media"] == sending
+        bob, elsewhere = await entered(n2, "a2", "agent", "r1")
+        assert elsewhere["media"] == sending
+        await customer.client.send({"type": "hangup"})
+        await bob.wait_for("media", identity="u1", audio=False)
+        _, after = await entered(n2, "a3", "agent", "r1")
+        assert after["media"] == []
+    finally:
+        await customer.close()
+
+
+@pytest.mark.parametrize("redis", ["own"], indirect=True)
+async def test_after_a_redis_restart_the_home_records_its_calls_again(
+    nodes: Nodes, clients: Any, entered: Entered, redis: RedisServer
+) -> None:
+    """Redis comes back empty during a call: the home node puts back its participants and
+    says again what its calls send, so a join through another node lists it."""
+    n1, n2 = await nodes(2)
+    customer = RtcClient(await clients(n1, "u1", "customer", "r1"))  # r1's home: n1
+    try:
+        await start_audio(customer, 440)
+        await customer.wait_for("media", identity="u1", audio=True)
+        redis.down()
+        redis.up()  # empty
+
+        async def recorded() -> bool:
+            with contextlib.suppress(Unavailable):
+                return bool(await n2.store.media("r1"))
+            return False
+
+        await until(recorded, timeout=10)
+        _, joined = await entered(n2, "a1", "agent", "r1")
+        assert joined["media"] == [{"identity": "u1", "audio": True, "video": False}]
+    finally:
+        await customer.close()
