@@ -27,6 +27,12 @@ in Redis by the script that publishes the change, in the same step: a node where
 someone joins later reads it for ``joined`` (``RedisStore.media``) and, whatever the
 timing, has either read a change or is sent it.
 
+**A newer connection** with an identity (``kind`` "replaced") closes the older one: a
+customer's to the node that held it in that conversation, an agent's to every node (an
+agent in the lobby is in no conversation). The receiving node closes its connection only
+if it is older (``Store.next_version``): a notice that arrives late never closes one that
+joined after it.
+
 **The queue** goes to every node on one broadcast channel, with the store's queue
 version (``Store.queue``): a node delivers a snapshot to its agents only if it is not
 older than the last one they got (``Delivery.queue_to_agents``), so snapshots racing
@@ -71,6 +77,10 @@ class Kind:
     CALL = "call"
     #: A message for one participant here (``to``): the home node answering its call.
     TO = "to"
+    #: A newer connection of participant ``to`` joined through the sender (``version``: its
+    #: ``Store`` version): the older one here is replaced, in ``conversation`` (a
+    #: customer's) or anywhere ("": an agent's).
+    REPLACED = "replaced"
 
 
 class Envelope(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -85,7 +95,8 @@ class Envelope(msgspec.Struct, array_like=True, omit_defaults=True):
     data: bytes
     #: An identity that does not get it (the joiner of its own ``participant.joined``).
     skip: str | None = None
-    #: The placement's version and nodes as the sender knows them; for the queue, its version.
+    #: The placement's version and nodes as the sender knows them; for the queue, its
+    #: version; for ``Kind.REPLACED``, the newer connection's.
     version: int = 0
     nodes: list[str] | None = None
     #: A domain event the receiving node reacts to too (``delivery.REMOTE_REACTIONS``), encoded.
@@ -244,6 +255,16 @@ class Bus:
         """A client message for one participant connected to ``node``."""
         envelope = Envelope(self.node, conversation, mtype, data, kind=Kind.TO, to=identity)
         self._put(conversation, frozenset((node,)), _encode(envelope))
+
+    def replaced(self, identity: str, version: int, *, conversation: str = "", node: str | None = None) -> None:
+        """A newer connection of ``identity`` joined here (``version``: its ``Store``
+        version): the older one in ``conversation`` on ``node`` is replaced (a customer's),
+        or the older one anywhere on every other node (None: an agent's)."""
+        envelope = Envelope(self.node, conversation, "", b"", version=version, kind=Kind.REPLACED, to=identity)
+        if node is None:
+            self._put(None, None, _encode(envelope))
+        else:
+            self._put(conversation, frozenset((node,)), _encode(envelope))
 
     def _put(
         self,

@@ -40,6 +40,9 @@ class Connection(Protocol):
     participant: Participant | None
     #: The conversations this connection is in, in the order it entered them.
     memberships: dict[str, Membership]
+    #: Its join's ``Store`` version: a newer connection with its identity through another
+    #: node replaces it only if that one's is greater (0 on one process).
+    version: int
 
     def deliver(self, data: bytes, mtype: str) -> None:
         """Queue an encoded message for the client without waiting."""
@@ -89,6 +92,11 @@ class Remote(Protocol):
 
     def queue(self, data: bytes, version: int) -> None:
         """Send the agent queue to every other node's agents."""
+
+    def replaced(self, identity: str, version: int, *, conversation: str = "", node: str | None = None) -> None:
+        """A newer connection of ``identity`` joined here (``version``): its older one in
+        ``conversation`` on ``node`` (a customer's), or anywhere on every other node (None:
+        an agent's), is replaced."""
 
 
 #: Events whose reactions may be due on another node: a customer's chat or call reaches

@@ -25,7 +25,8 @@ Keys (``P`` is the prefix, ``C`` a conversation id):
   home node recorded it when it published the change (``bus.Bus.room``), read for
   ``joined`` on the other nodes; ``P hm:N``: the conversations whose ``md`` node N wrote
   (dropped with N when it is reaped: its calls died with it);
-- ``P seq``: a counter for join and arrival order.
+- ``P seq``: a counter for join and arrival order, and every version (placements,
+  connections: ``Store.next_version``).
 
 The retention clock is wall time by default (``time.time``): several processes must
 agree on it, which their monotonic clocks do not. A Redis error is ``Unavailable`` to
@@ -342,6 +343,11 @@ _MEDIA = """
 return redis.call('HGETALL', P..'md:'..ARGV[3])
 """
 
+# (no arguments)
+_NEXT_VERSION = """
+return redis.call('INCR', P..'seq')
+"""
+
 # ARGV: conversation
 _PARTICIPANTS = """
 local ids = redis.call('ZRANGE', P..'o:'..ARGV[3], 0, -1)
@@ -409,6 +415,7 @@ class RedisStore(Store):
             "memberships": _MEMBERSHIPS,
             "home": _HOME,
             "media": _MEDIA,
+            "next_version": _NEXT_VERSION,
             "participants": _PARTICIPANTS,
             "append": _APPEND,
             "history": _HISTORY,
@@ -474,7 +481,8 @@ class RedisStore(Store):
             added=bool(reply[1]),
             opened=bool(reply[2]),
             taken=taken,
-            elsewhere=before not in ("", self.node),
+            previous=before if before != self.node else "",
+            version=placement(reply[4]).version,
         )
 
     async def accept(self, conversation: str, agent: Participant, limits: Limits) -> JoinResult:
@@ -531,6 +539,9 @@ class RedisStore(Store):
     async def media(self, conversation: str) -> list[dict[str, Any]]:
         reply = await self._run("media", conversation)
         return [media_entry(reply[i], reply[i + 1]) for i in range(0, len(reply), 2)]
+
+    async def next_version(self) -> int:
+        return int(await self._run("next_version"))
 
     async def participants(self, conversation: str) -> list[Participant] | None:
         reply = await self._run("participants", conversation)
