@@ -282,13 +282,17 @@ class Broker:
             return
         room = grant.room
         assert room is not None  # tokens.verify and authorize guarantee it
-        events = await self.conversations.join(room, me, profile=grant.profile)  # refused: nothing changed
+        result, events = await self.conversations.join(room, me, profile=grant.profile)  # refused: nothing changed
         events += self._returned(room, me)
         self._joined(conn, me)
+        conn.version = result.version
         old = self.delivery.local(room, me.identity)
         if old is not None and old is not conn:
             self._evict(old)
         self.delivery.enter(conn, room)
+        if result.previous and self.delivery.remote is not None:
+            # Held through another node until now: its connection there (if any) is replaced.
+            self.delivery.remote.replaced(me.identity, result.version, conversation=room, node=result.previous)
         await self._send_joined(conn, room)
         await self.apply(events)
         home = self.homes.remote_home(room) if self.homes is not None else None
@@ -300,7 +304,9 @@ class Broker:
     async def _join_agent(self, conn: Connection, me: Participant, room: str | None) -> None:
         """Agents get one ``joined`` per conversation they are in (or one for the lobby), then
         the queue. A reload of the agent console takes over the old connection's conversations
-        without the customers seeing the agent leave."""
+        without the customers seeing the agent leave, and replaces the old connection here
+        or on any other node."""
+        version = await self.store.next_version()  # orders it after every connection before it
         old = self.delivery.agents.get(me.identity)
         inherited = list(old.memberships) if old is not None else []
         # A reload whose old connection closed first: its conversations wait in their grace
@@ -311,16 +317,19 @@ class Broker:
         events: list[ev.Event] = []
         if entering:
             assert room is not None
-            events = await self.conversations.join(room, me, take_queue=True)  # refused: nothing changed
+            _, events = await self.conversations.join(room, me, take_queue=True)  # refused: nothing changed
         for conversation in inherited:
             events += self._returned(conversation, me)
         for conversation in elsewhere:
-            events += await self.conversations.join(conversation, me)  # held here from now on
+            events += (await self.conversations.join(conversation, me))[1]  # held here from now on
         inherited += elsewhere
         self._joined(conn, me)
+        conn.version = version
         if old is not None:
             self._evict(old)
         self.delivery.agents[me.identity] = conn
+        if self.delivery.remote is not None:
+            self.delivery.remote.replaced(me.identity, version)  # wherever its console was before
         for conversation in inherited:
             self.delivery.enter(conn, conversation)
         if entering:
@@ -343,6 +352,17 @@ class Broker:
         conn.participant = me
         conn.protocol.joined()
         self.delivery.sessions.add(conn)
+
+    def replaced(self, conversation: str, identity: str, version: int) -> None:
+        """A newer connection of ``identity`` joined through another node (``version``: its
+        join's): the one here in ``conversation`` (a customer's), or anywhere ("": an
+        agent's), is replaced, unless it joined after that one (a late notice)."""
+        old = self.delivery.local(conversation, identity) if conversation else self.delivery.agents.get(identity)
+        if old is None or old.version >= version:
+            return
+        if self.delivery.agents.get(identity) is old:
+            del self.delivery.agents[identity]
+        self._evict(old)
 
     def _evict(self, old: Connection) -> None:
         """Detach a connection replaced by a newer one with the same identity: its calls end
@@ -371,9 +391,17 @@ class Broker:
             customer = next((p for p in participants if p.role == Role.CUSTOMER), None)
             # An agent sees who the customer is and what happened before.
             card = await self.history.card(conversation, customer) if me.role == Role.AGENT and customer else None
-            conn.deliver(self._joined_message(conversation, me, participants, history, card), "joined")
+            media = await self._media(conversation)
+            conn.deliver(self._joined_message(conversation, me, participants, history, card, media), "joined")
         finally:
             self.delivery.ready(conn, conversation)
+
+    async def _media(self, conversation: str) -> list[dict[str, Any]]:
+        """Who sends what on the conversation's calls: this node's calls if it is their home
+        (the join step just said where that is), else what the home recorded."""
+        if self.homes is None or self.homes.here(conversation):
+            return self.calls.media_list(conversation)
+        return await self.store.media(conversation)
 
     def _joined_message(
         self,
@@ -382,8 +410,8 @@ class Broker:
         participants: list[Participant],
         history: list[messages.ChatMessage],
         customer: dict[str, Any] | None = None,
+        media: list[dict[str, Any]] | None = None,
     ) -> bytes:
-        media = self.calls.media_list(conversation) if conversation is not None else []
         capacity = self.config.agent_capacity if me.role == Role.AGENT else None
         return messages.encode(
             messages.joined(
@@ -392,7 +420,7 @@ class Broker:
                 participants,
                 history,
                 ice_servers=self.ice_servers_json,
-                media=media,
+                media=media or [],
                 capacity=capacity,
                 customer=customer,
             )
@@ -714,15 +742,26 @@ class Broker:
         """The shared store lost what this node held (Redis restarted empty, or this node was
         cut off past its expiry and reaped): every participant this node holds (connected,
         away, its bots) joins again, silently (nothing new happened to them); how many. The
-        agent queue is not rebuilt: customers who waited ask again."""
-        held = [(c, conn.participant) for c, room in self.delivery.rooms.items() for conn in room.values()]
-        held += [(c, away.participant) for (c, _), away in self._away.items()]
-        held += self.bots.held()
+        agent queue is not rebuilt: customers who waited ask again. Each connection gets
+        its new join's version (the store's count began again), and what this node's calls
+        send is said again to the other nodes, which records it for their ``joined``."""
+        held: list[tuple[str, Participant | None, Connection | None]] = [
+            (c, conn.participant, conn) for c, room in self.delivery.rooms.items() for conn in room.values()
+        ]
+        held += [(c, away.participant, None) for (c, _), away in self._away.items()]
+        held += [(c, bot, None) for c, bot in self.bots.held()]
         count = 0
-        for conversation, participant in held:
+        for conversation, participant, conn in held:
             if participant is not None:
                 result = await self.store.join(conversation, participant, self.conversations.limits)
                 count += result.admission is Admission.ADMITTED
+                if conn is not None:
+                    conn.version = result.version
+        for agent in self.delivery.agents.values():
+            if not agent.memberships:  # in the lobby: no join above
+                agent.version = await self.store.next_version()
+        for event in self.calls.media_events():
+            self.delivery.elsewhere(event)
         return count
 
     async def app_escalate(self, conversation: str, reason: str) -> bool:

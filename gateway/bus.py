@@ -22,7 +22,16 @@ reconnect. Per publisher and channel, order is kept: one connection publishes in
 
 **Calls** live on the conversation's home node: a participant's node sends its call
 signaling there (``kind`` "call", ``home.py``) and the home node answers that one
-participant (``kind`` "to").
+participant (``kind`` "to"). What a participant sends on its call (``media``) is recorded
+in Redis by the script that publishes the change, in the same step: a node where
+someone joins later reads it for ``joined`` (``RedisStore.media``) and, whatever the
+timing, has either read a change or is sent it.
+
+**A newer connection** with an identity (``kind`` "replaced") closes the older one: a
+customer's to the node that held it in that conversation, an agent's to every node (an
+agent in the lobby is in no conversation). The receiving node closes its connection only
+if it is older (``Store.next_version``): a notice that arrives late never closes one that
+joined after it.
 
 **The queue** goes to every node on one broadcast channel, with the store's queue
 version (``Store.queue``): a node delivers a snapshot to its agents only if it is not
@@ -44,7 +53,7 @@ from redis.exceptions import RedisError
 
 from media.tasks import Tally, TaskOwner
 
-from .redis_store import _PRELUDE, COMMAND_SECONDS, Placed, placement
+from .redis_store import _PRELUDE, COMMAND_SECONDS, Placed, media_state, placement
 
 log = logging.getLogger("talkgate.bus")
 
@@ -68,6 +77,10 @@ class Kind:
     CALL = "call"
     #: A message for one participant here (``to``): the home node answering its call.
     TO = "to"
+    #: A newer connection of participant ``to`` joined through the sender (``version``: its
+    #: ``Store`` version): the older one here is replaced, in ``conversation`` (a
+    #: customer's) or anywhere ("": an agent's).
+    REPLACED = "replaced"
 
 
 class Envelope(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -82,7 +95,8 @@ class Envelope(msgspec.Struct, array_like=True, omit_defaults=True):
     data: bytes
     #: An identity that does not get it (the joiner of its own ``participant.joined``).
     skip: str | None = None
-    #: The placement's version and nodes as the sender knows them; for the queue, its version.
+    #: The placement's version and nodes as the sender knows them; for the queue, its
+    #: version; for ``Kind.REPLACED``, the newer connection's.
     version: int = 0
     nodes: list[str] | None = None
     #: A domain event the receiving node reacts to too (``delivery.REMOTE_REACTIONS``), encoded.
@@ -96,6 +110,10 @@ class Envelope(msgspec.Struct, array_like=True, omit_defaults=True):
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(Envelope).decode
+#: What waits to be published: the conversation (None: to every node), the nodes (None:
+#: the conversation's, read as it is published), the envelope, and a ``media`` change to
+#: record in the same step (identity and ``P md:C`` state).
+Outgoing = tuple[str | None, frozenset[str] | None, bytes, tuple[str, str] | None]
 
 
 class Placement:
@@ -133,10 +151,12 @@ class Placement:
         return len(self._known)
 
 
-# ARGV (after the prelude's): conversation, envelope. Publishes it to every node of the
-# conversation but this one, and answers the placement.
+# ARGV (after the prelude's): conversation, envelope, and for a ``media`` change of a
+# call here the participant and its state (recorded in the same step). Publishes it to
+# every node of the conversation but this one, and answers the placement.
 _FANOUT = """
 local conv = ARGV[3]
+if ARGV[5] then record_media(conv, ARGV[5], ARGV[6]) end
 local here = placed(conv)
 local seen = {}
 for _, n in ipairs(redis.call('HVALS', P..'at:'..conv)) do
@@ -169,7 +189,7 @@ class Bus:
         self.receive = receive
         self.placement = Placement(node)
         self._dropped = dropped
-        self._outbox: asyncio.Queue[tuple[str | None, frozenset[str] | None, bytes]] = asyncio.Queue(queue_limit)
+        self._outbox: asyncio.Queue[Outgoing] = asyncio.Queue(queue_limit)
         self._owner = TaskOwner("bus", log)
         self._fanout = redis.register_script(_PRELUDE + _FANOUT)
         self._channel = f"{prefix}ch:{node}"
@@ -200,11 +220,13 @@ class Bus:
         event: bytes | None = None,
         fresh: bool = False,
         everyone: bool = False,
+        media: tuple[str, bool, bool] | None = None,
     ) -> None:
         """Send a conversation's message to its participants on other nodes (not waiting);
         ``fresh``: read where they are in Redis as it is published, not from ``placement``;
-        ``everyone``: to every other node."""
-        targets = None if fresh or everyone else self.placement.others(conversation)
+        ``everyone``: to every other node; ``media``: (identity, audio, video) of a call
+        here, recorded in the same step as it is published."""
+        targets = None if fresh or everyone or media else self.placement.others(conversation)
         if targets is not None and not targets:
             return  # everyone is here
         known = self.placement.get(conversation)
@@ -214,7 +236,8 @@ class Bus:
             envelope = Envelope(
                 self.node, conversation, mtype, data, skip, known.version, sorted(known.nodes), event, known.home
             )
-        self._put(None if everyone else conversation, targets, _encode(envelope))
+        record = None if media is None else (media[0], media_state(media[1], media[2]))
+        self._put(None if everyone else conversation, targets, _encode(envelope), record)
 
     def queue(self, data: bytes, version: int) -> None:
         """Send the agent queue (``version``: ``Store.queue``'s) to every other node's agents."""
@@ -233,9 +256,25 @@ class Bus:
         envelope = Envelope(self.node, conversation, mtype, data, kind=Kind.TO, to=identity)
         self._put(conversation, frozenset((node,)), _encode(envelope))
 
-    def _put(self, conversation: str | None, targets: frozenset[str] | None, payload: bytes) -> None:
+    def replaced(self, identity: str, version: int, *, conversation: str = "", node: str | None = None) -> None:
+        """A newer connection of ``identity`` joined here (``version``: its ``Store``
+        version): the older one in ``conversation`` on ``node`` is replaced (a customer's),
+        or the older one anywhere on every other node (None: an agent's)."""
+        envelope = Envelope(self.node, conversation, "", b"", version=version, kind=Kind.REPLACED, to=identity)
+        if node is None:
+            self._put(None, None, _encode(envelope))
+        else:
+            self._put(conversation, frozenset((node,)), _encode(envelope))
+
+    def _put(
+        self,
+        conversation: str | None,
+        targets: frozenset[str] | None,
+        payload: bytes,
+        media: tuple[str, str] | None = None,
+    ) -> None:
         try:
-            self._outbox.put_nowait((conversation, targets, payload))
+            self._outbox.put_nowait((conversation, targets, payload, media))
         except asyncio.QueueFull:
             if self._dropped is not None:
                 self._dropped.inc()
@@ -258,12 +297,12 @@ class Bus:
                     log.info("the bus publishes again")
                     self._failing = False
 
-    async def _publish(self, batch: list[tuple[str | None, frozenset[str] | None, bytes]]) -> None:
+    async def _publish(self, batch: list[Outgoing]) -> None:
         """One round trip for the whole batch, in order."""
         pipe = self.redis.pipeline(transaction=False)
         asked: list[tuple[int, str]] = []  # (reply index, conversation) of the fan-out scripts
         replies = 0
-        for conversation, targets, payload in batch:
+        for conversation, targets, payload, media in batch:
             if targets is not None:
                 for target in sorted(targets):
                     pipe.publish(f"{self.prefix}ch:{target}", payload)
@@ -272,7 +311,8 @@ class Bus:
                 pipe.publish(self._everyone, payload)
                 replies += 1
             else:
-                await self._fanout(args=[self.prefix, self.node, conversation, payload], client=pipe)
+                record = [] if media is None else list(media)
+                await self._fanout(args=[self.prefix, self.node, conversation, payload, *record], client=pipe)
                 asked.append((replies, conversation))
                 replies += 1
         async with asyncio.timeout(COMMAND_SECONDS):

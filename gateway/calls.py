@@ -463,6 +463,16 @@ class Calls:
         """Who sends what right now (the ``media`` field of ``joined``)."""
         return [{"identity": identity, **state} for identity, state in self._media.get(conversation, {}).items()]
 
+    def media_events(self) -> list[ev.MediaChanged]:
+        """What this process's calls send now, as ``media`` events (said again after the
+        shared store lost what the home recorded: ``Broker.rebuild``)."""
+        ts = self._clock()
+        return [
+            ev.MediaChanged(conversation=c, ts=ts, identity=identity, audio=state["audio"], video=state["video"])
+            for c, known in self._media.items()
+            for identity, state in known.items()
+        ]
+
     def forget(self, conversation: str) -> None:
         """The conversation ended here: drop its per-process routing and media state."""
         self._media.pop(conversation, None)

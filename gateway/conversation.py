@@ -51,8 +51,10 @@ class Conversations:
         *,
         take_queue: bool = False,
         profile: dict[str, Any] | None = None,
-    ) -> list[ev.Event]:
-        """Enter (or re-enter) a conversation within the limits; rejoining is always let in."""
+    ) -> tuple[JoinResult, list[ev.Event]]:
+        """Enter (or re-enter) a conversation within the limits; rejoining is always let in.
+        The store's result says where the participant was held before, and the step's
+        version (a newer connection replaces an older one on another node)."""
         result = await self.store.join(conversation, participant, self.limits, take_queue=take_queue)
         _refuse(result)
         ts = self._clock()
@@ -68,7 +70,7 @@ class Conversations:
             out.append(ev.QueueLeft(conversation=conversation, ts=ts, reason="accepted"))
         if participant.role == Role.AGENT and (result.taken is not None or result.added):
             out.append(ev.AgentAccepted(conversation=conversation, ts=ts, agent=participant))
-        return out
+        return result, out
 
     async def accept(
         self, conversation: str, agent: Participant, *, holding: Sequence[str] = (), capacity: int = 1

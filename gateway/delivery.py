@@ -40,6 +40,9 @@ class Connection(Protocol):
     participant: Participant | None
     #: The conversations this connection is in, in the order it entered them.
     memberships: dict[str, Membership]
+    #: Its join's ``Store`` version: a newer connection with its identity through another
+    #: node replaces it only if that one's is greater (0 on one process).
+    version: int
 
     def deliver(self, data: bytes, mtype: str) -> None:
         """Queue an encoded message for the client without waiting."""
@@ -77,15 +80,23 @@ class Remote(Protocol):
         event: bytes | None = None,
         fresh: bool = False,
         everyone: bool = False,
+        media: tuple[str, bool, bool] | None = None,
     ) -> None:
         """Send to the conversation's participants on other nodes (``event``: for their
         reactions); ``fresh``: where they are must be read now, not taken from this node's
         view (which is only as new as its last step in that conversation); ``everyone``:
         to every other node (an ended conversation: nobody is in it any more, but nodes
-        that held its calls or records still hold state about it)."""
+        that held its calls or records still hold state about it); ``media``: (identity,
+        audio, video) of a call here, recorded for other nodes' ``joined`` in the same
+        step as it is sent."""
 
     def queue(self, data: bytes, version: int) -> None:
         """Send the agent queue to every other node's agents."""
+
+    def replaced(self, identity: str, version: int, *, conversation: str = "", node: str | None = None) -> None:
+        """A newer connection of ``identity`` joined here (``version``): its older one in
+        ``conversation`` on ``node`` (a customer's), or anywhere on every other node (None:
+        an agent's), is replaced."""
 
 
 #: Events whose reactions may be due on another node: a customer's chat or call reaches
@@ -187,14 +198,33 @@ class Delivery:
         mtype = "" if message is None else str(message["type"])
         if data and event.conversation in self.rooms:
             self.fan_out(event.conversation, data, mtype, skip=skip)
-        if self.remote is not None:
-            reaction = for_remote_reaction(event)
-            if data or reaction is not None:
-                fresh = not isinstance(event, STEP_EVENTS)
-                everyone = isinstance(event, ev.ConversationClosed)
-                self.remote.room(
-                    event.conversation, data, mtype, skip=skip, event=reaction, fresh=fresh, everyone=everyone
-                )
+        self._elsewhere(event, data, mtype, skip)
+
+    def elsewhere(self, event: ev.Event) -> None:
+        """Deliver one event on other nodes only: what this node says again after the
+        shared store lost it (a Redis restart: ``Broker.rebuild``)."""
+        message, skip = wire(event)
+        data = b"" if message is None else messages.encode(message)
+        self._elsewhere(event, data, "" if message is None else str(message["type"]), skip)
+
+    def _elsewhere(self, event: ev.Event, data: bytes, mtype: str, skip: str | None) -> None:
+        if self.remote is None:
+            return
+        reaction = for_remote_reaction(event)
+        if data or reaction is not None:
+            fresh = not isinstance(event, STEP_EVENTS)
+            everyone = isinstance(event, ev.ConversationClosed)
+            media = (event.identity, event.audio, event.video) if isinstance(event, ev.MediaChanged) else None
+            self.remote.room(
+                event.conversation,
+                data,
+                mtype,
+                skip=skip,
+                event=reaction,
+                fresh=fresh,
+                everyone=everyone,
+                media=media,
+            )
 
     def fan_out(self, conversation: str, data: bytes, mtype: str, *, skip: str | None = None) -> None:
         """Deliver already encoded bytes to every local participant but ``skip`` (an identity)."""

@@ -121,6 +121,11 @@ class CallHomes:
         home = self.link.home_of(conversation)
         return home if home and home != self.node else None
 
+    def here(self, conversation: str) -> bool:
+        """Whether this node is the conversation's home, as last heard (a store step in it
+        says, a join's included)."""
+        return self.link.home_of(conversation) == self.node
+
     def start_bot(self, home: str, conversation: str, customer: Participant) -> None:
         self.link.call(home, conversation, _encode(CallRequest(Op.BOT, customer, 0)))
 

@@ -21,7 +21,12 @@ Keys (``P`` is the prefix, ``C`` a conversation id):
 - ``P pc:I``: the conversations identity I is in (an agent reconnecting through another
   node finds its conversations);
 - ``P qv``: the agent queue's version (``Store.queue``);
-- ``P seq``: a counter for join and arrival order.
+- ``P md:C``: identity -> what it sends on C's calls ("AUDIO VIDEO", 1 or 0 each), as C's
+  home node recorded it when it published the change (``bus.Bus.room``), read for
+  ``joined`` on the other nodes; ``P hm:N``: the conversations whose ``md`` node N wrote
+  (dropped with N when it is reaped: its calls died with it);
+- ``P seq``: a counter for join and arrival order, and every version (placements,
+  connections: ``Store.next_version``).
 
 The retention clock is wall time by default (``time.time``): several processes must
 agree on it, which their monotonic clocks do not. A Redis error is ``Unavailable`` to
@@ -105,6 +110,28 @@ local function placed(conv)
   local home = redis.call('HGET', P..'home', conv) or '-'
   return (redis.call('HGET', P..'pv', conv) or '0')..' '..home..' '..table.concat(out, ' ')
 end
+-- What the conversation's calls send, as its home node recorded it: one participant's
+-- entry, or (no ident) all of them (the calls were on a home that is not any more).
+local function drop_media(conv, ident)
+  local key = P..'md:'..conv
+  if ident then redis.call('HDEL', key, ident) else redis.call('DEL', key) end
+  if redis.call('EXISTS', key) == 0 then
+    local home = redis.call('HGET', P..'home', conv)
+    if home then redis.call('SREM', P..'hm:'..home, conv) end
+  end
+end
+-- A participant now sends STATE ("AUDIO VIDEO") on a call of this node's: recorded only
+-- if this node is the conversation's home (one that was home before, draining, still
+-- ends its calls there) and the participant is in it.
+local function record_media(conv, ident, state)
+  if redis.call('HGET', P..'home', conv) ~= NODE then return end
+  if state == '0 0' or redis.call('HEXISTS', P..'m:'..conv, ident) == 0 then
+    drop_media(conv, ident)
+  else
+    redis.call('HSET', P..'md:'..conv, ident, state)
+    redis.call('SADD', P..'hm:'..NODE, conv)
+  end
+end
 -- The conversation's home: where it is, or this node if it has none or its home node is
 -- gone (its registry entry expired, or nothing listens on its channel: a killed process's
 -- connections close at once, long before its entry expires) or draining.
@@ -118,6 +145,7 @@ local function homed(conv)
       return home
     end
   end
+  drop_media(conv)  -- the calls of the home before are not this node's
   redis.call('HSET', P..'home', conv, NODE)
   moved(conv)
   return NODE
@@ -162,6 +190,7 @@ local function leave(conv, ident, now, retention, retained_limit)
   redis.call('ZREM', P..'o:'..conv, ident)
   redis.call('SREM', P..'pc:'..ident, conv)
   untag(conv, ident)
+  drop_media(conv, ident)
   local removed = redis.call('HLEN', mkey) == 0
   if removed then
     redis.call('SREM', P..'convs', conv)
@@ -283,6 +312,11 @@ for _, entry in ipairs(redis.call('SMEMBERS', P..'np:'..dead)) do
   end
 end
 if dead ~= NODE then redis.call('DEL', P..'np:'..dead) end
+-- Its calls died with it (or, its own previous run's, with that process).
+for _, conv in ipairs(redis.call('SMEMBERS', P..'hm:'..dead)) do
+  if redis.call('HGET', P..'home', conv) == dead then drop_media(conv) end
+end
+redis.call('DEL', P..'hm:'..dead)
 return out
 """
 
@@ -302,6 +336,16 @@ for _, conv in ipairs(redis.call('SMEMBERS', P..'pc:'..ARGV[3])) do
   else redis.call('SREM', P..'pc:'..ARGV[3], conv) end
 end
 return out
+"""
+
+# ARGV: conversation. What its calls send: identity, state, identity, state…
+_MEDIA = """
+return redis.call('HGETALL', P..'md:'..ARGV[3])
+"""
+
+# (no arguments)
+_NEXT_VERSION = """
+return redis.call('INCR', P..'seq')
 """
 
 # ARGV: conversation
@@ -370,6 +414,8 @@ class RedisStore(Store):
             "adopt": _ADOPT,
             "memberships": _MEMBERSHIPS,
             "home": _HOME,
+            "media": _MEDIA,
+            "next_version": _NEXT_VERSION,
             "participants": _PARTICIPANTS,
             "append": _APPEND,
             "history": _HISTORY,
@@ -435,7 +481,8 @@ class RedisStore(Store):
             added=bool(reply[1]),
             opened=bool(reply[2]),
             taken=taken,
-            elsewhere=before not in ("", self.node),
+            previous=before if before != self.node else "",
+            version=placement(reply[4]).version,
         )
 
     async def accept(self, conversation: str, agent: Participant, limits: Limits) -> JoinResult:
@@ -489,6 +536,13 @@ class RedisStore(Store):
         self._placed(conversation, reply)
         return placement(reply).home
 
+    async def media(self, conversation: str) -> list[dict[str, Any]]:
+        reply = await self._run("media", conversation)
+        return [media_entry(reply[i], reply[i + 1]) for i in range(0, len(reply), 2)]
+
+    async def next_version(self) -> int:
+        return int(await self._run("next_version"))
+
     async def participants(self, conversation: str) -> list[Participant] | None:
         reply = await self._run("participants", conversation)
         return None if reply is None else [_participant(v) for v in reply if v is not None]
@@ -527,6 +581,17 @@ class RedisStore(Store):
 def as_text(value: bytes | str) -> str:
     """A Redis reply as text (redis-py answers bytes unless told to decode)."""
     return value.decode() if isinstance(value, bytes) else value
+
+
+def media_state(audio: bool, video: bool) -> str:
+    """What a participant sends, as ``P md:C`` holds it."""
+    return f"{int(audio)} {int(video)}"
+
+
+def media_entry(identity: bytes | str, state: bytes | str) -> dict[str, Any]:
+    """One ``P md:C`` entry as ``joined`` lists it."""
+    audio, video = as_text(state).split(" ")
+    return {"identity": as_text(identity), "audio": audio == "1", "video": video == "1"}
 
 
 class Placed(NamedTuple):

@@ -311,6 +311,8 @@ class GatewayServer:
                 self.broker.delivery.queue_to_agents(envelope.data, envelope.version)
             case Kind.TO:
                 self.broker.deliver_to(envelope.conversation, envelope.to, envelope.data, envelope.mtype)
+            case Kind.REPLACED:
+                self.broker.replaced(envelope.conversation, envelope.to, envelope.version)
             case Kind.CALL:
                 try:
                     self._calls_in.put_nowait(envelope)

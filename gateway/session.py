@@ -64,6 +64,9 @@ class Session:
         self.participant: Participant | None = None
         #: The conversations this connection is in (agents: none while in the lobby).
         self.memberships: dict[str, Membership] = {}
+        #: Its join's ``Store`` version, set by the broker: of two connections with one
+        #: identity on two nodes, the one with the greater version replaces the other.
+        self.version = 0
         #: Encoded messages waiting for the writer task; bounded by config.outbox_limit.
         self._outbox: collections.deque[bytes] = collections.deque()
         self._wake = asyncio.Event()

@@ -15,6 +15,7 @@ import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from .messages import ChatMessage, Participant, QueueEntry, Role
 
@@ -49,9 +50,18 @@ class JoinResult:
     opened: bool = False
     #: The queue entry this join removed (``take_queue``, or an accept).
     taken: QueueEntry | None = None
-    #: The participant was in it already, held by another node (a shared store): it
-    #: reconnected through this one.
-    elsewhere: bool = False
+    #: The node that held the participant until this step if it was another (a shared
+    #: store): it reconnected through this one ("" if not).
+    previous: str = ""
+    #: The step's version on a shared store (0 on one process's): greater than every
+    #: version given before, so of two connections of one identity the newer is the one
+    #: whose join has the greater version, whichever nodes they are on.
+    version: int = 0
+
+    @property
+    def elsewhere(self) -> bool:
+        """The participant was in it already, held by another node."""
+        return bool(self.previous)
 
 
 class Enqueued(enum.Enum):
@@ -145,6 +155,20 @@ class Store(abc.ABC):
         home is dead or draining; "" if the conversation does not exist, or on a store
         one process has to itself (every call is here)."""
         return ""
+
+    async def media(self, conversation: str) -> list[dict[str, Any]]:
+        """Who sends what on the conversation's calls, as their home node recorded it (the
+        ``media`` of ``joined`` on a node that is not the home); empty on a store one
+        process has to itself: every call is in that process, which knows (``Calls``)."""
+        return []
+
+    async def next_version(self) -> int:
+        """On a shared store, a number greater than every version it has given
+        (``JoinResult.version`` included) to any process: which of two connections with
+        one identity on two nodes is newer (an agent's, which no join step orders when it
+        is in no conversation). 0 on a store one process has to itself: its connections
+        never meet another process's."""
+        return 0
 
     async def queue(self) -> tuple[int, list[QueueEntry]]:
         """The agent queue with its version: a number that grows with every change of the

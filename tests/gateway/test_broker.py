@@ -36,6 +36,7 @@ class Recorder:
         self.protocol = SignalingProtocol(max_message_bytes=65536, rate=100, burst=100, now=0.0)
         self.participant: Participant | None = None
         self.memberships: dict[str, Membership] = {}
+        self.version = 0
         self.sent: list[dict[str, Any]] = []
         self.closed: tuple[int, str] | None = None
 

@@ -35,7 +35,7 @@ class Gateway:
         self.history = History(records, self.store, history_limit=50)
 
     async def join(self, room: str, who: Participant, **kw: Any) -> None:
-        await self.commit(await self.rules.join(room, who, **kw))
+        await self.commit((await self.rules.join(room, who, **kw))[1])
 
     async def post(self, room: str, who: Participant, text: str) -> None:
         await self.commit(await self.rules.post(room, who, text))

@@ -14,8 +14,11 @@ from typing import Any
 
 import pytest
 
+from gateway import events as ev
+from gateway.access import CLOSE_REPLACED
 from gateway.cluster import live_nodes
 from gateway.config import Config
+from gateway.errors import Unavailable
 from gateway.records import SqlRecords
 from gateway.redis_store import RedisStore
 from gateway.server import GatewayServer
@@ -27,6 +30,7 @@ from tests.redis_server import RedisServer
 from tests.rtc_client import RtcClient
 
 Nodes = Callable[..., Awaitable[list[GatewayServer]]]
+Entered = Callable[..., Awaitable[tuple[Client, dict[str, Any]]]]
 
 
 @pytest.fixture
@@ -73,20 +77,32 @@ async def nodes(config: Config, redis: RedisServer) -> AsyncIterator[Nodes]:
 
 
 @pytest.fixture
-async def clients() -> AsyncIterator[Callable[[GatewayServer, str, str, str | None], Awaitable[Client]]]:
-    """``await join(node, identity, role, room)``: a client joined through that node."""
+async def entered() -> AsyncIterator[Entered]:
+    """``await entered(node, identity, role, room)``: a client joined through that node,
+    and the ``joined`` it got."""
     opened: list[Client] = []
 
-    async def join(node: GatewayServer, identity: str, role: str = "customer", room: str | None = None) -> Client:
+    async def join(
+        node: GatewayServer, identity: str, role: str = "customer", room: str | None = None
+    ) -> tuple[Client, dict[str, Any]]:
         client = await Client.open(node.ws_url)
         opened.append(client)
         await client.send({"type": "join", "token": make_token(identity, role, room)})
-        await client.expect("joined", identity=identity)
-        return client
+        return client, await client.expect("joined", identity=identity)
 
     yield join
     for client in opened:
         await client.close()
+
+
+@pytest.fixture
+def clients(entered: Entered) -> Callable[[GatewayServer, str, str, str | None], Awaitable[Client]]:
+    """``await join(node, identity, role, room)``: a client joined through that node."""
+
+    async def join(node: GatewayServer, identity: str, role: str = "customer", room: str | None = None) -> Client:
+        return (await entered(node, identity, role, room))[0]
+
+    return join
 
 
 async def test_chat_and_presence_cross_nodes(nodes: Nodes, clients: Any) -> None:
@@ -304,3 +320,126 @@ async def test_bad_call_signaling_through_another_node_is_an_error_to_its_sender
         assert {p.identity for p in n1.broker.calls.peers("r1")} == {"a1"} and len(n2.broker.calls) == 0
     finally:
         await agent.close()
+
+
+async def test_joined_lists_who_sends_media_through_every_node(nodes: Nodes, clients: Any, entered: Entered) -> None:
+    """Regression (issue 17): ``joined``'s ``media`` was the home node's knowledge, so a
+    participant joining through another node read an empty list while the customer was
+    sending audio. Every node reads what the home recorded; a hangup clears it."""
+    n1, n2 = await nodes(2)
+    customer = RtcClient(await clients(n1, "u1", "customer", "r1"))  # r1's home: n1
+    try:
+        await start_audio(customer, 440)
+        await customer.wait_for("media", identity="u1", audio=True)
+        sending = [{"identity": "u1", "audio": True, "video": False}]
+        _, at_home = await entered(n1, "a1", "agent", "r1")
+        assert at_home["media"] == sending
+        bob, elsewhere = await entered(n2, "a2", "agent", "r1")
+        assert elsewhere["media"] == sending
+        await customer.client.send({"type": "hangup"})
+        await bob.wait_for("media", identity="u1", audio=False)
+        _, after = await entered(n2, "a3", "agent", "r1")
+        assert after["media"] == []
+    finally:
+        await customer.close()
+
+
+async def test_a_customers_connection_through_another_node_replaces_the_older_one(
+    nodes: Nodes, clients: Any, entered: Entered
+) -> None:
+    """Regression (issue 17): a customer's new connection through n2 left its older one on
+    n1 connected. As on one node, the older one gets ``conflict`` and 4409, its call (at
+    home, n1) ends with reason ``replaced``, and the agent sees no leave or join."""
+    n1, n2 = await nodes(2)
+    ended: list[ev.CallEnded] = []
+    n1.broker.consumers.append(lambda e: ended.append(e) if isinstance(e, ev.CallEnded) else None)
+    old = RtcClient(await clients(n1, "u1", "customer", "r1"))
+    try:
+        bob = await clients(n2, "a1", "agent", "r1")
+        await bob.expect("queue")
+        await start_audio(old, 440)
+        await bob.wait_for("media", identity="u1", audio=True)
+        new, joined = await entered(n2, "u1", "customer", "r1")
+        assert {p["identity"] for p in joined["participants"]} == {"u1", "a1"}
+        assert (await old.wait_for("error"))["code"] == "conflict"
+        await until(lambda: old.client.ws.close_code == CLOSE_REPLACED)
+        await bob.wait_for("media", identity="u1", audio=False)  # the old connection's call ended
+        assert [(e.participant.identity, e.reason) for e in ended] == [("u1", "replaced")]
+        assert len(n1.broker.calls) == 0
+        await bob.send({"type": "chat", "text": "still there?"})
+        assert (await new.wait_for("chat"))["text"] == "still there?"
+        await bob.wait_for("chat", text="still there?")
+        assert not [m for m in bob.skipped if m["type"].startswith("participant.")]
+    finally:
+        await old.close()
+
+
+async def test_a_stale_replacement_does_not_close_a_newer_connection(nodes: Nodes, clients: Any) -> None:
+    """u1 connects through n1, then n2 (which replaces n1's), then n1 again (which replaces
+    n2's). n2's notice to n1, were it to arrive now (late), names an older connection than
+    n1's newest one: nothing is closed."""
+    n1, n2 = await nodes(2)
+    first = await clients(n1, "u1", "customer", "r1")
+    second = await clients(n2, "u1", "customer", "r1")
+    assert await first.closed() == CLOSE_REPLACED
+    seconds = n2.broker.delivery.local("r1", "u1")
+    assert seconds is not None
+    third = await clients(n1, "u1", "customer", "r1")
+    assert await second.closed() == CLOSE_REPLACED
+    assert n2.bus is not None
+    n2.bus.replaced("u1", seconds.version, conversation="r1", node="n1")  # the late notice
+    await asyncio.sleep(0.3)
+    await third.ping()
+    assert n1.broker.delivery.local("r1", "u1") is not None
+
+
+async def test_an_agents_connection_through_another_node_replaces_the_older_one(nodes: Nodes, clients: Any) -> None:
+    """Regression (issue 17): an agent's console reopened through n2 left the one on n1
+    connected. The older one is closed (4409) wherever it is, in a conversation or in the
+    lobby; the new one takes the conversation over and the customer sees no leave."""
+    n1, n2 = await nodes(2)
+    ann = await clients(n1, "u1", "customer", "r1")
+    old = await clients(n1, "a1", "agent", "r1")
+    await old.expect("queue")
+    await ann.expect("participant.joined", identity="a1")
+    new = await clients(n2, "a1", "agent")  # a lobby token: its conversations follow it
+    await new.expect("queue")
+    assert (await old.wait_for("error"))["code"] == "conflict"
+    assert await old.closed() == CLOSE_REPLACED
+    await ann.send({"type": "chat", "text": "hello?"})
+    assert (await new.wait_for("chat"))["text"] == "hello?"
+    await ann.expect("chat")
+    await ann.quiet()  # no participant.left, no participant.joined
+    # In the lobby (in no conversation: the store holds nothing of it) just the same.
+    lobby = await clients(n1, "a2", "agent")
+    await lobby.expect("queue")
+    again = await clients(n2, "a2", "agent")
+    await again.expect("queue")
+    assert await lobby.closed() == CLOSE_REPLACED
+    await again.ping()
+
+
+@pytest.mark.parametrize("redis", ["own"], indirect=True)
+async def test_after_a_redis_restart_the_home_records_its_calls_again(
+    nodes: Nodes, clients: Any, entered: Entered, redis: RedisServer
+) -> None:
+    """Redis comes back empty during a call: the home node puts back its participants and
+    says again what its calls send, so a join through another node lists it."""
+    n1, n2 = await nodes(2)
+    customer = RtcClient(await clients(n1, "u1", "customer", "r1"))  # r1's home: n1
+    try:
+        await start_audio(customer, 440)
+        await customer.wait_for("media", identity="u1", audio=True)
+        redis.down()
+        redis.up()  # empty
+
+        async def recorded() -> bool:
+            with contextlib.suppress(Unavailable):
+                return bool(await n2.store.media("r1"))
+            return False
+
+        await until(recorded, timeout=10)
+        _, joined = await entered(n2, "a1", "agent", "r1")
+        assert joined["media"] == [{"identity": "u1", "audio": True, "video": False}]
+    finally:
+        await customer.close()

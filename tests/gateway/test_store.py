@@ -13,10 +13,12 @@ from typing import Any
 
 import pytest
 
+from gateway.bus import Bus, Envelope
 from gateway.errors import Unavailable
 from gateway.messages import ChatMessage, Participant
 from gateway.redis_store import RedisStore
 from gateway.store import Admission, Enqueued, InMemoryStore, Limits, Store
+from tests.conftest import until
 from tests.databases import free_port
 from tests.redis_server import RedisServer
 
@@ -280,3 +282,71 @@ async def test_a_burst_of_steps_waits_for_connections_instead_of_failing(redis_s
         assert all(await asyncio.gather(*(store.append_chat("r1", m) for m in messages)))
     finally:
         await store.close()
+
+
+async def test_what_the_home_nodes_calls_send_is_recorded_while_it_is_true(redis_server: RedisServer) -> None:
+    """A ``media`` change is recorded by the step that publishes it (``Bus.room``), for
+    ``joined`` on the other nodes: only the conversation's home's word counts, and only
+    about its participants. The record goes when the call ends, the participant leaves,
+    the conversation ends, the home moves (its calls are not the new home's) or the home
+    node is reaped (its calls died with it)."""
+    prefix = f"test-{uuid.uuid4().hex[:8]}:"
+    home = RedisStore(redis_server.url(), prefix=prefix, node="home")
+    other = RedisStore(redis_server.url(), prefix=prefix, node="other")
+    heard: list[Envelope] = []  # by "home"
+    told: list[Envelope] = []  # by "other"
+    buses = [Bus(home.redis, prefix, "home", heard.append), Bus(other.redis, prefix, "other", told.append)]
+    try:
+        for bus in buses:
+            await bus.start()
+        at_home, elsewhere = buses
+        await home.redis.hset(f"{prefix}node:home", "id", "home")  # alive: it stays the home
+        await home.join("r1", ANN, ROOMY)  # r1's home: "home"
+        await other.join("r1", BOB, ROOMY)
+
+        def said(bus: Bus, identity: str, audio: bool, video: bool = False) -> None:
+            bus.room("r1", b"{}", "media", fresh=True, media=(identity, audio, video))
+
+        async def recorded(*expected: tuple[str, bool, bool]) -> bool:
+            entries = [{"identity": i, "audio": a, "video": v} for i, a, v in expected]
+            return sorted(await other.media("r1"), key=str) == sorted(entries, key=str)
+
+        said(elsewhere, "a1", True)  # not r1's home: not recorded
+        await until(lambda: heard)  # published (to "home", where u1 is) in the same step
+        assert await other.media("r1") == []
+        said(at_home, "u1", True)
+        said(at_home, "nobody", True)  # not in r1
+        said(at_home, "a1", True, True)
+        await until(lambda: recorded(("u1", True, False), ("a1", True, True)))
+        said(at_home, "a1", False)  # a1's call ended
+        await until(lambda: recorded(("u1", True, False)))
+        await home.leave("r1", "u1")
+        assert await other.media("r1") == []
+        said(at_home, "a1", True)
+        await until(lambda: recorded(("a1", True, False)))
+        await other.adopt("home")  # the home node is dead
+        assert await other.media("r1") == []
+
+        await home.join("r2", ANN, ROOMY)
+        await other.join("r2", CID, ROOMY)
+        at_home.room("r2", b"{}", "media", fresh=True, media=("u1", True, False))
+        await until(lambda: other.media("r2"))
+        await home.redis.delete(f"{prefix}node:home")  # gone: the next to ask is the home
+        assert await other.home("r2") == "other"
+        assert await other.media("r2") == []
+
+        told.clear()
+        at_home.room("r2", b"{}", "media", fresh=True, media=("u1", True, False))  # not the home any more
+        await until(lambda: told)
+        assert await other.media("r2") == []
+        elsewhere.room("r2", b"{}", "media", fresh=True, media=("u1", True, False))
+        await until(lambda: other.media("r2"))
+        await other.leave("r2", "u1")
+        assert (await other.leave("r2", CID.identity)).conversation_removed
+        await other.leave("r1", "a1")
+        assert await home.redis.keys(f"{prefix}md:*") == [] and await home.redis.keys(f"{prefix}hm:*") == []
+    finally:
+        for bus in buses:
+            await bus.close()
+        await home.close()
+        await other.close()
