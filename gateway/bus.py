@@ -137,6 +137,11 @@ class Placement:
     def get(self, conversation: str) -> Placed | None:
         return self._known.get(conversation)
 
+    def clear(self) -> None:
+        """Forget everything: Redis came back empty, its version counter starts again, so
+        what was known would outrank the placements to come."""
+        self._known.clear()
+
     def others(self, conversation: str) -> frozenset[str] | None:
         """The other nodes to send to (None: unknown here, ask Redis)."""
         known = self._known.get(conversation)

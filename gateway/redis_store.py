@@ -85,8 +85,21 @@ local function forget_expired(now)
   if #gone > 0 then redis.call('ZREMRANGEBYSCORE', P..'exp', '-inf', now) end
 end
 local NODE = ARGV[2]
+-- A counter whose values only grow, even across a Redis that restarts empty: a new one
+-- starts at the server's clock in microseconds (above anything handed out before, as
+-- long as fewer than a million were a second), so nodes that keep the newest version
+-- they heard of do not ignore what comes after a restart.
+local function bump(key)
+  local v = redis.call('INCR', key)
+  if v == 1 then
+    local t = redis.call('TIME')
+    v = tonumber(t[1]) * 1000000 + tonumber(t[2])
+    redis.call('SET', key, string.format('%.0f', v))
+  end
+  return v
+end
 local function moved(conv)
-  redis.call('HSET', P..'pv', conv, redis.call('INCR', P..'seq'))
+  redis.call('HSET', P..'pv', conv, string.format('%.0f', bump(P..'seq')))
 end
 local function untag(conv, ident)
   local node = redis.call('HGET', P..'at:'..conv, ident)
@@ -156,7 +169,7 @@ local function add(conv, ident, pjson, now)
   forget_expired(now)
   redis.call('ZREM', P..'exp', conv)
   local added = redis.call('HSET', P..'m:'..conv, ident, pjson)
-  if added == 1 then redis.call('ZADD', P..'o:'..conv, redis.call('INCR', P..'seq'), ident) end
+  if added == 1 then redis.call('ZADD', P..'o:'..conv, bump(P..'seq'), ident) end
   redis.call('SADD', P..'convs', conv)
   redis.call('SADD', P..'pc:'..ident, conv)
   -- Which node holds the participant (the websocket, or the bot's link): reaped with it.
@@ -178,7 +191,7 @@ local function unqueue(conv)
   if entry then
     redis.call('HDEL', P..'qe', conv)
     redis.call('ZREM', P..'q', conv)
-    redis.call('INCR', P..'qv')
+    bump(P..'qv')
   end
   return entry
 end
@@ -280,8 +293,8 @@ if not who then return {'no_customer'} end
 local entry = '{"conversation":'..cjson.encode(conv)..',"customer":'..who
 entry = entry..',"since":'..ARGV[5]..',"reason":'..ARGV[4]..'}'
 redis.call('HSET', P..'qe', conv, entry)
-redis.call('ZADD', P..'q', redis.call('INCR', P..'seq'), conv)
-redis.call('INCR', P..'qv')
+redis.call('ZADD', P..'q', bump(P..'seq'), conv)
+bump(P..'qv')
 return {'queued', entry}
 """
 
@@ -345,7 +358,7 @@ return redis.call('HGETALL', P..'md:'..ARGV[3])
 
 # (no arguments)
 _NEXT_VERSION = """
-return redis.call('INCR', P..'seq')
+return bump(P..'seq')
 """
 
 # ARGV: conversation

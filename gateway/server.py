@@ -345,6 +345,8 @@ class GatewayServer:
         )
 
     async def _rebuild(self) -> None:
+        if self.bus is not None:
+            self.bus.placement.clear()
         held = await self.broker.rebuild()
         log.warning("put %d participants back in the shared state", held)
 

@@ -279,6 +279,48 @@ async def test_a_redis_restart_is_survived(nodes: Nodes, clients: Any, redis: Re
     await bob.ping()
 
 
+@pytest.mark.parametrize("redis", ["own"], indirect=True)
+async def test_after_a_redis_restart_nodes_trust_the_new_versions(
+    nodes: Nodes, clients: Any, redis: RedisServer
+) -> None:
+    """Placements and the queue are versioned by Redis counters, and each node keeps the
+    newest version it heard of. An empty Redis must not start them again: a node would
+    ignore everything newer for a while, e.g. not send a conversation's chat to a node that
+    joined it after the restart, nor show its agents the customers who wait from then on."""
+    n1, n2, n3 = await nodes(3)
+    for i in range(10):  # the counters go up: r1's first version and the queue's with them
+        other = await clients(n2, f"x{i}", "customer", f"busy{i}")
+        await other.send({"type": "escalate"})
+        await other.wait_for("queued")
+        await other.send({"type": "leave"})
+        await other.wait_for("left")
+    ann = await clients(n1, "u1", "customer", "r1")
+    bob = await clients(n2, "a1", "agent", "r1")
+    await bob.expect("queue")
+    await ann.send({"type": "chat", "text": "before"})
+    await bob.wait_for("chat", text="before")
+    redis.down()
+    redis.up()  # empty
+
+    async def rebuilt() -> bool:
+        with contextlib.suppress(Unavailable):  # the first command after the restart
+            participants = await n1.store.participants("r1")
+            return participants is not None and len(participants) == 2
+        return False
+
+    await until(rebuilt, timeout=10)
+    cat = await clients(n3, "a2", "agent", "r1")  # after the restart, through a third node
+    await ann.wait_for("participant.joined", identity="a2")
+    await ann.send({"type": "chat", "text": "after"})
+    assert (await cat.wait_for("chat"))["text"] == "after"
+    dan = await clients(n1, "u2", "customer", "r2")
+    await dan.send({"type": "escalate"})
+    await dan.wait_for("queued")
+    for agent in (bob, cat):  # on n2 and n3
+        while [w["conversation"] for w in (await agent.wait_for("queue"))["waiting"]] != ["r2"]:
+            pass
+
+
 async def test_every_node_forgets_a_conversation_another_node_closed(
     nodes: Nodes, clients: Any, postgres: PostgresCluster
 ) -> None:
