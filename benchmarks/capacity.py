@@ -43,17 +43,12 @@ def holds(result: dict[str, Any]) -> bool:
 
 
 async def find_capacity(
-    kind: str,
-    steps: list[int],
-    duration: float,
-    refine: int,
-    recording: loadtest.Recording,
-    quota: float | None = None,
+    kind: str, steps: list[int], duration: float, refine: int, recording: loadtest.Recording
 ) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
 
     async def step(n: int) -> bool:
-        result = await loadtest.run(kind, n, duration, n / 25, recording, quota=quota)
+        result = await loadtest.run(kind, n, duration, n / 25, recording)
         result["holds"] = holds(result)
         runs.append(result)
         print(f"{kind:>9} N={n:<4} {summary(result)}", file=sys.stderr, flush=True)

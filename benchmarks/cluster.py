@@ -181,7 +181,7 @@ async def capacities(args: argparse.Namespace) -> dict[str, Any]:
     recording = loadtest.Recording.build()
     steps = [int(n) for n in args.steps.split(",")]
     results = [
-        await capacity.find_capacity(kind, steps, args.duration, args.refine, recording, args.cpu_quota or None)
+        await capacity.find_capacity(kind, steps, args.duration, args.refine, recording)
         for kind in ("talkgate-w1", "talkgate-w2")
     ]
     out: dict[str, Any] = {"results": results}
@@ -240,12 +240,6 @@ if __name__ == "__main__":
     parser.add_argument("--steps", default="50,100,150,200,250", help="--capacity: the sessions to step through.")
     parser.add_argument("--duration", type=float, default=10.0, help="--capacity: measured seconds per step.")
     parser.add_argument("--refine", type=int, default=2, help="--capacity: halvings between hold and failure.")
-    parser.add_argument(
-        "--cpu-quota",
-        type=float,
-        default=0.0,
-        help="--capacity: cap each worker at this fraction of a core, all on CPU 0 (root; see above).",
-    )
     arguments = parser.parse_args()
     if arguments.capacity:
         loadtest.pin_generator()

@@ -296,15 +296,11 @@ class Target:
     node, its live state in a throwaway Redis of its own), ``talkgate-wN`` (``serve
     --workers N`` on a Redis, ``--database none``: N nodes on one port), ``baseline``.
     One process is pinned to CPU 0; N workers may use every CPU (the generator keeps
-    its own pinning: the kernel shares its core with them). With ``quota`` (a fraction
-    of a core), every gateway process is pinned to CPU 0 and capped at that much CPU
-    (a cgroup's CFS quota, 10 ms periods): N workers then have N such slices, and the
-    generator a core of its own.
+    its own pinning: the kernel shares its core with them).
     """
 
-    def __init__(self, kind: str, bot_url: str, quota: float | None = None) -> None:
+    def __init__(self, kind: str, bot_url: str) -> None:
         self.kind = kind
-        self.cgroups: list[Path] = []
         common = ["--port", "0", "--bot-url", bot_url, *RTC_LOOPBACK_ARGS]
         env = {"TALKGATE_SECRET": SECRET, "TALKGATE_LOG_LEVEL": "INFO"}
         workers = re.fullmatch(r"talkgate-w(\d+)", kind)
@@ -327,12 +323,9 @@ class Target:
             self.metrics_urls = self._node_urls()
             self.node_pids = self._node_pids()
             for pid in self.pids():  # they inherited the generator's pinning
-                os.sched_setaffinity(pid, {min(ALL_CPUS)} if quota and len(ALL_CPUS) >= 2 else ALL_CPUS)
+                os.sched_setaffinity(pid, ALL_CPUS)
         elif len(ALL_CPUS) >= 2:
             os.sched_setaffinity(self.pid, {min(ALL_CPUS)})
-        if quota:
-            for pid in self.node_pids.values() or [self.pid]:
-                self.cgroups.append(cap_cpu(pid, quota))
 
     def _node_urls(self) -> dict[str, str]:
         """Each worker's own /metrics, from ``talkgate cluster status --json``."""
@@ -385,25 +378,6 @@ class Target:
         self.process.stop(timeout=60)
         if self.redis is not None:
             self.redis.stop()
-        for group in self.cgroups:
-            group.rmdir()
-
-
-#: cgroup v1's CPU controller (cgroup v2: the unified hierarchy's cpu.max).
-CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
-CGROUP_PERIOD_US = 10_000
-
-
-def cap_cpu(pid: int, quota: float) -> Path:
-    """Put ``pid`` in a cgroup of its own capped at ``quota`` of a core (root only).
-
-    Short periods keep the throttling's stalls short: at most a period minus the quota."""
-    group = CGROUP_CPU / f"talkgate-bench-{pid}"
-    group.mkdir()
-    (group / "cpu.cfs_period_us").write_text(str(CGROUP_PERIOD_US))
-    (group / "cpu.cfs_quota_us").write_text(str(int(quota * CGROUP_PERIOD_US)))
-    (group / "cgroup.procs").write_text(str(pid))
-    return group
 
 
 def read_metrics(url: str) -> dict[str, float]:
@@ -493,12 +467,11 @@ async def run(
     ramp: float,
     recording: Recording,
     profile: str | None = None,
-    quota: float | None = None,
 ) -> dict[str, Any]:
     bot = LoadBot()
     async with serve(bot.handle, "127.0.0.1", 0, compression=None, max_size=2**22) as bot_server:
         bot_url = f"ws://127.0.0.1:{bot_server.sockets[0].getsockname()[1]}/"
-        target = Target(kind, bot_url, quota)
+        target = Target(kind, bot_url)
         try:
             await asyncio.sleep(0.5)
             idle_rss = target.rss_bytes()

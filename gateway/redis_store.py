@@ -26,7 +26,9 @@ Keys (``P`` is the prefix, ``C`` a conversation id):
   ``joined`` on the other nodes; ``P hm:N``: the conversations whose ``md`` node N wrote
   (dropped with N when it is reaped: its calls died with it);
 - ``P seq``: a counter for join and arrival order, and every version (placements,
-  connections: ``Store.next_version``).
+  connections: ``Store.next_version``). It and ``P qv`` start at the server's clock in
+  µs (``bump``): nodes keep the newest version they heard of, so a Redis that restarts
+  empty must not count from 1 again.
 
 The retention clock is wall time by default (``time.time``): several processes must
 agree on it, which their monotonic clocks do not. A Redis error is ``Unavailable`` to
