@@ -10,9 +10,15 @@ load test uses (``join`` → ``joined``, ``offer`` → ``answer``) with the same
 runs on uvloop like talkgate, and exposes the same event-loop lag histogram on
 ``/metrics``, so ``loadtest.py --target baseline`` measures both the same way.
 
+With ``--no-playback`` it does the listening job alone: no reply track is added to the
+peer connection (the answer is ``recvonly``: nothing is sent back, no 20 ms timer runs
+for it) and bot audio is dropped, so ``loadtest.py --shape listen`` measures resample +
+webrtcvad + the websocket to the bot, the plain-aiortc way.
+
 It is a benchmark fixture, not a product: no chat, no agents, no reconnection.
 
     python benchmarks/baseline.py --port 0 --bot-url ws://127.0.0.1:8765/
+    python benchmarks/baseline.py --port 0 --bot-url ws://127.0.0.1:8765/ --no-playback
 """
 
 from __future__ import annotations
@@ -99,7 +105,8 @@ class Session:
         self.room = ""
         self.identity = ""
         self.bot: ClientConnection | None = None
-        self.playback = BotAudioTrack()
+        #: The reply track, unless ``--no-playback`` (then nothing is sent to the client).
+        self.playback = BotAudioTrack() if args.playback else None
         self.tasks: list[asyncio.Task[None]] = []
 
     async def run(self) -> None:
@@ -129,7 +136,8 @@ class Session:
         @pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
             if track.kind == "audio":
-                pc.addTrack(self.playback)
+                if self.playback is not None:
+                    pc.addTrack(self.playback)
                 self.tasks.append(asyncio.create_task(self.consume(track)))
 
         await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
@@ -151,7 +159,7 @@ class Session:
     async def read_bot(self, bot: ClientConnection) -> None:
         with contextlib.suppress(ConnectionClosed):
             async for data in bot:
-                if isinstance(data, bytes):
+                if isinstance(data, bytes) and self.playback is not None:
                     self.playback.play(data)
 
     async def consume(self, track: MediaStreamTrack) -> None:
@@ -230,6 +238,12 @@ def cli() -> None:
     parser.add_argument("--secret", default=os.environ.get("TALKGATE_SECRET", ""))
     parser.add_argument("--rtc-address", default="127.0.0.1")
     parser.add_argument("--rtc-allow-network", default="", help="Accepted for the load test's command line.")
+    parser.add_argument(
+        "--no-playback",
+        dest="playback",
+        action="store_false",
+        help="Add no reply track: listen only (the answer is recvonly; bot audio is dropped).",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     uvloop.run(main(args))
