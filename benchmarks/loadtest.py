@@ -4,16 +4,32 @@ Each simulated customer is an aiortc client that joins through the real signalin
 protocol, negotiates audio and sends a real speech recording (espeak-ng utterances
 with pauses, looped, each client starting at its own offset) as *pre-encoded* Opus
 packets at real-time pace, so the generator spends nothing on encoding. The target
-dials a speech bot that runs in this process: an echo bot that counts and times what
-it gets and echoes each segment back. What the client receives is timed at the RTP
-level (received packets are decoded only to find where the echo gets loud), so
-the generator stays cheap enough to drive a few hundred sessions from one core.
+dials a speech bot that runs in this process: a bot that counts and times what it
+gets and, in the ``echo`` shape, echoes each segment back. What the client receives
+is timed at the RTP level (received packets are decoded only to find where the echo
+gets loud), so the generator stays cheap enough to drive a few hundred sessions from
+one core.
+
+Shapes (``--shape``):
+  echo     the bot echoes each segment; the customer offers ``sendrecv`` (the default)
+  listen   the bot never answers; the customer offers ``sendonly`` and declines (answers
+           ``inactive``) any track the target offers later; the baseline runs with
+           ``--no-playback``. Nothing is sent back: the listening job is measured
+           (decode, resample, VAD, websocket to the bot). talkgate sets up a bot's voice
+           whatever the bot does: it offers it in a second negotiation (declined) and
+           its idle playback timer still ticks (a silent packet every 0.4 s, unsent)
+  both     each of the above
 
 The target runs in its own process, pinned to CPU 0 when the machine has two or more;
 this process (generator and bot) is pinned to the others.
 
     python benchmarks/loadtest.py --sessions 100 --duration 20          # talkgate, then the baseline
     python benchmarks/loadtest.py --sessions 50 --target baseline --json
+    python benchmarks/loadtest.py --shape both --sessions 50,100        # CPU per session, 8 runs
+
+With several sessions counts or shapes, every (sessions, shape) cell runs each target
+in turn, the order of the targets flipping from one cell to the next so that a noisy
+neighbour hits each alike, and a last table gives CPU % per session side by side.
 
 Figures (all measured in a window of ``--duration`` seconds after every session is up):
   setup        join sent → peer connection connected, median and p95
@@ -25,6 +41,9 @@ Figures (all measured in a window of ``--duration`` seconds after every session 
   loop lag     the target's event-loop lag histogram (/metrics), p50 and p99 in the window
   speech end → speech.stopped   true end of an utterance as sent → the bot gets speech.stopped
   bot audio → client            the echo's first loud 20 ms is due → the client receives it
+                                (echo only: None in the listen shape)
+  client RTP   RTP packets the customers received, from setup to the window's end (all
+               sessions; 0 when the target sends nothing back)
   audio path   (talkgate) RTP packet in → its PCM handed to the bot's socket, from /metrics
 """
 
@@ -79,6 +98,8 @@ LOOP_LAG = "talkgate_event_loop_lag_seconds"
 LOUD = 300.0
 #: Opus packets this small carry silence (or DTX); they are not decoded.
 SILENT_PAYLOAD = 12
+#: ``--shape``: the bot echoes each segment, or only listens (sends nothing back).
+SHAPES = ("echo", "listen")
 
 
 # -- the recording ---------------------------------------------------------------------------
@@ -155,9 +176,11 @@ class BotConversation:
 
 
 class LoadBot:
-    """An echo bot that records, per conversation, segments and echo timing."""
+    """A bot that records, per conversation, segments and echo timing; ``answer=False``
+    never sends audio back (the listen shape), counting and timing the same."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer: bool = True) -> None:
+        self.answer = answer
         self.conversations: dict[str, BotConversation] = {}
 
     async def handle(self, ws: ServerConnection) -> None:
@@ -172,7 +195,8 @@ class LoadBot:
             if isinstance(data, bytes):
                 if segment is not None:
                     segment.frames += 1
-                    audio.append(data)
+                    if self.answer:
+                        audio.append(data)
                 continue
             message = json.loads(data)
             kind = message["type"]
@@ -185,6 +209,8 @@ class LoadBot:
                 segment.stopped_t, segment.stopped_at = message["t"], time.perf_counter()
                 conv.segments.append(segment)
                 segment = None
+                if not self.answer:
+                    continue
                 pcm = b"".join(audio)
                 frames = np.frombuffer(pcm, dtype="<i2")[: len(pcm) // 640 * 320].reshape(-1, 320)
                 loud = np.sqrt(np.mean(frames.astype(np.float64) ** 2, axis=1)) >= LOUD
@@ -200,12 +226,18 @@ class LoadBot:
 
 
 class Customer:
-    """Joins, offers audio, sends the recording; times the loud onsets of what it receives."""
+    """Joins, offers audio, sends the recording; times the loud onsets of what it receives.
 
-    def __init__(self, index: int, url: str, recording: Recording, offset: int) -> None:
+    ``receive=False`` (the listen shape): offers ``sendonly`` and answers any later
+    offer of the target's with its new tracks ``inactive``, so the target is told
+    that nothing it could send would be heard, rather than sending it unheard.
+    """
+
+    def __init__(self, index: int, url: str, recording: Recording, offset: int, receive: bool = True) -> None:
         self.index = index
         self.room = f"load-{index}"
         self.url = url
+        self.receive = receive
         self.track = OpusPacketTrack(recording, offset)
         self.pc = RTCPeerConnection()
         self.ws: ClientConnection | None = None
@@ -227,15 +259,13 @@ class Customer:
             token = tokens.issue(SECRET, identity=f"c{self.index}", role="customer", room=self.room, ttl=3600)
             await self.ws.send(json.dumps({"type": "join", "token": token}))
             await self._expect("joined")
-            self.pc.addTransceiver(self.track, direction="sendrecv")
+            self.pc.addTransceiver(self.track, direction="sendrecv" if self.receive else "sendonly")
             self.pc.on("connectionstatechange", self._state)
             await self.pc.setLocalDescription(await self.pc.createOffer())
             await self.ws.send(json.dumps({"type": "offer", "sdp": self.pc.localDescription.sdp}))
             answer = await self._expect("answer")
             await self.pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], "answer"))
-            for transceiver in self.pc.getTransceivers():
-                # Time packets as they arrive instead of jitter-buffering and decoding them all.
-                transceiver.receiver._handle_rtp_packet = self._on_rtp  # type: ignore[method-assign]
+            self._count_rtp()
             async with asyncio.timeout(30):
                 await self._connected.wait()
             self.setup_s = time.perf_counter() - t0
@@ -253,12 +283,31 @@ class Customer:
                 if message["type"] == "error":
                     raise AssertionError(str(message))
 
+    def _count_rtp(self) -> None:
+        for transceiver in self.pc.getTransceivers():
+            # Time packets as they arrive instead of jitter-buffering and decoding them all.
+            transceiver.receiver._handle_rtp_packet = self._on_rtp  # type: ignore[method-assign]
+
     async def _drain(self) -> None:
-        """Read (and ignore) signaling so the gateway never sees a slow consumer."""
+        """Read signaling so the gateway never sees a slow consumer; answer its offers."""
         assert self.ws is not None
         with contextlib.suppress(ConnectionClosed):
-            async for _ in self.ws:
-                pass
+            async for data in self.ws:
+                message = json.loads(data)
+                if message["type"] == "offer":
+                    await self._answer(message["sdp"])
+
+    async def _answer(self, sdp: str) -> None:
+        """The target offers more (talkgate: the bot's voice on a track of its own, when
+        the first answer could not carry it): receive it, or decline it when listening."""
+        assert self.ws is not None
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp, "offer"))
+        for transceiver in self.pc.getTransceivers():
+            if transceiver.sender.track is None:  # one the target added
+                transceiver.direction = "recvonly" if self.receive else "inactive"
+        await self.pc.setLocalDescription(await self.pc.createAnswer())
+        self._count_rtp()
+        await self.ws.send(json.dumps({"type": "answer", "sdp": self.pc.localDescription.sdp}))
 
     def _state(self) -> None:
         if self.pc.connectionState == "connected":
@@ -296,10 +345,12 @@ class Target:
     node, its live state in a throwaway Redis of its own), ``talkgate-wN`` (``serve
     --workers N`` on a Redis, ``--database none``: N nodes on one port), ``baseline``.
     One process is pinned to CPU 0; N workers may use every CPU (the generator keeps
-    its own pinning: the kernel shares its core with them).
+    its own pinning: the kernel shares its core with them). In the listen shape the
+    baseline runs with ``--no-playback`` (talkgate has no such switch: it is measured as
+    it serves a bot that never speaks).
     """
 
-    def __init__(self, kind: str, bot_url: str) -> None:
+    def __init__(self, kind: str, bot_url: str, shape: str = "echo") -> None:
         self.kind = kind
         common = ["--port", "0", "--bot-url", bot_url, *RTC_LOOPBACK_ARGS]
         env = {"TALKGATE_SECRET": SECRET, "TALKGATE_LOG_LEVEL": "INFO"}
@@ -314,6 +365,8 @@ class Target:
             self.process = GatewayProcess("serve", "--rate", "1000", "--burst", "1000", *common, env=env, drain=True)
         else:
             baseline = str(Path(__file__).with_name("baseline.py"))
+            if shape == "listen":
+                common.append("--no-playback")
             self.process = GatewayProcess(*common, env=env, command=[sys.executable, baseline], drain=True)
         self.pid = self.process.proc.pid
         #: Each process's own /metrics: the target's URL, or each worker's node URL.
@@ -467,17 +520,21 @@ async def run(
     ramp: float,
     recording: Recording,
     profile: str | None = None,
+    shape: str = "echo",
 ) -> dict[str, Any]:
-    bot = LoadBot()
+    if shape not in SHAPES:
+        raise ValueError(f"shape must be one of {SHAPES}")
+    echo = shape == "echo"
+    bot = LoadBot(answer=echo)
     async with serve(bot.handle, "127.0.0.1", 0, compression=None, max_size=2**22) as bot_server:
         bot_url = f"ws://127.0.0.1:{bot_server.sockets[0].getsockname()[1]}/"
-        target = Target(kind, bot_url)
+        target = Target(kind, bot_url, shape)
         try:
             await asyncio.sleep(0.5)
             idle_rss = target.rss_bytes()
             rng = random.Random(sessions)
             customers = [
-                Customer(i, target.process.ws_url, recording, rng.randrange(len(recording.packets)))
+                Customer(i, target.process.ws_url, recording, rng.randrange(len(recording.packets)), receive=echo)
                 for i in range(sessions)
             ]
             starts = []
@@ -487,7 +544,8 @@ async def run(
             await asyncio.gather(*starts)
             up = [c for c in customers if c.setup_s is not None]
             await asyncio.sleep(2.0)  # settle: first segments, the ramp's DTLS work done
-            profiler = start_profiler(target.pid, duration, f"{profile}.{kind}.txt") if profile else None
+            prefix = f"{profile}.{kind}" if shape == "echo" else f"{profile}.{kind}.{shape}"
+            profiler = start_profiler(target.pid, duration, f"{prefix}.txt") if profile else None
             metrics0, nodes0 = target.metrics(), target.cpu_by_node()
             cpu0, w0 = target.cpu_seconds(), time.perf_counter()
             own0 = os.times()
@@ -496,7 +554,7 @@ async def run(
             metrics1, nodes1 = target.metrics(), target.cpu_by_node()
             own1 = os.times()
             rss = target.rss_bytes()
-            result = summarize(kind, customers, up, bot, recording, (w0, w1), cpu1 - cpu0, metrics0, metrics1)
+            result = summarize(kind, shape, customers, up, bot, recording, (w0, w1), cpu1 - cpu0, metrics0, metrics1)
             if nodes1:
                 result["workers"] = [
                     {
@@ -512,7 +570,7 @@ async def run(
             result["generator_cpu_percent"] = round(100 * own / (w1 - w0), 1)
             if profiler is not None:
                 await asyncio.to_thread(profiler.wait)
-                result["profile_top"] = top_functions(f"{profile}.{kind}.txt")
+                result["profile_top"] = top_functions(f"{prefix}.txt")
             await asyncio.gather(*(c.close() for c in customers))
         finally:
             # In a thread: the target closes its bot links on the way out, and this loop answers them.
@@ -522,6 +580,7 @@ async def run(
 
 def summarize(
     kind: str,
+    shape: str,
     customers: list[Customer],
     up: list[Customer],
     bot: LoadBot,
@@ -531,7 +590,9 @@ def summarize(
     metrics0: dict[str, dict[str, float]],
     metrics1: dict[str, dict[str, float]],
 ) -> dict[str, Any]:
-    """The run's figures; the loop lag and the audio path are the worst process's."""
+    """The run's figures; the loop lag and the audio path are the worst process's.
+
+    Those of the echo (bot audio → client) are None in the listen shape: there is none."""
     w0, w1 = window
     expected = received = segments = 0
     stop_latency: list[float] = []
@@ -563,8 +624,10 @@ def summarize(
                 echo_latency.append(heard - due)
     setups = [c.setup_s for c in up if c.setup_s is not None]
     seconds = w1 - w0
+    echo = shape == "echo"
     result: dict[str, Any] = {
         "target": kind,
+        "shape": shape,
         "sessions": len(customers),
         "established": len(up),
         "errors": sorted({c.error for c in customers if c.error})[:3],
@@ -578,8 +641,9 @@ def summarize(
         "loss_percent": round(100 * (1 - received / expected), 2) if expected else None,
         "loop_lag": worst(metrics0, metrics1, LOOP_LAG),
         "speech_end_to_stopped": ms(stop_latency),
-        "bot_audio_to_client": ms(echo_latency),
-        "echoes_timed": len(echo_latency),
+        "bot_audio_to_client": ms(echo_latency) if echo else None,
+        "echoes_timed": len(echo_latency) if echo else None,
+        "client_rtp_packets": sum(c.packets_in for c in up),
     }
     path = worst(metrics0, metrics1, "talkgate_audio_rtp_to_bot_seconds")
     if path is not None:
@@ -590,40 +654,83 @@ def summarize(
 # -- output --------------------------------------------------------------------------------------
 
 
-def table(results: list[dict[str, Any]]) -> str:
-    def fmt(value: Any) -> str:
-        return "-" if value is None else str(value)
+def fmt(value: Any) -> str:
+    return "-" if value is None else str(value)
 
+
+def pair(figure: dict[str, Any] | None, low: str = "p50_ms", high: str = "p99_ms") -> str:
+    """``low / high`` of a latency figure, "-" where it does not exist (no echo, no histogram)."""
+    return "-" if figure is None else f"{fmt(figure[low])} / {fmt(figure[high])}"
+
+
+def table(results: list[dict[str, Any]]) -> str:
     rows: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
         ("sessions established", lambda r: f"{r['established']}/{r['sessions']}"),
-        ("setup p50 / p95 ms", lambda r: f"{fmt(r['setup']['p50_ms'])} / {fmt(r['setup']['p95_ms'])}"),
+        ("setup p50 / p95 ms", lambda r: pair(r["setup"], high="p95_ms")),
         ("CPU % of a core", lambda r: fmt(r["cpu_percent"])),
         ("CPU % per session", lambda r: fmt(r["cpu_percent_per_session"])),
         ("RSS per session KiB", lambda r: fmt(r["rss_per_session_kb"])),
         ("generator CPU % (its own core)", lambda r: fmt(r["generator_cpu_percent"])),
         ("frames expected / received", lambda r: f"{r['frames_expected']} / {r['frames_received']}"),
         ("loss %", lambda r: fmt(r["loss_percent"])),
-        (
-            "loop lag p50 / p99 ms",
-            lambda r: "-" if r["loop_lag"] is None else f"{r['loop_lag']['p50_ms']} / {r['loop_lag']['p99_ms']}",
-        ),
-        (
-            "speech end → stopped p50 / p99 ms",
-            lambda r: f"{fmt(r['speech_end_to_stopped']['p50_ms'])} / {fmt(r['speech_end_to_stopped']['p99_ms'])}",
-        ),
-        (
-            "bot audio → client p50 / p99 ms",
-            lambda r: f"{fmt(r['bot_audio_to_client']['p50_ms'])} / {fmt(r['bot_audio_to_client']['p99_ms'])}",
-        ),
-        (
-            "RTP in → PCM to bot p50 / p99 ms",
-            lambda r: f"{r['rtp_to_bot']['p50_ms']} / {r['rtp_to_bot']['p99_ms']}" if "rtp_to_bot" in r else "-",
-        ),
+        ("loop lag p50 / p99 ms", lambda r: pair(r["loop_lag"])),
+        ("speech end → stopped p50 / p99 ms", lambda r: pair(r["speech_end_to_stopped"])),
+        ("bot audio → client p50 / p99 ms", lambda r: pair(r["bot_audio_to_client"])),
+        ("RTP packets to clients", lambda r: fmt(r["client_rtp_packets"])),
+        ("RTP in → PCM to bot p50 / p99 ms", lambda r: pair(r.get("rtp_to_bot"))),
     ]
     width = max(len(name) for name, _ in rows) + 2
-    lines = ["".ljust(width) + "".join(r["target"].rjust(18) for r in results)]
+    lines = [
+        "".ljust(width) + "".join(r["target"].rjust(18) for r in results),
+        "".ljust(width) + "".join(f"{r['shape']}, N={r['sessions']}".rjust(18) for r in results),
+    ]
     for name, get in rows:
         lines.append(name.ljust(width) + "".join(get(r).rjust(18) for r in results))
+    return "\n".join(lines)
+
+
+def plan(sessions: list[int], shapes: list[str], kinds: list[str]) -> list[tuple[int, str, str]]:
+    """Every run as (sessions, shape, target): each target once per (sessions, shape) cell.
+
+    The targets' order flips from one cell to the next and the shapes' order from one
+    sessions count to the next, so each target goes first as often as the other within
+    a shape too: a noisy neighbour (or a machine warming up) hits them alike.
+    """
+    runs = []
+    flip = False
+    for j, n in enumerate(sessions):
+        for shape in shapes if j % 2 == 0 else shapes[::-1]:
+            runs += [(n, shape, kind) for kind in (kinds[::-1] if flip else kinds)]
+            flip = not flip
+    return runs
+
+
+def per_session(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """CPU % of one core per session, one row per (sessions, shape), a column per target,
+    and talkgate / baseline where both ran: the cost of a session side by side."""
+    rows: dict[tuple[int, str], dict[str, Any]] = {}
+    for r in results:
+        row = rows.setdefault((r["sessions"], r["shape"]), {"sessions": r["sessions"], "shape": r["shape"]})
+        row[r["target"]] = r["cpu_percent_per_session"]
+    for row in rows.values():
+        if row.get("talkgate") and row.get("baseline"):
+            row["talkgate_to_baseline"] = round(row["talkgate"] / row["baseline"], 2)
+    return sorted(rows.values(), key=lambda row: (row["sessions"], SHAPES.index(row["shape"])))
+
+
+def per_session_table(rows: list[dict[str, Any]]) -> str:
+    ratio = "talkgate_to_baseline"
+    kinds = list(dict.fromkeys(key for row in rows for key in row if key not in ("sessions", "shape", ratio)))
+    columns = [(kind, kind) for kind in kinds] + (
+        [("talkgate/baseline", ratio)] if any(ratio in r for r in rows) else []
+    )
+    lines = [
+        "CPU % of one core per session (target process, measured window)",
+        f"{'sessions':>8}  {'shape':<7}" + "".join(f"{title:>20}" for title, _ in columns),
+    ]
+    for row in rows:
+        cells = "".join(f"{fmt(row.get(key)):>20}" for _, key in columns)
+        lines.append(f"{row['sessions']:>8}  {row['shape']:<7}{cells}")
     return "\n".join(lines)
 
 
@@ -639,15 +746,22 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
     ice.use_host_addresses(["127.0.0.1"])
     recording = Recording.build()
     kinds = ["talkgate", "baseline"] if args.target == "both" else [args.target]
+    shapes = list(SHAPES) if args.shape == "both" else [args.shape]
     results = []
-    for kind in kinds:
-        results.append(await run(kind, args.sessions, args.duration, args.ramp, recording, args.profile))
+    for n, shape, kind in plan(args.sessions, shapes, kinds):
+        ramp = n / 25 if args.ramp is None else args.ramp
+        results.append(await run(kind, n, args.duration, ramp, recording, args.profile, shape))
     return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sessions", type=int, default=50)
+    parser.add_argument(
+        "--sessions",
+        type=lambda text: [int(n) for n in text.split(",")],
+        default=[50],
+        help="Sessions per run, or several: 50,100.",
+    )
     parser.add_argument("--duration", type=float, default=20.0, help="Seconds measured once all sessions are up.")
     parser.add_argument("--ramp", type=float, default=None, help="Seconds over which sessions start (N/25).")
     parser.add_argument(
@@ -656,20 +770,26 @@ def main() -> None:
         default="both",
         help="talkgate-redis: talkgate as a cluster node, its live state in a Redis of its own",
     )
+    parser.add_argument(
+        "--shape", choices=[*SHAPES, "both"], default="echo", help="echo: the bot answers; listen: it never does."
+    )
     parser.add_argument("--json", action="store_true", help="Print one JSON object as the last line.")
-    parser.add_argument("--profile", metavar="PREFIX", help="py-spy the target in the window: PREFIX.<target>.txt")
+    parser.add_argument(
+        "--profile", metavar="PREFIX", help="py-spy the target in the window: PREFIX.<target>[.listen].txt"
+    )
     args = parser.parse_args()
-    if args.ramp is None:
-        args.ramp = args.sessions / 25
     pin_generator()
     results = uvloop.run(main_async(args))
     out = sys.stderr if args.json else sys.stdout
     print(table(results), file=out)
+    rows = per_session(results)
+    if len(results) > 1:
+        print("\n" + per_session_table(rows), file=out)
     for result in results:
         for name, share in result.get("profile_top", []):
-            print(f"{result['target']:>10} {share:5.1f}%  {name}", file=out)
+            print(f"{result['target']:>10} {result['shape']:>6} {share:5.1f}%  {name}", file=out)
     if args.json:
-        print(json.dumps({"sessions": args.sessions, "results": results}))
+        print(json.dumps({"sessions": args.sessions, "shape": args.shape, "results": results, "per_session": rows}))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from benchmarks import loadtest
+
 BENCHMARKS = Path(__file__).parents[2] / "benchmarks"
 
 
@@ -96,7 +98,45 @@ def test_loadtest_runs_talkgate_and_the_baseline_side_by_side() -> None:
         assert r["loss_percent"] is not None and r["loop_lag"]["count"] > 0
         assert r["cpu_percent"] > 0 and r["setup"]["p50_ms"] > 0
         assert r["speech_end_to_stopped"]["p50_ms"] > 0
+        assert r["shape"] == "echo" and r["client_rtp_packets"] > 0  # the echo shape is the default
     assert talkgate["rtp_to_bot"]["count"] > 0  # talkgate's own audio-path histogram
+
+
+def test_loadtest_listen_shape_sends_nothing_back_and_tables_cpu_per_session() -> None:
+    """``--shape both``: each target listening (a bot that never answers; the baseline with
+    ``--no-playback``) and echoing, in alternating order, and CPU per session side by side."""
+    result = run_benchmark("loadtest.py", "--shape", "both", "--sessions", "3", "--duration", "4")
+    runs = [(r["target"], r["shape"]) for r in result["results"]]
+    assert runs == [("talkgate", "echo"), ("baseline", "echo"), ("baseline", "listen"), ("talkgate", "listen")]
+    for r in result["results"]:
+        assert r["established"] == 3, (r["target"], r["shape"], r["errors"])
+        assert r["segments"] >= 1 and r["frames_received"] > 0  # the bot got speech in both shapes
+        assert r["loss_percent"] is not None and r["cpu_percent_per_session"] > 0
+        if r["shape"] == "listen":
+            # Sessions established with nothing coming back (talkgate's offer of the bot's
+            # voice declined, the baseline without its reply track); no echo to time.
+            assert r["client_rtp_packets"] == 0, r["target"]
+            assert r["bot_audio_to_client"] is None and r["echoes_timed"] is None
+        else:
+            assert r["client_rtp_packets"] > 0 and r["bot_audio_to_client"] is not None
+    rows = result["per_session"]
+    assert [(row["sessions"], row["shape"]) for row in rows] == [(3, "echo"), (3, "listen")]
+    assert all(row["talkgate"] > 0 and row["baseline"] > 0 and row["talkgate_to_baseline"] > 0 for row in rows)
+
+
+def test_loadtest_plan_alternates_which_target_goes_first() -> None:
+    """Within each shape, talkgate and the baseline take turns going first across sessions counts."""
+    assert loadtest.plan([50, 100], ["echo", "listen"], ["talkgate", "baseline"]) == [
+        (50, "echo", "talkgate"),
+        (50, "echo", "baseline"),
+        (50, "listen", "baseline"),
+        (50, "listen", "talkgate"),
+        (100, "listen", "talkgate"),
+        (100, "listen", "baseline"),
+        (100, "echo", "baseline"),
+        (100, "echo", "talkgate"),
+    ]
+    assert loadtest.plan([50], ["echo"], ["talkgate"]) == [(50, "echo", "talkgate")]
 
 
 def test_capacity_steps_both_targets_and_reports_a_ratio() -> None:
