@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image  # Pillow comes with matplotlib
 
 from benchmarks import loadtest
 
@@ -145,6 +146,39 @@ def test_capacity_steps_both_targets_and_reports_a_ratio() -> None:
     assert [r["sessions"] for r in talkgate["runs"]] == [2] == [r["sessions"] for r in baseline["runs"]]
     assert all(isinstance(r["holds"], bool) for r in talkgate["runs"] + baseline["runs"])
     assert talkgate["capacity"] in (0, 2) and baseline["capacity"] in (0, 2)
+    assert {r["shape"] for r in talkgate["runs"] + baseline["runs"]} == {"echo"}  # the default
+
+
+def test_capacity_listen_shape_and_plot_after_the_search_and_from_saved_json(tmp_path: Path) -> None:
+    """``--shape listen`` reaches every step; ``--plot`` draws after the search, and
+    ``--from-json`` redraws from the saved output (and prints its table) without running.
+
+    3 sessions for 4 s: their (fixed) offsets put two utterance ends well inside the
+    window, so the bot's frames are counted even when setup is slow (2 sessions for 3 s
+    had one end on the window's edge)."""
+    drawn = tmp_path / "search.png"
+    result = run_benchmark(
+        "capacity.py", *("--shape", "listen", "--steps", "3", "--duration", "4", "--refine", "0", "--plot", str(drawn))
+    )
+    assert [(r["target"], r["shape"]) for r in result["results"]] == [("talkgate", "listen"), ("baseline", "listen")]
+    for target in result["results"]:
+        (run,) = target["runs"]
+        assert run["shape"] == "listen" and run["established"] == 3, run["errors"]
+        assert run["frames_received"] > 0 and run["client_rtp_packets"] == 0
+    saved = tmp_path / "listen.json"
+    saved.write_text(json.dumps(result))
+    redrawn = tmp_path / "redrawn.png"
+    out = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "capacity.py"), "--from-json", str(saved), "--plot", str(redrawn)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert "capacity  talkgate (listen):" in out and "capacity  baseline (listen):" in out
+    for png in (drawn, redrawn):
+        with Image.open(png) as image:
+            assert image.format == "PNG" and image.size == (1200, 500)
 
 
 def test_api_benchmark_runs_and_reports_every_figure() -> None:
