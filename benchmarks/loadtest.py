@@ -58,6 +58,7 @@ import os
 import random
 import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -508,7 +509,9 @@ def top_functions(path: str, n: int = 10) -> list[tuple[str, float]]:
 
 def start_profiler(pid: int, seconds: float, path: str) -> subprocess.Popen[bytes]:
     """py-spy (pip install 'talkgate[bench]') sampling the target for the window."""
-    command = ["py-spy", "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "200"]
+    # The venv's py-spy when the venv is not on PATH (``.venv/bin/python benchmarks/…``).
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    command = [spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "200"]
     command += ["--format", "raw", "--output", path, "--nonblocking"]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
