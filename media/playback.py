@@ -139,6 +139,8 @@ class PlaybackTrack(MediaStreamTrack):
         self._played = 0
         self._resamplers: dict[int, av.AudioResampler] = {}
         self._frame = np.zeros(rate // 50, dtype=np.int16)
+        #: The idle keep-alive's payload at this rate (made at the first one).
+        self._keepalive: bytes | None = None
 
     def set_rate(self, rate: int) -> bool:
         """Play (and encode) at the bot's announced rate from now on; only while nothing is queued."""
@@ -320,7 +322,16 @@ class PlaybackTrack(MediaStreamTrack):
             self._silent_run += 1
             if self._silent_run > DTX_HANGOVER and time.monotonic() - self._last_packet < IDLE_SECONDS:
                 return None  # DTX: nothing to send for this slot
-        packet = av.Packet(self._encoder.encode(self._frame))
+        if self._silent_run > DTX_HANGOVER:
+            # An idle keep-alive (one per IDLE_SECONDS while the bot is silent): silence,
+            # encoded once per track. An encode costs ~100 µs; a listening session sends
+            # a keep-alive 2.5 times a second for as long as the bot says nothing.
+            if self._keepalive is None:
+                self._keepalive = self._encoder.encode(np.zeros_like(self._frame))
+            payload = self._keepalive
+        else:
+            payload = self._encoder.encode(self._frame)
+        packet = av.Packet(payload)
         packet.pts = slot * FRAME_SAMPLES
         packet.time_base = TIME_BASE
         self._last_packet = time.monotonic()

@@ -48,6 +48,7 @@ from media.vad import Event, SpeechFrame, SpeechPaused, SpeechStarted, SpeechSto
 from ..messages import Participant, Role
 from ..protocol import TokenBucket
 from . import link_token, native
+from .frames import MaskKeys, client_frame
 from .native import BotProtocol
 
 log = logging.getLogger("talkgate.bot")
@@ -207,6 +208,7 @@ class BotConnector:
         self._taps: list[Subscriber] | None = None
         self._wake = asyncio.Event()
         self._ws: ClientConnection | None = None
+        self._mask_keys = MaskKeys()
         self._rate = 16_000  # of the bot's audio, from audio.format
         self._stop_reason: str | None = None
         self._task: asyncio.Task[None] | None = None
@@ -416,7 +418,7 @@ class BotConnector:
     def _push(self, item: str | bytes, audio: bool, arrived: float = 0.0, queued: float = 0.0) -> None:
         if self.state is BotState.STOPPED:
             return
-        if audio and not self._outbox and self._write_now(item):
+        if not self._outbox and self._stop_reason is None and self._write_now(item):
             if arrived:
                 self.host.bot_frame_sent(arrived, queued)
             return
@@ -449,20 +451,20 @@ class BotConnector:
             self._ws.transport.abort()  # a close handshake would wait behind the unread data
 
     def _write_now(self, item: str | bytes) -> bool:
-        """Write an audio frame to the socket from the caller's stack, if nothing queued
-        must go first and the socket keeps up: no writer-task wake-up and no coroutines
-        per 20 ms frame. websockets' Sans-I/O protocol frames it, as ``send`` would."""
+        """Write a message to the socket from the caller's stack, if nothing queued must go
+        first and the socket keeps up: no writer-task wake-up and no coroutines per 20 ms
+        frame (``_write``'s ``ws.send`` writes its message before it may wait, so what it
+        sent is already ahead). ``frames.client_frame`` lays the frame out."""
         ws = self._ws
-        if ws is None or ws.protocol.state is not State.OPEN:
+        protocol = ws.protocol if ws is not None else None
+        if protocol is None or protocol.state is not State.OPEN or protocol.expect_continuation_frame:
             return False
+        if protocol.extensions:  # pragma: no cover - links open with compression=None
+            return False
+        assert ws is not None
         if ws.transport.get_write_buffer_size() > DIRECT_WRITE_BYTES:
             return False  # the bot is slow: the outbox's bound applies
-        if isinstance(item, bytes):
-            ws.protocol.send_binary(item)
-        else:
-            ws.protocol.send_text(item.encode())
-        for data in ws.protocol.data_to_send():
-            ws.transport.write(data)
+        ws.transport.write(client_frame(item, self._mask_keys))
         return True
 
     # -- the link -----------------------------------------------------------------------------

@@ -122,6 +122,25 @@ async def test_silence_inside_the_bots_audio_is_not_encoded_after_the_hangover(p
     assert rms(sent[-2][1]) > 3000  # the tone after the silence is heard
 
 
+async def test_idle_keep_alives_are_one_silent_packet_encoded_once() -> None:
+    """A silent bot costs one encode per track, not one per keep-alive; what the peer
+    decodes from them is silence, and the bot's next words decode as before."""
+    track = PlaybackTrack()
+    sent: asyncio.Queue[av.Packet[Any]] = asyncio.Queue()
+    track.start(sent.put_nowait)
+    decoder = opus.Decoder(RATE)
+    idle = [bytes(await sent.get()) for _ in range(3)]  # 0.8 s: the idle track's keep-alives
+    assert idle[0] == idle[1] == idle[2]
+    track.enqueue(tone(0.2, 16_000))
+    spoken = [bytes(await sent.get()) for _ in range(10 + DTX_HANGOVER)]
+    after = [bytes(await sent.get()) for _ in range(2)]
+    assert after == idle[:2]  # back to the same keep-alive
+    pcm = [decoder.decode(payload).copy() for payload in idle + spoken + after]
+    assert all(rms(frame) <= QUIET_RMS for frame in pcm[:3] + pcm[-2:])
+    assert min(rms(frame) for frame in pcm[5:12]) > 3000  # the tone is heard
+    track.stop()
+
+
 async def test_clear_silences_within_one_frame_and_cancels_marks(push: bool) -> None:
     track = PlaybackTrack()
     listener = Listener(track, push)
