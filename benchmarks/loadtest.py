@@ -92,6 +92,7 @@ TEXTS = ["I would like to book an appointment", "Tomorrow at nine please", "Yes 
 TIME_BASE = fractions.Fraction(1, 48_000)
 #: The target's VAD settings (talkgate's defaults; the baseline uses the same).
 PREROLL_MS, STOP_MS, FRAME_MS = 200, 500, 20
+FRAME_BYTES = 16_000 * FRAME_MS // 1000 * 2  # PCM16 at the bot's 16 kHz
 #: The CPUs this process may use when it starts: the target gets the first, the generator the rest.
 ALL_CPUS = frozenset(os.sched_getaffinity(0))
 LOOP_LAG = "talkgate_event_loop_lag_seconds"
@@ -195,7 +196,7 @@ class LoadBot:
         async for data in ws:
             if isinstance(data, bytes):
                 if segment is not None:
-                    segment.frames += 1
+                    segment.frames += len(data) // FRAME_BYTES  # one or more 20 ms frames (--bot-frame-ms)
                     if self.answer:
                         audio.append(data)
                 continue

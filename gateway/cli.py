@@ -78,6 +78,12 @@ _LIMITS: list[tuple[str, str, type, str]] = [
     ("--bot-connect-seconds", "bot_connect_seconds", float, "How long to retry an unreachable bot."),
     ("--bot-max-buffer-seconds", "bot_max_buffer_seconds", float, "Bot audio queued toward a customer at most."),
     ("--bot-max-backlog-seconds", "bot_max_backlog_seconds", float, "Customer speech a bot may leave unread."),
+    (
+        "--bot-frame-ms",
+        "bot_frame_ms",
+        int,
+        "Customer speech per binary message to a native bot, a multiple of --vad-frame-ms (fewer writes, later audio).",
+    ),
     ("--opus-complexity", "opus_complexity", int, "Opus encoder complexity for the bot's voice (0-10)."),
 ]
 

@@ -79,7 +79,7 @@ class BotManager:
                 barge_in=config.bot_barge_in,
                 max_buffer_seconds=config.bot_max_buffer_seconds,
                 # One message per speech frame: the backlog in frames, at least a few.
-                outbox_limit=max(8, round(config.bot_max_backlog_seconds * 1000 / config.vad_frame_ms)),
+                outbox_limit=max(8, round(config.bot_max_backlog_seconds * 1000 / config.bot_frame_ms)),
                 opus_complexity=config.opus_complexity,
                 rate_per_second=config.bot_rate_per_second,
                 rate_burst=config.bot_rate_burst,
@@ -114,7 +114,9 @@ class BotManager:
             card = await self.host.customer_card(conversation, customer)
             if self.settings is None or conversation in self._links:
                 return  # started meanwhile
-            protocol = NativeProtocol(conversation, customer, vad.sample_rate, vad.frame_ms, card)
+            protocol = NativeProtocol(
+                conversation, customer, vad.sample_rate, vad.frame_ms, card, message_ms=self.config.bot_frame_ms
+            )
         bot = BotConnector(
             conversation=conversation,
             customer=customer,

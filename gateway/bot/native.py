@@ -148,8 +148,26 @@ class NativeProtocol:
         sample_rate: int,
         frame_ms: int,
         card: dict[str, Any] | None = None,
+        *,
+        message_ms: int | None = None,
     ) -> None:
-        self._start = encode(start(conversation, customer, sample_rate, frame_ms, card))
+        """``message_ms`` (a multiple of ``frame_ms``, default ``frame_ms``): the speech per
+        binary message, announced as the start's ``frame_ms``; frames wait until one is full,
+        and go out before any control message that follows them."""
+        message_ms = message_ms or frame_ms
+        if message_ms % frame_ms:
+            raise ValueError("message_ms must be a multiple of frame_ms")
+        self._start = encode(start(conversation, customer, sample_rate, message_ms, card))
+        self._per_message = message_ms // frame_ms
+        self._waiting: list[bytes] = []
+
+    def _flushed(self, message: str) -> Outgoing:
+        """The speech that waits for a full message (if any), then ``message``."""
+        if not self._waiting:
+            return [message]
+        pcm = b"".join(self._waiting)
+        self._waiting.clear()
+        return [pcm, message]
 
     def opening(self) -> Outgoing:
         return [self._start]
@@ -158,19 +176,26 @@ class NativeProtocol:
         return [encode({"type": "call.started"})]
 
     def call_ended(self, reason: str) -> Outgoing:
-        return [encode({"type": "call.ended", "reason": reason})]
+        return self._flushed(encode({"type": "call.ended", "reason": reason}))
 
     def speech_started(self, t: int) -> Outgoing:
-        return [encode({"type": "speech.started", "t": t})]
+        return self._flushed(encode({"type": "speech.started", "t": t}))
 
     def speech_frame(self, pcm: bytes) -> Outgoing:
-        return [pcm]
+        if self._per_message == 1:
+            return [pcm]
+        self._waiting.append(pcm)
+        if len(self._waiting) < self._per_message:
+            return []
+        joined = b"".join(self._waiting)
+        self._waiting.clear()
+        return [joined]
 
     def speech_paused(self, t: int) -> Outgoing:
-        return [encode({"type": "speech.paused", "t": t})]
+        return self._flushed(encode({"type": "speech.paused", "t": t}))
 
     def speech_stopped(self, t: int, duration: int) -> Outgoing:
-        return [encode({"type": "speech.stopped", "t": t, "duration_ms": duration})]
+        return self._flushed(encode({"type": "speech.stopped", "t": t, "duration_ms": duration}))
 
     def audio(self, pcm: bytes, t: int) -> Outgoing:
         return []

@@ -88,6 +88,36 @@ async def test_speech_reaches_the_bot_as_frames_between_started_and_stopped(
     assert 'talkgate_event_loop_lag_seconds_bucket{le="0.02"}' in text
 
 
+async def test_speech_in_bigger_messages_when_asked(bot: TestBot, config: Config) -> None:
+    """``bot_frame_ms=60``: the start says so, each binary message holds three 20 ms
+    frames but the last of a segment (it goes out before ``speech.stopped``), and nothing
+    is lost or reordered against the control messages."""
+    fixture = utterances(["I would like to book an appointment"], lead_s=1.0, tail_s=1.0)
+    async with GatewayServer(dataclasses.replace(config, bot_frame_ms=60)) as server:
+        customer = await Client.open(server.ws_url)
+        await customer.send({"type": "join", "token": make_token("u1", "customer", "call-room")})
+        await customer.expect("joined")
+        start = await bot.wait_for("start")
+        assert start["audio"]["frame_ms"] == 60
+        rtc = RtcClient(customer)
+        rtc.pc.addTrack(SpeechTrack(fixture.pcm))
+        await rtc.negotiate()
+        await bot.wait_for("speech.started", timeout=8)
+        messages: list[bytes] = []
+        async with asyncio.timeout(8):
+            while True:
+                item = await bot.received.get()
+                if isinstance(item, bytes):
+                    messages.append(item)
+                elif item["type"] == "speech.stopped":
+                    stopped = item
+                    break
+        await rtc.close()  # and its websocket
+    assert all(len(m) == 3 * 640 for m in messages[:-1]) and 0 < len(messages[-1]) <= 3 * 640
+    frames = sum(len(m) for m in messages) // 640
+    assert abs(frames - (stopped["duration_ms"] + 200 + 500) / 20) <= 1, frames  # every frame
+
+
 async def test_bot_audio_reaches_the_customer_and_marks_come_back_after_playback(party: Party, bot: TestBot) -> None:
     customer = await party("u1")
     await bot.wait_for("start")

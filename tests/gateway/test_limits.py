@@ -238,6 +238,9 @@ def test_bad_limit_settings_are_refused(config: Config, tmp_path: Path) -> None:
         {"tls_cert": "cert.pem"},  # without a key
         {"bot_name": "B" * 129},  # longer than any participant's name (the records keep it)
         {"bot_name": ""},
+        {"bot_frame_ms": 30},  # not a multiple of the 20 ms VAD frame
+        {"bot_frame_ms": 10},
+        {"bot_frame_ms": 220},
     ):
         with pytest.raises(ConfigError):
             dataclasses.replace(config, **bad)
