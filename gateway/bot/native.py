@@ -161,13 +161,17 @@ class NativeProtocol:
         self._per_message = message_ms // frame_ms
         self._waiting: list[bytes] = []
 
-    def _flushed(self, message: str) -> Outgoing:
-        """The speech that waits for a full message (if any), then ``message``."""
+    def _take_waiting(self) -> Outgoing:
+        """The speech that waits for a full message, as one message (none if none waits)."""
         if not self._waiting:
-            return [message]
+            return []
         pcm = b"".join(self._waiting)
         self._waiting.clear()
-        return [pcm, message]
+        return [pcm]
+
+    def _flushed(self, message: str) -> Outgoing:
+        """The speech that waits (if any), then ``message``."""
+        return [*self._take_waiting(), message]
 
     def opening(self) -> Outgoing:
         return [self._start]
@@ -185,11 +189,7 @@ class NativeProtocol:
         if self._per_message == 1:
             return [pcm]
         self._waiting.append(pcm)
-        if len(self._waiting) < self._per_message:
-            return []
-        joined = b"".join(self._waiting)
-        self._waiting.clear()
-        return [joined]
+        return self._take_waiting() if len(self._waiting) == self._per_message else []
 
     def speech_paused(self, t: int) -> Outgoing:
         return self._flushed(encode({"type": "speech.paused", "t": t}))

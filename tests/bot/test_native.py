@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from typing import Any
 
 import numpy as np
 
@@ -20,6 +21,22 @@ from tests.speech import utterances
 def tone(seconds: float, hz: float = 660, rate: int = 16_000) -> bytes:
     t = np.arange(int(seconds * rate)) / rate
     return (9000 * np.sin(2 * np.pi * hz * t)).astype(np.int16).tobytes()
+
+
+async def segment_at(bot: TestBot) -> tuple[list[bytes], list[int], dict[str, Any]]:
+    """What the bot gets of one speech segment after its ``speech.started``: the binary
+    messages, the ``speech.paused`` times, then ``speech.stopped``."""
+    audio: list[bytes] = []
+    paused: list[int] = []
+    async with asyncio.timeout(8):
+        while True:
+            item = await bot.received.get()
+            if isinstance(item, bytes):
+                audio.append(item)
+            elif item["type"] == "speech.paused":
+                paused.append(item["t"])
+            elif item["type"] == "speech.stopped":
+                return audio, paused, item
 
 
 async def test_start_first_then_chat_both_ways(party: Party, bot: TestBot) -> None:
@@ -56,18 +73,7 @@ async def test_speech_reaches_the_bot_as_frames_between_started_and_stopped(
     customer.pc.addTrack(SpeechTrack(fixture.pcm))
     await customer.negotiate()
     started = await bot.wait_for("speech.started", timeout=8)
-    frames: list[bytes] = []
-    paused: list[int] = []
-    async with asyncio.timeout(8):
-        while True:
-            item = await bot.received.get()
-            if isinstance(item, bytes):
-                frames.append(item)
-            elif item["type"] == "speech.paused":
-                paused.append(item["t"])
-            elif item["type"] == "speech.stopped":
-                stopped = item
-                break
+    frames, paused, stopped = await segment_at(bot)
     assert paused and paused[-1] == stopped["t"]  # the hint came first, where the voice stopped
     assert all(len(f) == 640 for f in frames)  # 20 ms of 16 kHz PCM16
     onset, end = fixture.truth[0]
@@ -103,15 +109,7 @@ async def test_speech_in_bigger_messages_when_asked(bot: TestBot, config: Config
         rtc.pc.addTrack(SpeechTrack(fixture.pcm))
         await rtc.negotiate()
         await bot.wait_for("speech.started", timeout=8)
-        messages: list[bytes] = []
-        async with asyncio.timeout(8):
-            while True:
-                item = await bot.received.get()
-                if isinstance(item, bytes):
-                    messages.append(item)
-                elif item["type"] == "speech.stopped":
-                    stopped = item
-                    break
+        messages, _, stopped = await segment_at(bot)
         await rtc.close()  # and its websocket
     assert all(len(m) == 3 * 640 for m in messages[:-1]) and 0 < len(messages[-1]) <= 3 * 640
     frames = sum(len(m) for m in messages) // 640
