@@ -65,6 +65,11 @@ IDLE_SECONDS = 0.4
 #: The bot counts as talking this long after its last audible frame (a bot streaming
 #: in real time leaves the queue empty between its packets).
 TALKING_GAP = 0.3
+#: The idle keep-alive: one 20 ms CELT-only Opus frame (TOC 0xF8) whose range coder
+#: starts with the silence flag, so it decodes to exact zeros. Silence through the
+#: VoIP-mode encoder is SILK noise of 1-2 LSB, which a browser counts as audio energy,
+#: and a constant costs no encode (~100 µs) 2.5 times a second per listening session.
+SILENT_PAYLOAD = bytes.fromhex("f8fffe")
 #: Samples this small (-66 dBFS) count as silence.
 SILENCE_PEAK = 16
 #: Marks waiting for their audio to play, at most (a bot could send millions: 100 000
@@ -139,8 +144,6 @@ class PlaybackTrack(MediaStreamTrack):
         self._played = 0
         self._resamplers: dict[int, av.AudioResampler] = {}
         self._frame = np.zeros(rate // 50, dtype=np.int16)
-        #: The idle keep-alive's payload at this rate (made at the first one).
-        self._keepalive: bytes | None = None
 
     def set_rate(self, rate: int) -> bool:
         """Play (and encode) at the bot's announced rate from now on; only while nothing is queued."""
@@ -322,15 +325,8 @@ class PlaybackTrack(MediaStreamTrack):
             self._silent_run += 1
             if self._silent_run > DTX_HANGOVER and time.monotonic() - self._last_packet < IDLE_SECONDS:
                 return None  # DTX: nothing to send for this slot
-        if self._silent_run > DTX_HANGOVER:
-            # An idle keep-alive (one per IDLE_SECONDS while the bot is silent): silence,
-            # encoded once per track. An encode costs ~100 µs; a listening session sends
-            # a keep-alive 2.5 times a second for as long as the bot says nothing.
-            if self._keepalive is None:
-                self._keepalive = self._encoder.encode(np.zeros_like(self._frame))
-            payload = self._keepalive
-        else:
-            payload = self._encoder.encode(self._frame)
+        # Past the hangover this is an idle keep-alive (one per IDLE_SECONDS): no encode.
+        payload = SILENT_PAYLOAD if self._silent_run > DTX_HANGOVER else self._encoder.encode(self._frame)
         packet = av.Packet(payload)
         packet.pts = slot * FRAME_SAMPLES
         packet.time_base = TIME_BASE

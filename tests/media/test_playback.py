@@ -14,7 +14,16 @@ import pytest
 from aiortc.mediastreams import MediaStreamError
 
 from media import opus
-from media.playback import DTX_HANGOVER, FRAME_SAMPLES, IDLE_SECONDS, MAX_MARKS, RATE, SILENCE_PEAK, PlaybackTrack
+from media.playback import (
+    DTX_HANGOVER,
+    FRAME_SAMPLES,
+    IDLE_SECONDS,
+    MAX_MARKS,
+    RATE,
+    SILENCE_PEAK,
+    SILENT_PAYLOAD,
+    PlaybackTrack,
+)
 
 #: RMS below which decoded audio counts as silent: Opus rings down for a few ms after
 #: a tone; the 8000-peak test tone has an RMS of about 5,700.
@@ -122,22 +131,26 @@ async def test_silence_inside_the_bots_audio_is_not_encoded_after_the_hangover(p
     assert rms(sent[-2][1]) > 3000  # the tone after the silence is heard
 
 
-async def test_idle_keep_alives_are_one_silent_packet_encoded_once() -> None:
-    """A silent bot costs one encode per track, not one per keep-alive; what the peer
-    decodes from them is silence, and the bot's next words decode as before."""
+async def test_idle_keep_alives_decode_to_exact_silence() -> None:
+    """A silent bot's keep-alives cost no encode and decode to exact zeros (a browser
+    counts the 1-2 LSB of encoded silence as audio energy); the bot's next words decode
+    as before, and the silence after them is a keep-alive again."""
     track = PlaybackTrack()
     sent: asyncio.Queue[av.Packet[Any]] = asyncio.Queue()
     track.start(sent.put_nowait)
     decoder = opus.Decoder(RATE)
     idle = [bytes(await sent.get()) for _ in range(3)]  # 0.8 s: the idle track's keep-alives
-    assert idle[0] == idle[1] == idle[2]
+    assert idle == [SILENT_PAYLOAD] * 3
     track.enqueue(tone(0.2, 16_000))
     spoken = [bytes(await sent.get()) for _ in range(10 + DTX_HANGOVER)]
     after = [bytes(await sent.get()) for _ in range(2)]
-    assert after == idle[:2]  # back to the same keep-alive
+    assert after == [SILENT_PAYLOAD] * 2
     pcm = [decoder.decode(payload).copy() for payload in idle + spoken + after]
-    assert all(rms(frame) <= QUIET_RMS for frame in pcm[:3] + pcm[-2:])
+    assert all(len(frame) == FRAME_SAMPLES for frame in pcm)
+    assert all(not frame.any() for frame in pcm[:3])  # exact zeros, from a fresh decoder
     assert min(rms(frame) for frame in pcm[5:12]) > 3000  # the tone is heard
+    assert all(rms(frame) <= QUIET_RMS for frame in pcm[-2:])
+    assert not decoder.decode(SILENT_PAYLOAD).any()  # and zeros again once settled
     track.stop()
 
 
