@@ -13,14 +13,21 @@ Phases:
   setup-chromium  the same from the bundled talkgate.js in headless Chromium with a fake
                   microphone (window.talkgate.callTimings), N fresh pages
   relay-cpu       K conversations, customer and agent each sending a tone: the gateway
-                  decodes 2K streams and re-encodes 2K. Gateway CPU is read from /proc
-                  over S seconds of calls and over S seconds idle, in the same run.
+                  forwards 2K Opus streams. Gateway CPU is read from /proc over S seconds
+                  of calls and over S seconds idle, in the same run.
+  video-cpu       V two-way video calls: customer and agent each send pre-encoded VP8
+                  (640x480, 30 fps, a moving picture, ~0.8 Mbit/s; encoded once before the
+                  run, so the clients only packetize). Receivers count pictures at the RTP
+                  level (marker bits; they do not decode). Run on a gateway that forwards
+                  (the default) and, side by side, on one started with --video transcode
+                  (decode and encode per receiver, the old way) with T calls.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import fractions
 import json
 import statistics
 import sys
@@ -28,7 +35,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import av
 import uvloop
+from aiortc.mediastreams import MediaStreamTrack
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # the repository's tests/ helpers
 
@@ -38,6 +47,9 @@ from media import ice
 from tests.client import Client
 from tests.gateway_process import RTC_LOOPBACK_ARGS, GatewayProcess
 from tests.rtc_client import RtcClient, ToneTrack
+
+#: The video load: pre-encoded VP8, played in a loop (a keyframe at each start).
+WIDTH, HEIGHT, FPS, LOOP_FRAMES, VIDEO_BITRATE = 640, 480, 30, 90, 800_000
 
 
 def ms(values: list[float]) -> dict[str, float]:
@@ -125,18 +137,136 @@ async def relay_cpu(gw: GatewayProcess, calls: int, seconds: float) -> dict[str,
     }
 
 
+def encode_vp8_loop() -> list[bytes]:
+    """LOOP_FRAMES pictures of a moving gradient and a sweeping bar, VP8 at VIDEO_BITRATE (libvpx)."""
+    import numpy as np
+
+    codec = av.CodecContext.create("libvpx", "w")
+    codec.width, codec.height, codec.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+    codec.time_base = fractions.Fraction(1, FPS)
+    codec.bit_rate = VIDEO_BITRATE
+    codec.gop_size = LOOP_FRAMES
+    codec.options = {"deadline": "realtime", "cpu-used": "8", "lag-in-frames": "0"}
+    y, x = np.mgrid[0:HEIGHT, 0:WIDTH]
+    frames: list[bytes] = []
+    for i in range(LOOP_FRAMES):
+        image = np.zeros((HEIGHT, WIDTH, 3), dtype=np.uint8)
+        image[..., 0] = (x + 4 * i) % 256
+        image[..., 1] = (y + 2 * i) % 256
+        image[:, (i * 7) % WIDTH : (i * 7) % WIDTH + 40, 2] = 255
+        frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p")
+        frame.pts = i
+        frames += [bytes(p) for p in codec.encode(frame)]
+    frames += [bytes(p) for p in codec.encode(None)]
+    return frames[:LOOP_FRAMES]
+
+
+class EncodedVideoTrack(MediaStreamTrack):
+    """Pre-encoded VP8 frames at FPS, in a loop: aiortc's sender only packetizes them."""
+
+    kind = "video"
+
+    def __init__(self, frames: list[bytes]) -> None:
+        super().__init__()
+        self.frames = frames
+        self._n = 0
+        self._t0: float | None = None
+
+    async def recv(self) -> av.Packet:
+        now = time.monotonic()
+        if self._t0 is None:
+            self._t0 = now
+        else:
+            await asyncio.sleep(self._t0 + self._n / FPS - now)
+        packet = av.Packet(self.frames[self._n % len(self.frames)])
+        packet.pts, packet.time_base = self._n * (90_000 // FPS), fractions.Fraction(1, 90_000)
+        self._n += 1
+        return packet
+
+
+def count_pictures(rtc: RtcClient, counts: dict[RtcClient, int]) -> None:
+    """Count received video pictures by RTP marker bit, instead of decoding them."""
+    counts[rtc] = 0
+
+    def wrap(receiver: Any) -> None:
+        async def handle(packet: Any, arrival_time_ms: int) -> None:
+            if packet.marker and receiver._RTCRtpReceiver__codecs.get(packet.payload_type) is not None:
+                counts[rtc] += 1
+
+        receiver._handle_rtp_packet = handle
+
+    def on_track(track: Any) -> None:
+        if track.kind == "video":
+            wrap(next(t.receiver for t in rtc.pc.getTransceivers() if t.receiver.track is track))
+
+    rtc.pc.on("track", on_track)
+
+
+async def video_cpu(gw: GatewayProcess, calls: int, seconds: float, frames: list[bytes]) -> dict[str, Any]:
+    cpu0 = gw.cpu_seconds()
+    await asyncio.sleep(min(seconds, 3))
+    idle = (gw.cpu_seconds() - cpu0) / min(seconds, 3)
+    parties: list[RtcClient] = []
+    counts: dict[RtcClient, int] = {}
+    for i in range(calls):
+        for identity, role in ((f"vc{i}", "customer"), (f"va{i}", "agent")):
+            rtc = await join(gw.ws_url, identity, role, f"video-{i}")
+            count_pictures(rtc, counts)
+            rtc.pc.addTrack(EncodedVideoTrack(frames))
+            await rtc.negotiate()
+            parties.append(rtc)
+    async with asyncio.timeout(30):  # every receiver has its first pictures (the loop's keyframe)
+        while min(counts.values()) < FPS:
+            await asyncio.sleep(0.1)
+    pictures0 = dict(counts)
+    cpu0, t0 = gw.cpu_seconds(), time.perf_counter()
+    await asyncio.sleep(seconds)
+    wall = time.perf_counter() - t0
+    busy = (gw.cpu_seconds() - cpu0) / wall
+    rates = sorted((counts[rtc] - pictures0[rtc]) / wall for rtc in parties)
+    await asyncio.gather(*(rtc.close() for rtc in parties))
+    per_call = (busy - idle) / calls
+    return {
+        "calls": calls,
+        "seconds": seconds,
+        "gateway_cpu_idle_pct": round(idle * 100, 2),
+        "gateway_cpu_pct": round(busy * 100, 2),
+        "cpu_pct_per_call": round(per_call * 100, 2),
+        "calls_per_core": round(1 / per_call, 1) if per_call > 0 else None,
+        "fps_sent": FPS,
+        "fps_received_min": round(rates[0], 1),
+        "fps_received_median": round(statistics.median(rates), 1),
+    }
+
+
+async def video_side_by_side(args: argparse.Namespace) -> dict[str, Any]:
+    frames = await asyncio.to_thread(encode_vp8_loop)
+    result: dict[str, Any] = {"bits_per_second": round(sum(map(len, frames)) * 8 / (len(frames) / FPS))}
+    for mode, calls in (("forward", args.video_calls), ("transcode", args.transcode_calls)):
+        if not calls:
+            continue
+        gw = start_gateway(rate=10_000, burst=10_000, extra=[*RTC_LOOPBACK_ARGS, "--video", mode])
+        try:
+            result[mode] = await video_cpu(gw, calls, args.seconds, frames)
+        finally:
+            gw.stop()
+    return result
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     ice.use_host_addresses(["127.0.0.1"])
     gw = start_gateway(rate=10_000, burst=10_000, extra=RTC_LOOPBACK_ARGS)
+    result: dict[str, Any] = {"benchmark": "calls"}
     try:
-        result: dict[str, Any] = {"benchmark": "calls"}
         result["setup_aiortc"] = await setup_aiortc(gw.ws_url, args.setups)
         if args.browser_setups:
             result["setup_chromium"] = await asyncio.to_thread(setup_chromium, gw.url, args.browser_setups)
         result["relay_cpu"] = await relay_cpu(gw, args.calls, args.seconds)
-        return result
     finally:
         gw.stop()
+    if args.video_calls or args.transcode_calls:
+        result["video_cpu"] = await video_side_by_side(args)
+    return result
 
 
 def print_table(r: dict[str, Any]) -> None:
@@ -159,6 +289,15 @@ def print_table(r: dict[str, Any]) -> None:
         f" ≈{cpu['calls_per_core']} calls per core; frames received {cpu['frames_received_per_s']}/s"
         f" of {cpu['frames_expected_per_s']}/s"
     )
+    video = r.get("video_cpu", {})
+    for mode in ("forward", "transcode"):
+        if v := video.get(mode):
+            print(
+                f"video {mode} ({v['calls']} two-way 640x480 VP8 calls at {v['fps_sent']} fps,"
+                f" {video['bits_per_second'] / 1000:.0f} kbit/s each way, {v['seconds']} s): gateway CPU"
+                f" {v['gateway_cpu_pct']} % → {v['cpu_pct_per_call']} % of a core per call; pictures received"
+                f" per receiver: min {v['fps_received_min']}, median {v['fps_received_median']} fps"
+            )
 
 
 if __name__ == "__main__":
@@ -167,6 +306,8 @@ if __name__ == "__main__":
     parser.add_argument("--browser-setups", type=int, default=10, help="0 skips Chromium")
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--video-calls", type=int, default=10, help="two-way video calls forwarded (0: skip)")
+    parser.add_argument("--transcode-calls", type=int, default=2, help="the same with --video transcode (0: skip)")
     parser.add_argument("--json", action="store_true")
     arguments = parser.parse_args()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

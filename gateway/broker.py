@@ -112,7 +112,9 @@ class Broker:
             turn_failures=metrics.turn_failures,
         )
         self.calls = Calls(
-            settings=RtcSettings.of(self.ice_servers_json, config.rtc_allowed_networks),
+            settings=RtcSettings.of(
+                self.ice_servers_json, config.rtc_allowed_networks, forward_video=config.video == "forward"
+            ),
             ears=self.ears,
             max_peer_connections=config.max_peer_connections,
             emit=self.publish,

@@ -36,8 +36,8 @@ from aiortc.sdp import SessionDescription, candidate_from_sdp
 
 from media.ears import Ears
 from media.ice import Network, candidate_allowed, filter_sdp_candidates, parse_networks
-from media.inbound import InboundAudio
-from media.outbound import DirectAudio
+from media.inbound import InboundAudio, InboundVideo
+from media.outbound import DirectAudio, DirectVideo
 from media.peerconnection import StablePeerConnection
 from media.pipeline import VoicePipeline
 from media.relay import OutputTrack, Relay, Subscriber
@@ -84,11 +84,17 @@ class RtcSettings:
     ice_servers: tuple[RTCIceServer, ...] = ()
     #: Remote candidates outside these networks are dropped (empty: all allowed).
     allowed_networks: tuple[Network, ...] = ()
+    #: Video is forwarded as RTP (False: decoded and encoded again per receiver).
+    forward_video: bool = True
 
     @classmethod
-    def of(cls, ice_servers: list[dict[str, Any]], allowed_networks: tuple[str, ...]) -> RtcSettings:
+    def of(
+        cls, ice_servers: list[dict[str, Any]], allowed_networks: tuple[str, ...], *, forward_video: bool = True
+    ) -> RtcSettings:
         """From the config's ICE servers (as sent to clients) and allowed networks (CIDR)."""
-        return cls(tuple(RTCIceServer(**server) for server in ice_servers), parse_networks(allowed_networks))
+        return cls(
+            tuple(RTCIceServer(**server) for server in ice_servers), parse_networks(allowed_networks), forward_video
+        )
 
 
 class MediaPeer:
@@ -215,7 +221,8 @@ class MediaPeer:
         if self._negotiating or self.state is Negotiation.CLOSED:
             return  # the step in progress reconciles when it ends
         for slot in self.slots:
-            if slot.route is not None and wanted.get(slot.route) is not slot.output.relay:
+            # A slot whose source ended (its relay already detached it) is free again too.
+            if slot.route is not None and (slot.route not in wanted or wanted[slot.route] is not slot.output.relay):
                 if slot.output.relay is not None:
                     slot.output.relay.unsubscribe(slot.output)
                 slot.route = None
@@ -274,6 +281,8 @@ class MediaPeer:
         output = OutputTrack(transceiver.kind)
         if transceiver.kind == "audio":
             output.direct = DirectAudio(transceiver.sender)
+        elif self.settings.forward_video:
+            output.direct = DirectVideo(transceiver.sender)
         transceiver.sender.replaceTrack(output)
         slot = Slot(transceiver, output)
         self.slots.append(slot)
@@ -306,6 +315,10 @@ class MediaPeer:
             # then only notices when the track ends (media/inbound.py says why).
             receiver = next(t.receiver for t in self.pc.getTransceivers() if t.receiver.track is track)
             InboundAudio(receiver, relay.deliver)
+        elif self.settings.forward_video:
+            # Video packets are forwarded encoded, never decoded (media/video.py).
+            receiver = next(t.receiver for t in self.pc.getTransceivers() if t.receiver.track is track)
+            InboundVideo(receiver, relay.deliver)
 
     def _source_ended(self, relay: Relay) -> None:
         if self.sources.get(relay.kind) is relay:

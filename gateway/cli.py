@@ -165,6 +165,14 @@ def _server_options(f: click.decorators.FC) -> click.decorators.FC:
             help="Network (CIDR) that client ICE candidates may point into (repeatable; default: any).",
         ),
         click.option(
+            "--video",
+            envvar="TALKGATE_VIDEO",
+            type=click.Choice(["forward", "transcode"]),
+            default="forward",
+            show_envvar=True,
+            help="Video between participants: forwarded as RTP (default), or decoded and re-encoded per receiver.",
+        ),
+        click.option(
             "--vad",
             envvar="TALKGATE_VAD",
             type=click.Choice(["webrtc", "silero"]),

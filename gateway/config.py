@@ -124,6 +124,10 @@ class Config:
     rtc_addresses: tuple[str, ...] | None = None
     #: Networks that remote ICE candidates may point into (empty: anywhere).
     rtc_allowed_networks: tuple[str, ...] = ()
+    #: Video between participants: "forward" (RTP payloads passed on untouched, as an
+    #: SFU) or "transcode" (decoded and encoded again per receiver: the old way, about
+    #: 15 times the CPU, kept to compare against and for codecs forwarding cannot serve).
+    video: str = "forward"
     #: Voice activity detection on customers' audio (docs/media.md explains the defaults).
     vad_aggressiveness: int = 3
     vad_frame_ms: int = 20
@@ -249,6 +253,8 @@ class Config:
             raise ConfigError(f"the bot secret must be at least {MIN_SECRET_BYTES} bytes")
         if self.bot_protocol not in ("native", "twilio"):
             raise ConfigError("bot_protocol must be native or twilio")
+        if self.video not in ("forward", "transcode"):
+            raise ConfigError("video must be forward or transcode")
         if not 0 < len(self.bot_name) <= MAX_FIELD_CHARS:
             # Like every participant's name (the records keep it, as the conversation's bot).
             raise ConfigError(f"the bot's name must be 1 to {MAX_FIELD_CHARS} characters")

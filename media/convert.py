@@ -62,7 +62,7 @@ class FrameConverter:
             self._take(chunk.to_ndarray().reshape(-1), chunk.pts, out)
         return out
 
-    def feed_any(self, frame: av.frame.Frame | av.Packet[Any]) -> list[PcmFrame]:
+    def feed_any(self, frame: object) -> list[PcmFrame]:
         """What a relay delivers: Opus packets (``feed_packet``), decoded audio (``feed``);
         anything else (video) gives nothing."""
         if isinstance(frame, av.Packet):

@@ -38,17 +38,31 @@ behaviour against the installed versions.
 from __future__ import annotations
 
 import fractions
+import math
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, Generic, TypeVar
 
 import av
 import pylibsrtp
 from aioice.ice import StunProtocol
 from aiortc import RTCDtlsTransport, RTCRtpReceiver
+from aiortc.codecs import is_rtx
 from aiortc.rtcrtpreceiver import StreamStatistics
-from aiortc.rtp import RtpPacket, is_rtcp
+from aiortc.rtp import (
+    RTCP_PSFB_APP,
+    RTCP_PSFB_PLI,
+    RTCP_RTPFB_NACK,
+    RtcpPsfbPacket,
+    RtcpRtpfbPacket,
+    RtpPacket,
+    is_rtcp,
+    pack_remb_fci,
+)
+
+from .outbound import transmit
+from .video import KEYFRAME, Bitrates, Gaps, VideoPacket
 
 T = TypeVar("T")
 TIME_BASE = fractions.Fraction(1, 48_000)  # Opus's RTP clock, whatever the audio's rate
@@ -120,9 +134,12 @@ class RtpView:
     """The fields of an RTP packet the audio path reads, parsed without aiortc's
     header-extension decoding (RtpPacket.parse was 4 % of the gateway's CPU)."""
 
-    __slots__ = ("payload", "payload_type", "sequence_number", "ssrc", "timestamp")
+    __slots__ = ("marker", "payload", "payload_type", "sequence_number", "ssrc", "timestamp")
 
-    def __init__(self, payload_type: int, sequence_number: int, timestamp: int, ssrc: int, payload: bytes) -> None:
+    def __init__(
+        self, payload_type: int, sequence_number: int, timestamp: int, ssrc: int, payload: bytes, marker: int = 0
+    ) -> None:
+        self.marker = marker
         self.payload_type = payload_type
         self.sequence_number = sequence_number
         self.timestamp = timestamp
@@ -145,7 +162,7 @@ def parse_rtp(data: bytes) -> RtpView | None:
     end = len(data) - (data[-1] if first & 0x20 else 0)
     if start > end:
         return None
-    return RtpView(second & 0x7F, seq, timestamp, ssrc, data[start:end])
+    return RtpView(second & 0x7F, seq, timestamp, ssrc, data[start:end], second >> 7)
 
 
 Handler = Callable[["RtpPacket | RtpView", float], None]
@@ -258,3 +275,121 @@ class InboundAudio:
             return timestamp - self._origin + (self._wraps - 1) * 0x100000000  # a late one from before the wrap
         self._last = timestamp
         return timestamp - self._origin + self._wraps * 0x100000000
+
+
+#: Keyframe requests (PLI) to one sender, at most one per this many seconds: a new
+#: receiver, a switch and each receiver's own PLI all ask, and one keyframe answers all.
+KEYFRAME_INTERVAL = 0.3
+
+
+class InboundVideo:
+    """Owns one video receiver's packet path: packets forwarded encoded, never decoded.
+
+    Each VP8 or H.264 packet (RTX unwrapped) goes to ``deliver`` as a
+    ``media.video.VideoPacket``; aiortc's jitter buffer and decoder thread get nothing.
+    What a receiving endpoint would send the sender is sent from here: NACKs for gaps
+    in the sequence numbers, PLIs when a receiver needs a keyframe (rate-limited), and
+    the lowest bitrate the receivers reported (REMB). Receiver reports stay aiortc's,
+    from the statistics kept here. Other video codecs are dropped (counted).
+    """
+
+    def __init__(self, receiver: RTCRtpReceiver, deliver: Callable[[VideoPacket, float], None]) -> None:
+        self.receiver = receiver
+        self.deliver = deliver
+        self.gaps = Gaps()
+        self.bitrates = Bitrates()
+        #: The codec of the latest packet ("video/vp8"), None before the first.
+        self.mime: str | None = None
+        self._media_ssrc = 0
+        self._last_request = -math.inf
+        self.packets = 0
+        self.keyframes = 0
+        self.unsupported = 0
+        self.nacks_sent = 0
+        self.keyframe_requests = 0
+        self.rtx = 0
+        receiver._handle_rtp_packet = self._handle  # type: ignore[method-assign]
+
+    async def _handle(self, packet: RtpPacket, arrival_time_ms: int) -> None:
+        """aiortc's path: each SSRC's first packet, until ``FastRtp`` routes it here."""
+        self.handle(packet, time.perf_counter())
+
+    def handle(self, packet: RtpPacket | RtpView, arrived: float) -> None:
+        receiver = self.receiver
+        if not receiver._enabled:
+            return
+        codecs: dict[int, Any] = receiver._RTCRtpReceiver__codecs  # type: ignore[attr-defined]
+        codec = codecs.get(packet.payload_type)
+        if codec is None:
+            self.unsupported += 1
+            return
+        streams: dict[int, StreamStatistics] = receiver._RTCRtpReceiver__remote_streams  # type: ignore[attr-defined]
+        stats = streams.get(packet.ssrc)
+        if stats is None:
+            stats = streams[packet.ssrc] = StreamStatistics(codec.clockRate)
+        stats.add(packet)  # type: ignore[arg-type]  # what the receiver's RTCP reports are made of
+        ssrc, sequence, payload = packet.ssrc, packet.sequence_number, packet.payload
+        if is_rtx(codec):
+            rtx_ssrcs: dict[int, int] = receiver._RTCRtpReceiver__rtx_ssrc  # type: ignore[attr-defined]
+            original = rtx_ssrcs.get(ssrc)
+            codec = codecs.get(codec.parameters.get("apt"))
+            if original is None or codec is None or len(payload) < 2:
+                self.unsupported += 1
+                return
+            ssrc, sequence, payload = original, int.from_bytes(payload[:2], "big"), payload[2:]
+            self.rtx += 1
+        mime = codec.mimeType.lower()
+        keyframe = KEYFRAME.get(mime)
+        if keyframe is None:
+            self.unsupported += 1
+            return
+        FastRtp.of(receiver.transport).add_route(packet.ssrc, self.handle)
+        self.mime = mime
+        self._media_ssrc = ssrc
+        if self.gaps.add(sequence):
+            self._send_rtcp(
+                RtcpRtpfbPacket(fmt=RTCP_RTPFB_NACK, ssrc=0, media_ssrc=ssrc, lost=sorted(self.gaps.missing))
+            )
+            self.nacks_sent += 1
+        key = keyframe(payload)
+        self.packets += 1
+        self.keyframes += key
+        self.deliver(
+            VideoPacket(
+                payload,
+                sequence=sequence,
+                timestamp=packet.timestamp,
+                marker=bool(packet.marker),
+                keyframe=key,
+                mime=mime,
+                ssrc=ssrc,
+                source=self,
+            ),
+            arrived,
+        )
+
+    def request_keyframe(self) -> None:
+        """Ask the sender for a keyframe (PLI), at most once per ``KEYFRAME_INTERVAL``."""
+        now = time.monotonic()
+        if now - self._last_request < KEYFRAME_INTERVAL or not self._media_ssrc:
+            return
+        self._last_request = now
+        self.keyframe_requests += 1
+        self._send_rtcp(RtcpPsfbPacket(fmt=RTCP_PSFB_PLI, ssrc=0, media_ssrc=self._media_ssrc))
+
+    def report_bitrate(self, receiver: Hashable, bitrate: int) -> None:
+        """A receiver's REMB: the sender hears the lowest (see ``media.video.Bitrates``)."""
+        target = self.bitrates.report(receiver, bitrate, time.monotonic())
+        if target is not None and self._media_ssrc:
+            fci = pack_remb_fci(target, [self._media_ssrc])
+            self._send_rtcp(RtcpPsfbPacket(fmt=RTCP_PSFB_APP, ssrc=0, media_ssrc=0, fci=fci))
+
+    def forget(self, receiver: Hashable) -> None:
+        self.bitrates.forget(receiver)
+
+    def _send_rtcp(self, packet: RtcpPsfbPacket | RtcpRtpfbPacket) -> None:
+        ssrc = self.receiver._RTCRtpReceiver__rtcp_ssrc  # type: ignore[attr-defined]
+        if ssrc is None:
+            return
+        packet.ssrc = ssrc
+        transmit(self.receiver.transport, bytes(packet), rtcp=True)

@@ -26,17 +26,30 @@ import logging
 import random
 import struct
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any, Protocol
 
-from aiortc import RTCRtpCodecParameters, RTCRtpSender
-from aiortc.codecs import get_encoder
+from aiortc import RTCDtlsTransport, RTCRtpCodecParameters, RTCRtpSender
+from aiortc.codecs import get_encoder, is_rtx
 from aiortc.codecs.base import Encoder
 from aiortc.rtcdtlstransport import State
 from aiortc.rtcrtpparameters import RTCRtpSendParameters
-from aiortc.rtp import HeaderExtensions, HeaderExtensionsMap
+from aiortc.rtp import (
+    RTCP_PSFB_APP,
+    RTCP_PSFB_FIR,
+    RTCP_PSFB_PLI,
+    RTCP_RTPFB_NACK,
+    AnyRtcpPacket,
+    HeaderExtensions,
+    HeaderExtensionsMap,
+    RtcpPsfbPacket,
+    RtcpRtpfbPacket,
+    unpack_remb_fci,
+)
 from av.frame import Frame
 from av.packet import Packet
+
+from .video import KEYFRAME, Rewriter, VideoPacket
 
 log = logging.getLogger("talkgate.media.outbound")
 
@@ -82,19 +95,35 @@ class ExtensionLayout:
         return self._before + abs_send_time.to_bytes(3, "big") + self._after
 
 
-class DirectAudio:
-    """One audio sender's RTP, sent from the caller's stack once it runs Opus."""
+def transmit(dtls: RTCDtlsTransport, plain: bytes, *, rtcp: bool = False) -> bool:
+    """Protect one RTP (or RTCP) packet with the transport's SRTP session and send it to
+    the nominated ICE pair, synchronously; False if the transport is not connected."""
+    pair = dtls.transport._connection._nominated.get(1)
+    if dtls._state is not State.CONNECTED or pair is None:
+        return False
+    srtp = dtls._tx_srtp
+    data = srtp.protect_rtcp(plain) if rtcp else srtp.protect(plain)
+    pair.protocol.transport.sendto(data, pair.remote_addr)  # StunProtocol.send_data, without the coroutine
+    return True
+
+
+class DirectSender:
+    """What the direct audio and video paths share: the negotiated codec (learnt when
+    aiortc starts the sender), the header-extension layout, and the sender-report
+    counters kept as aiortc's own send loop keeps them."""
+
+    #: The mime types this path sends (lower case); any other codec leaves the sender to aiortc.
+    MIMES: tuple[str, ...] = ()
 
     def __init__(self, sender: RTCRtpSender) -> None:
         self.sender = sender
         #: The negotiated codec, once the sender has started (None: not yet).
         self.codec: RTCRtpCodecParameters | None = None
-        #: Does this path carry the sender's audio? False: aiortc's task does (not Opus).
+        #: Its RTX payload type, if RTX was negotiated for it.
+        self.rtx_payload_type: int | None = None
+        #: Does this path carry the sender's media? False: aiortc's task does (another codec).
         #: Decided once, when the codec is known (push() asks for every packet).
         self.active = True
-        self._sequence = random.randrange(0x10000)
-        self._origin = random.randrange(0x100000000)
-        self._encoder: Encoder | None = None
         self._layout: ExtensionLayout | None = None
         #: Packets sent, and packets dropped because the sender or its transport was not ready.
         self.packets = 0
@@ -103,24 +132,78 @@ class DirectAudio:
 
         async def send(parameters: RTCRtpSendParameters) -> None:
             if self.codec is None and parameters.codecs:
-                self.codec = parameters.codecs[0]
-                self.active = self.codec.mimeType.lower() == "audio/opus"
+                self.codec = codec = parameters.codecs[0]
+                self.active = codec.mimeType.lower() in self.MIMES
+                self.rtx_payload_type = next(
+                    (
+                        c.payloadType
+                        for c in parameters.codecs
+                        if is_rtx(c) and c.parameters.get("apt") == codec.payloadType
+                    ),
+                    None,
+                )
             await original(parameters)
 
         sender.send = send  # type: ignore[method-assign]
 
-    def send(self, frame: Packet[Any] | Frame) -> None:
-        """Send one Opus packet (or encode a decoded frame first); drop it if nothing is connected yet."""
+    def ready(self) -> bool:
+        """Can a packet go out now (codec known, sender enabled, transport connected)?"""
         codec = self.codec
         sender = self.sender
-        dtls = sender.transport
-        pair = dtls.transport._connection._nominated.get(1)
         if codec is None or codec.payloadType is None or not sender._enabled:
+            return False
+        dtls = sender.transport
+        return dtls._state is State.CONNECTED and dtls.transport._connection._nominated.get(1) is not None
+
+    def layout(self) -> ExtensionLayout:
+        layout = self._layout
+        if layout is None:
+            sender = self.sender
+            layout = self._layout = ExtensionLayout(
+                sender._RTCRtpSender__rtp_header_extensions_map,  # type: ignore[attr-defined]
+                sender._RTCRtpSender__mid,  # type: ignore[attr-defined]
+            )
+        return layout
+
+    def _write(
+        self, second: int, sequence: int, timestamp: int, ssrc: int, payload: bytes, *, counted: bool = True
+    ) -> None:
+        """Send one RTP packet with this sender's extensions; ``counted``: a media packet
+        (not a retransmission), which the sender reports count."""
+        layout = self.layout()
+        sender = self.sender
+        ntp = ntp_now()
+        header = _HEADER.pack(layout.first, second, sequence, timestamp, ssrc)
+        if not transmit(sender.transport, header + layout.block((ntp >> 14) & 0x00FFFFFF) + payload):
             self.dropped += 1
             return
-        if dtls._state is not State.CONNECTED or pair is None:
+        if counted:
+            self.packets += 1
+            # What the sender's RTCP task builds its sender reports from.
+            sender._RTCRtpSender__ntp_timestamp = ntp  # type: ignore[attr-defined]
+            sender._RTCRtpSender__rtp_timestamp = timestamp  # type: ignore[attr-defined]
+            sender._RTCRtpSender__octet_count += len(payload)  # type: ignore[attr-defined]
+            sender._RTCRtpSender__packet_count += 1  # type: ignore[attr-defined]
+
+
+class DirectAudio(DirectSender):
+    """One audio sender's RTP, sent from the caller's stack once it runs Opus."""
+
+    MIMES = ("audio/opus",)
+
+    def __init__(self, sender: RTCRtpSender) -> None:
+        super().__init__(sender)
+        self._sequence = random.randrange(0x10000)
+        self._origin = random.randrange(0x100000000)
+        self._encoder: Encoder | None = None
+
+    def send(self, frame: Packet[Any] | Frame) -> None:
+        """Send one Opus packet (or encode a decoded frame first); drop it if nothing is connected yet."""
+        if not self.ready():
             self.dropped += 1
             return
+        codec = self.codec
+        assert codec is not None and codec.payloadType is not None
         if isinstance(frame, Frame):
             # Decoded audio (a source that did not send Opus): encode as aiortc's task would.
             if self._encoder is None:
@@ -128,26 +211,146 @@ class DirectAudio:
             payloads, timestamp = self._encoder.encode(frame)
         else:
             payloads, timestamp = [bytes(frame)], _to_clock(frame)
-        layout = self._layout
-        if layout is None:
-            layout = self._layout = ExtensionLayout(
-                sender._RTCRtpSender__rtp_header_extensions_map,  # type: ignore[attr-defined]
-                sender._RTCRtpSender__mid,  # type: ignore[attr-defined]
-            )
         second = 0x80 | codec.payloadType  # marker set, as aiortc's sender sets it on audio
         timestamp = (self._origin + timestamp) & 0xFFFFFFFF
+        ssrc = self.sender._ssrc
         for payload in payloads:
-            ntp = ntp_now()
-            header = _HEADER.pack(layout.first, second, self._sequence, timestamp, sender._ssrc)
-            data = dtls._tx_srtp.protect(header + layout.block((ntp >> 14) & 0x00FFFFFF) + payload)
-            pair.protocol.transport.sendto(data, pair.remote_addr)  # StunProtocol.send_data, without the coroutine
+            self._write(second, self._sequence, timestamp, ssrc, payload)
             self._sequence = (self._sequence + 1) & 0xFFFF
-            self.packets += 1
-            # What the sender's RTCP task builds its sender reports from.
-            sender._RTCRtpSender__ntp_timestamp = ntp  # type: ignore[attr-defined]
-            sender._RTCRtpSender__rtp_timestamp = timestamp  # type: ignore[attr-defined]
-            sender._RTCRtpSender__octet_count += len(payload)  # type: ignore[attr-defined]
-            sender._RTCRtpSender__packet_count += 1  # type: ignore[attr-defined]
+
+
+#: Sent video packets kept per output for retransmission (NACK): about a second of
+#: 640x480 video at 1 Mbit/s; a browser NACKs within a round trip or two.
+HISTORY = 512
+
+
+class DirectVideo(DirectSender):
+    """One video sender's RTP: forwarded packets, payloads untouched (see ``media.video``).
+
+    Takes over the sender's RTCP handling for what forwarding changes: a NACK is
+    answered from this output's history (as RTX when negotiated), a PLI or FIR asks
+    the current source for a keyframe, a REMB is passed to the source (the lowest of
+    its receivers' goes to the sender). Receiver reports still reach aiortc's handler.
+    """
+
+    MIMES = tuple(KEYFRAME)
+
+    def __init__(self, sender: RTCRtpSender) -> None:
+        super().__init__(sender)
+        self.rewriter = Rewriter()
+        #: The source feeding this output now (its keyframe requests and bitrate reports).
+        self.source: VideoSource | None = None
+        self._history: list[tuple[int, int, bool, bytes] | None] = [None] * HISTORY
+        self._rtx_sequence = random.randrange(0x10000)
+        #: Packets not forwarded: another codec than this output's, or waiting for a keyframe.
+        self.mismatched = 0
+        self.retransmitted = 0
+        self.keyframe_requests = 0
+        #: The receiver's latest bitrate estimate (REMB), in bit/s (None: none yet).
+        self.bitrate: int | None = None
+        original: Callable[[AnyRtcpPacket], Awaitable[None]] = sender._handle_rtcp_packet
+
+        async def handle_rtcp(packet: AnyRtcpPacket) -> None:
+            if isinstance(packet, RtcpRtpfbPacket) and packet.fmt == RTCP_RTPFB_NACK:
+                self.retransmit(packet.lost)
+            elif isinstance(packet, RtcpPsfbPacket) and packet.fmt in (RTCP_PSFB_PLI, RTCP_PSFB_FIR):
+                self.picture_lost()
+            elif isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
+                self._remb(packet.fci)
+            else:
+                await original(packet)
+
+        sender._handle_rtcp_packet = handle_rtcp  # type: ignore[method-assign]
+
+    def send(self, frame: object) -> None:
+        """Forward one received packet (a ``VideoPacket``) to this receiver."""
+        if not isinstance(frame, VideoPacket):
+            self.mismatched += 1  # a decoded picture: not for the forwarding path
+            return
+        if not self.ready():
+            self.dropped += 1
+            return
+        codec = self.codec
+        assert codec is not None and codec.payloadType is not None
+        if frame.mime != codec.mimeType.lower():
+            self.mismatched += 1
+            return
+        source = frame.source
+        if source is not self.source:
+            if self.source is not None:
+                self.source.forget(self)
+            self.source = source  # type: ignore[assignment]
+        mapped = self.rewriter.rewrite(
+            (source, frame.ssrc), frame.sequence, frame.timestamp, frame.keyframe, time.monotonic()
+        )
+        if mapped is None:
+            self._want_keyframe()
+            return
+        sequence, timestamp = mapped
+        self._history[sequence % HISTORY] = (sequence, timestamp, frame.marker, frame.payload)
+        self._write((frame.marker << 7) | codec.payloadType, sequence, timestamp, self.sender._ssrc, frame.payload)
+
+    def retransmit(self, lost: list[int]) -> None:
+        """Send again what the receiver reported lost, if still held (RFC 4588 RTX when negotiated)."""
+        codec = self.codec
+        if codec is None or codec.payloadType is None or not self.ready():
+            return
+        for sequence in lost:
+            held = self._history[sequence % HISTORY]
+            if held is None or held[0] != sequence:
+                continue  # too old, or never sent (lost before the gateway: it NACKed the sender)
+            _, timestamp, marker, payload = held
+            if self.rtx_payload_type is not None:
+                second = (marker << 7) | self.rtx_payload_type
+                self._write(
+                    second,
+                    self._rtx_sequence,
+                    timestamp,
+                    self.sender._rtx_ssrc,
+                    sequence.to_bytes(2, "big") + payload,
+                    counted=False,
+                )
+                self._rtx_sequence = (self._rtx_sequence + 1) & 0xFFFF
+            else:
+                self._write(
+                    (marker << 7) | codec.payloadType, sequence, timestamp, self.sender._ssrc, payload, counted=False
+                )
+            self.retransmitted += 1
+
+    def picture_lost(self) -> None:
+        """The receiver cannot decode (PLI/FIR): ask the source for a keyframe."""
+        self._want_keyframe()
+
+    def _want_keyframe(self) -> None:
+        if self.source is not None:
+            self.keyframe_requests += 1
+            self.source.request_keyframe()
+
+    def _remb(self, fci: bytes) -> None:
+        try:
+            bitrate, ssrcs = unpack_remb_fci(fci)
+        except ValueError:
+            return
+        if self.sender._ssrc in ssrcs:
+            self.bitrate = bitrate
+            if self.source is not None:
+                self.source.report_bitrate(self, bitrate)
+
+    def detach(self) -> None:
+        """This output no longer receives from its source: its reports stop counting there."""
+        if self.source is not None:
+            self.source.forget(self)
+            self.source = None
+
+
+class VideoSource(Protocol):
+    """What an output asks of the source it forwards (``media.inbound.InboundVideo``)."""
+
+    def request_keyframe(self) -> None: ...
+
+    def report_bitrate(self, receiver: Hashable, bitrate: int) -> None: ...
+
+    def forget(self, receiver: Hashable) -> None: ...
 
 
 def _to_clock(packet: Packet[Any]) -> int:

@@ -26,16 +26,14 @@ import asyncio
 import collections
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av.frame import Frame
 from av.packet import Packet
 
 from .tasks import FailureLog, Tally, TaskOwner, cancel_and_wait
-
-if TYPE_CHECKING:
-    from .outbound import DirectAudio
+from .video import VideoPacket
 
 log = logging.getLogger("talkgate.media.relay")
 
@@ -53,7 +51,15 @@ FAILURE_LOG_SECONDS = 10.0
 CLOSE_SECONDS = 2.0
 
 #: What a track's recv() yields: decoded frames, or encoded packets for pass-through.
-MediaFrame: TypeAlias = "Frame | Packet[Any]"
+MediaFrame: TypeAlias = "Frame | Packet[Any] | VideoPacket"
+
+
+class Direct(Protocol):
+    """A sender path that sends each pushed frame at once (``media.outbound``)."""
+
+    active: bool
+
+    def send(self, frame: Any) -> None: ...
 
 
 class Subscriber(Protocol):
@@ -72,7 +78,7 @@ class OutputTrack(MediaStreamTrack):
     def __init__(self, kind: str) -> None:
         super().__init__()
         self.kind = kind
-        self._frames: collections.deque[MediaFrame] = collections.deque(maxlen=QUEUE_FRAMES[kind])
+        self._frames: collections.deque[Frame | Packet[Any]] = collections.deque(maxlen=QUEUE_FRAMES[kind])
         self._max_backlog = MAX_BACKLOG[kind]
         self._catch_up_to = CATCH_UP_TO[kind]
         self._ready = asyncio.Event()
@@ -80,13 +86,17 @@ class OutputTrack(MediaStreamTrack):
         self.relay: Relay | None = None
         #: Frames dropped because the consumer was slower than the source.
         self.dropped = 0
-        #: Set for an audio sender: packets go out from push() itself (see media.outbound).
-        self.direct: DirectAudio | None = None
+        #: Packets go out from push() itself (see media.outbound): audio once the sender
+        #: runs Opus, video forwarded as RTP.
+        self.direct: Direct | None = None
 
     def push(self, frame: MediaFrame) -> None:
         direct = self.direct
         if direct is not None and direct.active:
             direct.send(frame)
+            return
+        if isinstance(frame, VideoPacket):
+            self.dropped += 1  # forwarded RTP, and this sender does not forward: aiortc cannot send it
             return
         if len(self._frames) == self._frames.maxlen:
             self.dropped += 1
@@ -96,7 +106,7 @@ class OutputTrack(MediaStreamTrack):
     def clear(self) -> None:
         self._frames.clear()
 
-    async def recv(self) -> MediaFrame:
+    async def recv(self) -> Frame | Packet[Any]:
         while not self._frames:
             if self.readyState != "live":
                 raise MediaStreamError

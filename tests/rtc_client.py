@@ -210,6 +210,10 @@ class RtcClient:
                         return received
                 await asyncio.sleep(0.05)
 
+    def received_video_frames(self) -> int:
+        """Pictures decoded so far, over every remote video track."""
+        return sum(r.frames for r in self.received if r.kind == "video")
+
     async def hears_tone(self, hz: float, timeout: float = 5.0) -> Received:
         """Wait until some remote audio track's recent sound is dominated by ``hz``."""
         async with asyncio.timeout(timeout):
