@@ -45,6 +45,7 @@ from benchmarks.signaling import SECRET, pct, start_gateway
 from gateway import tokens
 from media import ice
 from tests.client import Client
+from tests.conftest import until
 from tests.gateway_process import RTC_LOOPBACK_ARGS, GatewayProcess
 from tests.rtc_client import RtcClient, ToneTrack
 
@@ -215,9 +216,7 @@ async def video_cpu(gw: GatewayProcess, calls: int, seconds: float, frames: list
             rtc.pc.addTrack(EncodedVideoTrack(frames))
             await rtc.negotiate()
             parties.append(rtc)
-    async with asyncio.timeout(30):  # every receiver has its first pictures (the loop's keyframe)
-        while min(counts.values()) < FPS:
-            await asyncio.sleep(0.1)
+    await until(lambda: min(counts.values()) >= FPS, timeout=30)  # every receiver sees pictures
     pictures0 = dict(counts)
     cpu0, t0 = gw.cpu_seconds(), time.perf_counter()
     await asyncio.sleep(seconds)
