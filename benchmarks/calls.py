@@ -12,9 +12,11 @@ Phases:
                   peer connection "connected" (client side), N times one after another
   setup-chromium  the same from the bundled talkgate.js in headless Chromium with a fake
                   microphone (window.talkgate.callTimings), N fresh pages
-  relay-cpu       K conversations, customer and agent each sending a tone: the gateway
-                  forwards 2K Opus streams. Gateway CPU is read from /proc over S seconds
-                  of calls and over S seconds idle, in the same run.
+  relay-cpu       K conversations, customer and agent each sending a tone as pre-encoded
+                  Opus: the gateway forwards 2K Opus streams (and runs each customer's
+                  voice detection). Gateway CPU is read from /proc over S seconds of
+                  calls minus the idle gateway's, in the same run; receivers count RTP
+                  packets (they do not decode).
   video-cpu       V two-way video calls: customer and agent each send pre-encoded VP8
                   (640x480, 30 fps, a moving picture, ~0.8 Mbit/s; encoded once before the
                   run, so the clients only packetize). Receivers count pictures at the RTP
@@ -36,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import av
+import numpy as np
 import uvloop
 from aiortc.mediastreams import MediaStreamTrack
 
@@ -43,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))  # the repository's tests/ he
 
 from benchmarks.signaling import SECRET, pct, start_gateway
 from gateway import tokens
-from media import ice
+from media import ice, opus
 from tests.client import Client
 from tests.conftest import until
 from tests.gateway_process import RTC_LOOPBACK_ARGS, GatewayProcess
@@ -106,24 +109,80 @@ def setup_chromium(http_url: str, n: int) -> dict[str, Any]:
     return {"setups": n, "offer_to_connected": ms(to_connected), "start_to_connected": ms(start_to_connected)}
 
 
-async def relay_cpu(gw: GatewayProcess, calls: int, seconds: float) -> dict[str, Any]:
+def encode_opus_tone(hz: float) -> list[bytes]:
+    """One second of a tone as 50 Opus packets (20 ms, 48 kHz), encoded once before the run."""
+    encoder = opus.Encoder(48_000)
+    t = np.arange(48_000) / 48_000
+    pcm = (8000 * np.sin(2 * np.pi * hz * t)).astype(np.int16)
+    return [encoder.encode(pcm[i : i + 960]) for i in range(0, 48_000, 960)]
+
+
+class EncodedTrack(MediaStreamTrack):
+    """Pre-encoded packets in a loop at ``rate`` a second: aiortc's sender only packetizes them."""
+
+    def __init__(self, kind: str, packets: list[bytes], rate: int, clock: int) -> None:
+        super().__init__()
+        self.kind = kind
+        self.packets = packets
+        self.rate = rate
+        self.clock = clock
+        self._n = 0
+        self._t0: float | None = None
+
+    async def recv(self) -> av.Packet[Any]:
+        now = time.monotonic()
+        if self._t0 is None:
+            self._t0 = now
+        else:
+            await asyncio.sleep(self._t0 + self._n / self.rate - now)
+        packet = av.Packet(self.packets[self._n % len(self.packets)])
+        packet.pts, packet.time_base = self._n * (self.clock // self.rate), fractions.Fraction(1, self.clock)
+        self._n += 1
+        return packet
+
+
+def count_rtp(rtc: RtcClient, counts: dict[RtcClient, int], kind: str) -> None:
+    """Count what arrives at the RTP level instead of decoding it: packets of audio, or
+    pictures of video (marker bits)."""
+    counts[rtc] = 0
+
+    def wrap(receiver: Any) -> None:
+        async def handle(packet: Any, arrival_time_ms: int) -> None:
+            if kind == "audio" or packet.marker:
+                counts[rtc] += 1
+
+        receiver._handle_rtp_packet = handle
+
+    def on_track(track: Any) -> None:
+        if track.kind == kind:
+            wrap(next(t.receiver for t in rtc.pc.getTransceivers() if t.receiver.track is track))
+
+    rtc.pc.on("track", on_track)
+
+
+async def media_cpu(gw: GatewayProcess, calls: int, seconds: float, kind: str, packets: list[bytes]) -> dict[str, Any]:
+    """``calls`` two-way calls sending pre-encoded ``kind``; gateway CPU per call and what arrives."""
+    rate, clock = (50, 48_000) if kind == "audio" else (FPS, 90_000)
+    idle_s = min(seconds, 3)
     cpu0 = gw.cpu_seconds()
-    await asyncio.sleep(seconds)
-    idle = (gw.cpu_seconds() - cpu0) / seconds
+    await asyncio.sleep(idle_s)
+    idle = (gw.cpu_seconds() - cpu0) / idle_s
     parties: list[RtcClient] = []
+    counts: dict[RtcClient, int] = {}
     for i in range(calls):
-        for identity, role, hz in ((f"c{i}", "customer", 440), (f"a{i}", "agent", 880)):
-            rtc = await join(gw.ws_url, identity, role, f"cpu-{i}")
-            rtc.pc.addTrack(ToneTrack(hz))
+        for identity, role in ((f"{kind}-c{i}", "customer"), (f"{kind}-a{i}", "agent")):
+            rtc = await join(gw.ws_url, identity, role, f"{kind}-{i}")
+            count_rtp(rtc, counts, kind)
+            rtc.pc.addTrack(EncodedTrack(kind, packets, rate, clock))
             await rtc.negotiate()
             parties.append(rtc)
-    await asyncio.gather(*(rtc.hears("audio", frames=25, timeout=20) for rtc in parties))
-    frames0 = sum(r.frames for rtc in parties for r in rtc.received)
+    await until(lambda: min(counts.values()) >= rate, timeout=30)  # every receiver gets media
+    counts0 = dict(counts)
     cpu0, t0 = gw.cpu_seconds(), time.perf_counter()
     await asyncio.sleep(seconds)
     wall = time.perf_counter() - t0
     busy = (gw.cpu_seconds() - cpu0) / wall
-    frames = sum(r.frames for rtc in parties for r in rtc.received) - frames0
+    rates = sorted((counts[rtc] - counts0[rtc]) / wall for rtc in parties)
     await asyncio.gather(*(rtc.close() for rtc in parties))
     per_call = (busy - idle) / calls
     return {
@@ -133,14 +192,14 @@ async def relay_cpu(gw: GatewayProcess, calls: int, seconds: float) -> dict[str,
         "gateway_cpu_pct": round(busy * 100, 2),
         "cpu_pct_per_call": round(per_call * 100, 2),
         "calls_per_core": round(1 / per_call, 1) if per_call > 0 else None,
-        "frames_received_per_s": round(frames / wall, 1),
-        "frames_expected_per_s": 2 * calls * 50,
+        "sent_per_s": rate,
+        "received_per_s_min": round(rates[0], 1),
+        "received_per_s_median": round(statistics.median(rates), 1),
     }
 
 
 def encode_vp8_loop() -> list[bytes]:
     """LOOP_FRAMES pictures of a moving gradient and a sweeping bar, VP8 at VIDEO_BITRATE (libvpx)."""
-    import numpy as np
 
     codec = av.CodecContext.create("libvpx", "w")
     codec.width, codec.height, codec.pix_fmt = WIDTH, HEIGHT, "yuv420p"
@@ -162,82 +221,6 @@ def encode_vp8_loop() -> list[bytes]:
     return frames[:LOOP_FRAMES]
 
 
-class EncodedVideoTrack(MediaStreamTrack):
-    """Pre-encoded VP8 frames at FPS, in a loop: aiortc's sender only packetizes them."""
-
-    kind = "video"
-
-    def __init__(self, frames: list[bytes]) -> None:
-        super().__init__()
-        self.frames = frames
-        self._n = 0
-        self._t0: float | None = None
-
-    async def recv(self) -> av.Packet:
-        now = time.monotonic()
-        if self._t0 is None:
-            self._t0 = now
-        else:
-            await asyncio.sleep(self._t0 + self._n / FPS - now)
-        packet = av.Packet(self.frames[self._n % len(self.frames)])
-        packet.pts, packet.time_base = self._n * (90_000 // FPS), fractions.Fraction(1, 90_000)
-        self._n += 1
-        return packet
-
-
-def count_pictures(rtc: RtcClient, counts: dict[RtcClient, int]) -> None:
-    """Count received video pictures by RTP marker bit, instead of decoding them."""
-    counts[rtc] = 0
-
-    def wrap(receiver: Any) -> None:
-        async def handle(packet: Any, arrival_time_ms: int) -> None:
-            if packet.marker and receiver._RTCRtpReceiver__codecs.get(packet.payload_type) is not None:
-                counts[rtc] += 1
-
-        receiver._handle_rtp_packet = handle
-
-    def on_track(track: Any) -> None:
-        if track.kind == "video":
-            wrap(next(t.receiver for t in rtc.pc.getTransceivers() if t.receiver.track is track))
-
-    rtc.pc.on("track", on_track)
-
-
-async def video_cpu(gw: GatewayProcess, calls: int, seconds: float, frames: list[bytes]) -> dict[str, Any]:
-    cpu0 = gw.cpu_seconds()
-    await asyncio.sleep(min(seconds, 3))
-    idle = (gw.cpu_seconds() - cpu0) / min(seconds, 3)
-    parties: list[RtcClient] = []
-    counts: dict[RtcClient, int] = {}
-    for i in range(calls):
-        for identity, role in ((f"vc{i}", "customer"), (f"va{i}", "agent")):
-            rtc = await join(gw.ws_url, identity, role, f"video-{i}")
-            count_pictures(rtc, counts)
-            rtc.pc.addTrack(EncodedVideoTrack(frames))
-            await rtc.negotiate()
-            parties.append(rtc)
-    await until(lambda: min(counts.values()) >= FPS, timeout=30)  # every receiver sees pictures
-    pictures0 = dict(counts)
-    cpu0, t0 = gw.cpu_seconds(), time.perf_counter()
-    await asyncio.sleep(seconds)
-    wall = time.perf_counter() - t0
-    busy = (gw.cpu_seconds() - cpu0) / wall
-    rates = sorted((counts[rtc] - pictures0[rtc]) / wall for rtc in parties)
-    await asyncio.gather(*(rtc.close() for rtc in parties))
-    per_call = (busy - idle) / calls
-    return {
-        "calls": calls,
-        "seconds": seconds,
-        "gateway_cpu_idle_pct": round(idle * 100, 2),
-        "gateway_cpu_pct": round(busy * 100, 2),
-        "cpu_pct_per_call": round(per_call * 100, 2),
-        "calls_per_core": round(1 / per_call, 1) if per_call > 0 else None,
-        "fps_sent": FPS,
-        "fps_received_min": round(rates[0], 1),
-        "fps_received_median": round(statistics.median(rates), 1),
-    }
-
-
 async def video_side_by_side(args: argparse.Namespace) -> dict[str, Any]:
     frames = await asyncio.to_thread(encode_vp8_loop)
     result: dict[str, Any] = {"bits_per_second": round(sum(map(len, frames)) * 8 / (len(frames) / FPS))}
@@ -246,7 +229,7 @@ async def video_side_by_side(args: argparse.Namespace) -> dict[str, Any]:
             continue
         gw = start_gateway(rate=10_000, burst=10_000, extra=[*RTC_LOOPBACK_ARGS, "--video", mode])
         try:
-            result[mode] = await video_cpu(gw, calls, args.seconds, frames)
+            result[mode] = await media_cpu(gw, calls, args.seconds, "video", frames)
         finally:
             gw.stop()
     return result
@@ -260,7 +243,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         result["setup_aiortc"] = await setup_aiortc(gw.ws_url, args.setups)
         if args.browser_setups:
             result["setup_chromium"] = await asyncio.to_thread(setup_chromium, gw.url, args.browser_setups)
-        result["relay_cpu"] = await relay_cpu(gw, args.calls, args.seconds)
+        result["relay_cpu"] = await media_cpu(gw, args.calls, args.seconds, "audio", encode_opus_tone(440))
     finally:
         gw.stop()
     if args.video_calls or args.transcode_calls:
@@ -285,17 +268,17 @@ def print_table(r: dict[str, Any]) -> None:
     print(
         f"relay ({cpu['calls']} two-way audio calls, {cpu['seconds']} s): gateway CPU {cpu['gateway_cpu_pct']} %"
         f" (idle {cpu['gateway_cpu_idle_pct']} %) → {cpu['cpu_pct_per_call']} % of a core per call,"
-        f" ≈{cpu['calls_per_core']} calls per core; frames received {cpu['frames_received_per_s']}/s"
-        f" of {cpu['frames_expected_per_s']}/s"
+        f" ≈{cpu['calls_per_core']} calls per core; packets received per receiver:"
+        f" min {cpu['received_per_s_min']}/s, median {cpu['received_per_s_median']}/s of {cpu['sent_per_s']}/s"
     )
     video = r.get("video_cpu", {})
     for mode in ("forward", "transcode"):
         if v := video.get(mode):
             print(
-                f"video {mode} ({v['calls']} two-way 640x480 VP8 calls at {v['fps_sent']} fps,"
+                f"video {mode} ({v['calls']} two-way 640x480 VP8 calls at {v['sent_per_s']} fps,"
                 f" {video['bits_per_second'] / 1000:.0f} kbit/s each way, {v['seconds']} s): gateway CPU"
                 f" {v['gateway_cpu_pct']} % → {v['cpu_pct_per_call']} % of a core per call; pictures received"
-                f" per receiver: min {v['fps_received_min']}, median {v['fps_received_median']} fps"
+                f" per receiver: min {v['received_per_s_min']}, median {v['received_per_s_median']} fps"
             )
 
 

@@ -52,11 +52,19 @@ def test_signaling_benchmark_runs_and_reports_every_figure() -> None:
 
 
 def test_calls_benchmark_runs_and_reports_every_figure() -> None:
-    result = run_benchmark("calls.py", "--setups", "2", "--browser-setups", "1", "--calls", "1", "--seconds", "1")
+    result = run_benchmark(
+        "calls.py",
+        *("--setups", "2", "--browser-setups", "1", "--calls", "1", "--seconds", "2"),
+        *("--video-calls", "1", "--transcode-calls", "1"),
+    )
     assert result["setup_aiortc"]["offer_to_connected"]["median_ms"] > 0
     assert result["setup_chromium"]["offer_to_connected"]["median_ms"] > 0
     relay = result["relay_cpu"]
-    assert relay["frames_received_per_s"] > 0.5 * relay["frames_expected_per_s"]  # audio really flowed
+    assert relay["received_per_s_min"] > 0.5 * relay["sent_per_s"]  # audio really flowed
+    for mode in ("forward", "transcode"):
+        video = result["video_cpu"][mode]
+        assert video["received_per_s_min"] > 0.5 * video["sent_per_s"], mode  # pictures really arrived
+        assert video["cpu_pct_per_call"] is not None
 
 
 def test_pipeline_benchmark_runs_and_finds_the_utterances() -> None:
