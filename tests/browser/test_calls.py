@@ -240,3 +240,32 @@ def test_ice_checks_are_not_logged_by_default(new_page: NewPage) -> None:
     finally:
         log = gw.stop()
     assert "aioice" not in log, log[-2000:]
+
+
+def test_video_goes_on_when_a_second_agent_takes_over(gateway: GatewayProcess, new_page: NewPage) -> None:
+    """The gateway forwards video (media/video.py): after the first agent leaves and a second
+    one turns a camera on, the customer's same video stream carries the new agent's picture
+    (from its keyframe on, sequence numbers continuing) and Chromium decodes it."""
+    first = new_page("agent", token_url(gateway, "a-one", "agent", room="r-hand", name="Sam"), viewport=VIEWPORT)
+    customer = new_page("customer", token_url(gateway, "u-hand", "customer", room="r-hand", name="Ann"))
+    voice_call(customer, first)
+    first.click("#video")
+    customer.click("#prompt-accept")
+    for page in (customer, first):
+        growing(page, "framesDecoded", timeout=25)
+    first.click("#leave")
+    assert_stays(customer, "#call-status", "Sam left", ms=500)
+    decoded = stats(customer)["framesDecoded"]
+    second = new_page("agent2", token_url(gateway, "a-two", "agent", room="r-hand", name="Kim"), viewport=VIEWPORT)
+    expect(second.locator("#call")).to_be_enabled()
+    second.click("#call")
+    growing(second, "audioEnergy")
+    second.click("#video")
+    if customer.locator("#prompt").is_visible():
+        customer.click("#prompt-accept")
+    growing(second, "framesDecoded", timeout=25)  # the agent sees the customer
+    deadline = time.monotonic() + 10
+    while stats(customer)["framesDecoded"] < decoded + 30 and time.monotonic() < deadline:
+        customer.wait_for_timeout(200)
+    assert stats(customer)["framesDecoded"] >= decoded + 30, stats(customer)  # and the customer sees the agent
+    expect(customer.locator("#call-status")).to_contain_text("Video call with Kim")
