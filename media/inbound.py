@@ -215,6 +215,15 @@ class FastRtp:
         self._queue(data, component)
 
 
+def count_received(receiver: RTCRtpReceiver, packet: RtpPacket | RtpView, clock_rate: int) -> None:
+    """Add a packet to the receiver's statistics: what its RTCP receiver reports are made of."""
+    streams: dict[int, StreamStatistics] = receiver._RTCRtpReceiver__remote_streams  # type: ignore[attr-defined]
+    stats = streams.get(packet.ssrc)
+    if stats is None:
+        stats = streams[packet.ssrc] = StreamStatistics(clock_rate)
+    stats.add(packet)  # type: ignore[arg-type]
+
+
 class InboundAudio:
     """Owns one audio receiver's packet path: in order, stamped, to ``deliver``."""
 
@@ -253,11 +262,7 @@ class InboundAudio:
             # The stream changed codec: from the next packet on, aiortc's path decides.
             FastRtp.of(receiver.transport).routes.pop(packet.ssrc, None)
             return
-        streams: dict[int, StreamStatistics] = receiver._RTCRtpReceiver__remote_streams  # type: ignore[attr-defined]
-        stats = streams.get(packet.ssrc)
-        if stats is None:
-            stats = streams[packet.ssrc] = StreamStatistics(codec.clockRate)
-        stats.add(packet)  # type: ignore[arg-type]  # what the receiver's RTCP reports are made of
+        count_received(receiver, packet, codec.clockRate)
         for ordered in self.reorder.add(packet.sequence_number, packet):
             self.packets += 1
             encoded = av.Packet(ordered.payload)
@@ -323,11 +328,7 @@ class InboundVideo:
         if codec is None:
             self.unsupported += 1
             return
-        streams: dict[int, StreamStatistics] = receiver._RTCRtpReceiver__remote_streams  # type: ignore[attr-defined]
-        stats = streams.get(packet.ssrc)
-        if stats is None:
-            stats = streams[packet.ssrc] = StreamStatistics(codec.clockRate)
-        stats.add(packet)  # type: ignore[arg-type]  # what the receiver's RTCP reports are made of
+        count_received(receiver, packet, codec.clockRate)
         ssrc, sequence, payload = packet.ssrc, packet.sequence_number, packet.payload
         if is_rtx(codec):
             rtx_ssrcs: dict[int, int] = receiver._RTCRtpReceiver__rtx_ssrc  # type: ignore[attr-defined]
