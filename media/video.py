@@ -116,6 +116,10 @@ def h264_keyframe(payload: bytes) -> bool:
 KEYFRAME: dict[str, Callable[[bytes], bool]] = {"video/vp8": vp8_keyframe, "video/h264": h264_keyframe}
 
 
+#: Packets after a switch's keyframe during which older ones of that stream are dropped.
+BASE_WINDOW = 0x1000
+
+
 class Rewriter:
     """One output's outgoing sequence numbers and timestamps across source switches (sans-I/O).
 
@@ -133,8 +137,9 @@ class Rewriter:
         self._synced = False
         self._seq_delta = 0
         self._ts_delta = 0
-        #: The first source sequence number of the current stream that was forwarded.
-        self._base = 0
+        #: The first source sequence number of the current stream that was forwarded
+        #: (None once the stream is well past it).
+        self._base: int | None = None
         #: The next outgoing sequence number and the newest outgoing timestamp and when.
         self.next_sequence = random.randrange(0x10000)
         self.last_timestamp = random.randrange(0x100000000)
@@ -167,8 +172,11 @@ class Rewriter:
             self._ts_delta = (self.last_timestamp + elapsed - timestamp) & 0xFFFFFFFF
             self._base = sequence
             self._synced = True
-        elif sequence != self._base and not _newer(sequence, self._base):
-            return None  # from before the keyframe this output started at
+        elif self._base is not None:
+            if _newer(self._base, sequence):
+                return None  # from before the keyframe this output started at
+            if (sequence - self._base) & 0xFFFF > BASE_WINDOW:
+                self._base = None  # nothing that old can still arrive; and the numbers will wrap
         out_seq = (sequence + self._seq_delta) & 0xFFFF
         out_ts = (timestamp + self._ts_delta) & 0xFFFFFFFF
         if not _newer(self.next_sequence, out_seq):  # the newest so far

@@ -116,3 +116,14 @@ def test_the_sender_hears_the_lowest_fresh_bitrate() -> None:
     assert b.report("r1", 2_000_000, now=5.5) == 2_000_000  # r2's report went stale
     b.forget("r1")
     assert b.report("r3", 500_000, now=5.6) == 500_000
+
+
+def test_a_long_stream_keeps_flowing_past_the_sequence_number_wrap() -> None:
+    """A stream of 70 000 packets (13 minutes of video) is forwarded whole: the check that
+    drops packets from before the keyframe must not turn on again when the numbers wrap."""
+    r = Rewriter()
+    start = r.rewrite("a", 500, 0, True, now=0.0)
+    assert start is not None
+    for i in range(1, 70_000):
+        mapped = r.rewrite("a", (500 + i) & 0xFFFF, i * 1000, False, now=i / 90)
+        assert mapped == ((start[0] + i) & 0xFFFF, (start[1] + i * 1000) & 0xFFFFFFFF), i
