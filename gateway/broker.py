@@ -18,6 +18,7 @@ import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -42,6 +43,7 @@ from .history import History
 from .home import CallHomes, Cluster, Op, read_message, read_request
 from .messages import Participant, Role
 from .metrics import Metrics
+from .recording import Recordings
 from .records import Records, RecordsError
 from .routing import Router
 from .store import Admission, Limits, Store
@@ -126,6 +128,11 @@ class Broker:
                 reader_failures=metrics.relay_source_failures,
                 subscriber_failures=metrics.relay_subscriber_failures,
             ),
+            recordings=(
+                Recordings(Path(config.record_dir), emit=self.publish, clock=now_ms, tasks=self.tasks)
+                if config.record_dir
+                else None
+            ),
             pipeline_failures=metrics.relay_subscriber_failures,
         )
         self.calls.on_pipeline = self._pipeline_created
@@ -169,6 +176,8 @@ class Broker:
                 away.expiry.cancel()
                 await self._depart(key[0], away.participant, DISCONNECTED, held_here=True)
         await self.bots.close(timeout)
+        if self.calls.recordings is not None:
+            await self.calls.recordings.close()  # the files end properly, and the timeline says so
         await self.tasks.close(timeout)
         self.ears.close()
 
@@ -425,6 +434,8 @@ class Broker:
                 media=media or [],
                 capacity=capacity,
                 customer=customer,
+                # Every call is recorded or none is (one setting for the deployment).
+                recording=bool(self.config.record_dir) and any(m["audio"] or m["video"] for m in media or []),
             )
         )
 

@@ -48,6 +48,7 @@ from media.vad import SpeechStarted, SpeechStopped
 from . import events as ev
 from .errors import BadRequest, CallFailed, Unavailable
 from .messages import Participant
+from .recording import Recordings
 from .routing import RelayFactory, Route, RoutedPeer, Router, taps
 
 log = logging.getLogger("talkgate.calls")
@@ -384,6 +385,7 @@ class Calls:
         pipeline_timer: Any = None,
         make_relay: RelayFactory = Relay,
         pipeline_failures: Tally | None = None,
+        recordings: Recordings | None = None,
     ) -> None:
         self._make_relay = make_relay
         self._pipeline_failures = pipeline_failures
@@ -396,6 +398,10 @@ class Calls:
         self._tasks = tasks
         self._pipeline_timer = pipeline_timer
         self.router = Router(self._sources_changed, make_relay=make_relay)
+        #: The recorder of every call (``--record``), None when calls are not recorded.
+        self.recordings = recordings
+        if recordings is not None:
+            self.router.on_routed = recordings.routed
         #: conversation -> identity -> the last ``media`` state announced (only senders)
         self._media: dict[str, dict[str, dict[str, bool]]] = {}
         #: Called when a customer's pipeline exists (set by the broker: the bot attaches).

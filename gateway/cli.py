@@ -165,6 +165,16 @@ def _server_options(f: click.decorators.FC) -> click.decorators.FC:
             help="Network (CIDR) that client ICE candidates may point into (repeatable; default: any).",
         ),
         click.option(
+            "--record",
+            "record_dir",
+            envvar="TALKGATE_RECORD",
+            default="",
+            show_envvar=True,
+            metavar="DIR",
+            help="Record every call into DIR (one Ogg/Opus or WebM/VP8 file per participant's track; "
+            "everyone in the conversation is told).",
+        ),
+        click.option(
             "--video",
             envvar="TALKGATE_VIDEO",
             type=click.Choice(["forward", "transcode"]),

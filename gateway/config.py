@@ -128,6 +128,9 @@ class Config:
     #: SFU) or "transcode" (decoded and encoded again per receiver: the old way, about
     #: 15 times the CPU, kept to compare against and for codecs forwarding cannot serve).
     video: str = "forward"
+    #: Record every call into this directory (empty: no recording): each participant's
+    #: track as received, Ogg/Opus and WebM/VP8, announced to everyone in the conversation.
+    record_dir: str = ""
     #: Voice activity detection on customers' audio (docs/media.md explains the defaults).
     vad_aggressiveness: int = 3
     vad_frame_ms: int = 20

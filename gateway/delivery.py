@@ -282,6 +282,8 @@ def wire(event: ev.Event) -> tuple[dict[str, Any] | None, str | None]:
             return {"type": "media", "conversation": c, "identity": identity, "audio": audio, "video": video}, None
         case ev.SpeakingChanged(identity=identity, speaking=speaking):
             return {"type": "speaking", "conversation": c, "identity": identity, "speaking": speaking}, None
+        case ev.RecordingChanged(active=active):
+            return {"type": "recording", "conversation": c, "active": active}, None
         case ev.UpgradeRequested(id=rid, media=media, sender=sender):
             # Everyone gets it, the sender included: the echo carries the id to match replies.
             return {

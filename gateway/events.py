@@ -150,6 +150,29 @@ class SpeakingChanged(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RecordingChanged(Event):
+    """The conversation's calls began or ceased to be recorded (``--record``): everyone
+    in it is told, and the pages show it."""
+
+    active: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecordingSaved(Event):
+    """One participant's track of a call was written to a file (``media.recorder``)."""
+
+    participant: Participant
+    #: ``audio`` or ``video``.
+    media: str
+    #: The file, relative to the recording directory.
+    file: str
+    #: When its first packet arrived (Unix ms) and how long it is.
+    started: int
+    duration_ms: int
+    size: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class UpgradeRequested(Event):
     id: str
     media: str

@@ -233,9 +233,11 @@ def joined(
     media: list[dict[str, Any]],
     capacity: int | None = None,
     customer: dict[str, Any] | None = None,
+    recording: bool = False,
 ) -> dict[str, Any]:
     """``capacity``: for agents, how many conversations the connection may hold;
-    ``customer``: for agents, the customer's card (profile, earlier conversations)."""
+    ``customer``: for agents, the customer's card (profile, earlier conversations);
+    ``recording``: the conversation's call is being recorded (absent: it is not)."""
     message: dict[str, Any] = {
         "type": "joined",
         "conversation": conversation,
@@ -251,6 +253,8 @@ def joined(
         message["capacity"] = capacity
     if customer is not None:
         message["customer"] = customer
+    if recording:
+        message["recording"] = True
     return message
 
 

@@ -92,6 +92,8 @@ class Router:
         self._virtual: dict[str, dict[str, VirtualSource]] = {}
         #: conversation -> its routing state (absent: the default)
         self._states: dict[str, RouteState] = {}
+        #: Told every track a conversation's call carries after each change (the recorder).
+        self.on_routed: Callable[[str, dict[tuple[str, str], tuple[Participant, Relay]]], None] | None = None
 
     def __len__(self) -> int:
         return sum(len(room) for room in self._rooms.values())
@@ -156,10 +158,18 @@ class Router:
 
     def reconcile(self, conversation: str) -> None:
         room = self._rooms.get(conversation)
+        owners: list[Source] = [*(room or {}).values(), *self._virtual.get(conversation, {}).values()]
+        if self.on_routed is not None:
+            # A call is recorded while someone with a peer connection is on it (not a bot alone).
+            routed = {
+                (owner.participant.identity, kind): (owner.participant, relay)
+                for owner in owners
+                for kind, relay in owner.sources.items()
+            }
+            self.on_routed(conversation, routed if room else {})
         if not room:
             return
         state = self._states.get(conversation, RouteState())
-        owners: list[Source] = [*room.values(), *self._virtual.get(conversation, {}).values()]
         for sink in room.values():
             wanted: dict[Route, Relay] = {
                 (source.participant.identity, kind): relay

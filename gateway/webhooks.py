@@ -39,6 +39,7 @@ EVENT_TYPES = (
     "call.ended",
     "transcript.final",
     "meta.recorded",
+    "recording.saved",
 )
 #: The outbox keeps this much of a delivery's last error (characters).
 MAX_ERROR_CHARS = 500
@@ -71,6 +72,9 @@ def webhook_payloads(event: ev.Event, record_id: str) -> list[tuple[str, dict[st
             return [("transcript.final", {**base, "speaker": _who(speaker), "text": text, "via": sender.identity})]
         case ev.MetaRecorded(kind=kind, body=body, actor=actor):
             return [("meta.recorded", {**base, "kind": kind, "body": body, "actor": actor and _who(actor)})]
+        case ev.RecordingSaved(participant=who, media=media, file=file, started=started):
+            data = {**base, "participant": _who(who), "media": media, "file": file, "started": iso_utc(started)}
+            return [("recording.saved", {**data, "duration_ms": event.duration_ms, "bytes": event.size})]
     return []
 
 

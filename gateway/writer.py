@@ -560,6 +560,11 @@ class Writer:
                 row("upgrade.answered", replier, {"id": rid, "media": media, "accept": accept})
             case ev.MetaRecorded(kind=kind, body=body, actor=actor):
                 row("meta", actor, {**body, "kind": kind})
+            case ev.RecordingChanged(active=active):
+                row("recording.started" if active else "recording.stopped", None, {})
+            case ev.RecordingSaved(participant=who, media=media, file=file, started=started):
+                saved = {"media": media, "file": file, "started": started, "duration_ms": event.duration_ms}
+                row("recording.saved", who, {**saved, "bytes": event.size})
             case ev.ConversationClosed(reason=reason):
                 update(closed=event.ts, ended=reason or record.last_reason)
                 self._open.pop(room, None)

@@ -22,6 +22,7 @@ function buildPanel(panel) {
       el("video", { id: "remote-video", autoplay: true, playsinline: true }),
       el("video", { id: "local-video", autoplay: true, playsinline: true, muted: true, hidden: true })),
     el("div", { class: "call-bar", id: "call-bar", hidden: true },
+      el("span", { class: "recording", id: "recording", hidden: true, title: "This call is being recorded" }, "● Recording"),
       el("span", { class: "call-status", id: "call-status" }, "Connecting…"),
       el("button", { type: "button", class: "btn ghost small", id: "mute", "aria-pressed": "false" }, "Mute"),
       el("button", { type: "button", class: "btn ghost small", id: "camera" }, "Camera on"),
@@ -45,6 +46,7 @@ export function mountCall(client, { notify, changed = () => {} }) {
     accept: $("prompt-accept"), decline: $("prompt-decline"), area: $("media-area"),
     remoteVideo: $("remote-video"), localVideo: $("local-video"), sinks: $("remote-audio"),
     notice: $("call-notice"), noticeText: $("call-notice-text"), join: $("join-call"),
+    recording: $("recording"),
   };
   let me = null;
   let myRole = null;
@@ -68,6 +70,7 @@ export function mountCall(client, { notify, changed = () => {} }) {
         remoteVideo: null, // MediaStream of the remote camera
         videoLive: false,
         localVideo: null, // MediaStream of my camera
+        recording: false, // the gateway records this conversation's call
       };
       ui.sinks.append(s.sinks);
       calls.set(id, s);
@@ -152,8 +155,11 @@ export function mountCall(client, { notify, changed = () => {} }) {
     const label = ui.call.querySelector(".label");
     if (label) label.textContent = joinable ? "Join call" : "Call";
     ui.notice.hidden = !joinable || !live;
-    ui.noticeText.textContent = `${names(onCall)} ${onCall.length > 1 ? "are" : "is"} on a call`;
+    ui.noticeText.textContent = `${names(onCall)} ${onCall.length > 1 ? "are" : "is"} on a call`
+      + (s && s.recording ? " (recorded)" : "");
     ui.bar.hidden = !callOn;
+    // Everyone on a recorded call sees it, and before joining one too.
+    ui.recording.hidden = !(s && s.recording);
     const muted = s ? conversationOf(s)?.muted.audio : false;
     ui.mute.textContent = muted ? "Unmute" : "Mute";
     ui.mute.setAttribute("aria-pressed", String(Boolean(muted)));
@@ -233,8 +239,10 @@ export function mountCall(client, { notify, changed = () => {} }) {
     for (const p of msg.participants) if (p.identity !== me) s.others.set(p.identity, p);
     s.sending.clear();
     for (const m of msg.media || []) if (m.identity !== me) s.sending.set(m.identity, { audio: m.audio, video: m.video });
+    s.recording = Boolean(msg.recording);
     update();
   });
+  client.on("recording", (msg) => { call(msg.conversation).recording = Boolean(msg.active); refresh(); });
   client.on("participant.joined", (p) => { call(p.conversation).others.set(p.identity, p); refresh(); });
   client.on("participant.left", (p) => {
     const s = call(p.conversation);

@@ -38,7 +38,7 @@ const FINAL_CLOSE_CODES = new Set([1000, 4401, 4403, 4409]);
 // Gateway messages that belong to one conversation (they name it in "conversation").
 const SCOPED = new Set([
   "joined", "left", "chat", "participant.joined", "participant.left", "queued", "media", "speaking",
-  "transcript", "upgrade.request", "upgrade.reply", "offer", "answer",
+  "transcript", "upgrade.request", "upgrade.reply", "offer", "answer", "recording",
 ]);
 
 // One conversation the connection is in: its "joined" message, who is in it, who sends
@@ -52,6 +52,7 @@ export class Conversation {
     this.joined = null; // the last "joined" message for it
     this.participants = []; // everyone in it, us included
     this.media = new Map(); // identity -> { audio, video }: what the gateway receives from them
+    this.recording = false; // the gateway records this conversation's call ("recording" messages)
     this.pc = null; // our RTCPeerConnection for it, while we call
     this.local = { audio: null, video: null }; // our MediaStreamTracks in its call
     this.muted = { audio: false, video: false };
@@ -112,8 +113,10 @@ export class Conversation {
         this.joined = message;
         this.participants = message.participants;
         this.media = new Map((message.media || []).map((m) => [m.identity, { audio: m.audio, video: m.video }]));
+        this.recording = Boolean(message.recording);
         this._resumeMedia();
         break;
+      case "recording": this.recording = Boolean(message.active); break;
       case "participant.joined":
         this.participants = this.participants.filter((p) => p.identity !== message.identity)
           .concat([{ identity: message.identity, role: message.role, name: message.name }]);

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -269,3 +270,31 @@ def test_video_goes_on_when_a_second_agent_takes_over(gateway: GatewayProcess, n
         customer.wait_for_timeout(200)
     assert stats(customer)["framesDecoded"] >= decoded + 30, stats(customer)  # and the customer sees the agent
     expect(customer.locator("#call-status")).to_contain_text("Video call with Kim")
+
+
+@pytest.fixture(scope="module")
+def recording_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    gw = start_gateway("serve", "--record", str(tmp_path_factory.mktemp("calls")))
+    yield gw
+    gw.stop()
+
+
+def test_both_pages_show_that_the_call_is_recorded(recording_gateway: GatewayProcess, new_page: NewPage) -> None:
+    gateway = recording_gateway
+    agent = new_page("agent", token_url(gateway, "a-rec", "agent", room="r-rec", name="Sam"), viewport=VIEWPORT)
+    customer = new_page("customer", token_url(gateway, "u-rec", "customer", room="r-rec", name="Ann"))
+    voice_call(customer, agent)
+    for page in (customer, agent):
+        expect(page.locator("#recording")).to_be_visible()
+        expect(page.locator("#recording")).to_have_text("● Recording")
+    if folder := os.environ.get("TALKGATE_SCREENSHOTS"):
+        customer.screenshot(path=f"{folder}/customer-recording.png")
+        agent.screenshot(path=f"{folder}/agent-recording.png")
+    customer.click("#hangup")
+    agent.click("#hangup")
+    for page in (customer, agent):
+        expect(page.locator("#recording")).to_be_hidden()
+    # A page opened while a call is recorded says so before joining it.
+    voice_call(customer, agent)
+    late = new_page("late", token_url(gateway, "a-rec2", "agent", room="r-rec", name="Kim"), viewport=VIEWPORT)
+    expect(late.locator("#call-notice-text")).to_contain_text("(recorded)")

@@ -61,6 +61,32 @@ def test_each_event_makes_its_webhooks() -> None:
             ev.MetaRecorded(conversation="r1", ts=11, kind="card", body={"title": "T"}),
             [("meta.recorded", {**BASE, "kind": "card", "body": {"title": "T"}, "actor": None})],
         ),
+        (
+            ev.RecordingSaved(
+                conversation="r1",
+                ts=12,
+                participant=ANN,
+                media="audio",
+                file="r1/x.ogg",
+                started=1_764_670_680_000,
+                duration_ms=5000,
+                size=20_000,
+            ),
+            [
+                (
+                    "recording.saved",
+                    {
+                        **BASE,
+                        "participant": ANN.as_dict(),
+                        "media": "audio",
+                        "file": "r1/x.ogg",
+                        "started": "2025-12-02T10:18:00.000Z",
+                        "duration_ms": 5000,
+                        "bytes": 20_000,
+                    },
+                )
+            ],
+        ),
     ]
     for event, expected in cases:
         assert payloads(event) == expected, event
