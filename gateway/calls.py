@@ -30,7 +30,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aiortc import RTCConfiguration, RTCIceServer, RTCRtpTransceiver, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCIceServer, RTCRtpSender, RTCRtpTransceiver, RTCSessionDescription
+from aiortc.codecs import is_rtx
 from aiortc.mediastreams import MediaStreamTrack
 from aiortc.sdp import SessionDescription, candidate_from_sdp
 
@@ -110,8 +111,12 @@ class MediaPeer:
         on_negotiated: Callable[[MediaPeer], None],
         owner: object = None,
         make_relay: RelayFactory = Relay,
+        video_codec: Callable[[], str | None] = lambda: None,
     ) -> None:
         self._make_relay = make_relay
+        #: The video codec the conversation's other calls already run ("video/vp8"), if any:
+        #: this call's video is negotiated to it first, so the gateway can forward between them.
+        self._video_codec = video_codec
         self.conversation = conversation
         self.participant = participant
         self.settings = settings
@@ -169,11 +174,14 @@ class MediaPeer:
                 await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
             except Exception as exc:  # aiortc raises ValueError, AssertionError, OperationError…
                 raise BadRequest(f"cannot apply the offer: {_reason(exc)}") from exc
+            preferred = self._video_codec()
             for transceiver in self.pc.getTransceivers():
                 # Answer sendrecv where the client can receive, so routing can start or
                 # switch what flows toward it later without another negotiation.
                 if transceiver.direction == "recvonly":
                     transceiver.direction = "sendrecv"
+                if transceiver.kind == "video" and preferred is not None:
+                    prefer_codec(transceiver, preferred)
                 self._slot_for(transceiver)
             try:
                 await self.pc.setLocalDescription(await self.pc.createAnswer())
@@ -233,7 +241,11 @@ class MediaPeer:
                 continue
             free = next((s for s in self.slots if s.route is None and s.kind == route[1] and s.can_send()), None)
             if free is None:
-                free = self._slot_for(self.pc.addTransceiver(route[1], direction="sendrecv"))
+                transceiver = self.pc.addTransceiver(route[1], direction="sendrecv")
+                preferred = self._video_codec() if route[1] == "video" else None
+                if preferred is not None:
+                    prefer_codec(transceiver, preferred)
+                free = self._slot_for(transceiver)
                 self._offer_wanted = True
             free.route = route
             relay.subscribe(free.output)
@@ -358,6 +370,21 @@ class MediaPeer:
             slot.output.stop()
         await wait_closed([relay.close() for relay in relays], log, f"relays of {self.identity}")
         await self.pc.close()
+
+
+def prefer_codec(transceiver: RTCRtpTransceiver, mime: str) -> None:
+    """Put ``mime`` (and its RTX) first in what this transceiver negotiates: in the answer
+    being made (its negotiated codecs, which the browser sends with the first of) and in
+    every later offer (its preferences). Nothing changes if the other side lacks it."""
+    negotiated = transceiver._codecs
+    first = [c for c in negotiated if c.mimeType.lower() == mime]
+    if first and negotiated[0] not in first:
+        ids = {c.payloadType for c in first}
+        rtx = [c for c in negotiated if is_rtx(c) and c.parameters.get("apt") in ids]
+        transceiver._codecs = first + rtx + [c for c in negotiated if c not in first and c not in rtx]
+    capabilities = RTCRtpSender.getCapabilities(transceiver.kind).codecs
+    if any(c.mimeType.lower() == mime for c in capabilities):
+        transceiver.setCodecPreferences(sorted(capabilities, key=lambda c: c.mimeType.lower() != mime))
 
 
 def _reason(exc: Exception) -> str:
@@ -511,6 +538,7 @@ class Calls:
             on_negotiated=lambda peer: self.router.reconcile(peer.conversation),
             owner=owner,
             make_relay=self._make_relay,
+            video_codec=lambda: self._video_codec(conversation, participant.identity),
         )
         if taps(participant):
             pipeline = self._ears.pipeline(listener_failures=self._pipeline_failures)
@@ -522,6 +550,16 @@ class Calls:
         self.router.attach(media)
         self._emit([ev.CallStarted(conversation=conversation, ts=self._clock(), participant=participant)])
         return media
+
+    def _video_codec(self, conversation: str, identity: str) -> str | None:
+        """The codec another call of the conversation negotiated for video (forwarding needs one)."""
+        for peer in self.peers(conversation):
+            if peer.identity == identity:
+                continue
+            for transceiver in peer.pc.getTransceivers():
+                if transceiver.kind == "video" and transceiver.currentDirection is not None and transceiver._codecs:
+                    return str(transceiver._codecs[0].mimeType.lower())
+        return None
 
     def _speaking_listener(self, conversation: str, identity: str) -> Callable[[SpeechEvent], None]:
         """Tell the conversation when a customer starts and stops talking (agents see it)."""

@@ -225,3 +225,27 @@ async def test_transcode_mode_decodes_and_encodes_again(transcoding: GatewayServ
     finally:
         for rtc in clients:
             await rtc.close()
+
+
+async def test_a_later_call_is_negotiated_to_the_codec_the_first_one_sends(party: Party, server: GatewayServer) -> None:
+    """The customer's client prefers H.264, the agent's VP8 (a browser's default): the
+    gateway answers the agent with H.264 first, so both send H.264 and each stream is
+    forwarded, not lost for want of a common codec."""
+    customer = await party("u1")
+    agent = await party("a1", "agent")
+    transceiver = customer.pc.addTransceiver(PatternTrack(320, 240), direction="sendrecv")
+    codecs = RTCRtpSender.getCapabilities("video").codecs
+    transceiver.setCodecPreferences(sorted(codecs, key=lambda c: c.mimeType != "video/H264"))
+    await customer.negotiate()
+    agent.pc.addTrack(PatternTrack(320, 240))
+    await agent.negotiate()
+    await customer.hears("video", frames=5, timeout=10)
+    await agent.hears("video", frames=5, timeout=10)
+    wires = {"customer": tap(customer), "agent": tap(agent)}
+    await until(lambda: all(len(w.received) >= 30 for w in wires.values()), timeout=10)
+    for receiver, sender in (("customer", "agent"), ("agent", "customer")):
+        sent = {p.payload for p in wires[sender].sent}
+        assert all(p.payload in sent for p in wires[receiver].received), receiver
+    for rtc in (customer, agent):
+        video = next(t for t in rtc.pc.getTransceivers() if t.kind == "video")
+        assert video._codecs[0].mimeType == "video/H264"
