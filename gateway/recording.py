@@ -21,6 +21,7 @@ fails (disk full) is dropped and logged, the call goes on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import re
@@ -75,6 +76,9 @@ class Recordings:
         #: Tracks that ended: their last packets and the file's end are written next.
         self._ending: list[_Track] = []
         self._writer: asyncio.Task[None] | None = None
+        #: Set by ``close``: the writer finishes its flush and ends (a cancel could leave a
+        #: worker thread writing a file that the last flush then writes too).
+        self._stopping = asyncio.Event()
         #: Files finished, and recorders dropped because writing failed.
         self.saved = 0
         self.failures = 0
@@ -101,7 +105,7 @@ class Recordings:
             self._live.pop(conversation, None)
         if bool(live) != was:
             self._emit([ev.RecordingChanged(conversation=conversation, ts=self._clock(), active=bool(live))])
-        if (live or self._ending) and self._writer is None:
+        if (live or self._ending) and self._writer is None and not self._stopping.is_set():
             self._writer = self._tasks.spawn(self._write_loop(), "talkgate-recordings")
 
     def _start(self, conversation: str, participant: Participant, kind: str, relay: Relay) -> _Track:
@@ -114,8 +118,9 @@ class Recordings:
         return _Track(conversation, participant, kind, relay, recorder, started)
 
     async def _write_loop(self) -> None:
-        while True:
-            await asyncio.sleep(FLUSH_SECONDS)
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), FLUSH_SECONDS)
             await self.flush()
 
     async def flush(self) -> None:
@@ -163,10 +168,11 @@ class Recordings:
         """Finish every file (the gateway stops): each track ends as if its call had."""
         for conversation in list(self._live):
             self.routed(conversation, {})
+        self._stopping.set()
         if self._writer is not None:
-            await self._tasks.cancel(self._writer, 2.0)
+            await asyncio.wait([self._writer])  # its last flush finishes the files (its owner logs a failure)
             self._writer = None
-        await self.flush()
+        await self.flush()  # what the writer did not see
 
 
 def _finish(recorder: TrackRecorder, batch: list[Any]) -> Saved | None:

@@ -27,7 +27,7 @@ from tests.client import Client
 from tests.conftest import listen_only, make_token, start_audio, until
 from tests.databases import PostgresCluster
 from tests.redis_server import RedisServer
-from tests.rtc_client import RtcClient
+from tests.rtc_client import PatternTrack, RtcClient
 
 Nodes = Callable[..., Awaitable[list[GatewayServer]]]
 Entered = Callable[..., Awaitable[tuple[Client, dict[str, Any]]]]
@@ -485,3 +485,31 @@ async def test_after_a_redis_restart_the_home_records_its_calls_again(
         assert joined["media"] == [{"identity": "u1", "audio": True, "video": False}]
     finally:
         await customer.close()
+
+
+async def test_a_recorded_video_call_across_nodes(nodes: Nodes, clients: Any, entered: Entered, tmp_path: Any) -> None:
+    """Video forwarded and the call recorded on the home node (n1), while the agent's
+    signaling is on n2: the agent sees the customer's camera, n2's clients are told the
+    call is recorded (``recording``, and ``joined`` through n2), and the files are n1's."""
+    n1, n2 = await nodes(2, record_dir=str(tmp_path))
+    customer = RtcClient(await clients(n1, "u1", "customer", "r1"))
+    agent = RtcClient(await clients(n2, "a1", "agent", "r1"))
+    try:
+        customer.pc.addTrack(PatternTrack(320, 240))
+        await start_audio(customer, 440)
+        assert (await agent.wait_for("recording"))["active"] is True  # through n2
+        await listen_only(agent)
+        await agent.hears("video", frames=10, timeout=10)
+        _, joined = await entered(n2, "a2", "agent", "r1")
+        assert joined["recording"] is True
+        peers = {p.identity: p for p in n1.broker.calls.peers("r1")}
+        assert n1.broker.calls.recordings is not None and n1.broker.calls.recordings.active("r1")
+        assert n2.broker.calls.recordings is not None and not n2.broker.calls.recordings.active("r1")
+        assert set(peers) == {"u1", "a1"}
+        await customer.client.send({"type": "hangup"})
+        assert (await agent.wait_for("recording"))["active"] is False
+        await until(lambda: n1.broker.calls.recordings.saved == 2, timeout=5)  # type: ignore[union-attr]
+    finally:
+        await customer.close()
+        await agent.close()
+    assert sorted(p.suffix for p in tmp_path.rglob("*.*")) == [".ogg", ".webm"]

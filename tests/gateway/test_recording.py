@@ -147,3 +147,20 @@ async def test_the_bots_voice_is_recorded_too(recording_server: GatewayServer) -
         pcm = np.concatenate([frame.to_ndarray().reshape(-1) for frame in container.decode(audio=0)])
     spectrum = np.abs(np.fft.rfft(pcm[: 48_000 // 2]))
     assert abs(np.fft.rfftfreq(48_000 // 2, 1 / 48_000)[int(np.argmax(spectrum))] - 660) < 10  # the bot's tone
+
+
+async def test_a_gateway_that_stops_mid_call_finishes_its_files(config: Config, tmp_path: Path) -> None:
+    saved: list[ev.RecordingSaved] = []
+    async with GatewayServer(dataclasses.replace(config, record_dir=str(tmp_path))) as server:
+        server.broker.consumers.append(lambda e: saved.append(e) if isinstance(e, ev.RecordingSaved) else None)
+        customer, _ = await join(server, "u1", "customer")
+        customer.pc.addTrack(PatternTrack(320, 240))
+        await start_audio(customer, 440)
+        await customer.wait_for("recording", active=True)
+        await asyncio.sleep(1.5)
+    await customer.close()
+    assert sorted(s.media for s in saved) == ["audio", "video"]
+    for event in saved:
+        with av.open(str(tmp_path / event.file)) as container:
+            assert container.duration is not None and container.duration > 1_000_000
+            assert next(container.decode(container.streams[0])) is not None
