@@ -316,7 +316,8 @@ class InboundVideo:
         receiver._handle_rtp_packet = self._handle  # type: ignore[method-assign]
 
     async def _handle(self, packet: RtpPacket, arrival_time_ms: int) -> None:
-        """aiortc's path: each SSRC's first packet, until ``FastRtp`` routes it here."""
+        """aiortc's path: each SSRC's first packet (media or RTX); the rest come from ``FastRtp``."""
+        FastRtp.of(self.receiver.transport).add_route(packet.ssrc, self.handle)
         self.handle(packet, time.perf_counter())
 
     def handle(self, packet: RtpPacket | RtpView, arrived: float) -> None:
@@ -344,7 +345,6 @@ class InboundVideo:
         if keyframe is None:
             self.unsupported += 1
             return
-        FastRtp.of(receiver.transport).add_route(packet.ssrc, self.handle)
         self.mime = mime
         self._media_ssrc = ssrc
         if self.gaps.add(sequence):
