@@ -33,6 +33,7 @@ import fractions
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -224,15 +225,28 @@ def encode_vp8_loop() -> list[bytes]:
 async def video_side_by_side(args: argparse.Namespace) -> dict[str, Any]:
     frames = await asyncio.to_thread(encode_vp8_loop)
     result: dict[str, Any] = {"bits_per_second": round(sum(map(len, frames)) * 8 / (len(frames) / FPS))}
-    for mode, calls in (("forward", args.video_calls), ("transcode", args.transcode_calls)):
+    modes = [("forward", args.video_calls), ("transcode", args.transcode_calls)]
+    if args.record:
+        modes.insert(1, ("forward+record", args.video_calls))
+    for mode, calls in modes:
         if not calls:
             continue
-        gw = start_gateway(rate=10_000, burst=10_000, extra=[*RTC_LOOPBACK_ARGS, "--video", mode])
-        try:
-            result[mode] = await media_cpu(gw, calls, args.seconds, "video", frames)
-        finally:
-            gw.stop()
+        with tempfile.TemporaryDirectory(prefix="talkgate-calls-") as folder:
+            extra = ["--video", mode.split("+")[0], *(["--record", folder] if mode.endswith("record") else [])]
+            gw = start_gateway(rate=10_000, burst=10_000, extra=[*RTC_LOOPBACK_ARGS, *extra])
+            try:
+                result[mode] = await media_cpu(gw, calls, args.seconds, "video", frames)
+            finally:
+                gw.stop()
+            if mode.endswith("record"):
+                result[mode].update(await asyncio.to_thread(recorded, Path(folder)))
     return result
+
+
+def recorded(folder: Path) -> dict[str, Any]:
+    """The files a --record gateway wrote (it finished them when it stopped)."""
+    files = list(folder.rglob("*.*"))
+    return {"recorded_files": len(files), "recorded_mb": round(sum(f.stat().st_size for f in files) / 1e6, 1)}
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -272,13 +286,14 @@ def print_table(r: dict[str, Any]) -> None:
         f" min {cpu['received_per_s_min']}/s, median {cpu['received_per_s_median']}/s of {cpu['sent_per_s']}/s"
     )
     video = r.get("video_cpu", {})
-    for mode in ("forward", "transcode"):
+    for mode in ("forward", "forward+record", "transcode"):
         if v := video.get(mode):
             print(
                 f"video {mode} ({v['calls']} two-way 640x480 VP8 calls at {v['sent_per_s']} fps,"
                 f" {video['bits_per_second'] / 1000:.0f} kbit/s each way, {v['seconds']} s): gateway CPU"
                 f" {v['gateway_cpu_pct']} % → {v['cpu_pct_per_call']} % of a core per call; pictures received"
                 f" per receiver: min {v['received_per_s_min']}, median {v['received_per_s_median']} fps"
+                + (f"; {v['recorded_files']} files, {v['recorded_mb']} MB" if "recorded_files" in v else "")
             )
 
 
@@ -290,6 +305,7 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--video-calls", type=int, default=10, help="two-way video calls forwarded (0: skip)")
     parser.add_argument("--transcode-calls", type=int, default=2, help="the same with --video transcode (0: skip)")
+    parser.add_argument("--record", action="store_true", help="also the forwarded calls with --record, side by side")
     parser.add_argument("--json", action="store_true")
     arguments = parser.parse_args()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
