@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import fractions
+import functools
 import json
 import statistics
 import sys
@@ -51,7 +52,7 @@ from media import ice, opus
 from tests.client import Client
 from tests.conftest import until
 from tests.gateway_process import RTC_LOOPBACK_ARGS, GatewayProcess
-from tests.rtc_client import RtcClient, ToneTrack
+from tests.rtc_client import PatternTrack, RtcClient, ToneTrack
 
 #: The video load: pre-encoded VP8, played in a loop (a keyframe at each start).
 WIDTH, HEIGHT, FPS, LOOP_FRAMES, VIDEO_BITRATE = 640, 480, 30, 90, 800_000
@@ -222,6 +223,41 @@ def encode_vp8_loop() -> list[bytes]:
     return frames[:LOOP_FRAMES]
 
 
+async def handover_latency(gw: GatewayProcess, n: int) -> dict[str, Any]:
+    """A customer sees agent 1's camera; agent 1 hangs up, agent 2 calls with a camera:
+    agent 2's offer answered → the customer decodes agent 2's first picture (aiortc
+    clients that encode a small moving picture and decode what they get). The time
+    includes agent 2's ICE and DTLS set-up and the keyframe the gateway asks for."""
+    latencies = []
+    for i in range(n):
+        room = f"handover-{i}"
+        customer = await join(gw.ws_url, f"hc{i}", "customer", room)
+        first = await join(gw.ws_url, f"ha{i}", "agent", room)
+        second: RtcClient | None = None
+        try:
+            for rtc in (customer, first):
+                rtc.pc.addTrack(PatternTrack(320, 240))
+                await rtc.negotiate()
+            await customer.hears("video", frames=10, timeout=10)
+            await first.client.send({"type": "hangup"})
+            await customer.wait_for("media", identity=f"ha{i}", video=False)
+            second = await join(gw.ws_url, f"hb{i}", "agent", room)
+            second.pc.addTrack(PatternTrack(320, 240))
+            before = customer.received_video_frames()
+            await second.negotiate()
+            answered = time.perf_counter()
+            await until(functools.partial(newer_picture, customer, before), timeout=10)  # polls every 20 ms
+            latencies.append(time.perf_counter() - answered)
+        finally:
+            for rtc in (customer, first, *([second] if second else [])):
+                await rtc.close()
+    return {"handovers": n, "answer_to_first_picture": ms(latencies)}
+
+
+def newer_picture(rtc: RtcClient, before: int) -> bool:
+    return rtc.received_video_frames() > before
+
+
 async def video_side_by_side(args: argparse.Namespace) -> dict[str, Any]:
     frames = await asyncio.to_thread(encode_vp8_loop)
     result: dict[str, Any] = {"bits_per_second": round(sum(map(len, frames)) * 8 / (len(frames) / FPS))}
@@ -262,6 +298,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         gw.stop()
     if args.video_calls or args.transcode_calls:
         result["video_cpu"] = await video_side_by_side(args)
+    if args.handovers:
+        gw = start_gateway(rate=10_000, burst=10_000, extra=RTC_LOOPBACK_ARGS)
+        try:
+            result["video_handover"] = await handover_latency(gw, args.handovers)
+        finally:
+            gw.stop()
     return result
 
 
@@ -285,6 +327,11 @@ def print_table(r: dict[str, Any]) -> None:
         f" ≈{cpu['calls_per_core']} calls per core; packets received per receiver:"
         f" min {cpu['received_per_s_min']}/s, median {cpu['received_per_s_median']}/s of {cpu['sent_per_s']}/s"
     )
+    if h := r.get("video_handover"):
+        print(
+            f"video hand-over ({h['handovers']}): agent 2's answer → the customer's first picture of agent 2:"
+            f" median {h['answer_to_first_picture']['median_ms']} ms, p95 {h['answer_to_first_picture']['p95_ms']} ms"
+        )
     video = r.get("video_cpu", {})
     for mode in ("forward", "forward+record", "transcode"):
         if v := video.get(mode):
@@ -306,6 +353,7 @@ if __name__ == "__main__":
     parser.add_argument("--video-calls", type=int, default=10, help="two-way video calls forwarded (0: skip)")
     parser.add_argument("--transcode-calls", type=int, default=2, help="the same with --video transcode (0: skip)")
     parser.add_argument("--record", action="store_true", help="also the forwarded calls with --record, side by side")
+    parser.add_argument("--handovers", type=int, default=5, help="video hand-overs to a second agent, timed (0: skip)")
     parser.add_argument("--json", action="store_true")
     arguments = parser.parse_args()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

@@ -55,16 +55,18 @@ def test_calls_benchmark_runs_and_reports_every_figure() -> None:
     result = run_benchmark(
         "calls.py",
         *("--setups", "2", "--browser-setups", "1", "--calls", "1", "--seconds", "2"),
-        *("--video-calls", "1", "--transcode-calls", "1"),
+        *("--video-calls", "1", "--transcode-calls", "1", "--record", "--handovers", "1"),
     )
     assert result["setup_aiortc"]["offer_to_connected"]["median_ms"] > 0
     assert result["setup_chromium"]["offer_to_connected"]["median_ms"] > 0
     relay = result["relay_cpu"]
     assert relay["received_per_s_min"] > 0.5 * relay["sent_per_s"]  # audio really flowed
-    for mode in ("forward", "transcode"):
+    for mode in ("forward", "forward+record", "transcode"):
         video = result["video_cpu"][mode]
         assert video["received_per_s_min"] > 0.5 * video["sent_per_s"], mode  # pictures really arrived
         assert video["cpu_pct_per_call"] is not None
+    assert result["video_cpu"]["forward+record"]["recorded_files"] == 2  # each side's camera
+    assert result["video_handover"]["answer_to_first_picture"]["median_ms"] > 0
 
 
 def test_pipeline_benchmark_runs_and_finds_the_utterances() -> None:
