@@ -403,7 +403,8 @@ class Api:
         if force not in ("true", "false"):
             raise BadRequest("force is true or false")
         removed = await self._records().erase_customer(identity, force=force == "true")
-        return _json(ErasedBody(removed.customers, removed.conversations, removed.events, removed.events_elsewhere))
+        counts = (removed.customers, removed.conversations, removed.events, removed.events_elsewhere)
+        return _json(ErasedBody(*counts, list(removed.recordings)))
 
 
 def _bind(api: Api, handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:

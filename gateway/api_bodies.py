@@ -141,6 +141,10 @@ class ErasedBody(msgspec.Struct):
     conversations: int
     events: int
     events_elsewhere: int
+    #: The call recordings the erased records listed (their conversations' calls, their voice
+    #: elsewhere), relative to the ``--record`` directory: deleted from this gateway's, and
+    #: named so that copies elsewhere (archived from ``recording.saved`` webhooks) can go too.
+    recordings: list[str]
 
 
 class DeliveryBody(msgspec.Struct):

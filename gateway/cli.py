@@ -553,7 +553,16 @@ def customer() -> None:
     is_flag=True,
     help="Erase even while a conversation of theirs is open (a crash left it open; see docs/records.md).",
 )
-def erase(identity: str, database: str, force: bool) -> None:
+@click.option(
+    "--record",
+    "record_dir",
+    envvar="TALKGATE_RECORD",
+    default="",
+    show_envvar=True,
+    metavar="DIR",
+    help="The gateway's --record directory: their call recordings there are deleted too.",
+)
+def erase(identity: str, database: str, force: bool, record_dir: str) -> None:
     """Erase a customer from the records (privacy requests).
 
     Deletes their profile, their conversations with every event in them, and the events they
@@ -565,7 +574,7 @@ def erase(identity: str, database: str, force: bool) -> None:
     from .records import OpenConversation, Removed, SqlRecords, create_engine, customers
 
     try:
-        records = SqlRecords(database)
+        records = SqlRecords(database, recordings=Path(record_dir) if record_dir else None)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
     where = records.describe()
@@ -599,7 +608,8 @@ def erase(identity: str, database: str, force: bool) -> None:
         return
     click.echo(
         f"{identity}: erased profile {removed.customers}, conversations {removed.conversations} "
-        f"(events {removed.events}), events in other conversations {removed.events_elsewhere}"
+        f"(events {removed.events}), events in other conversations {removed.events_elsewhere}, "
+        f"call recordings {len(removed.recordings)}"
     )
 
 

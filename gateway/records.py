@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import Callable, Sequence
@@ -208,6 +209,25 @@ class Records(abc.ABC):
         """Replace a customer's profile (a customer not seen yet is created)."""
 
 
+def delete_recordings(directory: Path | None, files: tuple[str, ...]) -> int:
+    """Delete the recording files removed records listed, under ``directory`` (the
+    ``--record`` one; None: this process records nothing, the files are not its to
+    find). A name that would lead outside the directory is ignored. Returns how many."""
+    if directory is None:
+        return 0
+    root = directory.resolve()
+    deleted = 0
+    for name in files:
+        path = (root / name).resolve()
+        if not path.is_relative_to(root):
+            log.warning("records: a recording outside %s was not deleted: %r", root, name)
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            deleted += 1
+    return deleted
+
+
 class SqlRecords(Records):
     def __init__(
         self,
@@ -222,7 +242,10 @@ class SqlRecords(Records):
         commit_interval: float = 0.0,
         webhook_endpoints: Sequence[str] = (),
         on_outbox: Callable[[], None] | None = None,
+        recordings: Path | None = None,
     ) -> None:
+        #: The ``--record`` directory: retention and erasure delete the recordings they list there.
+        self.recordings = recordings
         #: Webhook endpoints the writer adds outbox rows for; ``on_outbox`` is called after a
         #: commit that added some (``webhook_delivery.WebhookDelivery.committed``).
         self.webhook_endpoints = tuple(webhook_endpoints)
@@ -487,13 +510,17 @@ class SqlRecords(Records):
     # -- retention and erasure --------------------------------------------------------
 
     async def expire(self, before: int) -> Removed:
-        """One retention pass (``removal.expire``)."""
+        """One retention pass (``removal.expire``), and the recordings it listed."""
         assert self.engine is not None
-        return await removal.expire(self.engine, before)
+        removed = await removal.expire(self.engine, before)
+        await asyncio.to_thread(delete_recordings, self.recordings, removed.recordings)
+        return removed
 
     async def erase_customer(self, identity: str, *, force: bool = False) -> Removed:
         assert self.engine is not None
-        return await removal.erase_customer(self.engine, self._writer, identity, force=force)
+        removed = await removal.erase_customer(self.engine, self._writer, identity, force=force)
+        await asyncio.to_thread(delete_recordings, self.recordings, removed.recordings)
+        return removed
 
     async def _retain(self) -> None:
         """The retention task: a pass at start, then one every interval, until cancelled."""

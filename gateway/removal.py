@@ -8,6 +8,7 @@ the writer never waits for the lock: it retries, see ``writer.py``).
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 from dataclasses import dataclass
 
@@ -37,9 +38,12 @@ class Removed:
     events: int = 0
     #: Events the erased customer authored in conversations that stay (others' rooms).
     events_elsewhere: int = 0
+    #: The call recordings the removed events listed (``recording.saved``: files relative
+    #: to the ``--record`` directory), for whoever holds that directory to delete.
+    recordings: tuple[str, ...] = ()
 
     def __bool__(self) -> bool:
-        return any((self.customers, self.conversations, self.events, self.events_elsewhere))
+        return any((self.customers, self.conversations, self.events, self.events_elsewhere, self.recordings))
 
 
 class OpenConversation(Exception):
@@ -61,12 +65,25 @@ def authored(identity: str) -> sa.ColumnElement[bool]:
     )
 
 
+async def recording_files(engine: AsyncEngine, where: sa.ColumnElement[bool]) -> tuple[str, ...]:
+    """The files of the ``recording.saved`` events that ``where`` selects."""
+    async with engine.connect() as conn:
+        bodies = (await conn.scalars(sa.select(events.c.body).where(events.c.type == "recording.saved", where))).all()
+    files = []
+    for body in bodies:
+        value = json.loads(body) if isinstance(body, str) else body
+        if isinstance(value, dict) and isinstance(value.get("file"), str):
+            files.append(value["file"])
+    return tuple(files)
+
+
 async def expire(engine: AsyncEngine, before: int) -> Removed:
     """One retention pass: delete the conversations closed before ``before`` (Unix ms)
     with their events, then the customers with no conversation left and not seen since.
     Open conversations stay, however old."""
     expired = conversations.alias("expired")
     old = sa.select(expired.c.id).where(expired.c.closed.is_not(None), expired.c.closed < before)
+    files = await recording_files(engine, events.c.conversation.in_(old))
     timeline = events.alias("timeline")
     removed_events = await delete_batches(
         engine,
@@ -89,7 +106,9 @@ async def expire(engine: AsyncEngine, before: int) -> Removed:
     removed_customers = await delete_batches(
         engine, customers.delete().where(customers.c.identity.in_(unseen), customers.c.last_seen < before)
     )
-    return Removed(customers=removed_customers, conversations=removed_conversations, events=removed_events)
+    return Removed(
+        customers=removed_customers, conversations=removed_conversations, events=removed_events, recordings=files
+    )
 
 
 async def erase_customer(engine: AsyncEngine, writer: Writer | None, identity: str, *, force: bool = False) -> Removed:
@@ -115,6 +134,8 @@ async def erase_customer(engine: AsyncEngine, writer: Writer | None, identity: s
             ).all()
         )
     ids = {row.id for row in own}
+    # Their calls (every track: what others said to them is theirs too) and their voice elsewhere.
+    files = await recording_files(engine, sa.or_(events.c.conversation.in_(ids), events.c.actor == identity))
     if writer is not None:
         for row in own:
             if row.closed is None:  # forced: this process's writer starts a new record, not a missing one
@@ -144,7 +165,7 @@ async def erase_customer(engine: AsyncEngine, writer: Writer | None, identity: s
             await conn.execute(conversations.delete().where(conversations.c.customer == identity, emptied))
         ).rowcount
         removed_customers = (await conn.execute(customers.delete().where(customers.c.identity == identity))).rowcount
-    removed = Removed(removed_customers, removed_conversations, removed_events, removed_elsewhere)
+    removed = Removed(removed_customers, removed_conversations, removed_events, removed_elsewhere, files)
     if removed_conversations < len(ids):
         log.warning(
             "erasing %r: %d conversations got new events meanwhile and stay",

@@ -9,6 +9,7 @@ import http
 import logging
 import signal
 import time
+from pathlib import Path
 from types import TracebackType
 
 import uvloop
@@ -100,6 +101,7 @@ class GatewayServer:
                 commit_interval=config.commit_interval_ms / 1000,
                 webhook_endpoints=config.webhook_urls,
                 on_outbox=None if self.webhooks is None else self.webhooks.committed,
+                recordings=Path(config.record_dir) if config.record_dir else None,
             )
             if config.database
             else None

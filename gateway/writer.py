@@ -110,6 +110,10 @@ class _Open:
     sent: dict[str, set[str]] = field(default_factory=dict)
 
 
+#: Events that may come after their conversation closed, and go into its record then.
+AFTERWORD_EVENTS = (ev.RecordingSaved, ev.RecordingChanged)
+
+
 class _Busy(Exception):
     """SQLite: another connection holds the write lock (the batch is retried)."""
 
@@ -486,7 +490,15 @@ class Writer:
             if self.webhook_endpoints:
                 self._webhooks(event, cached.id)
             return
-        record, fresh = self._record(conn, room, event.ts)
+        if isinstance(event, AFTERWORD_EVENTS) and room not in self._open:
+            # A recording finishes after its call, maybe after the conversation closed: it
+            # belongs to that record, which it must not reopen.
+            latest = conn.execute(LATEST, {"room": room}).first()
+            if latest is None:
+                return
+            record, fresh = _Open(latest.id), False
+        else:
+            record, fresh = self._record(conn, room, event.ts)
         if isinstance(event, ev.ConversationOpened):
             if event.customer is not None:
                 conn.execute(_SET_CUSTOMER, {"rid": record.id, "customer": event.customer})

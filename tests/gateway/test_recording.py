@@ -164,3 +164,46 @@ async def test_a_gateway_that_stops_mid_call_finishes_its_files(config: Config, 
         with av.open(str(tmp_path / event.file)) as container:
             assert container.duration is not None and container.duration > 1_000_000
             assert next(container.decode(container.streams[0])) is not None
+
+
+async def test_erasure_and_retention_delete_the_recordings(config: Config, database_url: str, tmp_path: Path) -> None:
+    """A privacy request erases a customer's calls as it erases their chat; retention
+    deletes the recordings of the conversations it removes."""
+    folder = tmp_path / "calls"
+    settings = dataclasses.replace(config, record_dir=str(folder), database=database_url)
+    async with GatewayServer(settings) as server:
+        records = server.records
+        assert isinstance(records, SqlRecords)
+        files: dict[str, list[Path]] = {}
+        for customer_id, room in (("u1", "room-1"), ("u2", "room-2")):
+            client = await Client.open(server.ws_url)
+            await client.send({"type": "join", "token": make_token(customer_id, "customer", room)})
+            await client.expect("joined")
+            customer = RtcClient(client)
+            try:
+                await start_audio(customer, 440)
+                await customer.wait_for("recording", active=True)
+                await asyncio.sleep(0.5)
+                await customer.client.send({"type": "leave"})
+                await customer.wait_for("left")
+            finally:
+                await customer.close()
+
+            async def listed(room: str = room) -> list[Path] | None:
+                [conversation] = await records.conversations_of(room)
+                if conversation["closed"] is None:
+                    return None  # the writer has not committed the leave yet
+                entries = await records.timeline(conversation["id"])
+                saved = [e["body"] for e in entries if e["type"] == "recording.saved"]
+                bodies = [b if isinstance(b, dict) else json.loads(b) for b in saved]
+                return [folder / b["file"] for b in bodies] or None
+
+            files[customer_id] = await until(listed, timeout=5)
+            assert all(path.is_file() for path in files[customer_id])
+        removed = await records.erase_customer("u1")
+        assert [folder / name for name in removed.recordings] == files["u1"]
+        assert not any(path.exists() for path in files["u1"])
+        assert all(path.is_file() for path in files["u2"])  # someone else's call stays
+        expired = await records.expire(before=int(time.time() * 1000) + 1)
+        assert [folder / name for name in expired.recordings] == files["u2"]
+        assert not any(path.exists() for path in files["u2"])

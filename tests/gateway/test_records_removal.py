@@ -340,7 +340,9 @@ async def test_the_erase_command_prints_what_it_removed(database_url: str) -> No
 
     code, out, err = await talkgate("customer", "erase", "u1", "--database", url)
     assert code == 0, err
-    assert out == (f"u1: erased profile 1, conversations 2 (events {in_a_b}), events in other conversations 4\n")
+    assert out == (
+        f"u1: erased profile 1, conversations 2 (events {in_a_b}), events in other conversations 4, call recordings 0\n"
+    )
     code, out, err = await talkgate("customer", "erase", "u1", "--database", url)
     assert code == 0, err
     assert out.startswith("u1: nothing to erase: no profile, conversation or event of theirs in ")
@@ -377,7 +379,10 @@ async def test_the_erase_command_works_beside_a_running_gateway(database_url: st
                 if code == 0:
                     break
                 assert "open conversation" in err
-        assert out == "u1: erased profile 1, conversations 1 (events 3), events in other conversations 0\n"
+        assert (
+            out
+            == "u1: erased profile 1, conversations 1 (events 3), events in other conversations 0, call recordings 0\n"
+        )
         code, out, err = await talkgate("customer", "erase", "u2", "--database", url)
         assert code == 1 and "open conversation" in err
         await stays.send({"type": "chat", "text": "still recorded"})
@@ -387,7 +392,9 @@ async def test_the_erase_command_works_beside_a_running_gateway(database_url: st
         # record it holds fails once, then it starts a new record of the room.
         code, out, err = await talkgate("customer", "erase", "u2", "--database", url, "--force")
         assert (
-            code == 0 and out == "u2: erased profile 1, conversations 1 (events 2), events in other conversations 0\n"
+            code == 0
+            and out
+            == "u2: erased profile 1, conversations 1 (events 2), events in other conversations 0, call recordings 0\n"
         )
         await stays.send({"type": "chat", "text": "after the erase"})
         await stays.error("unavailable")
