@@ -234,6 +234,7 @@ class InboundAudio:
         self.deliver = deliver
         self.reorder: ReorderBuffer[RtpPacket | RtpView] = ReorderBuffer(depth)
         self._aiortc_handler: Callable[[RtpPacket, int], Awaitable[None]] = receiver._handle_rtp_packet
+        self._opus: Any = None  # the receiver's Opus codec, once a packet has shown it
         self._origin: int | None = None  # RTP timestamp of the first packet (stream time 0)
         self._last = 0
         self._wraps = 0
@@ -258,10 +259,12 @@ class InboundAudio:
         if not receiver._enabled:
             return
         codec = self._codec(packet.payload_type)
-        if codec is None or codec.mimeType.lower() != "audio/opus":
-            # The stream changed codec: from the next packet on, aiortc's path decides.
-            FastRtp.of(receiver.transport).routes.pop(packet.ssrc, None)
-            return
+        if codec is not self._opus:
+            if codec is None or codec.mimeType.lower() != "audio/opus":
+                # The stream changed codec: from the next packet on, aiortc's path decides.
+                FastRtp.of(receiver.transport).routes.pop(packet.ssrc, None)
+                return
+            self._opus = codec  # the codec object checked last: most packets skip the check
         count_received(receiver, packet, codec.clockRate)
         for ordered in self.reorder.add(packet.sequence_number, packet):
             self.packets += 1

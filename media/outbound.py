@@ -53,8 +53,6 @@ from .video import KEYFRAME, Rewriter, VideoPacket
 
 log = logging.getLogger("talkgate.media.outbound")
 
-#: Opus's RTP clock, whatever the audio's rate.
-CLOCK = 48_000
 _HEADER = struct.Struct("!BBHII")
 _NTP_EPOCH_OFFSET = 2_208_988_800  # seconds from 1900-01-01 (NTP) to 1970-01-01 (Unix)
 
@@ -147,13 +145,10 @@ class DirectSender:
         sender.send = send  # type: ignore[method-assign]
 
     def ready(self) -> bool:
-        """Can a packet go out now (codec known, sender enabled, transport connected)?"""
+        """Can a packet go out (codec known, sender enabled)? Whether the transport is
+        connected, ``transmit`` finds out when it sends (False: dropped)."""
         codec = self.codec
-        sender = self.sender
-        if codec is None or codec.payloadType is None or not sender._enabled:
-            return False
-        dtls = sender.transport
-        return dtls._state is State.CONNECTED and dtls.transport._connection._nominated.get(1) is not None
+        return codec is not None and codec.payloadType is not None and self.sender._enabled
 
     def layout(self) -> ExtensionLayout:
         layout = self._layout
@@ -170,7 +165,7 @@ class DirectSender:
     ) -> None:
         """Send one RTP packet with this sender's extensions; ``counted``: a media packet
         (not a retransmission), which the sender reports count."""
-        layout = self.layout()
+        layout = self._layout or self.layout()
         sender = self.sender
         ntp = ntp_now()
         header = _HEADER.pack(layout.first, second, sequence, timestamp, ssrc)
@@ -354,8 +349,6 @@ class VideoSource(Protocol):
 
 
 def _to_clock(packet: Packet[Any]) -> int:
-    pts = packet.pts or 0
-    base = packet.time_base
-    if base is None or (base.numerator == 1 and base.denominator == CLOCK):  # what our sources stamp
-        return pts
-    return int(pts * base * CLOCK)
+    """An audio packet's RTP time: relayed audio packets are stamped in 48 kHz stream time
+    (``InboundAudio``, ``PlaybackTrack``); reading ``time_base`` made a Fraction per packet."""
+    return packet.pts or 0
