@@ -180,8 +180,8 @@ class MediaPeer:
                 # switch what flows toward it later without another negotiation.
                 if transceiver.direction == "recvonly":
                     transceiver.direction = "sendrecv"
-                if transceiver.kind == "video" and preferred is not None:
-                    prefer_codec(transceiver, preferred)
+                if transceiver.kind == "video" and preferred is not None and transceiver.currentDirection is None:
+                    prefer_codec(transceiver, preferred)  # a new m-line: one already sending keeps its codec
                 self._slot_for(transceiver)
             try:
                 await self.pc.setLocalDescription(await self.pc.createAnswer())

@@ -166,7 +166,8 @@ class RecordingSaved(Event):
     media: str
     #: The file, relative to the recording directory.
     file: str
-    #: When its first packet arrived (Unix ms) and how long it is.
+    #: When the track began to be recorded (Unix ms; the file starts at its first packet
+    #: after that, for video its first keyframe) and how long the file is.
     started: int
     duration_ms: int
     size: int

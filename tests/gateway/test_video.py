@@ -41,6 +41,17 @@ class Wire:
         return {p.payload for p in self.received}
 
 
+async def tap_both(*clients: RtcClient) -> list[Wire]:
+    """Tap each client, then forget what they received in the first 0.3 s: packets sent
+    before the sender's tap was in place may still arrive after the receiver's."""
+    wires = [tap(rtc) for rtc in clients]
+    await asyncio.sleep(0.3)
+    for wire in wires:
+        wire.received.clear()
+        wire.rtx.clear()
+    return wires
+
+
 def video_sender(rtc: RtcClient) -> RTCRtpSender | None:
     return next((t.sender for t in rtc.pc.getTransceivers() if t.kind == "video" and t.sender.track), None)
 
@@ -100,7 +111,8 @@ async def video_call(party: Party) -> tuple[RtcClient, RtcClient]:
 
 async def test_video_is_forwarded_byte_for_byte_both_ways(party: Party, server: GatewayServer) -> None:
     customer, agent = await video_call(party)
-    wires = {"customer": tap(customer), "agent": tap(agent)}
+    customer_wire, agent_wire = await tap_both(customer, agent)
+    wires = {"customer": customer_wire, "agent": agent_wire}
     await until(lambda: all(len(w.received) >= 60 for w in wires.values()), timeout=10)
     for receiver, sender in (("customer", "agent"), ("agent", "customer")):
         sent = {p.payload for p in wires[sender].sent}
@@ -218,7 +230,8 @@ async def test_transcode_mode_decodes_and_encodes_again(transcoding: GatewayServ
 
     try:
         customer, agent = await video_call(join)
-        wires = {"customer": tap(customer), "agent": tap(agent)}
+        customer_wire, agent_wire = await tap_both(customer, agent)
+        wires = {"customer": customer_wire, "agent": agent_wire}
         await until(lambda: len(wires["customer"].received) >= 30, timeout=10)
         sent = {p.payload for p in wires["agent"].sent}
         assert not any(p.payload in sent for p in wires["customer"].received[5:])
@@ -241,7 +254,8 @@ async def test_a_later_call_is_negotiated_to_the_codec_the_first_one_sends(party
     await agent.negotiate()
     await customer.hears("video", frames=5, timeout=10)
     await agent.hears("video", frames=5, timeout=10)
-    wires = {"customer": tap(customer), "agent": tap(agent)}
+    customer_wire, agent_wire = await tap_both(customer, agent)
+    wires = {"customer": customer_wire, "agent": agent_wire}
     await until(lambda: all(len(w.received) >= 30 for w in wires.values()), timeout=10)
     for receiver, sender in (("customer", "agent"), ("agent", "customer")):
         sent = {p.payload for p in wires[sender].sent}
