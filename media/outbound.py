@@ -237,7 +237,8 @@ class DirectVideo(DirectSender):
         self.source: VideoSource | None = None
         self._history: list[tuple[int, int, bool, bytes] | None] = [None] * HISTORY
         self._rtx_sequence = random.randrange(0x10000)
-        #: Packets not forwarded: another codec than this output's, or waiting for a keyframe.
+        #: Packets not forwarded because they are not this output's codec (or decoded
+        #: pictures); those dropped while waiting for a keyframe are ``rewriter.waiting``.
         self.mismatched = 0
         self.retransmitted = 0
         self.keyframe_requests = 0
@@ -330,12 +331,6 @@ class DirectVideo(DirectSender):
             self.bitrate = bitrate
             if self.source is not None:
                 self.source.report_bitrate(self, bitrate)
-
-    def detach(self) -> None:
-        """This output no longer receives from its source: its reports stop counting there."""
-        if self.source is not None:
-            self.source.forget(self)
-            self.source = None
 
 
 class VideoSource(Protocol):
