@@ -215,6 +215,12 @@ class FastRtp:
         self._queue(data, component)
 
 
+def receiver_codecs(receiver: RTCRtpReceiver) -> dict[int, Any]:
+    """The receiver's negotiated codecs by payload type (aiortc keeps them private)."""
+    codecs: dict[int, Any] = receiver._RTCRtpReceiver__codecs  # type: ignore[attr-defined]
+    return codecs
+
+
 def count_received(receiver: RTCRtpReceiver, packet: RtpPacket | RtpView, clock_rate: int) -> None:
     """Add a packet to the receiver's statistics: what its RTCP receiver reports are made of."""
     streams: dict[int, StreamStatistics] = receiver._RTCRtpReceiver__remote_streams  # type: ignore[attr-defined]
@@ -242,8 +248,7 @@ class InboundAudio:
         receiver._handle_rtp_packet = self._handle  # type: ignore[method-assign]
 
     def _codec(self, payload_type: int) -> Any:
-        codecs: dict[int, Any] = self.receiver._RTCRtpReceiver__codecs  # type: ignore[attr-defined]
-        return codecs.get(payload_type)
+        return receiver_codecs(self.receiver).get(payload_type)
 
     async def _handle(self, packet: RtpPacket, arrival_time_ms: int) -> None:
         """aiortc's path: the first packets, until the SSRC is known to ``FastRtp``."""
@@ -306,16 +311,12 @@ class InboundVideo:
         self.deliver = deliver
         self.gaps = Gaps()
         self.bitrates = Bitrates()
-        #: The codec of the latest packet ("video/vp8"), None before the first.
-        self.mime: str | None = None
         self._media_ssrc = 0
         self._last_request = -math.inf
+        #: Packets forwarded, and packets dropped: an unknown payload type, an RTX packet
+        #: of an unknown stream, a codec that cannot be forwarded.
         self.packets = 0
-        self.keyframes = 0
         self.unsupported = 0
-        self.nacks_sent = 0
-        self.keyframe_requests = 0
-        self.rtx = 0
         receiver._handle_rtp_packet = self._handle  # type: ignore[method-assign]
 
     async def _handle(self, packet: RtpPacket, arrival_time_ms: int) -> None:
@@ -327,7 +328,7 @@ class InboundVideo:
         receiver = self.receiver
         if not receiver._enabled:
             return
-        codecs: dict[int, Any] = receiver._RTCRtpReceiver__codecs  # type: ignore[attr-defined]
+        codecs = receiver_codecs(receiver)
         codec = codecs.get(packet.payload_type)
         if codec is None:
             self.unsupported += 1
@@ -342,29 +343,24 @@ class InboundVideo:
                 self.unsupported += 1
                 return
             ssrc, sequence, payload = original, int.from_bytes(payload[:2], "big"), payload[2:]
-            self.rtx += 1
         mime = codec.mimeType.lower()
         keyframe = KEYFRAME.get(mime)
         if keyframe is None:
             self.unsupported += 1
             return
-        self.mime = mime
         self._media_ssrc = ssrc
         if self.gaps.add(sequence):
             self._send_rtcp(
                 RtcpRtpfbPacket(fmt=RTCP_RTPFB_NACK, ssrc=0, media_ssrc=ssrc, lost=sorted(self.gaps.missing))
             )
-            self.nacks_sent += 1
-        key = keyframe(payload)
         self.packets += 1
-        self.keyframes += key
         self.deliver(
             VideoPacket(
                 payload,
                 sequence=sequence,
                 timestamp=packet.timestamp,
                 marker=bool(packet.marker),
-                keyframe=key,
+                keyframe=keyframe(payload),
                 mime=mime,
                 ssrc=ssrc,
                 source=self,
@@ -378,7 +374,6 @@ class InboundVideo:
         if now - self._last_request < KEYFRAME_INTERVAL or not self._media_ssrc:
             return
         self._last_request = now
-        self.keyframe_requests += 1
         self._send_rtcp(RtcpPsfbPacket(fmt=RTCP_PSFB_PLI, ssrc=0, media_ssrc=self._media_ssrc))
 
     def report_bitrate(self, receiver: Hashable, bitrate: int) -> None:

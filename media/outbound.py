@@ -241,9 +241,6 @@ class DirectVideo(DirectSender):
         #: pictures); those dropped while waiting for a keyframe are ``rewriter.waiting``.
         self.mismatched = 0
         self.retransmitted = 0
-        self.keyframe_requests = 0
-        #: The receiver's latest bitrate estimate (REMB), in bit/s (None: none yet).
-        self.bitrate: int | None = None
         original: Callable[[AnyRtcpPacket], Awaitable[None]] = sender._handle_rtcp_packet
 
         async def handle_rtcp(packet: AnyRtcpPacket) -> None:
@@ -288,9 +285,10 @@ class DirectVideo(DirectSender):
 
     def retransmit(self, lost: list[int]) -> None:
         """Send again what the receiver reported lost, if still held (RFC 4588 RTX when negotiated)."""
-        codec = self.codec
-        if codec is None or codec.payloadType is None or not self.ready():
+        if not self.ready():
             return
+        codec = self.codec
+        assert codec is not None and codec.payloadType is not None
         for sequence in lost:
             held = self._history[sequence % HISTORY]
             if held is None or held[0] != sequence:
@@ -319,7 +317,6 @@ class DirectVideo(DirectSender):
 
     def _want_keyframe(self) -> None:
         if self.source is not None:
-            self.keyframe_requests += 1
             self.source.request_keyframe()
 
     def _remb(self, fci: bytes) -> None:
@@ -327,10 +324,8 @@ class DirectVideo(DirectSender):
             bitrate, ssrcs = unpack_remb_fci(fci)
         except ValueError:
             return
-        if self.sender._ssrc in ssrcs:
-            self.bitrate = bitrate
-            if self.source is not None:
-                self.source.report_bitrate(self, bitrate)
+        if self.sender._ssrc in ssrcs and self.source is not None:
+            self.source.report_bitrate(self, bitrate)
 
 
 class VideoSource(Protocol):

@@ -144,14 +144,8 @@ class Rewriter:
         self.next_sequence = random.randrange(0x10000)
         self.last_timestamp = random.randrange(0x100000000)
         self._last_time = -math.inf
-        #: Packets dropped while waiting for a keyframe, and switches made.
+        #: Packets dropped while waiting for a keyframe.
         self.waiting = 0
-        self.switches = 0
-
-    @property
-    def synced(self) -> bool:
-        """Is the current stream being forwarded (False: waiting for its keyframe)?"""
-        return self._synced
 
     def rewrite(
         self, stream: Hashable, sequence: int, timestamp: int, keyframe: bool, now: float
@@ -164,7 +158,6 @@ class Rewriter:
             if not keyframe:
                 self.waiting += 1
                 return None
-            self.switches += 1
             # Carry on from the last packet sent: one sequence number on, and the
             # timestamp by the wall-clock time since (at least one tick).
             elapsed = 0 if self._last_time == -math.inf else max(1, int((now - self._last_time) * self.clock_rate))
@@ -184,10 +177,6 @@ class Rewriter:
             self.last_timestamp = out_ts
             self._last_time = now
         return out_seq, out_ts
-
-    def resync(self) -> None:
-        """Forward the current stream again only from its next keyframe (the receiver lost the picture)."""
-        self._synced = False
 
 
 class Gaps:

@@ -79,14 +79,6 @@ def test_wraps_of_sequence_numbers_and_timestamps() -> None:
     assert r.next_sequence == 1
 
 
-def test_resync_waits_for_the_next_keyframe() -> None:
-    r = Rewriter()
-    assert r.rewrite("a", 1, 0, True, now=0.0) is not None
-    r.resync()
-    assert r.rewrite("a", 2, 0, False, now=0.0) is None
-    assert r.rewrite("a", 3, 3000, True, now=0.03) is not None
-
-
 def test_gaps_are_found_filled_and_bounded() -> None:
     g = Gaps(window=100)
     assert g.add(10) is False
