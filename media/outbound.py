@@ -289,7 +289,9 @@ class DirectVideo(DirectSender):
             return
         codec = self.codec
         assert codec is not None and codec.payloadType is not None
-        for sequence in lost:
+        # Once each, however often one NACK names it: a hostile receiver's list of the same
+        # number thousands of times costs one resend, not thousands.
+        for sequence in dict.fromkeys(lost):
             held = self._history[sequence % HISTORY]
             if held is None or held[0] != sequence:
                 continue  # too old, or never sent (lost before the gateway: it NACKed the sender)

@@ -17,6 +17,7 @@ import pytest
 from gateway import events as ev
 from gateway.config import Config
 from gateway.messages import Participant
+from gateway.recording import safe_name
 from gateway.records import SqlRecords
 from gateway.server import GatewayServer
 from media.playback import PlaybackTrack
@@ -207,3 +208,11 @@ async def test_erasure_and_retention_delete_the_recordings(config: Config, datab
         expired = await records.expire(before=int(time.time() * 1000) + 1)
         assert [folder / name for name in expired.recordings] == files["u2"]
         assert not any(path.exists() for path in files["u2"])
+
+
+def test_file_names_are_safe_whatever_the_identity() -> None:
+    for hostile in ("../../etc/passwd", "a/b\\c", "..", "", "x" * 500, "é🙂\x00"):
+        name = safe_name(hostile)
+        assert "/" not in name and "\\" not in name and "." not in name and "\x00" not in name
+        assert 9 <= len(name) <= 57
+    assert safe_name("a/b") != safe_name("a_b")  # made safe, yet never the same file

@@ -263,3 +263,24 @@ async def test_a_later_call_is_negotiated_to_the_codec_the_first_one_sends(party
     for rtc in (customer, agent):
         video = next(t for t in rtc.pc.getTransceivers() if t.kind == "video")
         assert video._codecs[0].mimeType == "video/H264"
+
+
+async def test_a_nack_naming_a_packet_many_times_resends_it_once(party: Party, server: GatewayServer) -> None:
+    """A receiver's NACK is untrusted: a list with one number repeated is one resend."""
+    customer, _ = await video_call(party)
+    direct = next(
+        s.output.direct
+        for p in server.broker.calls.peers("call-room")
+        if p.identity == "u1"
+        for s in p.slots
+        if s.kind == "video"
+    )
+    assert isinstance(direct, DirectVideo)
+    wire = tap(customer)
+    await until(lambda: len(wire.received) >= 5)
+    newest = wire.received[-1].sequence_number
+    before = direct.retransmitted
+    direct.retransmit([newest] * 5000 + [(newest - 1) & 0xFFFF] * 5000)
+    assert direct.retransmitted - before == 2
+    await until(lambda: {newest, (newest - 1) & 0xFFFF} <= {int.from_bytes(p.payload[:2], "big") for p in wire.rtx})
+    assert len(wire.rtx) <= 2 + 5  # and the peer saw two resends (give or take its own NACKs)
