@@ -57,7 +57,6 @@ from aiortc.rtp import (
     RtcpPsfbPacket,
     RtcpRtpfbPacket,
     RtpPacket,
-    is_rtcp,
     pack_remb_fci,
 )
 
@@ -198,7 +197,8 @@ class FastRtp:
         routes[ssrc] = handler
 
     def data_received(self, data: bytes, component: int) -> None:
-        if 127 < data[0] < 192 and len(data) >= 12 and not is_rtcp(data):
+        # RTP, not RTCP (aiortc's is_rtcp, inline: payload types 192-208 in the second byte).
+        if 127 < data[0] < 192 and len(data) >= 12 and not 191 < data[1] < 209:
             handler = self.routes.get(int.from_bytes(data[8:12], "big"))
             srtp = self.dtls._rx_srtp
             if handler is not None and srtp is not None:
@@ -245,6 +245,9 @@ class InboundAudio:
         self._last = 0
         self._wraps = 0
         self.packets = 0
+        #: The receiver's statistics of the stream last counted, and its SSRC.
+        self._stats: StreamStatistics | None = None
+        self._stats_ssrc: int | None = None
         receiver._handle_rtp_packet = self._handle  # type: ignore[method-assign]
 
     def _codec(self, payload_type: int) -> Any:
@@ -260,23 +263,38 @@ class InboundAudio:
         self.handle(packet, time.perf_counter())
 
     def handle(self, packet: RtpPacket | RtpView, arrived: float) -> None:
+        """One packet, per 20 ms per stream: kept lean (each call and object here is paid
+        5,000 times a second at a hundred sessions; benchmarks/pipeline.py measures it)."""
         receiver = self.receiver
         if not receiver._enabled:
             return
-        codec = self._codec(packet.payload_type)
+        codec = receiver._RTCRtpReceiver__codecs.get(packet.payload_type)  # type: ignore[attr-defined]
         if codec is not self._opus:
             if codec is None or codec.mimeType.lower() != "audio/opus":
                 # The stream changed codec: from the next packet on, aiortc's path decides.
                 FastRtp.of(receiver.transport).routes.pop(packet.ssrc, None)
                 return
             self._opus = codec  # the codec object checked last: most packets skip the check
-        count_received(receiver, packet, codec.clockRate)
-        for ordered in self.reorder.add(packet.sequence_number, packet):
-            self.packets += 1
-            encoded = av.Packet(ordered.payload)
-            encoded.pts = self._stream_time(ordered.timestamp)
-            encoded.time_base = TIME_BASE
-            self.deliver(encoded, arrived)
+        if packet.ssrc != self._stats_ssrc:
+            count_received(receiver, packet, codec.clockRate)  # makes the stream's statistics
+            self._stats_ssrc = packet.ssrc
+            self._stats = receiver._RTCRtpReceiver__remote_streams[packet.ssrc]  # type: ignore[attr-defined]
+        else:
+            self._stats.add(packet)  # type: ignore[arg-type,union-attr]
+        reorder, seq = self.reorder, packet.sequence_number
+        if seq == reorder._next and not reorder._held:
+            reorder._next = (seq + 1) & 0xFFFF  # in order, the usual case: no list, no call
+            self._deliver(packet, arrived)
+            return
+        for ordered in reorder.add(seq, packet):
+            self._deliver(ordered, arrived)
+
+    def _deliver(self, packet: RtpPacket | RtpView, arrived: float) -> None:
+        self.packets += 1
+        encoded = av.Packet(packet.payload)
+        encoded.pts = self._stream_time(packet.timestamp)
+        encoded.time_base = TIME_BASE
+        self.deliver(encoded, arrived)
 
     def _stream_time(self, timestamp: int) -> int:
         """RTP timestamp → samples since the first packet (48 kHz), across 32-bit wraps."""
