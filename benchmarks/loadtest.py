@@ -62,6 +62,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
@@ -96,6 +97,8 @@ FRAME_BYTES = 16_000 * FRAME_MS // 1000 * 2  # PCM16 at the bot's 16 kHz
 #: The CPUs this process may use when it starts: the target gets the first, the generator the rest.
 ALL_CPUS = frozenset(os.sched_getaffinity(0))
 LOOP_LAG = "talkgate_event_loop_lag_seconds"
+#: ``--breakdown``: the sitecustomize put on the target's PYTHONPATH.
+BREAKDOWN_DIR = Path(__file__).parent / "breakdown"
 #: RMS (at the client's 8 kHz decode) above which a received packet is "loud".
 LOUD = 300.0
 #: Opus packets this small carry silence (or DTX); they are not decoded.
@@ -352,10 +355,13 @@ class Target:
     it serves a bot that never speaks).
     """
 
-    def __init__(self, kind: str, bot_url: str, shape: str = "echo") -> None:
+    def __init__(self, kind: str, bot_url: str, shape: str = "echo", breakdown: str | None = None) -> None:
         self.kind = kind
         common = ["--port", "0", "--bot-url", bot_url, *RTC_LOOPBACK_ARGS]
         env = {"TALKGATE_SECRET": SECRET, "TALKGATE_LOG_LEVEL": "INFO"}
+        if breakdown is not None:  # benchmarks/breakdown/sitecustomize.py times the packet path
+            paths = [str(BREAKDOWN_DIR), *filter(None, [os.environ.get("PYTHONPATH")])]
+            env |= {"PYTHONPATH": os.pathsep.join(paths), "TALKGATE_BREAKDOWN_FILE": breakdown}
         workers = re.fullmatch(r"talkgate-w(\d+)", kind)
         self.workers = int(workers.group(1)) if workers else 0
         self.redis = RedisServer.start() if kind == "talkgate-redis" or self.workers else None
@@ -525,14 +531,19 @@ async def run(
     recording: Recording,
     profile: str | None = None,
     shape: str = "echo",
+    breakdown: bool = False,
 ) -> dict[str, Any]:
     if shape not in SHAPES:
         raise ValueError(f"shape must be one of {SHAPES}")
     echo = shape == "echo"
     bot = LoadBot(answer=echo)
+    timings = None
+    if breakdown and kind.startswith("talkgate"):
+        handle, timings = tempfile.mkstemp(prefix="talkgate-breakdown-", suffix=".json")
+        os.close(handle)  # empty until the target writes it
     async with serve(bot.handle, "127.0.0.1", 0, compression=None, max_size=2**22) as bot_server:
         bot_url = f"ws://127.0.0.1:{bot_server.sockets[0].getsockname()[1]}/"
-        target = Target(kind, bot_url, shape)
+        target = Target(kind, bot_url, shape, timings)
         try:
             await asyncio.sleep(0.5)
             idle_rss = target.rss_bytes()
@@ -553,10 +564,12 @@ async def run(
             metrics0, nodes0 = target.metrics(), target.cpu_by_node()
             cpu0, w0 = target.cpu_seconds(), time.perf_counter()
             own0 = os.times()
+            timed0 = read_timings(timings)
             await asyncio.sleep(duration)
             cpu1, w1 = target.cpu_seconds(), time.perf_counter()
             metrics1, nodes1 = target.metrics(), target.cpu_by_node()
             own1 = os.times()
+            timed1 = read_timings(timings)
             rss = target.rss_bytes()
             result = summarize(kind, shape, customers, up, bot, recording, (w0, w1), cpu1 - cpu0, metrics0, metrics1)
             if nodes1:
@@ -572,6 +585,8 @@ async def run(
             result["rss_per_session_kb"] = round((rss - idle_rss) / max(1, len(up)) / 1024, 1)
             own = own1.user + own1.system - own0.user - own0.system
             result["generator_cpu_percent"] = round(100 * own / (w1 - w0), 1)
+            if timed0 and timed1:
+                result["breakdown"] = per_packet(timed0, timed1)
             if profiler is not None:
                 await asyncio.to_thread(profiler.wait)
                 result["profile_top"] = top_functions(f"{prefix}.txt")
@@ -579,7 +594,42 @@ async def run(
         finally:
             # In a thread: the target closes its bot links on the way out, and this loop answers them.
             await asyncio.to_thread(target.stop)
+            if timings is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(timings)
     return result
+
+
+def breakdown_line(b: dict[str, Any]) -> str:
+    parts = [f"{name} {b[name]['us']} µs (×{b[name]['calls']})" for name in b if isinstance(b[name], dict)]
+    return f"CPU {b['cpu_us']} µs per packet: " + ", ".join(parts) + f"; outside the packet path {b['outside_us']} µs"
+
+
+def read_timings(path: str | None) -> dict[str, Any] | None:
+    """The target's running totals (benchmarks/breakdown/sitecustomize.py), if it wrote any."""
+    if path is None:
+        return None
+    try:
+        with open(path) as f:
+            return dict(json.load(f))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def per_packet(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """µs per received RTP packet (the fast path's calls) for each timed function, the calls
+    per packet, and the process's CPU per packet; ``outside`` is CPU not in the packet path
+    (receiving datagrams, timers, RTCP, ICE: the event loop's own work)."""
+    packets = after["in_path"][1] - before["in_path"][1]
+    if packets <= 0:
+        return {}
+    out: dict[str, Any] = {"packets": packets, "cpu_us": round((after["cpu"] - before["cpu"]) / packets * 1e6, 1)}
+    for name in after:
+        if name != "cpu":
+            seconds, calls = after[name][0] - before[name][0], after[name][1] - before[name][1]
+            out[name] = {"us": round(seconds / packets * 1e6, 1), "calls": round(calls / packets, 2)}
+    out["outside_us"] = round(out["cpu_us"] - out["in_path"]["us"], 1)
+    return out
 
 
 def summarize(
@@ -754,7 +804,7 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
     results = []
     for n, shape, kind in plan(args.sessions, shapes, kinds):
         ramp = n / 25 if args.ramp is None else args.ramp
-        results.append(await run(kind, n, args.duration, ramp, recording, args.profile, shape))
+        results.append(await run(kind, n, args.duration, ramp, recording, args.profile, shape, args.breakdown))
     return results
 
 
@@ -781,6 +831,11 @@ def main() -> None:
     parser.add_argument(
         "--profile", metavar="PREFIX", help="py-spy the target in the window: PREFIX.<target>[.listen].txt"
     )
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="talkgate: time its packet path per packet in the window (SRTP, decode, VAD, bot write, the rest)",
+    )
     args = parser.parse_args()
     pin_generator()
     results = uvloop.run(main_async(args))
@@ -790,6 +845,9 @@ def main() -> None:
     if len(results) > 1:
         print("\n" + per_session_table(rows), file=out)
     for result in results:
+        if result.get("breakdown"):
+            where = f"{result['target']} {result['shape']} N={result['sessions']}"
+            print(f"{where}: {breakdown_line(result['breakdown'])}", file=out)
         for name, share in result.get("profile_top", []):
             print(f"{result['target']:>10} {result['shape']:>6} {share:5.1f}%  {name}", file=out)
     if args.json:

@@ -100,8 +100,16 @@ def test_bot_latency_benchmark_runs_and_hears_the_echo() -> None:
 
 
 def test_loadtest_runs_talkgate_and_the_baseline_side_by_side() -> None:
-    result = run_benchmark("loadtest.py", "--sessions", "3", "--duration", "5")
+    result = run_benchmark("loadtest.py", "--sessions", "3", "--duration", "5", "--breakdown")
     talkgate, baseline = result["results"]
+    # --breakdown timed talkgate's packet path (the baseline has none): every packet took it,
+    # each was unprotected, decoded and judged once, and the parts fit in the whole.
+    parts = talkgate["breakdown"]
+    assert parts["packets"] > 100 and "breakdown" not in baseline
+    for name in ("srtp", "decode", "vad"):
+        assert 0.9 <= parts[name]["calls"] <= 1.0 and parts[name]["us"] > 0, name
+    inside = sum(parts[name]["us"] for name in ("srtp", "decode", "vad", "bot_write"))
+    assert inside < parts["in_path"]["us"] < parts["cpu_us"]
     assert (talkgate["target"], baseline["target"]) == ("talkgate", "baseline")
     for r in (talkgate, baseline):
         assert r["established"] == 3, r["errors"]
