@@ -6,7 +6,8 @@ the gateway's media modules, wraps the functions below with ``perf_counter`` acc
 (about 0.2 µs each per call, which the figures include), and every half second writes the
 running totals to that file as JSON: seconds and calls per function, the process's CPU
 seconds. loadtest.py reads it at the window's start and end. Nothing here runs without
-the variable, and nothing of it is part of the gateway.
+the variable, and nothing of it is part of the gateway. Each figure is per *received*
+packet; ``calls`` says how often the function ran per received packet.
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ WRAPPED = (
     ("media.opus", "Decoder", "decode", "decode"),
     ("media.vad", "WebRtcVad", "is_speech", "vad"),
     ("gateway.bot.connector", "BotConnector", "_write_now", "bot_write"),
+    # The bot's voice (the echo shape), outside the packet path: a 20 ms tick per talking
+    # session encodes a frame and sends it.
+    ("media.playback", "PlaybackTrack", "_tick", "voice_tick"),
+    ("media.opus", "Encoder", "encode", "voice_encode"),
+    ("media.outbound", "DirectAudio", "send", "voice_send"),
 )
 
 
