@@ -62,6 +62,11 @@ TIME_BASE = fractions.Fraction(1, RATE)
 #: or it sent silence, only one packet per IDLE_SECONDS goes out (as libopus's DTX).
 DTX_HANGOVER = 10
 IDLE_SECONDS = 0.4
+#: How early a loop timer may fire, as ``time.monotonic()`` sees it: uvloop counts its
+#: timers in whole milliseconds on a clock read once per loop iteration. An idle wake-up
+#: that early is on time (it used to re-arm a sub-millisecond timer, again and again:
+#: eight extra ticks per keep-alive, 17 a second for every silent bot at 100 sessions).
+TIMER_SLACK = 0.002
 #: The bot counts as talking this long after its last audible frame (a bot streaming
 #: in real time leaves the queue empty between its packets).
 TALKING_GAP = 0.3
@@ -301,7 +306,7 @@ class PlaybackTrack(MediaStreamTrack):
         dtx = self._silent_run >= DTX_HANGOVER
         if dtx and not self.playing:
             wake = self._last_packet + IDLE_SECONDS
-            if wake > now:
+            if wake > now + TIMER_SLACK:
                 return wake, True
         if dtx:
             # Resume on the grid: the current slot if it began under 2 ms ago, else the next.

@@ -96,6 +96,26 @@ async def test_an_idle_track_sends_one_silent_packet_per_idle_interval_like_opus
     assert all(rms(pcm) <= QUIET_RMS for _, pcm in sent)
 
 
+def test_an_idle_wake_up_a_moment_early_plays_the_keep_alive_slot() -> None:
+    """uvloop fires a timer up to a millisecond or two before ``time.monotonic()`` says it
+    is due (whole milliseconds, on a clock read once per loop iteration; more under load).
+    An idle wake-up that early is on time: it goes on to the keep-alive's slot. It used to
+    re-arm a sub-millisecond idle timer, again and again (measured in a gateway: 17 timer
+    callbacks a second per silent bot instead of 5)."""
+    track = PlaybackTrack()
+    start = time.monotonic()
+    due, idle = track._next_due(start)
+    assert (due, idle) == (start, False)  # the first slot plays at once
+    assert track._step() is not None
+    for _ in range(DTX_HANGOVER + 1):  # the hangover's silent slots: DTX after them
+        track._step()
+    sent = track._last_packet
+    due, idle = track._next_due(sent + 0.1)
+    assert idle and due == pytest.approx(sent + IDLE_SECONDS)  # waits for the keep-alive
+    due, idle = track._next_due(sent + IDLE_SECONDS - 0.001)  # the timer fired 1 ms early
+    assert not idle and due <= sent + IDLE_SECONDS + 0.02  # the slot, not another idle wait
+
+
 async def test_audio_after_idle_starts_on_the_next_slot_and_ends_with_a_silent_hangover(push: bool) -> None:
     track = PlaybackTrack()
     listener = Listener(track, push)
