@@ -418,12 +418,12 @@ def configure_logging(level: str = "INFO") -> None:
 
 
 def freeze_startup_objects() -> None:
-    """Take what startup built (modules, classes, the server: about 115,000 objects, nearly
+    """Take what startup built (modules, classes, the server: about 140,000 objects, nearly
     all of them alive until the process ends) out of the cyclic garbage collector's sight.
 
-    A full collection walks every tracked object. With these included, one took about
-    60 ms at 100 voice sessions: a stall of the event loop long enough for every call's
-    audio and to fail the loop-lag p99 on its own (benchmarks/README.md). What is frozen
+    A full collection walks every tracked object and stalls the event loop meanwhile: at
+    100 voice sessions the longest took 120 ms with these included and 75 ms without
+    (one run each, while the sessions were set up; benchmarks/README.md). What is frozen
     is still freed by reference counting; only a reference cycle among frozen objects
     would never be collected, and startup's objects do not die. Done once per serving
     process (in-process test servers are not frozen: their tests come and go)."""

@@ -103,6 +103,14 @@ class ReorderBuffer(Generic[T]):
             self._release(out)
         return out
 
+    def take_in_order(self, seq: int) -> bool:
+        """The usual case, without a list: ``seq`` is the next one and nothing is held, so
+        it is taken (True, the caller uses its item at once). False: call ``add``."""
+        if seq == self._next and not self._held:
+            self._next = (seq + 1) & 0xFFFF
+            return True
+        return False
+
     def _release(self, out: list[T]) -> None:
         assert self._next is not None
         while self._next in self._held:
@@ -281,12 +289,10 @@ class InboundAudio:
             self._stats = receiver._RTCRtpReceiver__remote_streams[packet.ssrc]  # type: ignore[attr-defined]
         else:
             self._stats.add(packet)  # type: ignore[arg-type,union-attr]
-        reorder, seq = self.reorder, packet.sequence_number
-        if seq == reorder._next and not reorder._held:
-            reorder._next = (seq + 1) & 0xFFFF  # in order, the usual case: no list, no call
+        if self.reorder.take_in_order(packet.sequence_number):
             self._deliver(packet, arrived)
             return
-        for ordered in reorder.add(seq, packet):
+        for ordered in self.reorder.add(packet.sequence_number, packet):
             self._deliver(ordered, arrived)
 
     def _deliver(self, packet: RtpPacket | RtpView, arrived: float) -> None:

@@ -37,6 +37,17 @@ def test_a_lost_packet_is_given_up_after_depth_later_ones() -> None:
     assert buffer.add(6, 6) == [] and buffer.late == 2  # a duplicate
 
 
+def test_in_order_items_are_taken_without_add_until_a_gap_is_held() -> None:
+    buffer: ReorderBuffer[str] = ReorderBuffer(depth=3)
+    assert buffer.add(65534, "a") == ["a"]  # the first sets the start
+    assert buffer.take_in_order(65535) and buffer.take_in_order(0)  # in order, across the wrap
+    assert not buffer.take_in_order(2)  # 1 is missing: add decides
+    assert buffer.add(2, "c") == []
+    assert not buffer.take_in_order(1)  # the next one, but 2 is held: add releases both
+    assert buffer.add(1, "b") == ["b", "c"]
+    assert buffer.take_in_order(3)
+
+
 def test_sequence_numbers_wrap() -> None:
     buffer: ReorderBuffer[int] = ReorderBuffer(depth=3)
     out = [x for seq in (65534, 65535, 1, 0, 2) for x in buffer.add(seq, seq)]
