@@ -538,7 +538,7 @@ async def run(
     echo = shape == "echo"
     bot = LoadBot(answer=echo)
     timings = None
-    if breakdown and kind.startswith("talkgate"):
+    if breakdown and kind in ("talkgate", "talkgate-redis"):  # one process (workers would share the file)
         handle, timings = tempfile.mkstemp(prefix="talkgate-breakdown-", suffix=".json")
         os.close(handle)  # empty until the target writes it
     async with serve(bot.handle, "127.0.0.1", 0, compression=None, max_size=2**22) as bot_server:
@@ -834,7 +834,7 @@ def main() -> None:
     parser.add_argument(
         "--breakdown",
         action="store_true",
-        help="talkgate: time its packet path per packet in the window (SRTP, decode, VAD, bot write, the rest)",
+        help="talkgate (one process): time its packet path per packet in the window (SRTP, decode, VAD, bot write)",
     )
     args = parser.parse_args()
     pin_generator()

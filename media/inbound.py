@@ -172,6 +172,45 @@ def parse_rtp(data: bytes) -> RtpView | None:
     return RtpView(second & 0x7F, seq, timestamp, ssrc, data[start:end], second >> 7)
 
 
+class Unprotect:
+    """SRTP unprotect of one session for the per-packet path: libsrtp called on the
+    session's own buffer. pylibsrtp's ``Session.unprotect`` allocates an ``int *`` and
+    checks its argument on every call (1.8 µs a packet against 1.0 measured hot), and
+    raises ``ValueError`` for a datagram over its 1500-byte buffer, which went up through
+    the datagram callback to the event loop's exception handler: a logged traceback per
+    such packet, as many as a sender cared to send. Here every refusal is a
+    ``pylibsrtp.Error`` (the packet is dropped). Should pylibsrtp's internals change, the
+    session's own method is used."""
+
+    def __init__(self, session: pylibsrtp.Session) -> None:
+        self.session = session
+        self._call: Any = None
+        try:
+            from pylibsrtp._binding import ffi, lib  # type: ignore[import-not-found]
+
+            self._buffer: Any = session._buffer
+            self._cdata = session._cdata
+            self._srtp = session._srtp[0]
+            self._length = ffi.new("int *")
+            self._capacity = len(self._buffer)
+            self._call = lib.srtp_unprotect
+        except (AttributeError, ImportError, TypeError):  # pragma: no cover - another pylibsrtp
+            self._call = None
+
+    def __call__(self, data: bytes) -> bytes:
+        n = len(data)
+        if self._call is None or n > self._capacity:
+            if n > 1500:
+                raise pylibsrtp.Error("packet is too long")
+            return self.session.unprotect(data)
+        self._length[0] = n
+        self._buffer[0:n] = data
+        status = self._call(self._srtp, self._cdata, self._length)
+        if status:
+            raise pylibsrtp.Error(f"srtp_unprotect failed ({status})")
+        return self._buffer[0 : self._length[0]]  # type: ignore[no-any-return]
+
+
 Handler = Callable[["RtpPacket | RtpView", float], None]
 #: SSRCs one transport routes past aiortc, at most: a peer sends a few audio streams,
 #: a hostile one could send a new SSRC per packet. The oldest route goes first (its
@@ -189,6 +228,7 @@ class FastRtp:
         self._queue = connection.data_received
         connection.data_received = self.data_received  # type: ignore[method-assign]
         self.packets = 0
+        self._unprotect: Unprotect | None = None
 
     @classmethod
     def of(cls, dtls: RTCDtlsTransport) -> FastRtp:
@@ -211,8 +251,11 @@ class FastRtp:
             srtp = self.dtls._rx_srtp
             if handler is not None and srtp is not None:
                 arrived = time.perf_counter()
+                unprotect = self._unprotect
+                if unprotect is None or unprotect.session is not srtp:
+                    unprotect = self._unprotect = Unprotect(srtp)
                 try:
-                    packet = parse_rtp(srtp.unprotect(data))
+                    packet = parse_rtp(unprotect(data))
                 except pylibsrtp.Error:
                     return  # what aiortc does with a packet it cannot unprotect
                 if packet is None:

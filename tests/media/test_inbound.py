@@ -6,12 +6,13 @@ import struct
 from types import SimpleNamespace
 from typing import Any
 
+import pylibsrtp
 from aiortc.rtcrtpparameters import RTCRtpHeaderExtensionParameters, RTCRtpParameters
 from aiortc.rtp import HeaderExtensionsMap, RtpPacket
 from hypothesis import given
 from hypothesis import strategies as st
 
-from media.inbound import MAX_ROUTES, FastRtp, InboundAudio, ReorderBuffer, parse_rtp
+from media.inbound import MAX_ROUTES, FastRtp, InboundAudio, ReorderBuffer, Unprotect, parse_rtp
 
 
 def test_in_order_packets_come_straight_out() -> None:
@@ -139,3 +140,39 @@ def test_fast_rtp_routes_are_bounded() -> None:
         fast.add_route(ssrc, handler)
     fast.add_route(999, handler)  # known: nothing dropped
     assert list(fast.routes) == list(range(1000 - MAX_ROUTES, 1000))
+
+
+def _srtp(direction: int) -> pylibsrtp.Session:
+    key = bytes(range(16)) + bytes(range(100, 112))  # AES-128-GCM
+    policy = pylibsrtp.Policy(key=key, ssrc_type=direction, srtp_profile=pylibsrtp.Policy.SRTP_PROFILE_AEAD_AES_128_GCM)
+    return pylibsrtp.Session(policy)
+
+
+def test_fast_rtp_unprotects_with_libsrtp_and_drops_what_it_refuses() -> None:
+    """Good packets reach the handler as the session's own ``unprotect`` gives them; a forged
+    one and one too long for libsrtp's buffer are dropped. Bug: pylibsrtp raised ValueError
+    for a datagram over 1500 bytes, out of the datagram callback to the loop's exception
+    handler: a logged traceback for every such packet with the stream's SSRC."""
+    tx, rx = _srtp(pylibsrtp.Policy.SSRC_ANY_OUTBOUND), _srtp(pylibsrtp.Policy.SSRC_ANY_INBOUND)
+    queued: list[bytes] = []
+    connection = SimpleNamespace(data_received=lambda data, component: queued.append(data))
+    fast = FastRtp(SimpleNamespace(transport=SimpleNamespace(_connection=connection), _rx_srtp=rx))  # type: ignore[arg-type]
+    got: list[Any] = []
+    fast.add_route(7, lambda packet, arrived: got.append(packet))
+    plain = [
+        RtpPacket(payload_type=111, sequence_number=i, timestamp=960 * i, ssrc=7, payload=bytes([i]) * 60)
+        for i in range(3)
+    ]
+    wire = [tx.protect(p.serialize()) for p in plain]
+    fast.data_received(wire[0], 1)
+    forged = wire[1][:12] + bytes(len(wire[1]) - 12)  # the header of a real one, the rest zeros
+    fast.data_received(forged, 1)
+    fast.data_received(wire[1][:12] + bytes(2000), 1)  # over libsrtp's 1500-byte buffer
+    fast.data_received(wire[1], 1)
+    fast.data_received(wire[2], 1)
+    assert [(p.sequence_number, p.payload) for p in got] == [(i, bytes([i]) * 60) for i in range(3)]
+    assert queued == [] and fast.packets == 3
+    # The same bytes as pylibsrtp's own method gives.
+    reference = _srtp(pylibsrtp.Policy.SSRC_ANY_INBOUND)
+    unprotect = Unprotect(_srtp(pylibsrtp.Policy.SSRC_ANY_INBOUND))
+    assert [unprotect(w) for w in wire] == [reference.unprotect(w) for w in wire]
