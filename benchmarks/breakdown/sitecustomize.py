@@ -22,7 +22,7 @@ from typing import Any
 #: What is timed: (module, class, method, name in the output).
 WRAPPED = (
     ("media.inbound", "FastRtp", "data_received", "in_path"),
-    ("pylibsrtp", "Session", "unprotect", "srtp"),
+    ("media.inbound", "Unprotect", "__call__", "srtp"),
     ("media.opus", "Decoder", "decode", "decode"),
     ("media.vad", "WebRtcVad", "is_speech", "vad"),
     ("gateway.bot.connector", "BotConnector", "_write_now", "bot_write"),
