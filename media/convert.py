@@ -74,12 +74,10 @@ class FrameConverter:
     def feed_packet(self, packet: av.Packet[Any]) -> list[PcmFrame]:
         """One Opus packet stamped in 48 kHz RTP time (``media.inbound``), decoded by
         libopus straight to the output rate: no 48 kHz decode, no resampler."""
-        decoder = self._decoder
-        if decoder is None:
-            decoder = self._decoder = opus.Decoder(self.sample_rate)
-        out: list[PcmFrame] = []
-        self._take(decoder.decode(bytes(packet)), (packet.pts or 0) * self.sample_rate // 48_000, out)
-        return out
+        if self._decoder is None:
+            self._decoder = opus.Decoder(self.sample_rate)
+        position = (packet.pts or 0) * self.sample_rate // 48_000
+        return self.feed_pcm(self._decoder.decode(bytes(packet)), position)
 
     def feed_pcm(self, samples: np.ndarray, position: int) -> list[PcmFrame]:
         """Samples already at the output rate (int16 mono, as decoded by ``media.opus``).

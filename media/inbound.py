@@ -57,6 +57,7 @@ from aiortc.rtp import (
     RtcpPsfbPacket,
     RtcpRtpfbPacket,
     RtpPacket,
+    is_rtcp,
     pack_remb_fci,
 )
 
@@ -185,6 +186,7 @@ class Unprotect:
     def __init__(self, session: pylibsrtp.Session) -> None:
         self.session = session
         self._call: Any = None
+        self._capacity = 1500  # pylibsrtp's buffer: what its own method refuses beyond
         try:
             from pylibsrtp._binding import ffi, lib  # type: ignore[import-not-found]
 
@@ -199,9 +201,9 @@ class Unprotect:
 
     def __call__(self, data: bytes) -> bytes:
         n = len(data)
-        if self._call is None or n > self._capacity:
-            if n > 1500:
-                raise pylibsrtp.Error("packet is too long")
+        if n > self._capacity:
+            raise pylibsrtp.Error("packet is too long")
+        if self._call is None:
             return self.session.unprotect(data)
         self._length[0] = n
         self._buffer[0:n] = data
@@ -245,8 +247,7 @@ class FastRtp:
         routes[ssrc] = handler
 
     def data_received(self, data: bytes, component: int) -> None:
-        # RTP, not RTCP (aiortc's is_rtcp, inline: payload types 192-208 in the second byte).
-        if 127 < data[0] < 192 and len(data) >= 12 and not 191 < data[1] < 209:
+        if 127 < data[0] < 192 and len(data) >= 12 and not is_rtcp(data):
             handler = self.routes.get(int.from_bytes(data[8:12], "big"))
             srtp = self.dtls._rx_srtp
             if handler is not None and srtp is not None:
@@ -296,9 +297,6 @@ class InboundAudio:
         self._last = 0
         self._wraps = 0
         self.packets = 0
-        #: The receiver's statistics of the stream last counted, and its SSRC.
-        self._stats: StreamStatistics | None = None
-        self._stats_ssrc: int | None = None
         receiver._handle_rtp_packet = self._handle  # type: ignore[method-assign]
 
     def _codec(self, payload_type: int) -> Any:
@@ -319,19 +317,14 @@ class InboundAudio:
         receiver = self.receiver
         if not receiver._enabled:
             return
-        codec = receiver._RTCRtpReceiver__codecs.get(packet.payload_type)  # type: ignore[attr-defined]
+        codec = self._codec(packet.payload_type)
         if codec is not self._opus:
             if codec is None or codec.mimeType.lower() != "audio/opus":
                 # The stream changed codec: from the next packet on, aiortc's path decides.
                 FastRtp.of(receiver.transport).routes.pop(packet.ssrc, None)
                 return
             self._opus = codec  # the codec object checked last: most packets skip the check
-        if packet.ssrc != self._stats_ssrc:
-            count_received(receiver, packet, codec.clockRate)  # makes the stream's statistics
-            self._stats_ssrc = packet.ssrc
-            self._stats = receiver._RTCRtpReceiver__remote_streams[packet.ssrc]  # type: ignore[attr-defined]
-        else:
-            self._stats.add(packet)  # type: ignore[arg-type,union-attr]
+        count_received(receiver, packet, codec.clockRate)
         if self.reorder.take_in_order(packet.sequence_number):
             self._deliver(packet, arrived)
             return

@@ -27,8 +27,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
-import av
-
 from .convert import FrameConverter
 from .tasks import FailureLog, Tally, Timer
 from .vad import Event, Segmenter, SpeechFrame, TurnCheck, VadSettings, VoiceDetector
@@ -86,17 +84,14 @@ class VoicePipeline:
     # -- the relay subscriber interface -----------------------------------------------------
 
     def push(self, frame: MediaFrame) -> None:
-        # Once per 20 ms packet per speaker: Opus packets (the usual input) skip the dispatch.
-        converter = self.converter
-        frames = converter.feed_packet(frame) if type(frame) is av.Packet else converter.feed_any(frame)
+        frames = self.converter.feed_any(frame)
         self.arrived = arrived = self.relay.arrived if self.relay is not None else 0.0
-        segmenter, turns = self.segmenter, self.turns
         for pcm in frames:
             self.newest_t = pcm.t
-            for event in segmenter.feed(pcm):
+            for event in self.segmenter.feed(pcm):
                 self._dispatch(event)
-            if turns is not None and (check := segmenter.take_turn_check()) is not None:
-                turns.ask(check, self._turn_decided)
+            if self.turns is not None and (check := self.segmenter.take_turn_check()) is not None:
+                self.turns.ask(check, self._turn_decided)
         if arrived and self.timer is not None:
             self.timer.observe(time.perf_counter() - arrived)
 

@@ -230,8 +230,6 @@ class SegmentState(enum.Enum):
 
 
 _NO_EVENTS: tuple[Event, ...] = ()
-#: The states inside a segment.
-_SPEAKING = frozenset((SegmentState.SPEAKING, SegmentState.STOPPING))
 #: The end-of-turn model hears at most this much of a segment.
 TURN_AUDIO_MS = 8000
 
@@ -269,7 +267,7 @@ class Segmenter:
 
     @property
     def speaking(self) -> bool:
-        return self.state in _SPEAKING
+        return self.state in (SegmentState.SPEAKING, SegmentState.STOPPING)
 
     def take_turn_check(self) -> TurnCheck | None:
         """The question the last ``feed`` raised, if any (smart turn detection): hand it to the
@@ -305,7 +303,7 @@ class Segmenter:
             voiced = False  # the detector is still adapting to this stream's noise
         contiguous = self._next_t is None or frame.t == self._next_t
         self._next_t = frame.t + s.frame_ms
-        if self.state in _SPEAKING:
+        if self.speaking:
             return self._in_speech(frame, voiced)
         if not contiguous:
             self._window.clear()  # a start window must be continuous audio
