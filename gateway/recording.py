@@ -59,7 +59,6 @@ class _Track:
     kind: str
     relay: Relay
     recorder: TrackRecorder
-    started: int
     failed: bool = False
 
 
@@ -109,13 +108,16 @@ class Recordings:
             self._writer = self._tasks.spawn(self._write_loop(), "talkgate-recordings")
 
     def _start(self, conversation: str, participant: Participant, kind: str, relay: Relay) -> _Track:
-        started = self._clock()
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(started / 1000)) + f"{started % 1000:03d}Z"
-        suffix = "ogg" if kind == "audio" else "webm"
-        path = self.directory / safe_name(conversation) / f"{stamp}-{safe_name(participant.identity)}-{kind}.{suffix}"
-        recorder = TrackRecorder(path, kind)
+        folder = self.directory / safe_name(conversation)
+        tail = f"{safe_name(participant.identity)}-{kind}.{'ogg' if kind == 'audio' else 'webm'}"
+
+        def name(started: int) -> Path:
+            stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(started / 1000)) + f"{started % 1000:03d}Z"
+            return folder / f"{stamp}-{tail}"
+
+        recorder = TrackRecorder(name, kind, clock=self._clock)
         relay.subscribe(recorder)
-        return _Track(conversation, participant, kind, relay, recorder, started)
+        return _Track(conversation, participant, kind, relay, recorder)
 
     async def _write_loop(self) -> None:
         while not self._stopping.is_set():
@@ -156,7 +158,7 @@ class Recordings:
             participant=track.participant,
             media=track.kind,
             file=str(saved.path.relative_to(self.directory)),
-            started=track.started,
+            started=saved.started,
             duration_ms=saved.duration_ms,
             size=saved.size,
         )

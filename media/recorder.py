@@ -12,10 +12,13 @@ to a worker thread every ``FLUSH_SECONDS``, where PyAV muxes it:
   with a missing packet is not written, nor anything after it until the next keyframe.
   H.264 is not recorded (WebM cannot hold it; counted in ``skipped``).
 
-Each file starts at its track's first packet; its wall-clock start is in the name
-and in the timeline entry, which is how separate tracks line up (as Twilio's track
-recordings do). Muxing is done with the container's own libraries (libavformat),
-nothing is decoded or encoded.
+Each file starts at its first written sample; its wall-clock start (the arrival of the
+track's first packet, moved on by the RTP time to the first sample written: a video
+file waits for a keyframe) is in the name and in the timeline entry, which is how
+separate tracks line up (as Twilio's track recordings do). A track is routed before
+its first packet arrives (after ICE and DTLS), so the routing time would not do.
+Muxing is done with the container's own libraries (libavformat), nothing is decoded
+or encoded.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from __future__ import annotations
 import collections
 import fractions
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +54,8 @@ class Saved:
 
     path: Path
     kind: str
+    #: Wall-clock time of the file's first sample, Unix ms.
+    started: int
     #: From its first packet to the end of its last, milliseconds.
     duration_ms: int
     size: int
@@ -108,13 +115,25 @@ def vp8_size(frame: bytes) -> tuple[int, int] | None:
     return int.from_bytes(frame[6:8], "little") & 0x3FFF, int.from_bytes(frame[8:10], "little") & 0x3FFF
 
 
+def wall_ms() -> int:
+    return int(time.time() * 1000)
+
+
 class TrackRecorder:
     """One track into one file: a relay subscriber (``push`` queues) and a writer (``flush``
-    and ``close`` run on a worker thread, called by the owner: ``gateway.recording``)."""
+    and ``close`` run on a worker thread, called by the owner: ``gateway.recording``).
 
-    def __init__(self, path: Path, kind: str) -> None:
-        self.path = path
+    ``name`` turns the file's wall-clock start (Unix ms) into its path; it is known when
+    the first sample is written."""
+
+    def __init__(self, name: Callable[[int], Path], kind: str, *, clock: Callable[[], int] = wall_ms) -> None:
+        self._name = name
+        self._clock = clock
         self.kind = kind
+        self.path: Path | None = None
+        self.started: int | None = None
+        #: When the first packet was pushed (Unix ms) and its RTP timestamp.
+        self._anchor: tuple[int, int] | None = None
         #: The relay feeding it (the Subscriber interface).
         self.relay: Any = None
         self._queue: collections.deque[Any] = collections.deque(maxlen=QUEUE_PACKETS)
@@ -131,6 +150,9 @@ class TrackRecorder:
     # -- the relay subscriber (on the event loop; never blocks) -------------------------
 
     def push(self, frame: Any) -> None:
+        if self._anchor is None:
+            stamp = frame.timestamp if isinstance(frame, VideoPacket) else getattr(frame, "pts", None)
+            self._anchor = (self._clock(), stamp or 0)
         if len(self._queue) == QUEUE_PACKETS:
             self.dropped += 1
         self._queue.append(frame)
@@ -157,16 +179,25 @@ class TrackRecorder:
 
     def close(self) -> Saved | None:
         """Finish the file; None if nothing was ever written (no file is left behind)."""
-        if self._container is None:
+        if self._container is None or self.path is None or self.started is None:
             return None
         self._container.close()
         self._container = None
         first = self._first or 0
         base = OPUS_BASE if self.kind == "audio" else VIDEO_BASE
         duration_ms = int((self._last_end - first) * base * 1000)
-        return Saved(self.path, self.kind, duration_ms, self.path.stat().st_size, self.packets, self.dropped)
+        size = self.path.stat().st_size
+        return Saved(self.path, self.kind, self.started, duration_ms, size, self.packets, self.dropped)
 
-    def _open(self, codec: str, **settings: Any) -> None:
+    def _open(self, timestamp: int, codec: str, **settings: Any) -> None:
+        """Name the file from its first sample's RTP ``timestamp`` and open it."""
+        rate = 48_000 if self.kind == "audio" else 90_000
+        arrived, anchor = self._anchor or (self._clock(), timestamp)
+        later = (timestamp - anchor) & 0xFFFFFFFF
+        if later >= 0x80000000:  # a packet reordered before the first one pushed
+            later -= 0x100000000
+        self.started = arrived + later * 1000 // rate
+        self.path = self._name(self.started)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._container = av.open(str(self.path), "w", format="ogg" if self.kind == "audio" else "webm")
         if codec == "libopus":
@@ -179,9 +210,9 @@ class TrackRecorder:
         self._stream = stream
 
     def _audio(self, packet: av.Packet[Any]) -> None:
-        if self._container is None:
-            self._open("libopus")
         pts = packet.pts or 0
+        if self._container is None:
+            self._open(pts, "libopus")
         if self._first is None:
             self._first = pts
         out = av.Packet(bytes(packet))
@@ -204,7 +235,7 @@ class TrackRecorder:
             size = vp8_size(frame)
             if size is None:
                 return
-            self._open("libvpx", width=size[0], height=size[1])
+            self._open(timestamp, "libvpx", width=size[0], height=size[1])
         ts = self._unwrap(timestamp)
         if self._first is None:
             self._first = ts

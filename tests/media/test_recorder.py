@@ -55,7 +55,7 @@ def vp8_rtp(frames: int, keyframes: tuple[int, ...] = (0,)) -> list[VideoPacket]
 
 
 def test_opus_packets_become_an_ogg_file_of_the_same_length(tmp_path: Path) -> None:
-    recorder = TrackRecorder(tmp_path / "a" / "x.ogg", "audio")
+    recorder = TrackRecorder(lambda _: tmp_path / "a" / "x.ogg", "audio")
     packets = opus_packets(3.0)
     for packet in packets[:100]:
         recorder.push(packet)
@@ -77,7 +77,7 @@ def test_opus_packets_become_an_ogg_file_of_the_same_length(tmp_path: Path) -> N
 
 
 def test_vp8_rtp_becomes_a_webm_file_of_whole_frames(tmp_path: Path) -> None:
-    recorder = TrackRecorder(tmp_path / "x.webm", "video")
+    recorder = TrackRecorder(lambda _: tmp_path / "x.webm", "video")
     for packet in vp8_rtp(60):
         recorder.push(packet)
     recorder.write(recorder.take())
@@ -104,7 +104,7 @@ def test_a_lost_packet_spoils_its_frame_until_the_next_keyframe() -> None:
 
 
 def test_nothing_recorded_leaves_no_file(tmp_path: Path) -> None:
-    recorder = TrackRecorder(tmp_path / "x.webm", "video")
+    recorder = TrackRecorder(lambda _: tmp_path / "x.webm", "video")
     for packet in vp8_rtp(3, keyframes=())[1:]:  # no keyframe: nothing a player could start from
         recorder.push(packet)
     recorder.write(recorder.take())
@@ -113,10 +113,38 @@ def test_nothing_recorded_leaves_no_file(tmp_path: Path) -> None:
 
 
 def test_a_full_queue_drops_the_oldest(tmp_path: Path) -> None:
-    recorder = TrackRecorder(tmp_path / "x.ogg", "audio")
+    recorder = TrackRecorder(lambda _: tmp_path / "x.ogg", "audio")
     packets = opus_packets(25.0)  # 1250 packets, more than the queue holds
     for packet in packets:
         recorder.push(packet)
     batch = recorder.take()
     assert recorder.dropped == len(packets) - len(batch) > 0
     assert batch[-1] is packets[-1]
+
+
+def test_a_file_is_named_and_stamped_from_its_first_sample(tmp_path: Path) -> None:
+    """The wall-clock start is the first packet's arrival, moved on by the RTP time to what
+    the file begins with: a track routed early, or a video waiting for a keyframe, still
+    lines up with the others."""
+    now = [1_800_000_000_000]
+    audio = TrackRecorder(lambda started: tmp_path / f"{started}.ogg", "audio", clock=lambda: now[0])
+    for packet in opus_packets(1.0):
+        audio.push(packet)
+        now[0] += 20
+    audio.write(audio.take())
+    saved = audio.close()
+    assert saved is not None and saved.started == 1_800_000_000_000
+    assert saved.path == tmp_path / "1800000000000.ogg" and saved.path.exists()
+
+    now = [1_800_000_000_000]
+    video = TrackRecorder(lambda started: tmp_path / f"{started}.webm", "video", clock=lambda: now[0])
+    packets = vp8_rtp(12, keyframes=(0, 6))
+    third = sorted({p.timestamp for p in packets}, key=lambda ts: (ts - packets[0].timestamp) & 0xFFFFFFFF)[3]
+    late = packets[next(i for i, p in enumerate(packets) if p.timestamp == third) :]
+    for item in late:  # joined at frame 3; frames 3-5 wait for the keyframe at 6
+        video.push(item)
+    video.write(video.take())
+    saved = video.close()
+    assert saved is not None and saved.packets == 6
+    assert saved.started == 1_800_000_000_000 + 100  # three frames at 30 fps after the first packet
+    assert saved.path.name == "1800000000100.webm"
