@@ -67,8 +67,21 @@ def library() -> ctypes.CDLL:
         lib.opus_encode.restype = ctypes.c_int32
         lib.opus_encode.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int32]
         lib.opus_encoder_destroy.argtypes = [ctypes.c_void_p]
+        lib.opus_packet_get_nb_samples.restype = ctypes.c_int
+        lib.opus_packet_get_nb_samples.argtypes = [ctypes.c_char_p, ctypes.c_int32, ctypes.c_int32]
         return lib
     raise OpusError("libopus not found: install PyAV from its wheel, or the system's libopus0")
+
+
+def packet_samples(packet: bytes) -> int:
+    """How many 48 kHz samples an Opus packet holds (its TOC and frame count, nothing
+    decoded); ``OpusError`` if it is not a well-formed Opus packet."""
+    if not 0 < len(packet) <= MAX_PACKET_BYTES:
+        raise OpusError(f"an Opus packet has 1 to {MAX_PACKET_BYTES} bytes")
+    n = library().opus_packet_get_nb_samples(packet, len(packet), 48_000)
+    if n <= 0 or n > 48 * MAX_FRAME_MS:
+        raise OpusError("not an Opus packet")
+    return int(n)
 
 
 class Decoder:

@@ -77,11 +77,26 @@ TALKING_GAP = 0.3
 SILENT_PAYLOAD = bytes.fromhex("f8fffe")
 #: Samples this small (-66 dBFS) count as silence.
 SILENCE_PEAK = 16
+#: An Opus packet this short is silence (libopus's DTX sends the TOC byte alone; its
+#: silent CELT frame is 3 bytes): what a bot's packets count as, not decoding them.
+DTX_BYTES = 3
 #: Marks waiting for their audio to play, at most (a bot could send millions: 100 000
 #: pending marks held 79 MB). 1000 is a mark every 60 ms through a full 60 s buffer.
 MAX_MARKS = 1000
 #: A step that keeps failing is logged at most this often (it would fail every 20 ms).
 FAILURE_LOG_SECONDS = 10.0
+
+
+def opus_slots(packet: bytes) -> int:
+    """How many 20 ms slots an Opus packet fills; ``ValueError`` if it is not an Opus
+    packet of 20 to 120 ms in 20 ms steps (shorter frames do not fit the grid)."""
+    try:
+        samples = opus.packet_samples(packet)
+    except opus.OpusError as exc:
+        raise ValueError(str(exc)) from None
+    if samples % FRAME_SAMPLES:
+        raise ValueError(f"{samples / 48:g} ms: an Opus packet of 20, 40, 60, 80, 100 or 120 ms is needed")
+    return samples // FRAME_SAMPLES
 
 
 class PlaybackTrack(MediaStreamTrack):
@@ -137,13 +152,18 @@ class PlaybackTrack(MediaStreamTrack):
 
     # -- control --------------------------------------------------------------------------
 
-    def _setup(self, rate: int) -> None:
+    def _setup(self, rate: int, *, passthrough: bool = False) -> None:
         if rate not in INPUT_RATES:
             raise ValueError(f"rate must be one of {INPUT_RATES}")
-        self.rate = rate
-        self._encoder = opus.Encoder(rate, complexity=self.complexity)
-        self.capacity = int(self.max_seconds * rate)
-        self._ring = np.zeros(self.capacity, dtype=np.int16)
+        #: The bot sends Opus packets (``enqueue_opus``), played as they are; samples are
+        #: then counted at 48 kHz (the RTP clock).
+        self.passthrough = passthrough
+        self.rate = RATE if passthrough else rate
+        self._encoder = None if passthrough else opus.Encoder(rate, complexity=self.complexity)
+        self.capacity = int(self.max_seconds * self.rate)
+        self._ring = np.zeros(0 if passthrough else self.capacity, dtype=np.int16)
+        #: Passthrough: the queued packets and their 20 ms slots.
+        self._packets: collections.deque[tuple[bytes, int]] = collections.deque()
         #: Absolute sample counts: what has been queued, and what has been played.
         self._written = 0
         self._played = 0
@@ -151,12 +171,21 @@ class PlaybackTrack(MediaStreamTrack):
         self._frame = np.zeros(rate // 50, dtype=np.int16)
 
     def set_rate(self, rate: int) -> bool:
-        """Play (and encode) at the bot's announced rate from now on; only while nothing is queued."""
-        if rate == self.rate:
+        """Play (and encode) PCM at the bot's announced rate from now on; only while nothing is queued."""
+        if rate == self.rate and not self.passthrough:
             return True
         if self.queued_samples:
             return False
         self._setup(rate)
+        return True
+
+    def set_passthrough(self) -> bool:
+        """Take Opus packets (``enqueue_opus``) from now on; only while nothing is queued."""
+        if self.passthrough:
+            return True
+        if self.queued_samples:
+            return False
+        self._setup(RATE, passthrough=True)
         return True
 
     @property
@@ -200,6 +229,8 @@ class PlaybackTrack(MediaStreamTrack):
         """Queue PCM16 mono; returns how many input bytes were accepted (all, unless full)."""
         if sample_rate not in INPUT_RATES:
             raise ValueError(f"sample_rate must be one of {INPUT_RATES}")
+        if self.passthrough:
+            raise ValueError("this track takes Opus packets (set_rate switches back to PCM)")
         samples = np.frombuffer(pcm, dtype=np.int16, count=len(pcm) // 2)
         if sample_rate != self.rate:
             samples = self._resample(samples, sample_rate)
@@ -213,11 +244,30 @@ class PlaybackTrack(MediaStreamTrack):
             self._utterance = self._played  # a new utterance starts (not the next packet of a stream)
         self._write(samples)
         if len(samples):
-            self._queued.set()
-            if self._idle and self._timer is not None:
-                self._timer.cancel()  # play it from the next slot, not at the keep-alive
-                self._schedule()
+            self._arrived()
         return accepted_in
+
+    def enqueue_opus(self, packet: bytes) -> bool:
+        """Queue one Opus packet of 20 to 120 ms (a multiple of 20) to be sent as it is:
+        no encode, the bot's own bitrate and bandwidth. False if the buffer is full;
+        ``ValueError`` for what ``opus_slots`` refuses."""
+        if not self.passthrough:
+            raise ValueError("this track takes PCM (set_passthrough switches to Opus packets)")
+        slots = opus_slots(packet)
+        if slots * FRAME_SAMPLES > self.capacity - self.queued_samples:
+            return False
+        if not self.queued_samples and not self.talking:
+            self._utterance = self._played
+        self._packets.append((packet, slots))
+        self._written += slots * FRAME_SAMPLES
+        self._arrived()
+        return True
+
+    def _arrived(self) -> None:
+        self._queued.set()
+        if self._idle and self._timer is not None:
+            self._timer.cancel()  # play it from the next slot, not at the keep-alive
+            self._schedule()
 
     def mark(self, name: str) -> asyncio.Future[bool]:
         """A future that resolves True once the audio queued so far has played (at once if
@@ -243,6 +293,7 @@ class PlaybackTrack(MediaStreamTrack):
     def clear(self) -> list[str]:
         """Drop all queued audio; returns the names of the marks that will not be reached."""
         self._played = self._written
+        self._packets.clear()
         self._resamplers.clear()  # their buffered tails belong to the dropped audio
         cleared = []
         while self._marks:
@@ -316,14 +367,25 @@ class PlaybackTrack(MediaStreamTrack):
     def _step(self) -> av.Packet[Any] | None:
         """Play the current slot: its packet, or None where DTX sends nothing."""
         playing = self.playing
-        if self.held:
-            self._frame[:] = 0  # silent; the queue and the marks wait
-        else:
-            self._read_into(self._frame)
-            self._resolve_marks()
         slot = self._slot
-        self._slot += 1
-        if playing and (self._frame.max() > SILENCE_PEAK or self._frame.min() < -SILENCE_PEAK):
+        passed: bytes | None = None  # passthrough: the bot's packet for this slot
+        if self.passthrough:
+            self._slot += 1
+            if playing:
+                passed, slots = self._packets.popleft()
+                self._played += slots * FRAME_SAMPLES
+                self._slot += slots - 1  # a longer packet fills its slots
+                self._resolve_marks()
+            audible = passed is not None and len(passed) > DTX_BYTES
+        else:
+            if self.held:
+                self._frame[:] = 0  # silent; the queue and the marks wait
+            else:
+                self._read_into(self._frame)
+                self._resolve_marks()
+            self._slot += 1
+            audible = playing and (self._frame.max() > SILENCE_PEAK or self._frame.min() < -SILENCE_PEAK)
+        if audible:
             self._silent_run = 0
             self._last_audible = time.monotonic()
         else:
@@ -331,7 +393,14 @@ class PlaybackTrack(MediaStreamTrack):
             if self._silent_run > DTX_HANGOVER and time.monotonic() - self._last_packet < IDLE_SECONDS:
                 return None  # DTX: nothing to send for this slot
         # Past the hangover this is an idle keep-alive (one per IDLE_SECONDS): no encode.
-        payload = SILENT_PAYLOAD if self._silent_run > DTX_HANGOVER else self._encoder.encode(self._frame)
+        if self._silent_run > DTX_HANGOVER:
+            payload = SILENT_PAYLOAD
+        elif passed is not None:
+            payload = passed
+        elif self._encoder is not None:
+            payload = self._encoder.encode(self._frame)
+        else:
+            payload = SILENT_PAYLOAD  # passthrough, nothing to play (held or run out)
         packet = av.Packet(payload)
         packet.pts = slot * FRAME_SAMPLES
         packet.time_base = TIME_BASE

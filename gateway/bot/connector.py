@@ -40,7 +40,7 @@ from websockets.protocol import State
 
 from media.convert import FrameConverter
 from media.pipeline import VoicePipeline
-from media.playback import MAX_MARKS, PlaybackTrack
+from media.playback import MAX_MARKS, PlaybackTrack, opus_slots
 from media.relay import MediaFrame, Relay, Subscriber
 from media.tasks import TaskOwner
 from media.vad import Event, SpeechFrame, SpeechPaused, SpeechStarted, SpeechStopped
@@ -571,10 +571,7 @@ class BotConnector:
                 try:
                     action = self.protocol.parse(data)
                 except native.BotProtocolError as exc:
-                    self.bad_messages += 1
-                    self.host.bot_problem("bad_message")
-                    log.warning("[%s] bad message from the bot: %s", self.conversation, exc)
-                    self._error("bad_request", str(exc))
+                    self._bad_message(str(exc))
                     continue
                 outcome = await self._handle(action)
                 if outcome is not None:
@@ -588,13 +585,58 @@ class BotConnector:
             pass
         return self._stop_reason or "lost"
 
-    def _play(self, pcm: bytes, rate: int) -> None:
-        accepted = self.playback.enqueue(pcm, rate)
-        if accepted < len(pcm) - len(pcm) % 2:
+    def _bad_message(self, problem: str) -> None:
+        self.bad_messages += 1
+        self.host.bot_problem("bad_message")
+        log.warning("[%s] bad message from the bot: %s", self.conversation, problem)
+        self._error("bad_request", problem)
+
+    def _malformed(self, audio: native.Audio) -> str | None:
+        """What is wrong with the bot's binary audio (None: playable, or empty: nothing)."""
+        data = audio.pcm
+        if not data or audio.sample_rate is not None:  # nothing; or decoded by the protocol
+            return None
+        if not self.playback.passthrough:
+            return f"binary audio is PCM16: an even number of bytes, not {len(data)}" if len(data) % 2 else None
+        try:
+            opus_slots(data)
+        except ValueError as exc:
+            return f"binary audio is one Opus packet (audio.format said opus): {exc}"
+        return None
+
+    def _play(self, data: bytes, rate: int) -> None:
+        """Queue the bot's audio in the format it announced: PCM16, or one Opus packet."""
+        if not data:
+            return
+        if self.playback.passthrough:
+            if not self.playback.enqueue_opus(data):
+                self._error(
+                    "buffer_full",
+                    f"more than {self.settings.max_buffer_seconds:g} s of audio queued; this packet was not queued",
+                )
+            return
+        accepted = self.playback.enqueue(data, rate)
+        if accepted < len(data):
             self._error(
                 "buffer_full",
                 f"more than {self.settings.max_buffer_seconds:g} s of audio queued;"
-                f" {len(pcm) - accepted} bytes were not queued",
+                f" {len(data) - accepted} bytes were not queued",
+            )
+
+    def _set_format(self, message: native.AudioFormat) -> None:
+        """PCM at the bot's own rate (encoded at that rate), or Opus packets passed through.
+        PCM's rate may change at any time (later audio is resampled); PCM and Opus do not
+        mix in the queue, so the encoding changes only while nothing is queued."""
+        self._rate = message.rate
+        opus = message.encoding == "opus"
+        if opus == self.playback.passthrough:
+            if not opus:
+                self.playback.set_rate(message.rate)
+            return
+        if not (self.playback.set_passthrough() if opus else self.playback.set_rate(message.rate)):
+            self._bad_message(
+                f"audio.format: the encoding changes only while nothing is queued (send clear first);"
+                f" still {'pcm_s16le' if opus else 'opus'}"
             )
 
     async def _handle(self, message: native.Action) -> str | None:
@@ -610,6 +652,8 @@ class BotConnector:
             )
             return None
         match message:
+            case native.Audio() if (problem := self._malformed(message)) is not None:
+                self._bad_message(problem)
             case native.Audio() if self._pipeline is None:
                 self.host.bot_problem("bad_message")  # counted: a Twilio stream has no error channel
                 self._error(
@@ -622,8 +666,7 @@ class BotConnector:
             case native.BotChat():
                 await self.host.bot_chat(self.conversation, self.participant, message.text)
             case native.AudioFormat():
-                self._rate = message.sample_rate
-                self.playback.set_rate(message.sample_rate)  # encode at the bot's own rate
+                self._set_format(message)
             case native.BotMark():
                 if self.barge is Barge.DISCARDING and self.protocol.name == "native":
                     self.barge = Barge.NONE  # the interrupted answer ends here: what follows is new

@@ -3,7 +3,8 @@
 Gateway → bot: JSON text messages (start, chat, speech.started, speech.stopped, mark,
 interrupted, stop, error) and binary frames of raw PCM16 LE mono, one VAD frame each.
 Bot → gateway: JSON text messages (chat, audio.format, mark, clear, transcript,
-transfer, upgrade, hangup) and binary frames of PCM16 mono at the announced rate.
+transfer, upgrade, hangup) and binary frames of PCM16 mono at the announced rate, or
+one Opus packet each (``audio.format`` with ``encoding`` ``opus``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,15 @@ class BotChat(_BotMsg, tag="chat"):
 
 
 class AudioFormat(_BotMsg, tag="audio.format"):
-    sample_rate: int = 16_000
+    #: ``pcm_s16le`` (default) or ``opus``: one Opus packet per binary message, sent to
+    #: the customer as it is (no encode at the gateway).
+    encoding: Literal["pcm_s16le", "opus"] = "pcm_s16le"
+    #: PCM's rate (default 16000); Opus is 48000 (its RTP clock), the default for it.
+    sample_rate: int | None = None
+
+    @property
+    def rate(self) -> int:
+        return self.sample_rate or (48_000 if self.encoding == "opus" else 16_000)
 
 
 class BotMark(_BotMsg, tag="mark"):
@@ -73,8 +82,11 @@ def parse(data: str | bytes) -> BotMessage:
         raise BotProtocolError(str(exc)) from exc
     except UnicodeDecodeError as exc:
         raise BotProtocolError("not valid UTF-8") from exc
-    if isinstance(message, AudioFormat) and message.sample_rate not in AUDIO_RATES:
-        raise BotProtocolError(f"sample_rate must be one of {AUDIO_RATES}")
+    if isinstance(message, AudioFormat):
+        if message.encoding == "opus" and message.rate != 48_000:
+            raise BotProtocolError("Opus is 48000 Hz (its RTP clock)")
+        if message.rate not in AUDIO_RATES:
+            raise BotProtocolError(f"sample_rate must be one of {AUDIO_RATES}")
     if isinstance(message, BotChat | Transcript) and not 0 < len(message.text) <= 4096:
         raise BotProtocolError("text must be 1 to 4096 characters")
     return message
@@ -101,7 +113,8 @@ def start(
 
 @dataclass(frozen=True, slots=True)
 class Audio:
-    """Bot audio to play: PCM16 mono at ``sample_rate`` (None: the announced rate)."""
+    """Bot audio to play: PCM16 mono at ``sample_rate`` (None: the announced rate), or one
+    Opus packet after ``audio.format`` said ``opus`` (the connector knows which)."""
 
     pcm: bytes
     sample_rate: int | None = None
@@ -220,7 +233,5 @@ class NativeProtocol:
 
     def parse(self, data: str | bytes) -> Action:
         if isinstance(data, bytes):
-            if len(data) % 2:
-                raise BotProtocolError(f"binary audio is PCM16: an even number of bytes, not {len(data)}")
-            return Audio(data)
+            return Audio(data)  # PCM16 or an Opus packet, as the announced format says
         return parse(data)

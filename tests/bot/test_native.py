@@ -8,9 +8,11 @@ import time
 from typing import Any
 
 import numpy as np
+import pytest
 
 from gateway.config import Config
 from gateway.server import GatewayServer
+from media import opus
 from tests.bot_server import TestBot
 from tests.client import Client
 from tests.conftest import Party, listen_only, make_token
@@ -21,6 +23,22 @@ from tests.speech import utterances
 def tone(seconds: float, hz: float = 660, rate: int = 16_000) -> bytes:
     t = np.arange(int(seconds * rate)) / rate
     return (9000 * np.sin(2 * np.pi * hz * t)).astype(np.int16).tobytes()
+
+
+def opus_tone(seconds: float, hz: float = 660) -> list[bytes]:
+    """What a bot with an Opus TTS sends: 20 ms packets, encoded by the bot."""
+    pcm = np.frombuffer(tone(seconds, hz, 48_000), dtype=np.int16)
+    encoder = opus.Encoder(48_000)
+    return [encoder.encode(pcm[i : i + 960]) for i in range(0, len(pcm) - 959, 960)]
+
+
+async def send_audio(bot: TestBot, seconds: float, encoding: str) -> None:
+    """``seconds`` of the 660 Hz tone, faster than real time: PCM in one piece, or Opus packets."""
+    if encoding == "pcm_s16le":
+        await bot.send(tone(seconds))
+        return
+    for packet in opus_tone(seconds):
+        await bot.send(packet)
 
 
 async def segment_at(bot: TestBot) -> tuple[list[bytes], list[int], dict[str, Any]]:
@@ -116,19 +134,53 @@ async def test_speech_in_bigger_messages_when_asked(bot: TestBot, config: Config
     assert abs(frames - (stopped["duration_ms"] + 200 + 500) / 20) <= 1, frames  # every frame
 
 
-async def test_bot_audio_reaches_the_customer_and_marks_come_back_after_playback(party: Party, bot: TestBot) -> None:
+@pytest.mark.parametrize("encoding", ["pcm_s16le", "opus"])
+async def test_bot_audio_reaches_the_customer_and_marks_come_back_after_playback(
+    party: Party, bot: TestBot, server: GatewayServer, encoding: str
+) -> None:
     customer = await party("u1")
     await bot.wait_for("start")
     await listen_only(customer)
     await bot.wait_for("call.started")  # bot audio plays only during a call
-    await bot.send({"type": "audio.format", "sample_rate": 16000})
+    await bot.send({"type": "audio.format", "encoding": encoding})
     sent = time.monotonic()
-    await bot.send(tone(0.6))  # faster than real time, in one piece
+    await send_audio(bot, 0.6, encoding)  # faster than real time
     await bot.send({"type": "mark", "name": "greeting"})
     await customer.hears_tone(660)  # a 660 Hz peak in real samples: the bot's voice arrived
     mark = await bot.wait_for("mark")
     assert mark == {"type": "mark", "name": "greeting"}
     assert time.monotonic() - sent >= 0.5  # only once the audio has been played
+    link = server.broker.bots.get("call-room")
+    assert link is not None and link.playback.passthrough is (encoding == "opus") and link.bad_messages == 0
+
+
+async def test_opus_from_the_bot_is_checked_and_the_encoding_changes_only_when_nothing_is_queued(
+    party: Party, bot: TestBot, server: GatewayServer
+) -> None:
+    customer = await party("u1")
+    await bot.wait_for("start")
+    await listen_only(customer)
+    await bot.wait_for("call.started")
+    await bot.send({"type": "audio.format", "encoding": "opus", "sample_rate": 16000})
+    assert "48000" in (await bot.wait_for("error"))["message"]  # Opus's clock is 48 kHz
+    await bot.send({"type": "audio.format", "encoding": "opus"})
+    for bad, why in ((b"\x03", "not an Opus packet"), (bytes([30 << 3, 0xFF, 0xFE]), "10 ms")):
+        await bot.send(bad)
+        error = await bot.wait_for("error")
+        assert error["code"] == "bad_request" and why in error["message"], error
+    await send_audio(bot, 3.0, "opus")
+    await customer.hears_tone(660)
+    await bot.send({"type": "audio.format", "encoding": "pcm_s16le"})  # mid-answer: refused
+    error = await bot.wait_for("error")
+    assert error["code"] == "bad_request" and "only while nothing is queued" in error["message"]
+    await bot.send({"type": "clear"})
+    await bot.send({"type": "audio.format", "encoding": "pcm_s16le", "sample_rate": 24000})
+    await bot.send(tone(0.6, rate=24_000))
+    await bot.send({"type": "mark", "name": "pcm-again"})
+    assert (await bot.wait_for("mark"))["name"] == "pcm-again"
+    link = server.broker.bots.get("call-room")
+    assert link is not None and not link.playback.passthrough and link.playback.rate == 24_000
+    assert link.bad_messages == 4
 
 
 async def test_clear_silences_the_bot_at_once(party: Party, bot: TestBot) -> None:
@@ -146,7 +198,8 @@ async def test_clear_silences_the_bot_at_once(party: Party, bot: TestBot) -> Non
     assert received.energy < 200  # … with silence
 
 
-async def test_barge_in_clears_bot_audio_and_tells_the_bot(party: Party, bot: TestBot) -> None:
+@pytest.mark.parametrize("encoding", ["pcm_s16le", "opus"])
+async def test_barge_in_clears_bot_audio_and_tells_the_bot(party: Party, bot: TestBot, encoding: str) -> None:
     customer = await party("u1")
     await bot.wait_for("start")
     fixture = utterances(["Sorry, I need to change that"], lead_s=1.0, tail_s=1.0)
@@ -154,7 +207,8 @@ async def test_barge_in_clears_bot_audio_and_tells_the_bot(party: Party, bot: Te
     customer.pc.addTrack(speech)
     await customer.negotiate()
     await bot.wait_for("call.started")
-    await bot.send(tone(8.0))
+    await bot.send({"type": "audio.format", "encoding": encoding})
+    await send_audio(bot, 8.0, encoding)
     await bot.send({"type": "mark", "name": "long-answer"})
     received = await customer.hears_tone(660)
     started = await bot.wait_for("speech.started", timeout=8)

@@ -276,6 +276,7 @@ async def test_a_failing_step_costs_one_slot_and_playback_goes_on(push: bool, ca
     aiortc's sender stopped for good)."""
     failures = Count()
     track = PlaybackTrack(step_failures=failures)
+    assert track._encoder is not None
     track._encoder = FlakyEncoder(track._encoder, {3, 4})  # type: ignore[assignment]
     listener = Listener(track, push)
     track.enqueue(tone(0.2, 16_000))  # 10 frames
@@ -360,3 +361,106 @@ async def test_hold_silences_at_once_keeps_the_queue_and_resume_goes_on(push: bo
         await listener.next()
     assert await done is True
     track.stop()
+
+
+def opus_packets(seconds: float, frame_ms: int = 20, rate: int = 48_000) -> list[bytes]:
+    """What a bot with an Opus TTS sends: the tone encoded by libopus, ``frame_ms`` per packet
+    (libopus's own multi-frame packets for 40 and 60 ms)."""
+    encoder = opus.Encoder(rate)
+    pcm = np.frombuffer(tone(seconds, rate), dtype=np.int16)
+    packets = [encoder.encode(pcm[i : i + encoder.samples]) for i in range(0, len(pcm), encoder.samples)]
+    per = frame_ms // 20
+    if per == 1:
+        return packets
+    # A code-3 packet of ``per`` 20 ms frames (RFC 6716 3.2.5), built from single-frame ones.
+    out = []
+    for i in range(0, len(packets) - per + 1, per):
+        group = packets[i : i + per]
+        frames = [p[1:] for p in group]  # each a code-0 packet: TOC + one frame
+        body = bytes([group[0][0] | 3, 0x80 | per])  # VBR, frame count
+        for frame in frames[:-1]:
+            size = len(frame)
+            body += (
+                bytes([size]) if size < 252 else bytes([252 + (size - 252) % 4, (size - 252 - (size - 252) % 4) // 4])
+            )
+        out.append(body + b"".join(frames))
+    return out
+
+
+@pytest.mark.parametrize("frame_ms", [20, 40, 60])
+async def test_opus_from_the_bot_is_sent_as_it_is_at_real_time_pace(frame_ms: int, push: bool) -> None:
+    track = PlaybackTrack()
+    assert track.set_passthrough() and track.passthrough
+    packets = opus_packets(1.0, frame_ms)
+    assert all(track.enqueue_opus(p) for p in packets)
+    assert track.queued_seconds == pytest.approx(len(packets) * frame_ms / 1000)
+    done = track.mark("end")
+    listener = Listener(track, push)
+    started = time.monotonic()
+    sent: list[tuple[int, bytes]] = []
+    while track.playing:
+        packet = await (track.recv() if listener.pushed is None else listener.pushed.get())
+        assert packet.pts is not None
+        sent.append((packet.pts, bytes(packet)))
+    elapsed = time.monotonic() - started
+    assert [payload for _, payload in sent] == packets  # not one byte re-encoded
+    step = FRAME_SAMPLES * frame_ms // 20
+    assert [pts - sent[0][0] for pts, _ in sent] == [i * step for i in range(len(packets))]
+    assert elapsed == pytest.approx((len(packets) - 1) * frame_ms / 1000, abs=0.15)  # the first at once
+    assert await done is True
+    assert track.heard_ms == len(packets) * frame_ms
+    decoded = np.concatenate([Listener(track).decoder.decode(p).copy() for p in packets])
+    assert rms(decoded) > 3000  # the tone, as the browser decodes it
+    track.stop()
+
+
+async def test_opus_passthrough_holds_clears_marks_and_falls_silent_like_pcm(push: bool) -> None:
+    track = PlaybackTrack()
+    track.set_passthrough()
+    listener = Listener(track, push)
+    packets = opus_packets(1.0)
+    for p in packets:
+        track.enqueue_opus(p)
+    done = track.mark("end")
+    for _ in range(3):
+        await listener.next()
+    queued = track.queued_samples
+    track.hold()
+    await listener.next()  # held: silent frames (the decoder rings down in the first)
+    _, pcm = await listener.next()
+    assert rms(pcm) <= QUIET_RMS and track.queued_samples == queued and track.heard_ms == 60
+    track.resume()
+    await listener.next()  # from where it stopped (the decoder comes back from silence)
+    _, pcm = await listener.next()
+    assert rms(pcm) > 1000 and track.queued_samples == queued - 2 * FRAME_SAMPLES  # the tone again
+    assert track.clear() == ["end"] and await done is False
+    assert not track.playing and track.queued_samples == 0
+    # Run out: the hangover of silent frames, then keep-alives only.
+    silent = [await listener.next() for _ in range(DTX_HANGOVER + 1)]
+    assert all(rms(pcm) <= QUIET_RMS for _, pcm in silent[1:])
+    slot = silent[-1][0]
+    pts, _ = await asyncio.wait_for(listener.next(), IDLE_SECONDS + 0.2)
+    assert pts - slot > FRAME_SAMPLES * 5  # DTX: the slots between were not sent
+    track.stop()
+
+
+async def test_opus_passthrough_refuses_what_it_cannot_play() -> None:
+    track = PlaybackTrack(max_seconds=0.1)
+    with pytest.raises(ValueError, match="takes PCM"):
+        track.enqueue_opus(opus_packets(0.02)[0])  # PCM until the bot says otherwise
+    assert track.set_passthrough()
+    assert track.rate == RATE and track.capacity == RATE // 10
+    for bad in (b"", b"\x03", bytes(2000)):
+        with pytest.raises(ValueError, match="Opus packet"):
+            track.enqueue_opus(bad)
+    ten_ms = bytes([30 << 3]) + b"\xff\xfe"  # CELT FB 10 ms
+    with pytest.raises(ValueError, match="20, 40"):
+        track.enqueue_opus(ten_ms)
+    with pytest.raises(ValueError, match="takes Opus"):
+        track.enqueue(tone(0.02, 16_000))
+    packets = opus_packets(0.2)
+    assert [track.enqueue_opus(p) for p in packets] == [True] * 5 + [False] * 5  # 100 ms of room
+    assert not track.set_rate(16_000)  # only while nothing is queued
+    track.clear()
+    assert track.set_rate(16_000) and not track.passthrough and track.rate == 16_000
+    assert track.enqueue(tone(0.02, 16_000)) == 640
