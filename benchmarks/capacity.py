@@ -19,6 +19,10 @@ instead of running anything.
     python benchmarks/capacity.py --shape listen --json > listen.json
     python benchmarks/capacity.py --from-json echo.json listen.json --plot capacity.png
     python benchmarks/capacity.py --steps 5,10 --duration 3 --refine 0 --json   # smoke
+
+``--bot-audio opus``: talkgate's bot answers in Opus packets, which it sends on
+unencoded (a bot with an Opus TTS); the baseline's still answers in PCM, so no ratio is
+printed for that pair (it would not compare like with like).
 """
 
 from __future__ import annotations
@@ -53,15 +57,21 @@ def holds(result: dict[str, Any]) -> bool:
 
 
 async def find_capacity(
-    kind: str, steps: list[int], duration: float, refine: int, recording: loadtest.Recording, shape: str = "echo"
+    kind: str,
+    steps: list[int],
+    duration: float,
+    refine: int,
+    recording: loadtest.Recording,
+    shape: str = "echo",
+    bot_audio: str = "pcm",
 ) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
 
     async def step(n: int) -> bool:
-        result = await loadtest.run(kind, n, duration, n / 25, recording, shape=shape)
+        result = await loadtest.run(kind, n, duration, n / 25, recording, shape=shape, bot_audio=bot_audio)
         result["holds"] = holds(result)
         runs.append(result)
-        print(f"{kind:>9} {shape:>6} N={n:<4} {summary(result)}", file=sys.stderr, flush=True)
+        print(f"{name(result):>14} {shape:>6} N={n:<4} {summary(result)}", file=sys.stderr, flush=True)
         return bool(result["holds"])
 
     best, failed = 0, None
@@ -79,7 +89,19 @@ async def find_capacity(
             best = middle
         else:
             failed = middle
-    return {"target": kind, "shape": shape, "capacity": best, "first_failing": failed, "runs": runs}
+    return {
+        "target": kind,
+        "shape": shape,
+        "bot_audio": bot_audio,
+        "capacity": best,
+        "first_failing": failed,
+        "runs": runs,
+    }
+
+
+def name(result: dict[str, Any]) -> str:
+    """The target, marked ``+opus`` where the bot answered in Opus packets (``--bot-audio``)."""
+    return str(result["target"]) + ("+opus" if result.get("bot_audio") == "opus" else "")
 
 
 def shape_of(result: dict[str, Any]) -> str:
@@ -99,7 +121,7 @@ def summary(r: dict[str, Any]) -> str:
 
 def ratios(results: list[dict[str, Any]]) -> dict[str, float]:
     """talkgate's capacity over the baseline's, per shape where both were searched."""
-    found = {(r["target"], shape_of(r)): r["capacity"] for r in results}
+    found = {(name(r), shape_of(r)): r["capacity"] for r in results}  # like for like: no +opus
     return {
         shape: round(found[("talkgate", shape)] / found[("baseline", shape)], 2)
         for shape in dict.fromkeys(shape_of(r) for r in results)
@@ -109,7 +131,7 @@ def ratios(results: list[dict[str, Any]]) -> dict[str, float]:
 
 def table(results: list[dict[str, Any]]) -> str:
     lines = [
-        f"{'target':>9} {'shape':>6} {'N':>5} {'holds':>5} {'CPU %':>6} {'%/sess':>7} {'lag p50':>8} {'lag p99':>8}"
+        f"{'target':>14} {'shape':>6} {'N':>5} {'holds':>5} {'CPU %':>6} {'%/sess':>7} {'lag p50':>8} {'lag p99':>8}"
         f" {'loss %':>7} {'stop p50':>9} {'stop p99':>9} {'echo p50':>9} {'echo p99':>9} {'rtp→bot p99':>12}"
         f" {'gen CPU':>8}"
     ]
@@ -119,7 +141,7 @@ def table(results: list[dict[str, Any]]) -> str:
             path = r.get("rtp_to_bot") or {}
             echo = r["bot_audio_to_client"] or {}
             lines.append(
-                f"{r['target']:>9} {shape_of(r):>6} {r['sessions']:>5} {'yes' if r['holds'] else 'no':>5}"
+                f"{name(r):>14} {shape_of(r):>6} {r['sessions']:>5} {'yes' if r['holds'] else 'no':>5}"
                 f" {r['cpu_percent']:>6} {r['cpu_percent_per_session']:>7} {lag.get('p50_ms', '-'):>8}"
                 f" {lag.get('p99_ms', '-'):>8} {r['loss_percent']!s:>7} {r['speech_end_to_stopped']['p50_ms']!s:>9}"
                 f" {r['speech_end_to_stopped']['p99_ms']!s:>9} {echo.get('p50_ms', '-')!s:>9}"
@@ -127,7 +149,7 @@ def table(results: list[dict[str, Any]]) -> str:
             )
     lines.append("")
     for result in results:
-        lines.append(f"capacity {result['target']:>9} ({shape_of(result)}): {result['capacity']} sessions on one core")
+        lines.append(f"capacity {name(result):>14} ({shape_of(result)}): {result['capacity']} sessions on one core")
     for shape, ratio in ratios(results).items():
         lines.append(f"ratio talkgate / baseline ({shape}): {ratio:.2f}")
     return "\n".join(lines)
@@ -147,7 +169,7 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
     from matplotlib.ticker import FormatStrFormatter, LogLocator, MaxNLocator, NullFormatter
 
     shapes = list(dict.fromkeys(shape_of(r) for r in results))
-    kinds = list(dict.fromkeys(r["target"] for r in results))
+    kinds = list(dict.fromkeys(name(r) for r in results))
     figure = Figure(figsize=(12, 5), layout="constrained")
     FigureCanvasAgg(figure)
     cpu_axes, lag_axes = figure.subplots(1, 2)
@@ -155,11 +177,11 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
         runs = sorted(result["runs"], key=lambda r: r["sessions"])
         shape = shape_of(result)
         style = {
-            "color": f"C{kinds.index(result['target'])}",
+            "color": f"C{kinds.index(name(result))}",
             "linestyle": ("-", "--")[shapes.index(shape) % 2],
             "marker": ("o", "s")[shapes.index(shape) % 2],
         }
-        label = result["target"] if len(shapes) == 1 else f"{result['target']} ({shape})"
+        label = name(result) if len(shapes) == 1 else f"{name(result)} ({shape})"
         label += f": capacity {result['capacity']}"
         lagging = [r for r in runs if r["loop_lag"] is not None]
         cpu_axes.plot([r["sessions"] for r in runs], [r["cpu_percent"] for r in runs], label=label, **style)
@@ -209,7 +231,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             baseline_steps = [n for n in steps if n <= (args.baseline_max or n)]
             results.append(
                 await find_capacity(
-                    kind, steps if kind == "talkgate" else baseline_steps, args.duration, args.refine, recording, shape
+                    kind,
+                    steps if kind == "talkgate" else baseline_steps,
+                    args.duration,
+                    args.refine,
+                    recording,
+                    shape,
+                    args.bot_audio if kind == "talkgate" else "pcm",
                 )
             )
     out: dict[str, Any] = {"shape": args.shape, "results": results, "ratios": ratios(results)}
@@ -226,6 +254,12 @@ def main() -> None:
     parser.add_argument("--baseline-max", type=int, default=0, help="Skip baseline steps above this (0: none).")
     parser.add_argument(
         "--shape", choices=[*loadtest.SHAPES, "both"], default="echo", help="loadtest.py's: the bot answers or not."
+    )
+    parser.add_argument(
+        "--bot-audio",
+        choices=["pcm", "opus"],
+        default="pcm",
+        help="loadtest.py's: talkgate's bot answers in PCM or in Opus packets (the baseline's in PCM)",
     )
     parser.add_argument("--plot", metavar="FILE.png", help="Draw CPU and loop-lag p99 against sessions.")
     parser.add_argument(

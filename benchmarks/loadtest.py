@@ -85,6 +85,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))  # the repository's tests/ he
 from benchmarks.signaling import SECRET, pct
 from gateway import tokens
 from media import ice
+from media.playback import SILENCE_PEAK
 from tests.gateway_process import RTC_LOOPBACK_ARGS, GatewayProcess, cpu_seconds
 from tests.redis_server import RedisServer
 from tests.speech import resample, utterances
@@ -115,6 +116,8 @@ class Recording:
     packets: list[bytes]  # Opus, 20 ms each, 48 kHz mono
     ends_ms: list[float]  # true end of each utterance within the loop
     loop_ms: int
+    loud: list[bool]  # per packet: its 20 ms is loud (RMS >= LOUD)
+    silent: list[bool]  # per packet: its 20 ms was digital silence before encoding
 
     @classmethod
     def build(cls) -> Recording:
@@ -130,7 +133,18 @@ class Recording:
             frame = av.AudioFrame.from_ndarray(pcm[start : start + 960].reshape(1, -1), format="s16", layout="mono")
             frame.sample_rate, frame.pts, frame.time_base = 48_000, start, TIME_BASE
             packets += [bytes(p) for p in encoder.encode(frame)]
-        return cls(packets, [end for _, end in fixture.truth], len(packets) * FRAME_MS)
+        # Loud as a customer hears it: decoded as Customer._on_rtp decodes (the encoder's
+        # onset may be quieter than the PCM it was given).
+        decoder = av.CodecContext.create("libopus", "r")
+        assert isinstance(decoder, av.AudioCodecContext)
+        decoder.sample_rate, decoder.layout = 8_000, "mono"
+        loud = []
+        for payload in packets:
+            decoded = [f.to_ndarray().astype(np.float64) for f in decoder.decode(av.Packet(payload))]
+            loud.append(any(np.sqrt(np.mean(d**2)) >= LOUD for d in decoded))
+        frames = pcm[: len(packets) * 960].reshape(-1, 960)
+        silent = [bool(x) for x in np.abs(frames.astype(np.int32)).max(axis=1) <= SILENCE_PEAK]
+        return cls(packets, [end for _, end in fixture.truth], len(packets) * FRAME_MS, loud, silent)
 
 
 class OpusPacketTrack(MediaStreamTrack):
@@ -182,10 +196,18 @@ class BotConversation:
 
 class LoadBot:
     """A bot that records, per conversation, segments and echo timing; ``answer=False``
-    never sends audio back (the listen shape), counting and timing the same."""
+    never sends audio back (the listen shape), counting and timing the same.
 
-    def __init__(self, answer: bool = True) -> None:
+    ``opus`` (``--bot-audio opus``): the bot answers as one with an Opus TTS would, one
+    Opus packet per message (``audio.format`` ``opus``), passed through by talkgate: as
+    many 20 ms packets of the recording as the segment had frames (the generator has
+    no CPU to spare for encoding), timed by the recording's own loudness, its digital
+    silence sent as DTX (a TOC byte)."""
+
+    def __init__(self, answer: bool = True, opus: Recording | None = None) -> None:
         self.answer = answer
+        self.opus = opus
+        self._next = 0  # where in the recording the next Opus answer starts
         self.conversations: dict[str, BotConversation] = {}
 
     async def handle(self, ws: ServerConnection) -> None:
@@ -207,7 +229,8 @@ class LoadBot:
             kind = message["type"]
             if kind == "start":
                 conv = self.conversations.setdefault(message["conversation"], BotConversation())
-                await ws.send(json.dumps({"type": "audio.format", "sample_rate": 16_000}))
+                audio_format = {"encoding": "opus"} if self.opus else {"sample_rate": 16_000}
+                await ws.send(json.dumps({"type": "audio.format", **audio_format}))
             elif kind == "speech.started" and conv is not None:
                 segment, audio = Segment(message["t"]), []
             elif kind == "speech.stopped" and conv is not None and segment is not None:
@@ -217,6 +240,9 @@ class LoadBot:
                 if not self.answer:
                     continue
                 pcm = b"".join(audio)
+                if self.opus is not None:
+                    await self._answer_opus(ws, conv, len(pcm) // FRAME_BYTES)
+                    continue
                 frames = np.frombuffer(pcm, dtype="<i2")[: len(pcm) // 640 * 320].reshape(-1, 320)
                 loud = np.sqrt(np.mean(frames.astype(np.float64) ** 2, axis=1)) >= LOUD
                 if loud.any():
@@ -225,6 +251,21 @@ class LoadBot:
                     await ws.send(pcm[i : i + 3200])
             elif kind == "stop":
                 return
+
+    async def _answer_opus(self, ws: ServerConnection, conv: BotConversation, frames: int) -> None:
+        recording = self.opus
+        assert recording is not None
+        total = len(recording.packets)
+        picked = [(self._next + i) % total for i in range(frames)]
+        self._next = (self._next + frames) % total
+        first_loud = next((i for i, k in enumerate(picked) if recording.loud[k]), None)
+        if first_loud is not None:
+            conv.loud_due.append(time.perf_counter() + first_loud * FRAME_MS / 1000)
+        for k in picked:
+            packet = recording.packets[k]
+            # Silence as an encoder with DTX sends it (its TOC alone), as talkgate's own
+            # encoder leaves the PCM echo's silence out: like for like.
+            await ws.send(bytes([packet[0] & 0xFC]) if recording.silent[k] else packet)
 
 
 # -- a simulated customer ---------------------------------------------------------------------
@@ -532,11 +573,15 @@ async def run(
     profile: str | None = None,
     shape: str = "echo",
     breakdown: bool = False,
+    bot_audio: str = "pcm",
 ) -> dict[str, Any]:
+    """``bot_audio`` ``opus``: the bot answers in Opus packets (talkgate targets only)."""
     if shape not in SHAPES:
         raise ValueError(f"shape must be one of {SHAPES}")
+    if bot_audio == "opus" and not kind.startswith("talkgate"):
+        raise ValueError("the baseline plays PCM only")
     echo = shape == "echo"
-    bot = LoadBot(answer=echo)
+    bot = LoadBot(answer=echo, opus=recording if bot_audio == "opus" else None)
     timings = None
     if breakdown and kind in ("talkgate", "talkgate-redis"):  # one process (workers would share the file)
         handle, timings = tempfile.mkstemp(prefix="talkgate-breakdown-", suffix=".json")
@@ -560,6 +605,7 @@ async def run(
             up = [c for c in customers if c.setup_s is not None]
             await asyncio.sleep(2.0)  # settle: first segments, the ramp's DTLS work done
             prefix = f"{profile}.{kind}" if shape == "echo" else f"{profile}.{kind}.{shape}"
+            prefix += ".opus" if bot_audio == "opus" else ""
             profiler = start_profiler(target.pid, duration, f"{prefix}.txt") if profile else None
             metrics0, nodes0 = target.metrics(), target.cpu_by_node()
             cpu0, w0 = target.cpu_seconds(), time.perf_counter()
@@ -572,6 +618,7 @@ async def run(
             timed1 = read_timings(timings)
             rss = target.rss_bytes()
             result = summarize(kind, shape, customers, up, bot, recording, (w0, w1), cpu1 - cpu0, metrics0, metrics1)
+            result["bot_audio"] = bot_audio
             if nodes1:
                 result["workers"] = [
                     {
@@ -804,7 +851,10 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
     results = []
     for n, shape, kind in plan(args.sessions, shapes, kinds):
         ramp = n / 25 if args.ramp is None else args.ramp
-        results.append(await run(kind, n, args.duration, ramp, recording, args.profile, shape, args.breakdown))
+        bot_audio = args.bot_audio if kind.startswith("talkgate") else "pcm"
+        results.append(
+            await run(kind, n, args.duration, ramp, recording, args.profile, shape, args.breakdown, bot_audio)
+        )
     return results
 
 
@@ -826,6 +876,13 @@ def main() -> None:
     )
     parser.add_argument(
         "--shape", choices=[*SHAPES, "both"], default="echo", help="echo: the bot answers; listen: it never does."
+    )
+    parser.add_argument(
+        "--bot-audio",
+        choices=["pcm", "opus"],
+        default="pcm",
+        help="echo: the bot answers in PCM (encoded by the target), or in Opus packets that talkgate passes"
+        " through (an Opus TTS; the baseline, which has no passthrough, still gets PCM)",
     )
     parser.add_argument("--json", action="store_true", help="Print one JSON object as the last line.")
     parser.add_argument(

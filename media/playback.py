@@ -29,6 +29,10 @@ the next 20 ms slot.
   ``on_mark_dropped`` is told its name.
 - A step that raises (encoding, a ``deliver`` that fails) costs that one 20 ms slot:
   it is counted and logged (rate-limited) and the track keeps playing.
+
+A bot whose speech is already Opus hands over packets instead (``set_passthrough``,
+``enqueue_opus``): sent as they are on the same grid, nothing encoded; queue positions
+then count 48 kHz samples, so marks, hold, clear and ``heard_ms`` work unchanged.
 """
 
 from __future__ import annotations
@@ -146,9 +150,6 @@ class PlaybackTrack(MediaStreamTrack):
         self.held = False
         #: When the last audible frame was played (``talking``).
         self._last_audible = -math.inf
-        #: Where the current utterance began (``_played`` when audio last arrived while the
-        #: bot was not talking): what ``heard_ms`` counts from.
-        self._utterance = 0
 
     # -- control --------------------------------------------------------------------------
 
@@ -167,6 +168,9 @@ class PlaybackTrack(MediaStreamTrack):
         #: Absolute sample counts: what has been queued, and what has been played.
         self._written = 0
         self._played = 0
+        #: Where the current utterance began (``_played`` when audio last arrived while the
+        #: bot was not talking): what ``heard_ms`` counts from.
+        self._utterance = 0
         self._resamplers: dict[int, av.AudioResampler] = {}
         self._frame = np.zeros(rate // 50, dtype=np.int16)
 

@@ -58,6 +58,8 @@ BACKOFF_SECONDS = (0.2, 0.5, 1.0, 2.0)
 #: Audio frames are written straight to the bot's socket while less than this waits in
 #: the transport's buffer; above it they queue in the outbox (which drops the oldest).
 DIRECT_WRITE_BYTES = 64 * 1024
+#: Bot messages handled in a row before the reader lets the loop run other work.
+READ_BURST = 16
 #: The kernel's send buffer toward the bot (Linux doubles it). Left to autotuning it grows
 #: to megabytes: a minute of speech could sit in the kernel for a bot that stopped reading,
 #: hiding it from the backlog limit, and stale audio would reach a bot that is merely slow.
@@ -566,8 +568,10 @@ class BotConnector:
             return
 
     async def _read(self, ws: ClientConnection) -> str:
+        handled = 0
         try:
             async for data in ws:
+                handled += 1
                 try:
                     action = self.protocol.parse(data)
                 except native.BotProtocolError as exc:
@@ -576,10 +580,11 @@ class BotConnector:
                 outcome = await self._handle(action)
                 if outcome is not None:
                     return outcome
-                if self._outbox:
-                    # Replies queued: let the writer run before the next buffered message
-                    # (reading never yields while data is buffered, and a flood of replies
-                    # would otherwise look like a bot that stopped reading).
+                if self._outbox or handled % READ_BURST == 0:
+                    # Reading never yields while data is buffered. Replies queued: let the
+                    # writer run before the next message (a flood of replies would look like
+                    # a bot that stopped reading); and a burst (a TTS answer sent at once,
+                    # an Opus packet per message) must not hold the loop for everyone else.
                     await asyncio.sleep(0)
         except ConnectionClosed:
             pass

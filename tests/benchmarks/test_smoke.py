@@ -100,8 +100,11 @@ def test_bot_latency_benchmark_runs_and_hears_the_echo() -> None:
 
 
 def test_loadtest_runs_talkgate_and_the_baseline_side_by_side() -> None:
-    result = run_benchmark("loadtest.py", "--sessions", "3", "--duration", "5", "--breakdown")
+    result = run_benchmark("loadtest.py", "--sessions", "3", "--duration", "5", "--breakdown", "--bot-audio", "opus")
     talkgate, baseline = result["results"]
+    # --bot-audio opus: talkgate's bot answers in Opus packets, sent on unencoded; the
+    # baseline, which cannot pass them through, still gets PCM.
+    assert (talkgate["bot_audio"], baseline["bot_audio"]) == ("opus", "pcm")
     # --breakdown timed talkgate's packet path (the baseline has none): every packet took it,
     # each was unprotected, decoded and judged once, and the parts fit in the whole.
     parts = talkgate["breakdown"]
@@ -110,6 +113,7 @@ def test_loadtest_runs_talkgate_and_the_baseline_side_by_side() -> None:
         assert 0.9 <= parts[name]["calls"] <= 1.0 and parts[name]["us"] > 0, name
     inside = sum(parts[name]["us"] for name in ("srtp", "decode", "vad", "bot_write"))
     assert inside < parts["in_path"]["us"] < parts["cpu_us"]
+    assert parts["voice_encode"]["calls"] == 0  # the bot's voice went out unencoded (tests/bot: it is heard)
     assert (talkgate["target"], baseline["target"]) == ("talkgate", "baseline")
     for r in (talkgate, baseline):
         assert r["established"] == 3, r["errors"]

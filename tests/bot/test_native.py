@@ -15,7 +15,7 @@ from gateway.server import GatewayServer
 from media import opus
 from tests.bot_server import TestBot
 from tests.client import Client
-from tests.conftest import Party, listen_only, make_token
+from tests.conftest import Party, listen_only, make_token, until
 from tests.rtc_client import RtcClient, SpeechTrack
 from tests.speech import utterances
 
@@ -369,3 +369,40 @@ async def test_the_bot_hears_when_calls_begin_and_end(party: Party, bot: TestBot
     await customer.renew()
     await listen_only(customer)
     await bot.wait_for("call.started")  # the next call
+
+
+async def test_a_burst_from_the_bot_does_not_hold_the_loop(party: Party, bot: TestBot, server: GatewayServer) -> None:
+    """A TTS answer sent at once, an Opus packet per message: hundreds of messages arrive in
+    one socket read, and reading never yields while data is buffered. The reader now lets
+    the loop run other work every ``READ_BURST`` messages (it used to take them all: a
+    burst of 500 packets held the loop of every session on the process)."""
+    from gateway.bot.connector import READ_BURST
+
+    customer = await party("u1")
+    await bot.wait_for("start")
+    await listen_only(customer)
+    await bot.wait_for("call.started")
+    await bot.send({"type": "audio.format", "encoding": "opus"})
+    link = server.broker.bots.get("call-room")
+    assert link is not None
+    await until(lambda: link.playback.passthrough)
+    packets = opus_tone(10.0)
+    steps: list[int] = []
+
+    async def watch() -> None:  # one turn per loop iteration, as any other session's work
+        last = link.playback._written
+        while len(steps) < 10_000:
+            await asyncio.sleep(0)
+            written = link.playback._written
+            if written != last:
+                steps.append((written - last) // 960)
+                last = written
+            if written == len(packets) * 960:
+                return
+
+    watcher = asyncio.create_task(watch())
+    for packet in packets:
+        await bot.send(packet)
+    await asyncio.wait_for(watcher, 10)
+    assert sum(steps) == len(packets) == 500
+    assert max(steps) <= READ_BURST, steps
