@@ -53,6 +53,7 @@ import argparse
 import asyncio
 import contextlib
 import fractions
+import itertools
 import json
 import os
 import random
@@ -199,15 +200,22 @@ class LoadBot:
     never sends audio back (the listen shape), counting and timing the same.
 
     ``opus`` (``--bot-audio opus``): the bot answers as one with an Opus TTS would, one
-    Opus packet per message (``audio.format`` ``opus``), passed through by talkgate: as
-    many 20 ms packets of the recording as the segment had frames (the generator has
-    no CPU to spare for encoding), timed by the recording's own loudness, its digital
-    silence sent as DTX (a TOC byte)."""
+    Opus packet per message (``audio.format`` ``opus``), passed through by talkgate. It
+    has no CPU to spare for encoding, so each 20 ms of the segment is answered like for
+    like from the customers' pre-encoded recording: a loud packet where the segment is
+    loud, a quiet one where it is quiet, DTX (the TOC byte alone) where it is silence
+    that talkgate's encoder would leave out. Same packets sent, same loud onsets."""
 
     def __init__(self, answer: bool = True, opus: Recording | None = None) -> None:
         self.answer = answer
         self.opus = opus
-        self._next = 0  # where in the recording the next Opus answer starts
+        if opus is not None:
+            pools: tuple[list[bytes], list[bytes]] = ([], [])  # quiet, loud
+            for packet, loud, silent in zip(opus.packets, opus.loud, opus.silent, strict=True):
+                if not silent:
+                    pools[loud].append(packet)
+            self._pools = (itertools.cycle(pools[0]), itertools.cycle(pools[1]))
+            self._dtx = bytes([opus.packets[0][0] & 0xFC])
         self.conversations: dict[str, BotConversation] = {}
 
     async def handle(self, ws: ServerConnection) -> None:
@@ -240,32 +248,19 @@ class LoadBot:
                 if not self.answer:
                     continue
                 pcm = b"".join(audio)
-                if self.opus is not None:
-                    await self._answer_opus(ws, conv, len(pcm) // FRAME_BYTES)
-                    continue
                 frames = np.frombuffer(pcm, dtype="<i2")[: len(pcm) // 640 * 320].reshape(-1, 320)
                 loud = np.sqrt(np.mean(frames.astype(np.float64) ** 2, axis=1)) >= LOUD
                 if loud.any():
                     conv.loud_due.append(time.perf_counter() + int(np.argmax(loud)) * FRAME_MS / 1000)
+                if self.opus is not None:
+                    silent = np.abs(frames.astype(np.int32)).max(axis=1, initial=0) <= SILENCE_PEAK
+                    for is_loud, is_silent in zip(loud, silent, strict=True):
+                        await ws.send(self._dtx if is_silent else next(self._pools[int(is_loud)]))
+                    continue
                 for i in range(0, len(pcm), 3200):
                     await ws.send(pcm[i : i + 3200])
             elif kind == "stop":
                 return
-
-    async def _answer_opus(self, ws: ServerConnection, conv: BotConversation, frames: int) -> None:
-        recording = self.opus
-        assert recording is not None
-        total = len(recording.packets)
-        picked = [(self._next + i) % total for i in range(frames)]
-        self._next = (self._next + frames) % total
-        first_loud = next((i for i, k in enumerate(picked) if recording.loud[k]), None)
-        if first_loud is not None:
-            conv.loud_due.append(time.perf_counter() + first_loud * FRAME_MS / 1000)
-        for k in picked:
-            packet = recording.packets[k]
-            # Silence as an encoder with DTX sends it (its TOC alone), as talkgate's own
-            # encoder leaves the PCM echo's silence out: like for like.
-            await ws.send(bytes([packet[0] & 0xFC]) if recording.silent[k] else packet)
 
 
 # -- a simulated customer ---------------------------------------------------------------------
