@@ -632,17 +632,18 @@ class BotConnector:
         """PCM at the bot's own rate (encoded at that rate), or Opus packets passed through.
         PCM's rate may change at any time (later audio is resampled); PCM and Opus do not
         mix in the queue, so the encoding changes only while nothing is queued."""
-        self._rate = message.rate
         opus = message.encoding == "opus"
-        if opus == self.playback.passthrough:
-            if not opus:
-                self.playback.set_rate(message.rate)
-            return
-        if not (self.playback.set_passthrough() if opus else self.playback.set_rate(message.rate)):
+        if opus != self.playback.passthrough and not (
+            self.playback.set_passthrough() if opus else self.playback.set_rate(message.rate)
+        ):
             self._bad_message(
                 f"audio.format: the encoding changes only while nothing is queued (send clear first);"
                 f" still {'pcm_s16le' if opus else 'opus'}"
             )
+            return
+        if not opus:
+            self._rate = message.rate
+            self.playback.set_rate(message.rate)  # encode at the bot's own rate (once nothing is queued)
 
     async def _handle(self, message: native.Action) -> str | None:
         if isinstance(message, _TO_CONVERSATION) and not self._bucket.take(time.monotonic()):

@@ -180,7 +180,13 @@ async def test_opus_from_the_bot_is_checked_and_the_encoding_changes_only_when_n
     assert (await bot.wait_for("mark"))["name"] == "pcm-again"
     link = server.broker.bots.get("call-room")
     assert link is not None and not link.playback.passthrough and link.playback.rate == 24_000
-    assert link.bad_messages == 4
+    await bot.send(tone(3.0, rate=24_000))
+    await bot.send({"type": "audio.format", "encoding": "opus"})  # the other way, mid-answer: refused too
+    assert "still pcm_s16le" in (await bot.wait_for("error"))["message"]
+    await bot.send(tone(0.2, rate=24_000))  # and PCM goes on at its rate
+    await bot.send({"type": "mark", "name": "still-pcm"})
+    assert (await bot.wait_for("mark", timeout=8))["name"] == "still-pcm"
+    assert not link.playback.passthrough and link.playback.rate == 24_000 and link.bad_messages == 5
 
 
 async def test_clear_silences_the_bot_at_once(party: Party, bot: TestBot) -> None:
