@@ -649,12 +649,13 @@ def bot() -> None:
 @bot.command()
 @click.option("--host", default="127.0.0.1", help="Address to bind.")
 @click.option("--port", default=8765, help="Port; 0 picks a free one.")
+@click.option("--opus", is_flag=True, help="Answer in Opus packets (audio.format opus), as a bot with an Opus TTS.")
 @click.option("--log-level", default="INFO")
-def echo(host: str, port: int, log_level: str) -> None:
+def echo(host: str, port: int, opus: bool, log_level: str) -> None:
     """Repeat every speech segment back as audio, and chat back "You said: …"."""
     from .bot import echo as echo_bot
 
-    _run_bot(echo_bot.run(host, port), log_level)
+    _run_bot(echo_bot.run(host, port, opus=opus), log_level)
 
 
 @bot.command()

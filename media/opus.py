@@ -30,6 +30,7 @@ MAX_PACKET_BYTES = 1500
 _APPLICATION_VOIP = 2048
 _SET_BITRATE = 4002
 _SET_COMPLEXITY = 4010
+_SET_DTX = 4016
 
 
 class OpusError(RuntimeError):
@@ -125,7 +126,9 @@ class Decoder:
 class Encoder:
     """One stream's Opus encoder (VoIP mode) for mono PCM16 at ``rate``, 20 ms per packet."""
 
-    def __init__(self, rate: int = 48_000, *, complexity: int = 5, bitrate: int = 32_000) -> None:
+    def __init__(self, rate: int = 48_000, *, complexity: int = 5, bitrate: int = 32_000, dtx: bool = False) -> None:
+        """``dtx``: libopus's discontinuous transmission (silence becomes 1-byte packets,
+        for a sender that forwards them, not for the gateway's own DTX-by-omission)."""
         if rate not in RATES:
             raise ValueError(f"rate must be one of {RATES}")
         if not 0 <= complexity <= 10:
@@ -139,6 +142,8 @@ class Encoder:
             raise OpusError(f"opus_encoder_create failed ({error.value})")
         self._lib.opus_encoder_ctl(self._state, _SET_COMPLEXITY, ctypes.c_int(complexity))
         self._lib.opus_encoder_ctl(self._state, _SET_BITRATE, ctypes.c_int(bitrate))
+        if dtx:
+            self._lib.opus_encoder_ctl(self._state, _SET_DTX, ctypes.c_int(1))
         self._buf = ctypes.create_string_buffer(MAX_PACKET_BYTES)
 
     def encode(self, pcm: np.ndarray) -> bytes:

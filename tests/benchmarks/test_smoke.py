@@ -197,7 +197,8 @@ def test_capacity_listen_shape_and_plot_after_the_search_and_from_saved_json(tmp
         timeout=60,
         check=True,
     ).stdout
-    assert "capacity  talkgate (listen):" in out and "capacity  baseline (listen):" in out
+    found = {" ".join(line.split()[:3]) for line in out.splitlines() if line.startswith("capacity ")}
+    assert found == {"capacity talkgate (listen):", "capacity baseline (listen):"}
     for png in (drawn, redrawn):
         with Image.open(png) as image:
             assert image.format == "PNG" and image.size == (1200, 500)
