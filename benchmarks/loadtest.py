@@ -20,12 +20,16 @@ Shapes (``--shape``):
            its idle playback timer still ticks (a silent packet every 0.4 s, unsent)
   both     each of the above
 
+``--bot-audio opus`` (echo): talkgate's bot answers in Opus packets (``audio.format``
+``opus``), which talkgate sends on unencoded; the baseline's bot still answers in PCM.
+
 The target runs in its own process, pinned to CPU 0 when the machine has two or more;
 this process (generator and bot) is pinned to the others.
 
     python benchmarks/loadtest.py --sessions 100 --duration 20          # talkgate, then the baseline
     python benchmarks/loadtest.py --sessions 50 --target baseline --json
     python benchmarks/loadtest.py --shape both --sessions 50,100        # CPU per session, 8 runs
+    python benchmarks/loadtest.py --target talkgate --sessions 100 --bot-audio opus
 
 With several sessions counts or shapes, every (sessions, shape) cell runs each target
 in turn, the order of the targets flipping from one cell to the next so that a noisy
