@@ -374,12 +374,12 @@ class PlaybackTrack(MediaStreamTrack):
         slot = self._slot
         passed: bytes | None = None  # passthrough: the bot's packet for this slot
         if self.passthrough:
-            self._slot += 1
+            slots = 1
             if playing:
-                passed, slots = self._packets.popleft()
+                passed, slots = self._packets.popleft()  # a longer packet fills its slots
                 self._played += slots * FRAME_SAMPLES
-                self._slot += slots - 1  # a longer packet fills its slots
                 self._resolve_marks()
+            self._slot += slots
             audible = passed is not None and len(passed) > DTX_BYTES
         else:
             if self.held:
