@@ -3,7 +3,8 @@
 Each simulated customer is an aiortc client that joins through the real signaling
 protocol, negotiates audio and sends a real speech recording (espeak-ng utterances
 with pauses, looped, each client starting at its own offset) as *pre-encoded* Opus
-packets at real-time pace, so the generator spends nothing on encoding. The target
+packets at real-time pace, so the generator spends nothing on encoding (and sends
+them from one task for every customer, ``Pacer``, not through aiortc's sender). The target
 dials a speech bot that runs in this process: a bot that counts and times what it
 gets and, in the ``echo`` shape, echoes each segment back. What the client receives
 is timed at the RTP level (received packets are decoded only to find where the echo
@@ -57,6 +58,7 @@ import argparse
 import asyncio
 import contextlib
 import fractions
+import heapq
 import itertools
 import json
 import os
@@ -89,7 +91,8 @@ sys.path.insert(0, str(Path(__file__).parents[1]))  # the repository's tests/ he
 
 from benchmarks.signaling import SECRET, pct
 from gateway import tokens
-from media import ice
+from media import ice, opus
+from media.outbound import DirectAudio
 from media.playback import SILENCE_PEAK
 from tests.gateway_process import RTC_LOOPBACK_ARGS, GatewayProcess, cpu_seconds
 from tests.redis_server import RedisServer
@@ -105,7 +108,7 @@ ALL_CPUS = frozenset(os.sched_getaffinity(0))
 LOOP_LAG = "talkgate_event_loop_lag_seconds"
 #: ``--breakdown``: the sitecustomize put on the target's PYTHONPATH.
 BREAKDOWN_DIR = Path(__file__).parent / "breakdown"
-#: RMS (at the client's 8 kHz decode) above which a received packet is "loud".
+#: RMS (of the client's 48 kHz decode) at or above which a received packet is "loud".
 LOUD = 300.0
 #: Opus packets this small carry silence (or DTX); they are not decoded.
 SILENT_PAYLOAD = 12
@@ -140,45 +143,99 @@ class Recording:
             packets += [bytes(p) for p in encoder.encode(frame)]
         # Loud as a customer hears it: decoded as Customer._on_rtp decodes (the encoder's
         # onset may be quieter than the PCM it was given).
-        decoder = av.CodecContext.create("libopus", "r")
-        assert isinstance(decoder, av.AudioCodecContext)
-        decoder.sample_rate, decoder.layout = 8_000, "mono"
-        loud = []
-        for payload in packets:
-            decoded = [f.to_ndarray().astype(np.float64) for f in decoder.decode(av.Packet(payload))]
-            loud.append(any(np.sqrt(np.mean(d**2)) >= LOUD for d in decoded))
+        decoder = opus.Decoder(48_000)
+        loud = [is_loud(decoder, payload) for payload in packets]
         frames = pcm[: len(packets) * 960].reshape(-1, 960)
         silent = [bool(x) for x in np.abs(frames.astype(np.int32)).max(axis=1) <= SILENCE_PEAK]
         return cls(packets, [end for _, end in fixture.truth], len(packets) * FRAME_MS, loud, silent)
 
 
-class OpusPacketTrack(MediaStreamTrack):
-    """The recording as encoded packets at real-time pace: aiortc only packetizes them."""
+def is_loud(decoder: opus.Decoder, payload: bytes) -> bool:
+    """Does this packet decode (at 48 kHz, libopus) to 20 ms whose RMS reaches ``LOUD``?"""
+    samples = decoder.decode(payload)
+    return len(samples) > 0 and float(np.sqrt(np.mean(np.square(samples, dtype=np.float64)))) >= LOUD
+
+
+class ParkedTrack(MediaStreamTrack):
+    """The customer's audio track as aiortc sees it: it negotiates the m-line, and the
+    sender's task waits in ``recv`` for good; the ``Pacer`` sends the packets instead."""
 
     kind = "audio"
-
-    def __init__(self, recording: Recording, offset: int) -> None:
-        super().__init__()
-        self.recording = recording
-        self.offset = offset  # packet index the session starts at
-        self.sent = 0
-        self.t0: float | None = None  # perf_counter() when packet 0 went out
 
     async def recv(self) -> av.Packet[Any]:
         if self.readyState != "live":
             raise MediaStreamError
-        now = time.perf_counter()
-        if self.t0 is None:
-            self.t0 = now
-        else:
-            due = self.t0 + self.sent * FRAME_MS / 1000
-            if due > now:
-                await asyncio.sleep(due - now)
+        await asyncio.get_running_loop().create_future()  # cancelled with the sender
+        raise MediaStreamError
+
+
+class Speech:
+    """One customer's recording as a stream of packets, from ``offset`` on, each handed
+    to ``send`` (the customer's ``DirectAudio.send``)."""
+
+    def __init__(self, recording: Recording, offset: int, send: Callable[[av.Packet[Any]], None]) -> None:
+        self.recording = recording
+        self.offset = offset  # packet index the session starts at
+        self.send = send
+        self.sent = 0
+        self.t0: float | None = None  # perf_counter() when packet 0 was due
+        self.stopped = False
+
+    def due(self) -> float:
+        assert self.t0 is not None
+        return self.t0 + self.sent * FRAME_MS / 1000
+
+    def send_next(self) -> None:
         packets = self.recording.packets
         packet = av.Packet(packets[(self.offset + self.sent) % len(packets)])
-        packet.pts, packet.time_base = self.sent * 960, TIME_BASE
+        packet.pts = self.sent * 960  # 48 kHz RTP time (DirectAudio reads pts alone)
+        self.send(packet)
         self.sent += 1
-        return packet
+
+
+class Pacer:
+    """Every customer's packets at real-time pace, sent from one task.
+
+    Each customer's aiortc sender would wake its own task per 20 ms packet, await the
+    track, build the packet and await four coroutines down to the socket: at 125
+    sessions that was two thirds of the generator's CPU, and the generator, not the
+    target, set the capacity found. Here one task wakes at most once a millisecond,
+    sends every packet that is due (a late one goes out at once, as a late ``recv``
+    would) through the gateway's own synchronous ``DirectAudio`` path (RTP header,
+    negotiated extensions, SRTP, the ICE pair's socket), and sleeps until the next one
+    is due. The target receives the same packets at the same pace.
+    """
+
+    #: The shortest sleep: uvloop counts timers in whole milliseconds.
+    TICK = 0.001
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Speech]] = []
+        self._count = itertools.count()
+        self._added = asyncio.Event()
+
+    def add(self, speech: Speech) -> None:
+        """Start sending ``speech`` now (its customer is connected)."""
+        speech.t0 = time.perf_counter()
+        heapq.heappush(self._heap, (speech.t0, next(self._count), speech))
+        self._added.set()
+
+    async def run(self) -> None:
+        heap = self._heap
+        while True:
+            if not heap:
+                self._added.clear()
+                await self._added.wait()
+                continue
+            now = time.perf_counter()
+            while heap and heap[0][0] <= now:
+                _, n, speech = heapq.heappop(heap)
+                if speech.stopped:
+                    continue
+                speech.send_next()
+                heapq.heappush(heap, (speech.due(), n, speech))
+            if heap:
+                await asyncio.sleep(max(heap[0][0] - now, self.TICK))
 
 
 # -- the bot ------------------------------------------------------------------------------------
@@ -278,22 +335,24 @@ class Customer:
     that nothing it could send would be heard, rather than sending it unheard.
     """
 
-    def __init__(self, index: int, url: str, recording: Recording, offset: int, receive: bool = True) -> None:
+    def __init__(
+        self, index: int, url: str, recording: Recording, offset: int, pacer: Pacer, receive: bool = True
+    ) -> None:
         self.index = index
         self.room = f"load-{index}"
         self.url = url
         self.receive = receive
-        self.track = OpusPacketTrack(recording, offset)
         self.pc = RTCPeerConnection()
+        self.pacer = pacer
+        self.recording, self.offset = recording, offset
+        self.speech: Speech | None = None
         self.ws: ClientConnection | None = None
         self.setup_s: float | None = None
         self.error: str | None = None
         self.packets_in = 0
         self.loud_onsets: list[float] = []
         self._last_loud = 0.0
-        self._decoder = av.CodecContext.create("libopus", "r")
-        assert isinstance(self._decoder, av.AudioCodecContext)
-        self._decoder.sample_rate, self._decoder.layout = 8_000, "mono"
+        self._decoder = opus.Decoder(48_000)
         self._connected = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -304,7 +363,8 @@ class Customer:
             token = tokens.issue(SECRET, identity=f"c{self.index}", role="customer", room=self.room, ttl=3600)
             await self.ws.send(json.dumps({"type": "join", "token": token}))
             await self._expect("joined")
-            self.pc.addTransceiver(self.track, direction="sendrecv" if self.receive else "sendonly")
+            transceiver = self.pc.addTransceiver(ParkedTrack(), direction="sendrecv" if self.receive else "sendonly")
+            self.speech = Speech(self.recording, self.offset, DirectAudio(transceiver.sender).send)
             self.pc.on("connectionstatechange", self._state)
             await self.pc.setLocalDescription(await self.pc.createOffer())
             await self.ws.send(json.dumps({"type": "offer", "sdp": self.pc.localDescription.sdp}))
@@ -314,6 +374,7 @@ class Customer:
             async with asyncio.timeout(30):
                 await self._connected.wait()
             self.setup_s = time.perf_counter() - t0
+            self.pacer.add(self.speech)
             self._task = asyncio.create_task(self._drain())
         except (OSError, TimeoutError, ConnectionClosed, AssertionError) as exc:
             self.error = f"{type(exc).__name__}: {exc}"
@@ -363,14 +424,14 @@ class Customer:
         self.packets_in += 1
         if len(packet.payload) <= SILENT_PAYLOAD:
             return
-        for frame in self._decoder.decode(av.Packet(packet.payload)):
-            samples = frame.to_ndarray().astype(np.float64)
-            if np.sqrt(np.mean(samples**2)) >= LOUD:
-                if now - self._last_loud > 0.1:
-                    self.loud_onsets.append(now)
-                self._last_loud = now
+        if is_loud(self._decoder, packet.payload):
+            if now - self._last_loud > 0.1:
+                self.loud_onsets.append(now)
+            self._last_loud = now
 
     async def close(self) -> None:
+        if self.speech is not None:
+            self.speech.stopped = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -588,12 +649,16 @@ async def run(
     async with serve(bot.handle, "127.0.0.1", 0, compression=None, max_size=2**22) as bot_server:
         bot_url = f"ws://127.0.0.1:{bot_server.sockets[0].getsockname()[1]}/"
         target = Target(kind, bot_url, shape, timings)
+        pacer = Pacer()
+        pacing = asyncio.create_task(pacer.run())
         try:
             await asyncio.sleep(0.5)
             idle_rss = target.rss_bytes()
             rng = random.Random(sessions)
             customers = [
-                Customer(i, target.process.ws_url, recording, rng.randrange(len(recording.packets)), receive=echo)
+                Customer(
+                    i, target.process.ws_url, recording, rng.randrange(len(recording.packets)), pacer, receive=echo
+                )
                 for i in range(sessions)
             ]
             starts = []
@@ -638,11 +703,14 @@ async def run(
                 result["profile_top"] = top_functions(f"{prefix}.txt")
             await asyncio.gather(*(c.close() for c in customers))
         finally:
+            pacing.cancel()
             # In a thread: the target closes its bot links on the way out, and this loop answers them.
             await asyncio.to_thread(target.stop)
             if timings is not None:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(timings)
+            with contextlib.suppress(asyncio.CancelledError):
+                await pacing  # a pacer that failed fails the run: its figures would be of a load not sent
     return result
 
 
@@ -701,8 +769,9 @@ def summarize(
         conv = bot.conversations.get(customer.room)
         if conv is None:
             continue
-        offset_ms = customer.track.offset * FRAME_MS
-        t0 = customer.track.t0 or 0.0
+        assert customer.speech is not None
+        offset_ms = customer.offset * FRAME_MS
+        t0 = customer.speech.t0 or 0.0
         for seg in conv.segments:
             if not w0 <= seg.stopped_at <= w1:
                 continue

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import av
 import pytest
 from PIL import Image  # Pillow comes with matplotlib
 
@@ -160,6 +164,40 @@ def test_loadtest_plan_alternates_which_target_goes_first() -> None:
         (100, "echo", "talkgate"),
     ]
     assert loadtest.plan([50], ["echo"], ["talkgate"]) == [(50, "echo", "talkgate")]
+
+
+async def test_the_pacer_sends_each_stream_on_its_own_20_ms_grid_never_early() -> None:
+    """loadtest's customers are paced by one task: every stream's packets in order, from
+    its own offset in the recording, stamped 20 ms apart, none sent before it is due."""
+    recording = loadtest.Recording([bytes([i]) for i in range(5)], [], 100, [False] * 5, [False] * 5)
+    sent: dict[str, list[tuple[float, bytes, int | None]]] = {"a": [], "b": []}
+    pacer = loadtest.Pacer()
+    task = asyncio.create_task(pacer.run())
+    try:
+        speeches = {}
+        for name, offset in (("a", 0), ("b", 3)):
+
+            def send(packet: av.Packet[Any], log: list[tuple[float, bytes, int | None]] = sent[name]) -> None:
+                log.append((time.perf_counter(), bytes(packet), packet.pts))
+
+            speech = speeches[name] = loadtest.Speech(recording, offset, send)
+            pacer.add(speech)
+            await asyncio.sleep(0.007)  # the streams' grids apart
+        await asyncio.sleep(0.15)
+        speeches["a"].stopped = True
+        stopped_at = len(sent["a"])
+        await asyncio.sleep(0.05)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert len(sent["a"]) == stopped_at  # a stopped stream sends no more
+    for name, offset in (("a", 0), ("b", 3)):
+        t0 = speeches[name].t0
+        assert t0 is not None and len(sent[name]) >= 4, sent[name]
+        for i, (at, payload, pts) in enumerate(sent[name]):
+            assert payload == bytes([(offset + i) % 5]) and pts == 960 * i
+            assert at >= t0 + i * 0.020  # never ahead of real time
 
 
 def test_capacity_steps_both_targets_and_reports_a_ratio() -> None:
