@@ -8,7 +8,10 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import numpy as np
 from websockets.asyncio.server import ServerConnection, serve
+
+from media import opus
 
 
 class TestBot:
@@ -59,3 +62,24 @@ async def running_bot() -> AsyncIterator[TestBot]:
     async with serve(test_bot.handler, "127.0.0.1", 0, max_size=2**22) as server:
         test_bot.url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/bot"
         yield test_bot
+
+
+def tone(seconds: float, hz: float = 660, rate: int = 16_000) -> bytes:
+    t = np.arange(int(seconds * rate)) / rate
+    return (9000 * np.sin(2 * np.pi * hz * t)).astype(np.int16).tobytes()
+
+
+def opus_tone(seconds: float, hz: float = 660) -> list[bytes]:
+    """What a bot with an Opus TTS sends: 20 ms packets, encoded by the bot."""
+    pcm = np.frombuffer(tone(seconds, hz, 48_000), dtype=np.int16)
+    encoder = opus.Encoder(48_000)
+    return [encoder.encode(pcm[i : i + 960]) for i in range(0, len(pcm) - 959, 960)]
+
+
+async def send_audio(bot: TestBot, seconds: float, encoding: str) -> None:
+    """``seconds`` of the 660 Hz tone, faster than real time: PCM in one piece, or Opus packets."""
+    if encoding == "pcm_s16le":
+        await bot.send(tone(seconds))
+        return
+    for packet in opus_tone(seconds):
+        await bot.send(packet)

@@ -7,38 +7,15 @@ import dataclasses
 import time
 from typing import Any
 
-import numpy as np
 import pytest
 
 from gateway.config import Config
 from gateway.server import GatewayServer
-from media import opus
-from tests.bot_server import TestBot
+from tests.bot_server import TestBot, opus_tone, send_audio, tone
 from tests.client import Client
 from tests.conftest import Party, listen_only, make_token, until
 from tests.rtc_client import RtcClient, SpeechTrack
 from tests.speech import utterances
-
-
-def tone(seconds: float, hz: float = 660, rate: int = 16_000) -> bytes:
-    t = np.arange(int(seconds * rate)) / rate
-    return (9000 * np.sin(2 * np.pi * hz * t)).astype(np.int16).tobytes()
-
-
-def opus_tone(seconds: float, hz: float = 660) -> list[bytes]:
-    """What a bot with an Opus TTS sends: 20 ms packets, encoded by the bot."""
-    pcm = np.frombuffer(tone(seconds, hz, 48_000), dtype=np.int16)
-    encoder = opus.Encoder(48_000)
-    return [encoder.encode(pcm[i : i + 960]) for i in range(0, len(pcm) - 959, 960)]
-
-
-async def send_audio(bot: TestBot, seconds: float, encoding: str) -> None:
-    """``seconds`` of the 660 Hz tone, faster than real time: PCM in one piece, or Opus packets."""
-    if encoding == "pcm_s16le":
-        await bot.send(tone(seconds))
-        return
-    for packet in opus_tone(seconds):
-        await bot.send(packet)
 
 
 async def segment_at(bot: TestBot) -> tuple[list[bytes], list[int], dict[str, Any]]:

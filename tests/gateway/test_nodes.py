@@ -22,7 +22,7 @@ from gateway.errors import Unavailable
 from gateway.records import SqlRecords
 from gateway.redis_store import RedisStore
 from gateway.server import GatewayServer
-from tests.bot_server import TestBot, running_bot
+from tests.bot_server import TestBot, running_bot, send_audio
 from tests.client import Client
 from tests.conftest import listen_only, make_token, start_audio, until
 from tests.databases import PostgresCluster
@@ -241,6 +241,33 @@ async def test_the_bot_of_a_conversation_homed_elsewhere_hears_the_customer(
         await bot.wait_for("speech.started")  # a steady tone is voiced
         assert n3.broker.bots.get("r1") is not None and n1.broker.bots.get("r1") is None
         assert len(bot.connections) == 1  # one link, from the home node
+    finally:
+        await customer.close()
+
+
+@pytest.mark.parametrize("encoding", ["pcm_s16le", "opus"])
+async def test_the_bot_of_a_conversation_homed_elsewhere_is_heard_through_another_node(
+    nodes: Nodes, clients: Any, bot: TestBot, encoding: str
+) -> None:
+    """The bot's voice, PCM that the home node encodes or the bot's own Opus packets that
+    it sends on, reaches a customer whose signaling goes through another node: the call,
+    the bot's link and its playback are the home node's (n3)."""
+    n1, _, n3 = await nodes(3, reconnect_grace_seconds=5, bot_url=bot.url, bot_connect_seconds=1.0)
+    first = await clients(n3, "u1", "customer", "r1")
+    await bot.wait_for("start")
+    await first.close()
+    customer = RtcClient(await clients(n1, "u1", "customer", "r1"))
+    try:
+        await listen_only(customer)
+        await bot.wait_for("call.started")
+        await bot.send({"type": "audio.format", "encoding": encoding})
+        await send_audio(bot, 3.0, encoding)
+        await bot.send({"type": "mark", "name": "said"})
+        await customer.hears_tone(660)
+        assert (await bot.wait_for("mark", timeout=8))["name"] == "said"  # played to the end, at home
+        link = n3.broker.bots.get("r1")
+        assert link is not None and link.playback.passthrough is (encoding == "opus") and link.bad_messages == 0
+        assert n1.broker.bots.get("r1") is None
     finally:
         await customer.close()
 
