@@ -65,6 +65,7 @@ async def running_bot() -> AsyncIterator[TestBot]:
 
 
 def tone(seconds: float, hz: float = 660, rate: int = 16_000) -> bytes:
+    """``seconds`` of a sine at ``hz``: what a bot sends as PCM (int16 mono at ``rate``)."""
     t = np.arange(int(seconds * rate)) / rate
     return (9000 * np.sin(2 * np.pi * hz * t)).astype(np.int16).tobytes()
 
