@@ -225,16 +225,24 @@ async def test_a_call_between_three_nodes_lives_on_the_home_node(nodes: Nodes, c
     await until(lambda: len(n3.broker.calls) == 0)  # the customer's connection closed: its call ended at home
 
 
+async def homed_on_n3_back_through_n1(
+    nodes: Nodes, clients: Any, bot: TestBot
+) -> tuple[GatewayServer, GatewayServer, RtcClient]:
+    """Three nodes; customer u1 joins r1 on n3 (its home: the bot is dialled from there),
+    leaves and comes back through n1 within the grace. Returns n1, n3 and the customer."""
+    n1, _, n3 = await nodes(3, reconnect_grace_seconds=5, bot_url=bot.url, bot_connect_seconds=1.0)
+    first = await clients(n3, "u1", "customer", "r1")
+    await bot.wait_for("start")
+    await first.close()
+    return n1, n3, RtcClient(await clients(n1, "u1", "customer", "r1"))
+
+
 async def test_the_bot_of_a_conversation_homed_elsewhere_hears_the_customer(
     nodes: Nodes, clients: Any, bot: TestBot
 ) -> None:
     """The bot is dialled from the home node (n3, where the customer joined first); the
     customer, reconnected through n1, calls: its audio reaches the bot through n3."""
-    n1, _, n3 = await nodes(3, reconnect_grace_seconds=5, bot_url=bot.url, bot_connect_seconds=1.0)
-    first = await clients(n3, "u1", "customer", "r1")
-    await bot.wait_for("start")
-    await first.close()
-    customer = RtcClient(await clients(n1, "u1", "customer", "r1"))
+    n1, n3, customer = await homed_on_n3_back_through_n1(nodes, clients, bot)
     try:
         await start_audio(customer, 440)
         await bot.wait_for("call.started")
@@ -252,11 +260,7 @@ async def test_the_bot_of_a_conversation_homed_elsewhere_is_heard_through_anothe
     """The bot's voice, PCM that the home node encodes or the bot's own Opus packets that
     it sends on, reaches a customer whose signaling goes through another node: the call,
     the bot's link and its playback are the home node's (n3)."""
-    n1, _, n3 = await nodes(3, reconnect_grace_seconds=5, bot_url=bot.url, bot_connect_seconds=1.0)
-    first = await clients(n3, "u1", "customer", "r1")
-    await bot.wait_for("start")
-    await first.close()
-    customer = RtcClient(await clients(n1, "u1", "customer", "r1"))
+    n1, n3, customer = await homed_on_n3_back_through_n1(nodes, clients, bot)
     try:
         await listen_only(customer)
         await bot.wait_for("call.started")
